@@ -1,0 +1,218 @@
+"""The one place where the attention backend is chosen.
+
+Two entry points, both taking token-major tensors (`q: [B, T, H, D]`, text
+`k, v: [B, T, Hkv, D]`, flat image `k, v: [N_img_tokens, Hkv, D]`) and
+returning `[B, T, H, D]`:
+
+- `fusion_attend`: text queries against the image tokens of their window
+  and, with `text_keys`, the window's text up to themselves (DESIGN.md §4);
+- `causal_attend`: text self-attention, causal within each packed document.
+
+Backends:
+- `reference`: one dense boolean mask + SDPA. Slow, obviously right: the
+  ground truth of the tests.
+- `windowed`: windows folded into the batch (padded) + SDPA, with backward.
+  The default on CPU, for training and inference.
+- `flex`: FlexAttention with a BlockMask built from window ids, compiled once
+  and cached per layout. Forward-only on CPU; training on GPU.
+- `flash`: `flash_attn_varlen_func` (bottom-right causal), CUDA + flash-attn.
+
+Queries that see no key at all (`ca` text in a window without an image) get
+a zero update; no backend produces NaN for them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .layout import Layout
+
+BACKENDS = ("reference", "windowed", "flex", "flash")
+
+
+def flash_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """`auto` -> flash on CUDA with flash-attn, flex on other CUDA, windowed on CPU."""
+    if backend == "auto":
+        if device.type == "cuda":
+            return "flash" if flash_available() else "flex"
+        return "windowed"
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r}: expected 'auto' or one of {BACKENDS}")
+    if backend == "flash" and not flash_available():
+        raise RuntimeError("attention backend 'flash' needs CUDA and the flash-attn package")
+    return backend
+
+
+def _sdpa(q, k, v, mask):
+    """SDPA on token-major tensors with grouped-query heads."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True
+    )
+    return out.transpose(1, 2)
+
+
+def _guard_empty_rows(mask: torch.Tensor):
+    """Let fully masked query rows see key 0 (their output is zeroed later) so
+    that neither forward nor backward produces NaN. Returns (mask, has_key)."""
+    has_key = mask.any(-1, keepdim=True)  # [., 1, L, 1]
+    if bool(has_key.all()):
+        return mask, None
+    first = torch.zeros_like(mask)
+    first[..., 0] = True
+    return mask | (first & ~has_key), has_key
+
+
+# ---------------------------------------------------------------- fusion
+def fusion_attend(q, k_txt, v_txt, k_img, v_img, layout: Layout, *, text_keys: bool, backend: str):
+    backend = resolve_backend(backend, q.device)
+    if backend == "reference":
+        return _fusion_reference(q, k_txt, v_txt, k_img, v_img, layout, text_keys)
+    if backend == "windowed":
+        return _fusion_windowed(q, k_txt, v_txt, k_img, v_img, layout, text_keys)
+    if backend == "flex":
+        return _fusion_flex(q, k_txt, v_txt, k_img, v_img, layout, text_keys)
+    return _fusion_flash(q, k_txt, v_txt, k_img, v_img, layout, text_keys)
+
+
+def _row_keys(k_txt, v_txt, k_img, v_img, layout: Layout, text_keys: bool):
+    """Keys per row: `[images of the row (padded) ; text]` (see `Layout.dense_keys`)."""
+    image_index = layout.dense_keys()[0]
+    k = k_img[image_index]
+    v = v_img[image_index]
+    if text_keys:
+        k, v = torch.cat([k, k_txt], dim=1), torch.cat([v, v_txt], dim=1)
+    return k, v
+
+
+def _fusion_reference(q, k_txt, v_txt, k_img, v_img, layout, text_keys):
+    k, v = _row_keys(k_txt, v_txt, k_img, v_img, layout, text_keys)
+    if k.shape[1] == 0:
+        return torch.zeros_like(q)
+    mask, has_key = _guard_empty_rows(layout.dense_mask(text_keys))
+    out = _sdpa(q, k, v, mask)
+    if has_key is not None:
+        out = torch.where(has_key[:, 0, :, :, None], out, 0.0)
+    return out
+
+
+def _fusion_windowed(q, k_txt, v_txt, k_img, v_img, layout, text_keys):
+    fw = layout.folded()
+    if fw.image_index.shape[1] == 0 and not text_keys:
+        return torch.zeros_like(q)
+    B, T, H, D = q.shape
+    q_flat = q.reshape(B * T, H, D)
+    k = k_img[fw.image_index]  # [W, N, Hkv, D]
+    v = v_img[fw.image_index]
+    if text_keys:
+        k_flat, v_flat = (x.reshape(B * T, *x.shape[2:]) for x in (k_txt, v_txt))
+        k = torch.cat([k, k_flat[fw.text_index]], dim=1)
+        v = torch.cat([v, v_flat[fw.text_index]], dim=1)
+    mask, has_key = _guard_empty_rows(fw.mask(text_keys))
+    out = _sdpa(q_flat[fw.text_index], k, v, mask)  # [W, L, H, D]
+    if has_key is not None:
+        out = torch.where(has_key[:, 0, :, :, None], out, 0.0)
+    if fw.uniform:  # windows tile the flat text exactly, in order
+        return out.reshape(B, T, H, D)
+    flat = out.new_zeros(B * T, H, D).index_put((fw.text_index[fw.text_valid],), out[fw.text_valid])
+    return flat.view(B, T, H, D)
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _block_mask(layout: Layout, key: str, mask_mod, q_len: int, kv_len: int):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return layout._cached(
+        ("block_mask", key),
+        lambda: create_block_mask(mask_mod, layout.batch_size, None, q_len, kv_len, device=layout.device),
+    )
+
+
+def _fusion_flex(q, k_txt, v_txt, k_img, v_img, layout, text_keys):
+    k, v = _row_keys(k_txt, v_txt, k_img, v_img, layout, text_keys)
+    if k.shape[1] == 0:
+        return torch.zeros_like(q)
+    _, _, key_window, key_order = layout.dense_keys()
+    key_window, key_order = key_window[:, : k.shape[1]], key_order[:, : k.shape[1]]
+    # pad keys to a multiple of 128 so that new layouts rarely mean a recompile
+    pad = -k.shape[1] % 128
+    if pad:
+        k, v = F.pad(k, (0, 0, 0, 0, 0, pad)), F.pad(v, (0, 0, 0, 0, 0, pad))
+        key_window, key_order = F.pad(key_window, (0, pad), value=-1), F.pad(key_order, (0, pad))
+    q_window = layout.text_window
+
+    def mask_mod(b, h, qi, ki):
+        return (key_window[b, ki] == q_window[b, qi]) & (key_order[b, ki] <= qi)
+
+    bm = _block_mask(layout, f"fusion-{text_keys}", mask_mod, q.shape[1], k.shape[1])
+    out = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def _fusion_flash(q, k_txt, v_txt, k_img, v_img, layout, text_keys):
+    from flash_attn import flash_attn_varlen_func
+
+    B, T, H, D = q.shape
+    key_index, cu_q, cu_k, max_q, max_k = layout.varlen(text_keys)
+    k_all, v_all = k_img, v_img
+    if text_keys:
+        k_all = torch.cat([k_img, k_txt.reshape(B * T, *k_txt.shape[2:])])
+        v_all = torch.cat([v_img, v_txt.reshape(B * T, *v_txt.shape[2:])])
+    # bottom-right causal: query j of a window sees keys 0 .. N_w + j
+    out = flash_attn_varlen_func(
+        q.reshape(B * T, H, D), k_all[key_index], v_all[key_index], cu_q, cu_k, max_q, max_k, causal=text_keys
+    )
+    if not text_keys:  # windows without an image: zero update
+        has_image = layout.folded().has_image[layout.text_window.flatten()]
+        out = torch.where(has_image[:, None, None], out, 0.0)
+    return out.view(B, T, H, D)
+
+
+# ------------------------------------------------------- self-attention
+def causal_attend(q, k, v, layout: Layout, *, backend: str):
+    backend = resolve_backend(backend, q.device)
+    if backend == "flex":
+        doc = layout.text_doc
+
+        def mask_mod(b, h, qi, ki):
+            return (doc[b, qi] == doc[b, ki]) & (ki <= qi)
+
+        bm = _block_mask(layout, "causal", mask_mod, q.shape[1], k.shape[1])
+        out = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm, enable_gqa=True)
+        return out.transpose(1, 2)
+    if backend == "flash":
+        from flash_attn import flash_attn_varlen_func
+
+        B, T, H, D = q.shape
+        lengths = torch.bincount(layout.text_doc.flatten())
+        cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).int()
+        m = int(lengths.max())
+        out = flash_attn_varlen_func(
+            q.reshape(B * T, H, D), k.reshape(B * T, *k.shape[2:]), v.reshape(B * T, *v.shape[2:]),
+            cu, cu, m, m, causal=True,
+        )
+        return out.view(B, T, H, D)
+    mask = layout.causal_mask()
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=mask, is_causal=mask is None, enable_gqa=True,
+    )
+    return out.transpose(1, 2)
