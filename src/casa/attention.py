@@ -27,6 +27,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from .layout import Layout
 
@@ -113,19 +114,24 @@ def _fusion_windowed(q, k_txt, v_txt, k_img, v_img, layout, text_keys):
     if fw.image_index.shape[1] == 0 and not text_keys:
         return torch.zeros_like(q)
     B, T, H, D = q.shape
-    q_flat = q.reshape(B * T, H, D)
-    k = k_img[fw.image_index]  # [W, N, Hkv, D]
-    v = v_img[fw.image_index]
+    W, L = fw.text_index.shape
+    if fw.uniform:
+        # Windows tile the text (and the image tokens) exactly, in order: folding
+        # is a view, and the mask is bottom-right causal (all images, causal text).
+        fold = lambda x, n: x.reshape(W, n, *x.shape[-2:])  # noqa: E731
+        q_w, k, v = fold(q, L), fold(k_img, k_img.shape[0] // W), fold(v_img, v_img.shape[0] // W)
+        if text_keys:
+            k, v = torch.cat([k, fold(k_txt, L)], dim=1), torch.cat([v, fold(v_txt, L)], dim=1)
+        mask = causal_lower_right(L, k.shape[1]) if text_keys else None
+        return _sdpa(q_w, k, v, mask).reshape(B, T, H, D)
+    k, v = k_img[fw.image_index], v_img[fw.image_index]  # [W, N, Hkv, D]
     if text_keys:
-        k_flat, v_flat = (x.reshape(B * T, *x.shape[2:]) for x in (k_txt, v_txt))
-        k = torch.cat([k, k_flat[fw.text_index]], dim=1)
-        v = torch.cat([v, v_flat[fw.text_index]], dim=1)
+        k = torch.cat([k, k_txt.reshape(B * T, *k_txt.shape[2:])[fw.text_index]], dim=1)
+        v = torch.cat([v, v_txt.reshape(B * T, *v_txt.shape[2:])[fw.text_index]], dim=1)
     mask, has_key = _guard_empty_rows(fw.mask(text_keys))
-    out = _sdpa(q_flat[fw.text_index], k, v, mask)  # [W, L, H, D]
+    out = _sdpa(q.reshape(B * T, H, D)[fw.text_index], k, v, mask)  # [W, L, H, D]
     if has_key is not None:
         out = torch.where(has_key[:, 0, :, :, None], out, 0.0)
-    if fw.uniform:  # windows tile the flat text exactly, in order
-        return out.reshape(B, T, H, D)
     flat = out.new_zeros(B * T, H, D).index_put((fw.text_index[fw.text_valid],), out[fw.text_valid])
     return flat.view(B, T, H, D)
 

@@ -36,15 +36,14 @@ class FoldedWindows:
     uniform: bool  # no padding anywhere: the mask is the same for all windows
 
     def mask(self, text_keys: bool) -> torch.Tensor:
-        """Boolean attention mask `[W or 1, 1, L, N (+ L)]`, True = attend."""
+        """Boolean attention mask `[W, 1, L, N (+ L)]`, True = attend."""
         W, L = self.text_index.shape
         image_part = self.image_valid[:, None, None, :].expand(W, 1, L, -1)
         if not text_keys:
-            return image_part[:1] if self.uniform else image_part
+            return image_part
         causal = torch.ones(L, L, dtype=torch.bool, device=self.text_index.device).tril()
         text_part = causal[None, None] & self.text_valid[:, None, None, :]
-        full = torch.cat([image_part, text_part], dim=-1)
-        return full[:1] if self.uniform else full
+        return torch.cat([image_part, text_part], dim=-1)
 
 
 @dataclass

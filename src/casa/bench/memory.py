@@ -1,0 +1,58 @@
+"""Peak-memory measurement shared by the benchmarks.
+
+CUDA: the caching allocator's peak (`max_memory_allocated`) above what was
+allocated on entry. CPU: the process's resident-set high-water mark
+(`VmHWM`), reset on entry through `/proc/self/clear_refs`, above the resident
+set on entry. The CPU figure therefore counts everything the process touched
+(allocator slack included), which is what a user's machine pays.
+"""
+
+from __future__ import annotations
+
+import re
+import torch
+
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        text = open("/proc/self/status").read()
+    except OSError:
+        return None
+    m = re.search(rf"{field}:\s+(\d+) kB", text)
+    return int(m.group(1)) * 1024 if m else None
+
+
+def _reset_cpu_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """`with PeakMemory(device) as pm: ...` then `pm.bytes` (None where unmeasurable)."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.bytes: int | None = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._ok = _reset_cpu_peak()
+            self._base = _status_bytes("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+        elif self._ok and self._base is not None:
+            self.bytes = max(0, _status_bytes("VmHWM") - self._base)
+        return False
+
