@@ -1,0 +1,28 @@
+"""`casa bench attention` writes the JSON the issue specifies (tiny shape)."""
+
+import json
+
+from casa.cli import main
+
+
+def test_bench_attention_writes_the_report(tmp_path, capsys):
+    out = tmp_path / "bench" / "attention.json"
+    rc = main(["bench", "attention", "--json", str(out), "--windows", "3", "--image-tokens", "16",
+               "--text-tokens", "8", "--heads", "2", "--head-dim", "8", "--repeats", "1",
+               "--backends", "reference,windowed", "--plot", str(tmp_path / "att.png")])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["shape"]["windows"] == 3 and report["gemm_gflops"] > 0
+    assert [r["backend"] for r in report["results"]] == ["reference", "windowed"]
+    for r in report["results"]:
+        assert {"backend", "fwd_ms", "fwd_bwd_ms", "peak_mem_bytes", "max_abs_err", "gflops"} <= r.keys()
+        assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["max_abs_err"] <= 1e-5
+    assert (tmp_path / "att.png").stat().st_size > 0
+    assert not list(out.parent.glob("*.tmp"))
+
+
+def test_bench_attention_rejects_unknown_backend(tmp_path, capsys):
+    rc = main(["bench", "attention", "--json", str(tmp_path / "a.json"), "--backends", "dense"])
+    assert rc == 2
+    assert "--backends: unknown ['dense']" in capsys.readouterr().err
+    assert not (tmp_path / "a.json").exists()

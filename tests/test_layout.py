@@ -1,0 +1,116 @@
+"""Windows and masks exactly as DESIGN.md §2 and §4 define them."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from casa.layout import build_layout, build_splice
+
+
+def test_windows_follow_insertion_points_and_documents():
+    # row 0: two documents (5 + 7); images at 2, 2 (shared window) and 6 (second document)
+    # row 1: one document, one image at 4
+    lay = build_layout(12, [[5, 7], [12]], torch.tensor([0, 0, 0, 1]), torch.tensor([2, 2, 6, 4]), 3)
+    w = lay.text_window.tolist()
+    assert w[0] == [0, 0, 1, 1, 1, 2, 3, 3, 3, 3, 3, 3]  # text-only, image window, new doc, image window
+    assert w[1] == [4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5]
+    assert lay.image_window.tolist() == [1, 1, 3, 5]  # consecutive images share a window
+    assert lay.text_pos[0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]  # positions restart per document
+    assert lay.image_pos.tolist() == [2, 2, 1, 4]  # an image takes its insertion point's position
+    assert lay.n_windows == 6
+
+
+def test_image_at_document_start_opens_no_extra_window():
+    lay = build_layout(6, [[3, 3]], torch.tensor([0, 0]), torch.tensor([0, 3]), 1)
+    assert lay.text_window.tolist() == [[0, 0, 0, 1, 1, 1]]
+    assert lay.image_window.tolist() == [0, 1]
+
+
+@st.composite
+def layouts(draw, max_rows=2, max_len=16, max_images=5):
+    B = draw(st.integers(1, max_rows))
+    T = draw(st.integers(1, max_len))
+    doc_lens = []
+    for _ in range(B):
+        cuts = sorted(draw(st.sets(st.integers(1, T - 1), max_size=3))) if T > 1 else []
+        bounds = [0, *cuts, T]
+        doc_lens.append([b - a for a, b in zip(bounds, bounds[1:])])
+    n_img = draw(st.integers(0, max_images))
+    pairs = sorted(draw(st.lists(st.tuples(st.integers(0, B - 1), st.integers(0, T - 1)),
+                                 min_size=n_img, max_size=n_img)))
+    rows = torch.tensor([r for r, _ in pairs], dtype=torch.long)
+    points = torch.tensor([p for _, p in pairs], dtype=torch.long)
+    n = draw(st.integers(1, 3))
+    return T, doc_lens, rows, points, n
+
+
+def brute_force_mask(T, doc_lens, rows, points, n, text_keys):
+    """DESIGN.md §4 spelled out: per row, keys = [row's image tokens ; text]."""
+    B = len(doc_lens)
+    masks = []
+    for b in range(B):
+        doc = [d for d, length in enumerate(doc_lens[b]) for _ in range(length)]
+        starts = {sum(doc_lens[b][:d]) for d in range(len(doc_lens[b]))}
+        img_points = [int(p) for r, p in zip(rows.tolist(), points.tolist()) if r == b]
+        bounds = sorted(starts | set(img_points))
+
+        def window(t):
+            return max(s for s in bounds if s <= t)
+
+        K = max([sum(1 for r in rows.tolist() if r == bb) for bb in range(B)] + [0]) * n
+        m = torch.zeros(T, K + (T if text_keys else 0), dtype=torch.bool)
+        for q in range(T):
+            for i, p in enumerate(img_points):  # an image belongs to the window of its insertion point
+                if window(p) == window(q) and doc[p] == doc[q]:
+                    m[q, i * n:(i + 1) * n] = True
+            if text_keys:
+                for k in range(q + 1):
+                    m[q, K + k] = window(k) == window(q) and doc[k] == doc[q]
+        masks.append(m)
+    return torch.stack(masks)[:, None]
+
+
+@settings(max_examples=60, deadline=None)
+@given(layouts(), st.booleans())
+def test_dense_mask_matches_the_rule(spec, text_keys):
+    T, doc_lens, rows, points, n = spec
+    lay = build_layout(T, doc_lens, rows, points, n)
+    assert torch.equal(lay.dense_mask(text_keys), brute_force_mask(T, doc_lens, rows, points, n, text_keys))
+
+
+@settings(max_examples=60, deadline=None)
+@given(layouts())
+def test_folded_windows_cover_every_token_once(spec):
+    T, doc_lens, rows, points, n = spec
+    lay = build_layout(T, doc_lens, rows, points, n)
+    fw = lay.folded()
+    covered = fw.text_index[fw.text_valid].sort().values
+    assert torch.equal(covered, torch.arange(len(doc_lens) * T))
+    assert torch.equal(lay.text_window.flatten()[fw.text_index[fw.text_valid]],
+                       torch.arange(fw.text_index.shape[0]).repeat_interleave(fw.text_valid.sum(1)))
+    img = fw.image_index[fw.image_valid].sort().values
+    assert torch.equal(img, torch.arange(len(points) * n))
+
+
+@settings(max_examples=60, deadline=None)
+@given(layouts())
+def test_splice_places_images_before_their_insertion_point(spec):
+    T, doc_lens, rows, points, n = spec
+    sp = build_splice(T, doc_lens, rows, points, n)
+    for b in range(len(doc_lens)):
+        sel = sp.image_row == b
+        used = torch.cat([sp.text_index[b], sp.image_index[sel]])
+        assert torch.equal(used.sort().values, torch.arange(T + int(sel.sum())))  # no gap, no overlap
+        assert bool((sp.text_index[b][1:] > sp.text_index[b][:-1]).all())  # text keeps its order
+    pts = points.repeat_interleave(n)
+    if len(pts):
+        # each image token sits after the text before its insertion point and before the token at it
+        assert bool((sp.image_index < sp.text_index[sp.image_row, pts]).all())
+        prev = (pts - 1).clamp(min=0)
+        ok = (pts == 0) | (sp.image_index > sp.text_index[sp.image_row, prev])
+        assert bool(ok.all())
+    # spliced documents: each text token keeps its document
+    for b in range(len(doc_lens)):
+        doc = torch.tensor([d for d, length in enumerate(doc_lens[b]) for _ in range(length)])
+        spliced_doc = sp.layout.text_doc[b, sp.text_index[b]]
+        assert torch.equal(spliced_doc - spliced_doc[0], doc)
