@@ -177,48 +177,68 @@ def _fusion_flash(q, k_txt, v_txt, k_img, v_img, layout, text_keys):
     from flash_attn import flash_attn_varlen_func
 
     B, T, H, D = q.shape
-    key_index, cu_q, cu_k, max_q, max_k = layout.varlen(text_keys)
+    q_index, key_index, cu_q, cu_k, max_q, max_k = layout.varlen(text_keys)
+    if len(q_index) == 0:
+        return torch.zeros_like(q)
     k_all, v_all = k_img, v_img
     if text_keys:
         k_all = torch.cat([k_img, k_txt.reshape(B * T, *k_txt.shape[2:])])
         v_all = torch.cat([v_img, v_txt.reshape(B * T, *v_txt.shape[2:])])
-    # bottom-right causal: query j of a window sees keys 0 .. N_w + j
-    out = flash_attn_varlen_func(
-        q.reshape(B * T, H, D), k_all[key_index], v_all[key_index], cu_q, cu_k, max_q, max_k, causal=text_keys
-    )
-    if not text_keys:  # windows without an image: zero update
-        has_image = layout.folded().has_image[layout.text_window.flatten()]
-        out = torch.where(has_image[:, None, None], out, 0.0)
-    return out.view(B, T, H, D)
+    # causal=True is bottom-right aligned: query j of a window sees keys 0 .. N_w + j
+    out = flash_attn_varlen_func(q.reshape(B * T, H, D)[q_index], k_all[key_index], v_all[key_index],
+                                 cu_q, cu_k, max_q, max_k, causal=text_keys)
+    if len(q_index) == B * T:  # every window kept: queries are the flat text, in order
+        return out.view(B, T, H, D)
+    return q.new_zeros(B * T, H, D).index_put((q_index,), out).view(B, T, H, D)
 
 
 # ------------------------------------------------------- self-attention
 def causal_attend(q, k, v, layout: Layout, *, backend: str):
     backend = resolve_backend(backend, q.device)
     if backend == "flex":
-        doc = layout.text_doc
-
-        def mask_mod(b, h, qi, ki):
-            return (doc[b, qi] == doc[b, ki]) & (ki <= qi)
-
-        bm = _block_mask(layout, "causal", mask_mod, q.shape[1], k.shape[1])
-        out = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm, enable_gqa=True)
-        return out.transpose(1, 2)
+        return _causal_flex(q, k, v, layout)
     if backend == "flash":
-        from flash_attn import flash_attn_varlen_func
-
-        B, T, H, D = q.shape
-        lengths = torch.bincount(layout.text_doc.flatten())
-        cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).int()
-        m = int(lengths.max())
-        out = flash_attn_varlen_func(
-            q.reshape(B * T, H, D), k.reshape(B * T, *k.shape[2:]), v.reshape(B * T, *v.shape[2:]),
-            cu, cu, m, m, causal=True,
-        )
-        return out.view(B, T, H, D)
+        return _causal_flash(q, k, v, layout)
     mask = layout.causal_mask()
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
         attn_mask=mask, is_causal=mask is None, enable_gqa=True,
     )
     return out.transpose(1, 2)
+
+
+def _causal_flex(q, k, v, layout):
+    doc = layout.text_doc
+
+    def mask_mod(b, h, qi, ki):
+        return (doc[b, qi] == doc[b, ki]) & (ki <= qi)
+
+    bm = _block_mask(layout, "causal", mask_mod, q.shape[1], k.shape[1])
+    out = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def _causal_flash(q, k, v, layout):
+    """One varlen sequence per document (documents are contiguous in the flat text)."""
+    from flash_attn import flash_attn_varlen_func
+
+    B, T, H, D = q.shape
+    lengths = torch.bincount(layout.text_doc.flatten())
+    cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).int()
+    m = int(lengths.max())
+    flat = lambda x: x.reshape(B * T, *x.shape[2:])  # noqa: E731
+    return flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, m, m, causal=True).view(B, T, H, D)
+
+
+# ------------------------------------------------------- incremental
+def cached_attend(q, k, v, *, mask: torch.Tensor | None, backend: str):
+    """New queries `q: [1, t, H, D]` against cached keys `k, v: [1, S, Hkv, D]`
+    (session.py). `mask` is a boolean `[t, S]` built by the cache (True =
+    attend), or None when every key is visible (a single decoded token).
+
+    SDPA on every backend: with one query or a short chunk there is no window
+    structure left for flex or flash to exploit, and SDPA's CPU and CUDA
+    kernels both take the explicit mask.
+    """
+    resolve_backend(backend, q.device)  # same validation as the other entry points
+    return _sdpa(q, k, v, None if mask is None else mask[None, None])

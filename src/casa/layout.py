@@ -155,27 +155,31 @@ class Layout:
 
     # ------------------------------------------------------ varlen offsets
     def varlen(self, text_keys: bool):
-        """Offsets for `flash_attn_varlen_func`: queries are the flat text (already
-        in window order); keys gather `[image tokens ; text]` window by window.
+        """Offsets for `flash_attn_varlen_func`, one sequence per window:
+        queries are the window's text, keys `[its image tokens ; its text]`.
+        Without text keys, windows without an image are left out (their
+        update is zero) so that no sequence has zero keys.
 
-        Returns `(key_index, cu_q, cu_k, max_q, max_k)`; `key_index` indexes
-        `cat([image_tokens_flat, text_flat])`.
+        Returns `(q_index, key_index, cu_q, cu_k, max_q, max_k)`: `q_index`
+        indexes the flat text, `key_index` indexes `cat([image tokens, flat text])`.
         """
 
         def build():
             fw = self.folded()
-            n_img_tokens = self.n_images * self.tokens_per_image
-            parts = [torch.where(fw.image_valid, fw.image_index, -1)]
+            keep = fw.has_image if not text_keys else torch.ones_like(fw.has_image)
+            q_valid = fw.text_valid & keep[:, None]
+            parts = [torch.where(fw.image_valid & keep[:, None], fw.image_index, -1)]
             if text_keys:
-                parts.append(torch.where(fw.text_valid, fw.text_index + n_img_tokens, -1))
+                parts.append(torch.where(q_valid, fw.text_index + self.n_images * self.tokens_per_image, -1))
             keys = torch.cat(parts, dim=1).flatten()
-            key_index = keys[keys >= 0]
-            q_len = fw.text_valid.sum(1)
-            k_len = fw.image_valid.sum(1) + (q_len if text_keys else 0)
+            q_len = q_valid.sum(1)[keep]
+            k_len = fw.image_valid.sum(1)[keep] + (q_len if text_keys else 0)
             zero = torch.zeros(1, dtype=torch.int32, device=self.device)
             cu_q = torch.cat([zero, q_len.cumsum(0).int()])
             cu_k = torch.cat([zero, k_len.cumsum(0).int()])
-            return key_index, cu_q, cu_k, int(q_len.max()), int(k_len.max())
+            max_q = int(q_len.max()) if len(q_len) else 0
+            max_k = int(k_len.max()) if len(k_len) else 0
+            return fw.text_index[q_valid], keys[keys >= 0], cu_q, cu_k, max_q, max_k
 
         return self._cached(("varlen", text_keys), build)
 
