@@ -27,9 +27,9 @@ def test_image_at_document_start_opens_no_extra_window():
 
 
 @st.composite
-def layouts(draw, max_rows=2, max_len=16, max_images=5):
+def layouts(draw, max_rows=2, max_len=16, max_images=5, min_len=1):
     B = draw(st.integers(1, max_rows))
-    T = draw(st.integers(1, max_len))
+    T = draw(st.integers(min_len, max_len))
     doc_lens = []
     for _ in range(B):
         cuts = sorted(draw(st.sets(st.integers(1, T - 1), max_size=3))) if T > 1 else []
