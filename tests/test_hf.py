@@ -219,3 +219,33 @@ def test_missing_files(tmp_path):
     shard.unlink()
     with pytest.raises(FileNotFoundError, match=shard.name):
         load_hf_state_dict(path)
+
+
+def test_qwen25vl_text_model_both_namings(tmp_path):
+    """A Qwen2.5-VL directory serves as an LM: hub naming (model.layers) and model.language_model.*."""
+    cfg = transformers.Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, rope_scaling={"type": "mrope",
+                                                                                      "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=64))
+    torch.manual_seed(0)
+    hf = randomize(transformers.Qwen2_5_VLForConditionalGeneration(cfg)).eval()
+    hf.save_pretrained(tmp_path / "vl")
+    lm = lm_config_from_hf(tmp_path / "vl")
+    assert lm.qkv_bias and lm.rope_theta == 1e6 and (lm.d_model, lm.n_layers, lm.vocab_size) == (64, 2, 97)
+    x = ids()
+    with torch.no_grad():
+        want = hf(input_ids=x).logits
+    for rename in (False, True):
+        if rename:
+            file = tmp_path / "vl" / "model.safetensors"
+            sd = load_file(file)
+            sd = {("model.language_model." + k[len("model."):] if k.startswith("model.") else
+                   "model." + k if k.startswith("visual.") else k): v for k, v in sd.items()}
+            save_file(sd, file)
+        ours = from_hf_lm(tmp_path / "vl").eval()
+        with torch.no_grad():
+            assert (ours(Batch(x), backend="reference") - want).abs().max() <= 1e-4
+    save_file({**sd, "model.language_model.extra.weight": torch.zeros(2)}, file)  # only visual.* is skipped
+    with pytest.raises(ValueError, match=r"unexpected HF tensors: \['model\.language_model\.extra\.weight'\]"):
+        from_hf_lm(tmp_path / "vl")

@@ -215,3 +215,55 @@ def test_hf_errors(tmp_path, siglip_dir):
         HFVisionEncoder(VisionConfig(kind="hf", path=str(path), d_model=64, image_size=32, patch_size=8))
     with pytest.raises(ValueError, match="unknown keys"):
         vision_config_from_hf(path, colour=True)
+
+
+# ----------------------------------------------------------------------------- checkpoints and freezing
+
+
+def test_hub_style_names_and_missing_weights(tmp_path, siglip_dir):
+    """Hub files name the tensors `vision_model.*` (transformers 4); both namings load, gaps are named."""
+    from safetensors.torch import load_file, save_file
+
+    from casa.hf_vision import load_vision_weights
+
+    path, model = siglip_dir
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    for f in ("config.json", "preprocessor_config.json"):
+        (hub / f).write_text((path / f).read_text())
+    sd = load_file(path / "model.safetensors")
+    save_file({"vision_model." + k: v for k, v in sd.items()}, hub / "model.safetensors")
+    enc = HFVisionEncoder(vision_config_from_hf(hub)).eval()
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert (enc(pixels) - model(pixel_values=pixels).last_hidden_state).abs().max() <= 1e-5
+
+    save_file({k: v for k, v in sd.items() if "layers.0.mlp" not in k}, hub / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing tensors: \['encoder\.layers\.0\.mlp\.fc1\.bias'"):
+        HFVisionEncoder(vision_config_from_hf(hub))
+    save_file({k: v for k, v in sd.items() if "patch_embedding" not in k}, hub / "model.safetensors")
+    with pytest.raises(ValueError, match="no siglip vision tensors"):
+        load_vision_weights(enc, hub)
+
+
+def test_structure_only_and_freezing(siglip_dir):
+    from casa.hf_vision import structure_only
+
+    path, _ = siglip_dir
+    torch.manual_seed(123)  # not the checkpoint's seed: random init differs from its weights
+    with structure_only():
+        tower = VisionTower(vision_config_from_hf(path), lm_d_model=24)
+    assert not torch.equal(tower.encoder.model.embeddings.patch_embedding.weight,
+                           HFVisionEncoder(vision_config_from_hf(path)).model.embeddings.patch_embedding.weight)
+    tower.freeze_encoder(1)
+    trainable = {n for n, p in tower.named_parameters() if p.requires_grad}
+    assert any(n.startswith("encoder.model.encoder.layers.1.") for n in trainable)
+    assert any(n.startswith("encoder.model.post_layernorm.") for n in trainable)
+    assert any(n.startswith("projector.") for n in trainable)
+    assert not any(n.startswith(("encoder.model.encoder.layers.0.", "encoder.model.embeddings.")) for n in trainable)
+    tower.freeze_encoder(0)
+    assert all(n.startswith("projector.") for n, p in tower.named_parameters() if p.requires_grad)
+    tower.freeze_encoder(-1)
+    assert all(p.requires_grad for p in tower.parameters())
+    vit = VisionTower(VisionConfig(**SMALL), lm_d_model=8)
+    assert vit.trainable_tail(1) == [vit.encoder.blocks[1], vit.encoder.ln_f] and vit.trainable_tail(0) == []

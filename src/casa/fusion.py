@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .attention import fusion_attend
+from .attention import cached_attend, fusion_attend
 from .config import FusionConfig, LMConfig
 from .layout import Layout
 from .lm import MLP, Attention, RMSNorm, Rotary
@@ -77,7 +77,28 @@ class FusionLayer(nn.Module):
         k_img, v_img = image_kv
         out = attn.out(fusion_attend(q, k_txt, v_txt, k_img, v_img, layout,
                                      text_keys=self.text_keys, backend=backend))
+        return self._gate(h, out)
+
+    def _gate(self, h, out):
         if self.variant == "gated_ca":
             out = torch.tanh(self.attn_gate) * out
             out = out + torch.tanh(self.ffn_gate) * self.ffn(self.ffn_norm(h + out))
         return out
+
+    def step(self, h, window, *, norm: nn.Module, sa: Attention, rotary: Rotary, backend: str):
+        """Update of new text states `h: [1, t, d]` from the window state (a
+        `cache.KVCache` whose prefix is the window's image K/V; `casa` appends
+        its text K/V to it)."""
+        attn = self.attn if self.attn is not None else sa
+        x = norm(h)
+        q = attn.q(x)
+        if self.positional:
+            q = rotary.apply(q)
+        if self.text_keys:
+            k, v = attn.kv(x)
+            keys, values, mask = window.extend(rotary.apply(k) if self.positional else k, v)
+        else:
+            (keys, values), mask = window.prefix(), None
+            if keys is None:  # no image in this window: zero update, as in forward()
+                return self._gate(h, torch.zeros_like(h))
+        return self._gate(h, attn.out(cached_attend(q, keys, values, mask=mask, backend=backend)))

@@ -13,6 +13,11 @@ Design decisions:
 - Only LM parameters are mapped; the vision tower and the fusion layers are
   not in a text checkpoint. Fusion layers are re-initialised from the loaded
   SA when `fusion.init_from_sa` is set.
+- A Qwen2.5-VL directory also serves as an LM: its text model is a Qwen2
+  decoder whose M-RoPE, with the 1-D text positions CASA gives it (images
+  take no positions), is exactly the standard RoPE. Its `visual.` tensors are
+  skipped here (`hf_vision` reads them); both tensor namings are accepted
+  (`model.layers.` as on the hub, `model.language_model.layers.`).
 """
 
 from __future__ import annotations
@@ -26,10 +31,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import FusionConfig, LMConfig, ModelConfig, VisionConfig
+from .lazy import check_shapes, copy_safetensors, weight_files
 from .model import CasaModel
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
-_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM",
+                           "Qwen2_5_VLForConditionalGeneration")
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+_VL = "Qwen2_5_VLForConditionalGeneration"
+_VISUAL_PREFIXES = ("visual.", "model.visual.")
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
 
 
@@ -44,14 +54,17 @@ def _read_config(path) -> dict:
         raise ValueError(f"cannot read {str(file)!r}: {e}") from e
 
 
-def _rope_theta(hf: dict, where: str) -> float:
-    """transformers 5 writes `rope_parameters`; older files `rope_theta` + `rope_scaling`."""
+def _rope_theta(hf: dict, where: str, *, mrope_ok: bool = False) -> float:
+    """transformers 5 writes `rope_parameters`; older files `rope_theta` + `rope_scaling`.
+    `mrope_ok`: M-RoPE is accepted (1-D positions make it standard RoPE)."""
     params = hf.get("rope_parameters")
     if isinstance(params, dict) and "full_attention" in params:  # per-layer-type layout
         params = params["full_attention"]
     if not isinstance(params, dict):
         params = hf.get("rope_scaling") or {}
     rope_type = params.get("rope_type", params.get("type"))
+    if mrope_ok and rope_type == "mrope":
+        rope_type = None
     if rope_type not in (None, "default"):
         raise ValueError(f"{where}: rope type {rope_type!r} is not supported (only default RoPE)")
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
@@ -59,13 +72,17 @@ def _rope_theta(hf: dict, where: str) -> float:
 
 
 def lm_config_from_hf(path) -> LMConfig:
-    """An LMConfig matching `path`/config.json (Llama, Qwen2 or Mistral layout)."""
+    """An LMConfig matching `path`/config.json (Llama, Qwen2, Mistral, or Qwen2.5-VL's text model)."""
     hf = _read_config(path)
     where = f"lm_config_from_hf({str(path)!r})"
     archs = hf.get("architectures") or [_MODEL_TYPES.get(hf.get("model_type"), hf.get("model_type"))]
     arch = archs[0]
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"{where}: architecture {arch!r} is not supported; expected one of {SUPPORTED_ARCHITECTURES}")
+    top = hf
+    if arch == _VL:  # the text model's fields: nested (transformers 5) or flat (hub files)
+        hf = {**{k: v for k, v in top.items() if k != "text_config"}, **(top.get("text_config") or {})}
+        hf["tie_word_embeddings"] = top.get("tie_word_embeddings", hf.get("tie_word_embeddings", False))
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"{where}: hidden_act={act!r} is not supported (only 'silu')")
@@ -77,8 +94,8 @@ def lm_config_from_hf(path) -> LMConfig:
     if arch == "MistralForCausalLM" and hf.get("sliding_window") is not None:
         raise ValueError(f"{where}: sliding_window={hf['sliding_window']} is not supported "
                          "(set it to null if your sequences never exceed it)")
-    if arch == "Qwen2ForCausalLM" and (hf.get("use_sliding_window")
-                                        or "sliding_attention" in (hf.get("layer_types") or [])):
+    sliding = hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or [])
+    if arch in ("Qwen2ForCausalLM", _VL) and sliding:
         raise ValueError(f"{where}: sliding-window attention (use_sliding_window / layer_types) is not supported")
     heads = hf["num_attention_heads"]
     return LMConfig(
@@ -89,38 +106,15 @@ def lm_config_from_hf(path) -> LMConfig:
         n_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim"),
         d_ff=hf["intermediate_size"],
-        rope_theta=_rope_theta(hf, where),
+        rope_theta=_rope_theta(hf, where, mrope_ok=arch == _VL),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
-        qkv_bias=arch == "Qwen2ForCausalLM",
+        qkv_bias=arch in ("Qwen2ForCausalLM", _VL),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
 
 
 # ----------------------------------------------------------------------------- weights
-def _weight_files(path) -> dict[str, Path]:
-    """HF tensor name -> the safetensors file that holds it (single or sharded)."""
-    d = Path(path)
-    single, index = d / "model.safetensors", d / "model.safetensors.index.json"
-    if single.is_file():
-        with safe_open(single, framework="pt") as f:
-            return {k: single for k in f.keys()}
-    if not index.is_file():
-        raise FileNotFoundError(f"{str(path)!r}: neither model.safetensors nor model.safetensors.index.json "
-                                "(only safetensors checkpoints are supported)")
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"cannot read the weight_map of {str(index)!r}: {e}") from e
-    files = {k: d / v for k, v in weight_map.items()}
-    missing = sorted({str(f) for f in files.values() if not f.is_file()})
-    if missing:
-        raise FileNotFoundError(f"{str(index)!r} names shard files that do not exist: {missing}")
-    for file in set(files.values()):
-        with safe_open(file, framework="pt") as f:
-            absent = sorted(k for k, v in files.items() if v == file and k not in set(f.keys()))
-        if absent:
-            raise ValueError(f"{str(index)!r} maps {absent} to {str(file)!r}, which does not contain them")
-    return files
+_weight_files = weight_files  # name kept for callers of the old private helper
 
 
 def _by_file(files: dict[str, Path], names) -> dict[Path, list[str]]:
@@ -145,11 +139,11 @@ def load_hf_state_dict(path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _lm_parameters(model: CasaModel) -> dict[str, nn.Parameter]:
+def _lm_parameters(model: CasaModel, prefix: str = "model.") -> dict[str, nn.Parameter]:
     """HF name -> our LM parameter (the two layouts differ only in prefixes)."""
-    out = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
+    out = {prefix + "embed_tokens.weight": model.embed.weight, prefix + "norm.weight": model.norm.weight}
     for i, b in enumerate(model.blocks):
-        p = f"model.layers.{i}."
+        p = f"{prefix}layers.{i}."
         out[p + "input_layernorm.weight"] = b.n1.weight
         out[p + "post_attention_layernorm.weight"] = b.n2.weight
         out.update({p + "self_attn." + n: t for n, t in b.attn.named_parameters()})
@@ -159,6 +153,16 @@ def _lm_parameters(model: CasaModel) -> dict[str, nn.Parameter]:
     return out
 
 
+def lm_checkpoint_layout(path, names) -> tuple[str, set[str]]:
+    """(prefix of the decoder's tensors, checkpoint tensors that are not the LM's business)."""
+    prefix = "model.language_model." if "model.language_model.embed_tokens.weight" in names else "model."
+    skip = {n for n in names if n.endswith(_IGNORED_SUFFIXES)}
+    arch = (_read_config(path).get("architectures") or [None])[0]
+    if arch == _VL or prefix != "model.":
+        skip |= {n for n in names if n.startswith(_VISUAL_PREFIXES)}
+    return prefix, skip
+
+
 def load_lm_weights(model: CasaModel, path, *, dtype: torch.dtype | None = None) -> CasaModel:
     """Copy a HF checkpoint into `model`'s LM parameters, in place; returns `model`.
 
@@ -166,38 +170,30 @@ def load_lm_weights(model: CasaModel, path, *, dtype: torch.dtype | None = None)
     the parameters' dtype. A tied model accepts a stored `lm_head.weight` only if
     it equals the embeddings.
     """
-    files = _weight_files(path)
-    params = _lm_parameters(model)
-    names = [n for n in files if not n.endswith(_IGNORED_SUFFIXES)]
+    where = f"load_lm_weights({str(path)!r})"
+    files = weight_files(path)
+    prefix, skip = lm_checkpoint_layout(path, files)
+    params = _lm_parameters(model, prefix)
+    names = [n for n in files if n not in skip]
     tied = model.lm_head.weight is model.embed.weight
     extra_head = tied and "lm_head.weight" in files
     missing = sorted(set(params) - set(names))
     unexpected = sorted(set(names) - set(params) - ({"lm_head.weight"} if extra_head else set()))
     if missing or unexpected:
-        raise ValueError(f"load_lm_weights({str(path)!r}): checkpoint does not match the model; "
+        raise ValueError(f"{where}: checkpoint does not match the model; "
                          f"missing HF tensors: {missing}; unexpected HF tensors: {unexpected}")
-    for file, group in _by_file(files, params).items():
-        with safe_open(file, framework="pt") as f:
-            for n in group:
-                shape = tuple(f.get_slice(n).get_shape())
-                if shape != tuple(params[n].shape):
-                    raise ValueError(f"load_lm_weights({str(path)!r}): tensor {n!r} has shape {shape}, "
-                                     f"the model expects {tuple(params[n].shape)}")
+    check_shapes(params, files, where)
     if extra_head:
         head = _load_tensor(files, "lm_head.weight")
-        if not torch.equal(head, _load_tensor(files, "model.embed_tokens.weight")):
-            raise ValueError(f"load_lm_weights({str(path)!r}): the model ties lm_head to the embeddings "
-                             "but the checkpoint's lm_head.weight differs from model.embed_tokens.weight")
+        if not torch.equal(head, _load_tensor(files, prefix + "embed_tokens.weight")):
+            raise ValueError(f"{where}: the model ties lm_head to the embeddings "
+                             f"but the checkpoint's lm_head.weight differs from {prefix}embed_tokens.weight")
     if dtype is not None:
         model.to(dtype)
-        params = _lm_parameters(model)  # robust to `to()` replacing parameter objects
-    with torch.no_grad():
-        for file, group in _by_file(files, params).items():
-            with safe_open(file, framework="pt") as f:
-                for n in group:
-                    params[n].copy_(f.get_tensor(n))
-        if model.config.fusion.init_from_sa:
-            model.init_fusion_from_sa()
+        params = _lm_parameters(model, prefix)  # robust to `to()` replacing parameter objects
+    copy_safetensors(params, files)
+    if model.config.fusion.init_from_sa:
+        model.init_fusion_from_sa()
     return model
 
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from .attention import causal_attend
+from .attention import cached_attend, causal_attend
 from .layout import Layout
 
 
@@ -48,7 +48,7 @@ class Rotary:
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate `x: [..., H, D]` whose leading dims match the positions'."""
-        cos, sin = self.cos[..., None, :], self.sin[..., None, :]
+        cos, sin = self.cos[..., None, :].to(x.dtype), self.sin[..., None, :].to(x.dtype)  # as HF does
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -85,6 +85,13 @@ class Attention(nn.Module):
         k, v = self.kv(x)
         k = rotary.apply(k)
         return self.out(causal_attend(q, k, v, layout, backend=backend))
+
+    def step(self, x, *, rotary: Rotary, cache, backend: str):
+        """Causal SA of new tokens `x: [1, t, d]` against a `cache.KVCache`, which they join."""
+        q = rotary.apply(self.q(x))
+        k, v = self.kv(x)
+        keys, values, mask = cache.extend(rotary.apply(k), v)
+        return self.out(cached_attend(q, keys, values, mask=mask, backend=backend))
 
 
 class MLP(nn.Module):

@@ -76,6 +76,28 @@ class Block(nn.Module):
             image_tokens = image_tokens + self.mlp(self.n2(image_tokens))
         return h, image_tokens
 
+    def step(self, h, *, rotary: Rotary, sa_cache, window, backend: str):
+        """Incremental `forward` of new tokens `h: [1, t, d]` against this block's
+        SA cache and fusion window state (both `cache.KVCache`; see session.py)."""
+
+        def sa(x):
+            return self.attn.step(self.n1(x), rotary=rotary, cache=sa_cache, backend=backend)
+
+        def cross(x):
+            return self.fusion.step(x, window, norm=self.fusion_norm(), sa=self.attn, rotary=rotary,
+                                    backend=backend)
+
+        if self.fusion is None:
+            h = h + sa(h)
+        elif self.placement == "parallel":
+            h = h + sa(h) + cross(h)
+        elif self.placement == "before":
+            h = h + cross(h)
+            h = h + sa(h)
+        else:  # replace
+            h = h + cross(h)
+        return h + self.mlp(self.n2(h))
+
 
 class CasaModel(nn.Module):
     def __init__(self, config: ModelConfig):

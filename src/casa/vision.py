@@ -5,11 +5,15 @@ Design decisions:
   resize straight to `image_size` x `image_size` (no crop, aspect ratio is not
   kept), scale to [0, 1], normalise with the config's mean / std.
 - Two encoders behind one interface (`forward(pixels) -> [N, grid*grid, width]`,
-  `out_width`, `blocks()`): the small pre-norm `ViT` for from-scratch training
-  on CPU, and `HFVisionEncoder`, which wraps a transformers SigLIP / CLIP
-  vision model read from a local directory. The config is the single source of
-  truth: for kind="hf", `vision_config_from_hf` fills it from the directory, and
+  `out_width`, `blocks`, `tail_modules()`): the small pre-norm `ViT` for
+  from-scratch training on CPU, and `hf_vision.HFVisionEncoder`, which wraps a
+  transformers SigLIP / CLIP / Qwen2.5-VL vision model read from a local
+  directory (re-exported here). The config is the single source of truth: for
+  kind="hf", `vision_config_from_hf` fills it from the directory, and
   `HFVisionEncoder` refuses a config that disagrees with the checkpoint.
+- Freezing "all but the last k blocks" (`VisionTower.freeze_encoder`) keeps
+  trainable what follows those blocks on the way to the output (the final
+  norm, Qwen2.5-VL's merger) and the projector.
 - Token reduction treats the patches as a g x g grid and works on r x r groups:
   "unshuffle" concatenates them (space-to-depth, width r*r*d, lossless), "pool"
   averages them (width d).
@@ -18,11 +22,8 @@ Design decisions:
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from einops import rearrange, reduce
 from PIL import Image
 
-from .config import VisionConfig, build
+from .config import VisionConfig
 
 # -----------------------------------------------------------------------------
 # preprocessing
@@ -166,6 +167,9 @@ class ViT(nn.Module):
     def out_width(self) -> int:
         return self.cfg.d_model
 
+    def tail_modules(self) -> list[nn.Module]:
+        return [self.ln_f]
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """[N, C, S, S] -> [N, grid*grid, d_model]."""
         check_pixels(pixels, self.cfg, "ViT")
@@ -175,160 +179,6 @@ class ViT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.ln_f(x)
-
-
-# -----------------------------------------------------------------------------
-# transformers vision models from a local directory
-
-# config.json model_type -> (family, whether the directory holds the full text+vision model)
-HF_MODEL_TYPES = {
-    "siglip_vision_model": ("siglip", False),
-    "siglip": ("siglip", True),
-    "clip_vision_model": ("clip", False),
-    "clip": ("clip", True),
-}
-
-
-def _read_hf_dir(path) -> tuple[str, bool]:
-    """(family, is_full_model) of the checkpoint in `path`, or a ValueError."""
-    config_file = Path(path) / "config.json"
-    try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except (OSError, ValueError) as e:
-        raise ValueError(f"HF vision model: cannot read {str(config_file)!r}: {e}") from e
-    if model_type not in HF_MODEL_TYPES:
-        raise ValueError(
-            f"HF vision model in {str(path)!r}: model_type={model_type!r} is not supported; "
-            f"expected one of {sorted(HF_MODEL_TYPES)}"
-        )
-    return HF_MODEL_TYPES[model_type]
-
-
-def _hf_classes(family: str):
-    if family == "siglip":
-        from transformers import SiglipVisionConfig, SiglipVisionModel
-
-        return SiglipVisionConfig, SiglipVisionModel
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    return CLIPVisionConfig, CLIPVisionModel
-
-
-def _hf_vision_config(path):
-    """The transformers vision config of the checkpoint (the vision part of a full model)."""
-    family, _ = _read_hf_dir(path)
-    config_cls, _ = _hf_classes(family)
-    return family, config_cls.from_pretrained(path, local_files_only=True)
-
-
-def vision_config_from_hf(path, **overrides) -> VisionConfig:
-    """A VisionConfig(kind="hf") filled from `path`/config.json (+ preprocessor_config.json)."""
-    path = str(path)
-    _, hf = _hf_vision_config(path)
-    values = dict(
-        kind="hf",
-        path=path,
-        image_size=hf.image_size,
-        patch_size=hf.patch_size,
-        channels=hf.num_channels,
-        d_model=hf.hidden_size,
-        n_layers=hf.num_hidden_layers,
-        n_heads=hf.num_attention_heads,
-        d_ff=hf.intermediate_size,
-    )
-    pre_file = Path(path) / "preprocessor_config.json"
-    if pre_file.exists():
-        try:
-            pre = json.loads(pre_file.read_text())
-        except (OSError, ValueError) as e:
-            raise ValueError(f"vision_config_from_hf: cannot read {str(pre_file)!r}: {e}") from e
-        for key in ("image_mean", "image_std"):
-            if key in pre:
-                values[key] = tuple(pre[key])
-        # the model's position embeddings fix the input size; the processor must agree
-        size = pre.get("crop_size") if pre.get("do_center_crop") else pre.get("size")
-        if isinstance(size, dict):
-            size = size.get("height", size.get("shortest_edge"))
-        if isinstance(size, int) and size != hf.image_size:
-            raise ValueError(
-                f"vision_config_from_hf: {str(pre_file)!r} resizes to {size} but the model in "
-                f"{path!r} expects image_size={hf.image_size}"
-            )
-    values.update(overrides)
-    return build(VisionConfig, values, "vision_config_from_hf")
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """Silence the progress bar and the load report listing the text tower's weights as unexpected."""
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-class HFVisionEncoder(nn.Module):
-    """A SigLIP / CLIP vision model from local directory `cfg.path`, returning patch features.
-
-    Output is `last_hidden_state` [N, n_patches, hidden]; CLIP's CLS token is
-    dropped. SigLIP's attention-pooling head is unused and removed. Weights are
-    loaded in float32.
-    """
-
-    def __init__(self, cfg: VisionConfig):
-        super().__init__()
-        if not cfg.path:
-            raise ValueError("HFVisionEncoder: VisionConfig.path is not set (a local model directory)")
-        self.cfg = cfg
-        self.family, hf_cfg = _hf_vision_config(cfg.path)
-        mine = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, channels=cfg.channels, d_model=cfg.d_model)
-        theirs = dict(
-            image_size=hf_cfg.image_size,
-            patch_size=hf_cfg.patch_size,
-            channels=hf_cfg.num_channels,
-            d_model=hf_cfg.hidden_size,
-        )
-        if mine != theirs:
-            bad = {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}
-            raise ValueError(
-                f"HFVisionEncoder: VisionConfig disagrees with {cfg.path!r} (config, checkpoint): {bad}; "
-                "build the config with vision_config_from_hf"
-            )
-        _, model_cls = _hf_classes(self.family)
-        with _quiet_transformers():
-            model, info = model_cls.from_pretrained(
-                cfg.path, config=hf_cfg, dtype=torch.float32, local_files_only=True, output_loading_info=True
-            )
-        missing = [k for k in info["missing_keys"] if not k.startswith("head.")]
-        if missing:
-            raise ValueError(f"HFVisionEncoder: {cfg.path!r} lacks weights {missing[:5]} ({len(missing)} in all)")
-        if getattr(model, "use_head", False):  # SigLIP's pooling head: only feeds pooler_output
-            model.use_head = False
-            del model.head
-        self.model = model
-        self.n_prefix = 1 if self.family == "clip" else 0  # CLIP's CLS token
-
-    @property
-    def out_width(self) -> int:
-        return self.cfg.d_model
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.model.encoder.layers
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[N, C, S, S] -> [N, grid*grid, hidden]."""
-        check_pixels(pixels, self.cfg, "HFVisionEncoder")
-        dtype = self.model.embeddings.patch_embedding.weight.dtype
-        x = self.model(pixel_values=pixels.to(dtype)).last_hidden_state
-        return x[:, self.n_prefix :]
 
 
 # -----------------------------------------------------------------------------
@@ -377,7 +227,12 @@ class VisionTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.n_tokens = cfg.tokens_per_image  # validates grid vs reduction_factor early
-        self.encoder = ViT(cfg) if cfg.kind == "vit" else HFVisionEncoder(cfg)
+        if cfg.kind == "vit":
+            self.encoder = ViT(cfg)
+        else:
+            from .hf_vision import HFVisionEncoder
+
+            self.encoder = HFVisionEncoder(cfg)
         self.reduced_width = reduced_width(self.encoder.out_width, cfg.token_reduction, cfg.reduction_factor)
         self.projector = Projector(in_dim=self.reduced_width, out_dim=lm_d_model)
 
@@ -390,9 +245,33 @@ class VisionTower(nn.Module):
         """The encoder's transformer blocks, first to last (e.g. to freeze all but the last k)."""
         return list(self.encoder.blocks)
 
+    def trainable_tail(self, k: int) -> list[nn.Module]:
+        """The last `k` encoder blocks and, if k > 0, the modules after them on the output path."""
+        if k <= 0:
+            return []
+        return self.encoder_blocks()[-k:] + list(self.encoder.tail_modules())
+
+    def freeze_encoder(self, k: int) -> None:
+        """Encoder frozen but its last `k` blocks (and what follows them); k < 0: all trainable.
+        The projector is never frozen here."""
+        if k < 0:
+            self.encoder.requires_grad_(True)
+            return
+        self.encoder.requires_grad_(False)
+        for module in self.trainable_tail(k):
+            module.requires_grad_(True)
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.encoder(pixels)
         x = reduce_tokens(x, self.cfg.token_reduction, self.cfg.reduction_factor)
         if x.shape[1] != self.n_tokens:
             raise ValueError(f"VisionTower: encoder gave {x.shape[1]} tokens, config expects {self.n_tokens}")
         return self.projector(x)
+
+
+def __getattr__(name):  # HF adapters live in hf_vision (imports transformers lazily)
+    if name in ("HFVisionEncoder", "vision_config_from_hf", "HF_MODEL_TYPES", "load_vision_weights"):
+        from . import hf_vision
+
+        return getattr(hf_vision, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,128 @@
+"""Packing: samples -> one row of several documents, within token budgets.
+
+A pack is a single row holding whole samples (documents) back to back, with
+`doc_lens` marking them, so that attention never crosses a sample boundary
+(the layout builds windows and causal masks per document). A pack closes when
+the next sample would exceed the text-token budget or the image-token budget
+(the paper: 2048 text + 20480 image tokens per GPU). With `splice_images`
+(the `insertion` variant), image tokens sit in the sequence, so they count
+against the text budget too. Packs never pad: one row needs no padding.
+
+The stream is deterministic from a sample position, so a trainer resumes
+from one integer. A sample that alone exceeds a budget, or whose image
+cannot be read, is a `DataError` naming it, or a counted skip with
+`skip_bad`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..batch import Batch
+from .processor import Encoded, Processor
+from .sample import DataError
+
+
+@dataclass
+class Pack:
+    docs: list[Encoded]
+    start: int  # position of its first sample
+    end: int  # position after its last sample (where the next pack starts)
+
+
+def pack_row(docs: list[Encoded]) -> Batch:
+    """Documents back to back in one row: `[1, sum(len)]`, `doc_lens` per document."""
+    ids, mask, points, pixels = [], [], [], []
+    for d in docs:
+        points += [len(ids) + p for p in d.points]
+        ids += d.ids
+        mask += d.targets
+        if d.pixels is not None:
+            pixels.append(d.pixels)
+    n = len(points)
+    return Batch(
+        input_ids=torch.tensor([ids], dtype=torch.long),
+        images=torch.cat(pixels) if pixels else None,
+        image_rows=torch.zeros(n, dtype=torch.long),
+        insertion_points=torch.tensor(points, dtype=torch.long),
+        doc_lens=[[len(d.ids) for d in docs]],
+        loss_mask=torch.tensor([mask], dtype=torch.bool),
+    )
+
+
+def stack_rows(docs: list[Encoded], pad_id: int, *, extra: int = 0) -> Batch:
+    """One document per row, right-padded (padding is a document of its own,
+    outside the loss) to the longest row plus `extra` slots."""
+    T = max(len(d.ids) for d in docs) + extra
+    ids = torch.full((len(docs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(docs), T, dtype=torch.bool)
+    rows, points, pixels, doc_lens = [], [], [], []
+    for b, d in enumerate(docs):
+        ids[b, : len(d.ids)] = torch.tensor(d.ids)
+        mask[b, : len(d.ids)] = torch.tensor(d.targets, dtype=torch.bool)
+        rows += [b] * d.n_images
+        points += d.points
+        if d.pixels is not None:
+            pixels.append(d.pixels)
+        doc_lens.append([len(d.ids)] + ([T - len(d.ids)] if T > len(d.ids) else []))
+    return Batch(input_ids=ids, images=torch.cat(pixels) if pixels else None,
+                 image_rows=torch.tensor(rows, dtype=torch.long), insertion_points=torch.tensor(points, dtype=torch.long),
+                 doc_lens=doc_lens, loss_mask=mask)
+
+
+class Packer:
+    def __init__(self, source, processor: Processor, *, text_tokens: int = 2048, image_tokens: int = 20480,
+                 splice_images: bool = False, skip_bad: bool = False):
+        self.source, self.processor = source, processor
+        self.text_tokens, self.image_tokens = text_tokens, image_tokens
+        self.splice_images, self.skip_bad = splice_images, skip_bad
+        self.skipped = 0
+
+    def cost(self, enc: Encoded) -> tuple[int, int]:
+        """(sequence tokens, image tokens) of one sample."""
+        img = enc.n_images * self.processor.tokens_per_image
+        return len(enc.ids) + (img if self.splice_images else 0), img
+
+    def _encode(self, i: int) -> Encoded | None:
+        sample = self.source[i]
+        try:
+            enc = self.processor.encode(sample)
+            seq, img = self.cost(enc)
+            if seq > self.text_tokens or img > self.image_tokens:
+                raise DataError(
+                    f"{sample.source}: sample needs {seq} sequence tokens and {img} image tokens, over the "
+                    f"budget of {self.text_tokens} text + {self.image_tokens} image tokens per pack"
+                    + (" (insertion counts image tokens in the sequence)" if self.splice_images else ""))
+            return enc
+        except DataError:
+            if not self.skip_bad:
+                raise
+            self.skipped += 1
+            return None
+
+    def packs(self, position: int = 0, *, limit: int | None = None):
+        """Packs from sample `position` on (endless for endless sources)."""
+        made, i, pending = 0, position, None
+        while limit is None or made < limit:
+            start, docs, seq, img = i, [], 0, 0
+            while True:
+                if pending is None:
+                    try:
+                        self.source[i]
+                    except IndexError:
+                        break
+                    pending = self._encode(i)
+                    if pending is None:  # skipped
+                        i += 1
+                        continue
+                s, m = self.cost(pending)
+                if docs and (seq + s > self.text_tokens or img + m > self.image_tokens):
+                    break
+                docs.append(pending)
+                seq, img, pending, i = seq + s, img + m, None, i + 1
+            if not docs:
+                return
+            yield Pack(docs, start, i)
+            made += 1

@@ -1,0 +1,139 @@
+"""The sample format: chat messages, as JSONL on disk.
+
+One sample is `{"messages": [...]}` (other top-level keys, e.g. "task" or
+"metric", ride along). A message is `{"role": "system"|"user"|"assistant",
+"content": str | [part, ...]}` and a part is one of
+`{"type": "text", "text": str}`, `{"type": "image", "path": str}` (relative
+to the JSONL file) or `{"type": "video", "frames": [path, ...]}`. In memory an
+image part may hold a PIL image under "image" instead of a path.
+
+Design decisions: structure is checked when a line is read, so a bad line is
+reported with its file and line number before any training starts; images are
+decoded lazily by the processor, whose errors carry the same `file:line`
+(`Sample.source`). `skip_bad=True` turns errors into a counted skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A sample that cannot be used; the message starts with `file:line`."""
+
+
+@dataclass
+class Sample:
+    messages: list[dict]
+    source: str = "<memory>"  # "file:line", for error messages
+    meta: dict = field(default_factory=dict)  # other top-level keys (task, metric, ...)
+
+
+def _check_part(part, where: str, base: Path | None) -> dict:
+    if isinstance(part, str):
+        return {"type": "text", "text": part}
+    if not isinstance(part, dict) or "type" not in part:
+        raise DataError(f"{where}: content part {part!r} is not an object with a 'type'")
+    kind = part["type"]
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise DataError(f"{where}: text part without a string 'text'")
+        return part
+    if kind == "image":
+        if "image" in part:
+            return part
+        path = part.get("path", part.get("url"))
+        if not isinstance(path, str):
+            raise DataError(f"{where}: image part without a 'path'")
+        return {"type": "image", "path": _resolve(path, base)}
+    if kind == "video":
+        frames = part.get("frames")
+        if not isinstance(frames, list) or not frames:
+            raise DataError(f"{where}: video part without a non-empty 'frames' list")
+        return {"type": "video", "frames": [f if not isinstance(f, str) else _resolve(f, base) for f in frames]}
+    raise DataError(f"{where}: unknown content part type {kind!r} (expected text, image or video)")
+
+
+def _resolve(path: str, base: Path | None) -> str:
+    return path if base is None or os.path.isabs(path) else str(base / path)
+
+
+def check_sample(obj, where: str = "<memory>", base: Path | None = None) -> Sample:
+    """A validated `Sample` from a decoded JSON object, or a DataError naming `where`."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+        raise DataError(f"{where}: expected an object with a 'messages' list")
+    messages = []
+    for i, m in enumerate(obj["messages"]):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise DataError(f"{where}: message {i} has no role in {ROLES}")
+        content = m.get("content")
+        parts = [content] if isinstance(content, str) else content
+        if not isinstance(parts, list):
+            raise DataError(f"{where}: message {i} content must be a string or a list of parts")
+        parts = [_check_part(p, f"{where}: message {i}", base) for p in parts]
+        if m["role"] == "assistant" and any(p["type"] != "text" for p in parts):
+            raise DataError(f"{where}: message {i}: assistant messages may only hold text")
+        messages.append({"role": m["role"], "content": parts})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: sample has no assistant turn (nothing to train on or to evaluate)")
+    meta = {k: v for k, v in obj.items() if k != "messages"}
+    return Sample(messages, where, meta)
+
+
+def read_jsonl(path, *, skip_bad: bool = False) -> tuple[list[Sample], int]:
+    """(samples, number skipped). Blank lines are ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r}: no such data file")
+    samples, skipped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                try:
+                    obj = json.loads(line)
+                except ValueError as e:
+                    raise DataError(f"{where}: malformed JSON ({e})") from None
+                samples.append(check_sample(obj, where, path.parent))
+            except DataError:
+                if not skip_bad:
+                    raise
+                skipped += 1
+    return samples, skipped
+
+
+def write_jsonl(samples, directory, *, name: str = "data.jsonl") -> Path:
+    """Write in-memory samples (PIL images) as `directory/name` + PNG files."""
+    directory = Path(directory)
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    out = directory / name
+    with open(out, "w", encoding="utf-8") as f:
+        for i, s in enumerate(samples):
+            n_img = 0
+
+            def save(img):
+                nonlocal n_img
+                rel = f"images/{i:06d}_{n_img}.png"
+                img.save(directory / rel)
+                n_img += 1
+                return rel
+
+            messages = []
+            for m in s.messages:
+                parts = []
+                for p in m["content"]:
+                    if p["type"] == "image" and "image" in p:
+                        p = {"type": "image", "path": save(p["image"])}
+                    elif p["type"] == "video":
+                        p = {"type": "video", "frames": [save(x) if not isinstance(x, str) else x for x in p["frames"]]}
+                    parts.append(p)
+                messages.append({"role": m["role"], "content": parts})
+            f.write(json.dumps({"messages": messages, **s.meta}) + "\n")
+    return out

@@ -1,0 +1,258 @@
+"""The synthetic task suite, rendered with Pillow from a seed.
+
+Every task is a function `(rng, Difficulty) -> Sample` registered in `TASKS`
+with its metric. Sample `i` of a task is drawn from
+`random.Random(f"{seed}:{task}:{i}")`, so any sample can be regenerated from
+`(seed, task, i)` alone: a data position is an integer and `--resume` needs
+nothing else.
+
+Coarse tasks (a tiny model learns them in minutes on CPU): `color`, `count`,
+`position` (GQA-like), `compare` (two images). Fine-grained ones need real
+visual detail: `docvqa` (read a field of a rendered document; ANLS and exact
+match) and `chartqa` (read a bar off a chart; relaxed accuracy). `video` is a
+clip of a moving shape with one caption per frame, as alternating
+user(frame) / assistant(caption) turns: the streaming-captioning format.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from ..config import build
+from .sample import Sample
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
+          "purple": (140, 60, 180), "orange": (240, 130, 20)}
+KINDS = ("circle", "square", "triangle")
+FIELDS = ("Name", "Date", "Total", "Code", "City", "Ref", "Phone", "Room", "Item", "Due")
+
+
+@dataclass
+class Difficulty:
+    """Knobs of the suite. Images are rendered at `image_size` (the processor
+    resizes them to the model's input size)."""
+
+    image_size: int = 64
+    colors: int = 4  # palette size for the shape tasks (<= 6)
+    max_shapes: int = 4  # count / compare
+    distractors: int = 0  # extra shapes in color / position
+    noise: float = 0.0  # amplitude of random pixel noise, 0..1
+    fields: int = 4  # docvqa: lines on the document
+    text_len: int = 4  # docvqa: characters in a value
+    font_size: int = 12
+    bars: int = 4  # chartqa
+    max_value: int = 9  # chartqa
+    frames: int = 4  # video
+    relative: bool = True  # position: two shapes, one relative to the other (else one shape, absolute)
+
+    def __post_init__(self):
+        if not 2 <= self.colors <= len(COLORS):
+            raise ValueError(f"Difficulty.colors={self.colors}: expected 2..{len(COLORS)}")
+        if not 1 <= self.max_shapes <= 9 or not 0 <= self.distractors <= 6:
+            raise ValueError("Difficulty: max_shapes must be 1..9 and distractors 0..6")
+
+
+def difficulty(values: dict | None = None) -> Difficulty:
+    return build(Difficulty, dict(values or {}), "difficulty")
+
+
+# ------------------------------------------------------------ rendering
+def _canvas(d: Difficulty) -> Image.Image:
+    return Image.new("RGB", (d.image_size, d.image_size), (255, 255, 255))
+
+
+def _finish(img: Image.Image, d: Difficulty, rng: random.Random) -> Image.Image:
+    """Add uniform pixel noise of amplitude `d.noise` (seeded by `rng`)."""
+    if d.noise <= 0:
+        return img
+    noise = np.random.default_rng(rng.randrange(2**32)).uniform(-1, 1, (img.height, img.width, 3))
+    pixels = np.asarray(img, dtype=np.float32) + noise * d.noise * 255
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, color, box) -> None:
+    x0, y0, x1, y1 = box
+    if kind == "circle":
+        draw.ellipse(box, fill=color)
+    elif kind == "square":
+        draw.rectangle(box, fill=color)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=color)
+
+
+def _cells(rng: random.Random, n: int, g: int = 3) -> list[tuple[int, int]]:
+    """`n` distinct (col, row) cells of a g x g grid."""
+    return rng.sample([(c, r) for r in range(g) for c in range(g)], n)
+
+
+def _render_shapes(shapes, d: Difficulty, rng: random.Random, g: int = 3) -> Image.Image:
+    """`shapes`: list of (kind, color name, (col, row))."""
+    img = _canvas(d)
+    draw = ImageDraw.Draw(img)
+    cell = d.image_size / g
+    for kind, color, (c, r) in shapes:
+        size = cell * rng.uniform(0.55, 0.8)
+        x0 = c * cell + rng.uniform(0, cell - size)
+        y0 = r * cell + rng.uniform(0, cell - size)
+        _draw_shape(draw, kind, COLORS[color], (x0, y0, x0 + size, y0 + size))
+    return _finish(img, d, rng)
+
+
+def _palette(d: Difficulty) -> list[str]:
+    return list(COLORS)[: d.colors]
+
+
+def _qa(images, question: str, answer: str, task: str) -> Sample:
+    content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content},
+                {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    return Sample(messages, meta={"task": task, "metric": TASKS[task][1]})
+
+
+# ---------------------------------------------------------------- tasks
+def color(rng: random.Random, d: Difficulty) -> Sample:
+    n = 1 + min(d.distractors, len(KINDS) - 1)
+    kinds = rng.sample(KINDS, n)
+    colors = [rng.choice(_palette(d)) for _ in kinds]
+    img = _render_shapes(list(zip(kinds, colors, _cells(rng, n))), d, rng)
+    question = f"What colour is the {kinds[0]}?" if n > 1 else "What colour is the shape?"
+    return _qa([img], question, colors[0], "color")
+
+
+def count(rng: random.Random, d: Difficulty) -> Sample:
+    n = rng.randint(1, d.max_shapes)
+    shapes = [(rng.choice(KINDS), rng.choice(_palette(d)), cell) for cell in _cells(rng, n)]
+    return _qa([_render_shapes(shapes, d, rng)], "How many shapes are there?", str(n), "count")
+
+
+def position(rng: random.Random, d: Difficulty) -> Sample:
+    horizontal = rng.random() < 0.5
+    if not d.relative:  # one shape, off-centre on the asked axis
+        c, r = rng.choice((0, 2)), rng.randrange(3)
+        cell = (c, r) if horizontal else (r, c)
+        color_, kind = rng.choice(_palette(d)), rng.choice(KINDS)
+        img = _render_shapes([(kind, color_, cell)], d, rng)
+        if horizontal:
+            question, answer = f"Is the {color_} {kind} on the left or on the right?", ("left", "right")[c // 2]
+        else:
+            question, answer = f"Is the {color_} {kind} at the top or at the bottom?", ("top", "bottom")[c // 2]
+        return _qa([img], question, answer, "position")
+    while True:
+        cells = _cells(rng, 2 + min(d.distractors, 4))
+        (ca, ra), (cb, rb) = cells[:2]
+        if (ca != cb) if horizontal else (ra != rb):
+            break
+    colors = rng.sample(_palette(d), 2) + [rng.choice(_palette(d)) for _ in cells[2:]]
+    kinds = [rng.choice(KINDS) for _ in cells]
+    img = _render_shapes(list(zip(kinds, colors, cells)), d, rng)
+    a, b = f"{colors[0]} {kinds[0]}", f"{colors[1]} {kinds[1]}"
+    if horizontal:
+        question, answer = f"Is the {a} left or right of the {b}?", "left" if ca < cb else "right"
+    else:
+        question, answer = f"Is the {a} above or below the {b}?", "above" if ra < rb else "below"
+    return _qa([img], question, answer, "position")
+
+
+def compare(rng: random.Random, d: Difficulty) -> Sample:
+    na, nb = rng.sample(range(1, max(2, d.max_shapes) + 1), 2)
+    images = [_render_shapes([(rng.choice(KINDS), rng.choice(_palette(d)), c) for c in _cells(rng, n)], d, rng)
+              for n in (na, nb)]
+    question = "Which image has more shapes, the first or the second?"
+    # text between the images puts each in its own window (DESIGN.md §2): CASA's
+    # question reads the second image directly and the first through the text
+    # of its window; two images in one window would be an unordered set
+    content = [{"type": "text", "text": "First image:"}, {"type": "image", "image": images[0]},
+               {"type": "text", "text": "Second image:"}, {"type": "image", "image": images[1]},
+               {"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content},
+                {"role": "assistant", "content": [{"type": "text", "text": "first" if na > nb else "second"}]}]
+    return Sample(messages, meta={"task": "compare", "metric": "exact"})
+
+
+def _font(size: int):
+    return ImageFont.load_default(size=size)
+
+
+def docvqa(rng: random.Random, d: Difficulty) -> Sample:
+    keys = rng.sample(FIELDS, min(d.fields, len(FIELDS)))
+    alphabet = string.ascii_uppercase + string.digits
+    values = ["".join(rng.choice(alphabet) for _ in range(d.text_len)) for _ in keys]
+    img = _canvas(d)
+    draw, font = ImageDraw.Draw(img), _font(d.font_size)
+    line = d.image_size / (len(keys) + 1)
+    for i, (k, v) in enumerate(zip(keys, values)):
+        draw.text((3, 2 + (i + 0.5) * line), f"{k}: {v}", fill=(0, 0, 0), font=font)
+    j = rng.randrange(len(keys))
+    return _qa([_finish(img, d, rng)], f"What is the {keys[j]}?", values[j], "docvqa")
+
+
+def chartqa(rng: random.Random, d: Difficulty) -> Sample:
+    n = d.bars
+    labels = string.ascii_uppercase[:n]
+    values = [rng.randint(1, d.max_value) for _ in labels]
+    img = _canvas(d)
+    draw, font = ImageDraw.Draw(img), _font(max(6, d.font_size - 2))
+    S = d.image_size
+    left, bottom, top = S * 0.15, S * 0.85, S * 0.05
+    unit = (bottom - top) / d.max_value
+    for t in range(0, d.max_value + 1, max(1, d.max_value // 4)):  # gridlines
+        y = bottom - t * unit
+        draw.line([(left, y), (S - 2, y)], fill=(200, 200, 200))
+    width = (S - left - 2) / n
+    for i, (lab, v) in enumerate(zip(labels, values)):
+        x0 = left + i * width + width * 0.15
+        draw.rectangle([x0, bottom - v * unit, x0 + width * 0.7, bottom], fill=COLORS["blue"])
+        draw.text((x0 + width * 0.2, bottom + 1), lab, fill=(0, 0, 0), font=font)
+    j = rng.randrange(n)
+    return _qa([_finish(img, d, rng)], f"What is the value of bar {labels[j]}?", str(values[j]), "chartqa")
+
+
+def video(rng: random.Random, d: Difficulty) -> Sample:
+    c, kind = rng.choice(_palette(d)), rng.choice(KINDS)
+    row = rng.randrange(3)
+    col, step = rng.choice([(0, 1), (2, -1), (1, rng.choice((1, -1)))])
+    messages = []
+    for f in range(d.frames):
+        img = _render_shapes([(kind, c, (col, row))], d, rng)
+        where = ("left", "center", "right")[col]
+        text = [{"type": "text", "text": "Caption each frame."}] if f == 0 else []
+        messages.append({"role": "user", "content": [{"type": "image", "image": img}, *text]})
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": f"{c} {kind} {where}"}]})
+        if not 0 <= col + step <= 2:
+            step = -step
+        col += step
+    return Sample(messages, meta={"task": "video", "metric": "exact"})
+
+
+# name -> (generator, metric)
+TASKS = {
+    "color": (color, "exact"),
+    "count": (count, "exact"),
+    "position": (position, "exact"),
+    "compare": (compare, "exact"),
+    "docvqa": (docvqa, "anls"),
+    "chartqa": (chartqa, "relaxed"),
+    "video": (video, "exact"),
+}
+COARSE = ("color", "count", "position", "compare")
+
+
+def check_tasks(names) -> list[str]:
+    names = list(names)
+    bad = [n for n in names if n not in TASKS]
+    if bad or not names:
+        raise ValueError(f"unknown task(s) {bad or names}; expected names from {sorted(TASKS)}")
+    return names
+
+
+def make_sample(task: str, seed: int, index: int, d: Difficulty | None = None) -> Sample:
+    """Sample `index` of `task` for `seed`, identical on every call."""
+    check_tasks([task])
+    sample = TASKS[task][0](random.Random(f"{seed}:{task}:{index}"), d or Difficulty())
+    sample.source = f"{task}[seed={seed}, index={index}]"
+    return sample

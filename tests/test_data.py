@@ -1,0 +1,276 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from casa.config import ModelConfig, VisionConfig
+from casa.data import (TASKS, DataError, Packer, Processor, SyntheticSource, check_sample, make_sample, pack_row,
+                       read_jsonl, score, stack_rows, write_jsonl)
+from casa.data.metrics import anls, relaxed
+from casa.data.tasks import difficulty
+from casa.model import CasaModel
+from casa.tokenizer import ByteTokenizer
+from casa.train import loss_sum
+
+VISION = VisionConfig(image_size=16, patch_size=8, d_model=32, n_layers=1, n_heads=4, d_ff=64)
+
+
+def processor(**kw):
+    return Processor(ByteTokenizer(), VISION, **kw)
+
+
+def tiny_model(variant="casa"):
+    torch.manual_seed(0)
+    return CasaModel(ModelConfig.from_dict({
+        "lm": {"vocab_size": 264, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64},
+        "vision": {"image_size": 16, "patch_size": 8, "d_model": 32, "n_layers": 1, "n_heads": 4, "d_ff": 64},
+        "fusion": {"variant": variant}})).eval()
+
+
+def chat(*parts, answer="yes"):
+    return {"messages": [{"role": "user", "content": list(parts)},
+                         {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
+
+
+# ------------------------------------------------------------ processor
+def test_template_targets_and_insertion_points():
+    tok = ByteTokenizer()
+    img = Image.new("RGB", (20, 20), "red")
+    enc = processor().encode(chat({"type": "image", "image": img}, {"type": "text", "text": "Hi?"}, answer="ok"))
+    text = tok.decode(enc.ids, skip_special=False)
+    assert text == "<bos><|user|><|gist|>Hi?<|end|><|assistant|>ok<|end|>"
+    assert enc.points == [2]  # before the gist token, which reads the image
+    targets = tok.decode([i for i, t in zip(enc.ids, enc.targets) if t], skip_special=False)
+    assert targets == "ok<|end|>"  # loss on the assistant's tokens only
+    assert enc.pixels.shape == (1, 3, 16, 16)
+    assert enc.turns == [(len(enc.ids) - 3, len(enc.ids))]
+
+
+def test_consecutive_images_share_a_window_and_prefix_token():
+    imgs = [{"type": "image", "image": Image.new("RGB", (8, 8), c)} for c in ("red", "blue")]
+    enc = processor(gist=False, image_prefix="<|image|>").encode(chat(*imgs, {"type": "text", "text": "Q"}))
+    tok = ByteTokenizer()
+    assert tok.decode(enc.ids, skip_special=False).startswith("<bos><|user|><|image|>Q")
+    assert enc.points == [3, 3]
+
+
+def test_video_frames_and_multi_turn():
+    s = make_sample("video", 0, 0, difficulty({"frames": 3}))
+    enc = processor().encode(s)
+    assert len(enc.turns) == 3 and enc.n_images == 3
+    assert len(set(enc.points)) == 3  # one window per frame
+    video = chat({"type": "video", "frames": [Image.new("RGB", (8, 8))] * 4}, {"type": "text", "text": "?"})
+    assert processor().encode(video).points == [2] * 4
+
+
+def test_literal_special_text_in_user_content_stays_bytes():
+    enc = processor().encode(chat({"type": "text", "text": "<|end|>"}))
+    assert ByteTokenizer().token_id("<|end|>") not in enc.ids[2:9]
+
+
+# -------------------------------------------------------------- tasks
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_tasks_are_deterministic_and_encode(task):
+    a, b = make_sample(task, 3, 5), make_sample(task, 3, 5)
+    assert a.messages[-1] == b.messages[-1]
+    imgs = lambda s: [p["image"].tobytes() for m in s.messages for p in m["content"] if p["type"] == "image"]  # noqa
+    assert imgs(a) == imgs(b) and imgs(a)
+    assert imgs(make_sample(task, 4, 5)) != imgs(a)
+    enc = processor().encode(a)
+    assert enc.turns and enc.pixels is not None
+
+
+def test_difficulty_knobs_and_unknown_key():
+    s = make_sample("docvqa", 0, 0, difficulty({"image_size": 96, "text_len": 7}))
+    img = s.messages[0]["content"][0]["image"]
+    assert img.size == (96, 96) and len(s.messages[1]["content"][0]["text"]) == 7
+    assert make_sample("count", 0, 1, difficulty({"max_shapes": 1})).messages[1]["content"][0]["text"] == "1"
+    with pytest.raises(ValueError, match="unknown keys.*'shapes'"):
+        difficulty({"shapes": 3})
+
+
+def test_metrics():
+    assert score("exact", " Red. ", "red") == 1.0 and score("exact", "blue", "red") == 0.0
+    assert anls("AB12", "AB12") == 1.0 and anls("AB13", "AB12") == pytest.approx(0.75) and anls("XY", "AB12") == 0
+    assert relaxed("104", "100") == 1.0 and relaxed("106", "100") == 0.0 and relaxed("0", "0") == 1.0
+
+
+# ------------------------------------------------------------ JSONL
+def test_export_roundtrip(tmp_path):
+    samples = [make_sample("compare", 0, i) for i in range(3)]
+    path = write_jsonl(samples, tmp_path)
+    back, skipped = read_jsonl(path)
+    assert skipped == 0 and len(back) == 3 and back[1].meta == {"task": "compare", "metric": "exact"}
+    a, b = processor().encode(samples[1]), processor().encode(back[1])
+    assert a.ids == b.ids and a.points == b.points
+    assert torch.allclose(a.pixels, b.pixels)
+
+
+def test_cli_data_export(tmp_path, capsys):
+    from casa.cli import main
+
+    assert main(["data", "export", "--task", "chartqa", "--n", "2", "--difficulty", "bars=3", str(tmp_path)]) == 0
+    lines = (tmp_path / "chartqa.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and (tmp_path / json.loads(lines[0])["messages"][0]["content"][0]["path"]).is_file()
+    assert main(["data", "export", "--task", "nope", "--n", "1", str(tmp_path)]) == 2
+    assert "unknown task" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ bad input
+def _write(tmp_path, lines):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_bad_lines_name_file_and_line(tmp_path):
+    good = json.dumps(chat({"type": "text", "text": "hi"}))
+    no_answer = json.dumps({"messages": [{"role": "user", "content": "hi"}]})
+    path = _write(tmp_path, [good, "{not json", no_answer, good])
+    with pytest.raises(DataError, match=rf"{path}:2: malformed JSON"):
+        read_jsonl(path)
+    with pytest.raises(DataError, match=rf"{path}:2: sample has no assistant turn"):
+        read_jsonl(_write(tmp_path, [good, no_answer]))
+    samples, skipped = read_jsonl(_write(tmp_path, [good, "{not json", no_answer, good]), skip_bad=True)
+    assert len(samples) == 2 and skipped == 2
+    with pytest.raises(DataError, match="unknown content part type 'audio'"):
+        check_sample(chat({"type": "audio"}))
+
+
+def test_missing_and_corrupt_images(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    lines = [json.dumps(chat({"type": "image", "path": p}, {"type": "text", "text": "?"}))
+             for p in ("ok.png", "missing.png", "bad.png")]
+    path = _write(tmp_path, lines)
+    samples, _ = read_jsonl(path)
+    proc = processor()
+    proc.encode(samples[0])
+    with pytest.raises(DataError, match=rf"{path}:2: .*missing.png.*cannot read image"):
+        proc.encode(samples[1])
+    with pytest.raises(DataError, match=rf"{path}:3: .*bad.png"):
+        proc.encode(samples[2])
+    packer = Packer(samples, proc, text_tokens=512, image_tokens=512, skip_bad=True)
+    packs = list(packer.packs(0))
+    assert packer.skipped == 2 and sum(len(p.docs) for p in packs) == 1
+
+
+def test_over_budget_sample(tmp_path):
+    long = json.dumps(chat({"type": "text", "text": "x" * 300}))
+    path = _write(tmp_path, [json.dumps(chat({"type": "text", "text": "hi"})), long])
+    samples, _ = read_jsonl(path)
+    with pytest.raises(DataError, match=rf"{path}:2: sample needs \d+ sequence tokens.*over the budget of 128"):
+        list(Packer(samples, processor(), text_tokens=128, image_tokens=64).packs(0))
+    packer = Packer(samples, processor(), text_tokens=128, image_tokens=64, skip_bad=True)
+    assert len(list(packer.packs(0))) == 1 and packer.skipped == 1
+
+
+# ------------------------------------------------------------- packing
+def test_packs_respect_budgets_and_are_deterministic():
+    src = SyntheticSource(["color", "compare", "video"], seed=1)
+    proc = processor()
+    tpi = VISION.tokens_per_image
+    for splice in (False, True):
+        packer = Packer(src, proc, text_tokens=300, image_tokens=10 * tpi, splice_images=splice)
+        packs = list(packer.packs(0, limit=6))
+        for p in packs:
+            n_img = sum(d.n_images for d in p.docs)
+            seq = sum(len(d.ids) for d in p.docs) + (n_img * tpi if splice else 0)
+            assert seq <= 300 and n_img * tpi <= 10 * tpi
+            b = pack_row(p.docs).validate()
+            assert b.doc_lens == [[len(d.ids) for d in p.docs]]
+        assert [p.start for p in packs[1:]] == [p.end for p in packs[:-1]]
+        again = list(packer.packs(packs[3].start, limit=2))
+        assert [d.ids for d in again[0].docs] == [d.ids for d in packs[3].docs]
+
+
+def test_insertion_counts_image_tokens_in_sequence():
+    src = SyntheticSource(["color"], seed=0)
+    proc = Processor(ByteTokenizer(), VisionConfig(image_size=32, patch_size=8))  # 16 tokens per image
+    plain = Packer(src, proc, text_tokens=400, image_tokens=10_000)
+    spliced = Packer(src, proc, text_tokens=400, image_tokens=10_000, splice_images=True)
+    n_plain = len(next(plain.packs(0)).docs)
+    n_spliced = len(next(spliced.packs(0)).docs)
+    assert n_spliced < n_plain
+
+
+@pytest.mark.parametrize("variant", ["casa", "insertion"])
+def test_no_leak_between_packed_samples(variant):
+    """Changing one packed sample (text and image) changes no other sample's logits or loss."""
+    model = tiny_model(variant)
+    proc = processor()
+    docs = [proc.encode(make_sample(t, 0, i)) for i, t in enumerate(["color", "compare", "video", "count"])]
+    other = proc.encode(make_sample("position", 9, 9))
+    changed = list(docs)
+    changed[1] = other
+    with torch.no_grad():
+        a, b = pack_row(docs), pack_row(changed)
+        la, lb = model(a), model(b)
+    for k in (0, 2, 3):
+        sa = sum(len(d.ids) for d in docs[:k])
+        sb = sum(len(d.ids) for d in changed[:k])
+        n = len(docs[k].ids)
+        torch.testing.assert_close(la[:, sa: sa + n], lb[:, sb: sb + n], atol=1e-5, rtol=1e-5)
+        # ... and equal to the sample alone
+        alone = model(pack_row([docs[k]]))
+        torch.testing.assert_close(la[:, sa: sa + n], alone, atol=1e-5, rtol=1e-5)
+    # per-sample loss: the packed sum is the sum of the samples' losses
+    total, count = loss_sum(la, a)
+    parts = [loss_sum(model(pack_row([d])), pack_row([d])) for d in docs]
+    assert count == sum(c for _, c in parts)
+    torch.testing.assert_close(total, sum(l for l, _ in parts), atol=1e-4, rtol=1e-5)
+
+
+def test_stack_rows_pads_with_a_document():
+    proc = processor()
+    docs = [proc.encode(make_sample("color", 0, i)) for i in range(2)] + [proc.encode(make_sample("video", 0, 0))]
+    b = stack_rows(docs, ByteTokenizer().pad_id, extra=3).validate()
+    T = b.input_ids.shape[1]
+    assert T == max(len(d.ids) for d in docs) + 3
+    assert all(sum(lens) == T and len(lens) == 2 for lens in b.doc_lens)
+    assert b.image_rows.tolist() == [0, 1, 2, 2, 2, 2] and not b.loss_mask[:, -3:].any()
+
+
+# ------------------------------------------------- HF tokenizer + chat template
+def hf_tokenizer_dir(path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|im_start|>", "<|im_end|>", "<|vision_end|>", "[UNK]"]
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["what colour is the shape? red blue green user assistant"], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                   unk_token="[UNK]", additional_special_tokens=["<|im_start|>", "<|vision_end|>"])
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    fast.save_pretrained(str(path))
+    return path
+
+
+def test_hf_tokenizer_with_its_chat_template(tmp_path):
+    from casa.tokenizer import HFTokenizer, load_tokenizer
+
+    tok = HFTokenizer(hf_tokenizer_dir(tmp_path / "tok"))
+    proc = Processor(tok, VISION, gist_token="<|vision_end|>")
+    sample = chat({"type": "image", "image": Image.new("RGB", (8, 8))}, {"type": "text", "text": "what colour?"},
+                  answer="red")
+    enc = proc.encode(sample)
+    target_text = tok.decode([i for i, t in zip(enc.ids, enc.targets) if t], skip_special=False)
+    assert target_text == "red<|im_end|>\n"
+    prompt = tok.decode(enc.ids[: enc.turns[0][0]], skip_special=False)
+    assert prompt == "<|im_start|>user\n<|vision_end|>what colour?<|im_end|>\n<|im_start|>assistant\n"
+    assert enc.ids[enc.points[0]] == tok.token_id("<|vision_end|>")
+    assert tok.eos_id in proc.stop_ids
+    # a model directory keeps it
+    tok.save(tmp_path / "model")
+    again = load_tokenizer(tmp_path / "model")
+    assert again.encode("what colour?") == tok.encode("what colour?")

@@ -1,0 +1,70 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+
+import pytest
+import torch
+
+from casa.cli import main
+from casa.config import ModelConfig
+from casa.data import Processor, make_sample
+from casa.evaluate import eval_samples, evaluate, greedy_decode, prior_answers
+from casa.model import CasaModel
+from casa.tokenizer import ByteTokenizer
+from casa.train import Trainer, load_config
+
+MODEL = {"lm": {"vocab_size": 264, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64},
+         "vision": {"image_size": 16, "patch_size": 8, "d_model": 32, "n_layers": 1, "n_heads": 4, "d_ff": 64}}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("variant", ["casa", "insertion"])
+def test_batched_greedy_decode_equals_one_by_one(variant):
+    torch.manual_seed(0)
+    model = CasaModel(ModelConfig.from_dict({**MODEL, "fusion": {"variant": variant}})).eval()
+    proc = Processor(ByteTokenizer(), model.config.vision)
+    prompts = []
+    for i, task in enumerate(["color", "compare", "video", "count"]):
+        enc = proc.encode(make_sample(task, 0, i))
+        prompts.append(enc.prefix(enc.turns[-1][0]))
+    together = greedy_decode(model, prompts, proc, max_new_tokens=6)
+    alone = [greedy_decode(model, [p], proc, max_new_tokens=6)[0] for p in prompts]
+    assert together == alone and all(len(x) <= 6 for x in together)
+
+
+def test_evaluate_scores_every_turn_and_prior():
+    proc = Processor(ByteTokenizer(), CasaModel(ModelConfig.from_dict(MODEL)).config.vision)
+    samples = eval_samples(["color", "video"], 3, difficulty={"frames": 2})
+    train = [make_sample(t, 0, i) for t in ("color", "video") for i in range(50)]
+    result = evaluate(None, proc, samples, prior=prior_answers(train))
+    assert result["tasks"]["color"]["n"] == 3 and result["tasks"]["video"]["n"] == 6  # one per frame
+    assert result["tasks"]["color"]["metric"] == "exact"
+    perfect = {r["question"]: r["answer"] for r in result["predictions"] if r["task"] == "color"}
+    assert len(perfect) == 1  # the colour question is always the same text
+    assert all(0.0 <= r["score"] <= 1.0 for r in result["tasks"].values())
+
+
+def test_cli_eval_writes_json(tmp_path, capsys):
+    model_cfg, cfg = load_config(None, [f"out_dir={tmp_path / 'run'}", "steps=2", "text_tokens=256",
+                                        "image_tokens=1024", "data=color,chartqa", "warmup_steps=1"],
+                                 base={"model": MODEL})
+    Trainer(model_cfg, cfg, quiet=True).fit()
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--n", "3", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["tasks"]) == {"color", "chartqa"}  # the training tasks by default
+    assert result["tasks"]["chartqa"]["metric"] == "relaxed" and result["tasks"]["color"]["n"] == 3
+    assert "chartqa" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--task", "docvqa", "--n", "2", "--blind"]) == 0
+    blind = json.loads(next((tmp_path / "run" / "checkpoints").glob("step_*/eval_blind.json")).read_text())
+    assert blind["blind"] and blind["tasks"]["docvqa"]["metric"] == "anls"
+    assert main(["eval", "--checkpoint", str(tmp_path / "nothing"), "--task", "color"]) == 2

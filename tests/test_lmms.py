@@ -1,0 +1,89 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from importlib.metadata import entry_points
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from casa.config import FusionConfig, LMConfig, ModelConfig, VisionConfig
+from casa.model import CasaModel
+from casa.pretrained import save_pretrained
+from casa.tokenizer import ByteTokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = ModelConfig(lm=LMConfig(vocab_size=264, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64),
+                      vision=VisionConfig(image_size=16, patch_size=8, d_model=16, n_layers=1, n_heads=2, d_ff=32),
+                      fusion=FusionConfig(variant="casa"))
+    return save_pretrained(CasaModel(cfg), tmp_path_factory.mktemp("lmms") / "m", tokenizer=ByteTokenizer())
+
+
+def test_entry_point_is_registered():
+    eps = [ep for ep in entry_points(group="lmms_eval.models") if ep.name == "casa"]
+    assert [ep.value for ep in eps] == ["casa.lmms:manifest"], "reinstall casa (pip install -e .) to register it"
+
+
+def test_lmms_eval_resolves_the_plugin():
+    pytest.importorskip("lmms_eval.models", exc_type=ImportError)
+    from lmms_eval.api.model import lmms
+    from lmms_eval.models import MODEL_REGISTRY_V2
+
+    import casa.lmms
+
+    MODEL_REGISTRY_V2.load_entrypoint_manifests()
+    cls = MODEL_REGISTRY_V2.get_model_class("casa")
+    assert cls is casa.lmms.Casa and issubclass(cls, lmms)
+
+
+def request(*args):
+    return SimpleNamespace(args=args)
+
+
+def test_plugin_generates_and_scores(model_dir):
+    """The plugin's request handling, with lmms-eval's request tuples (works without lmms-eval)."""
+    from casa.lmms import Casa
+
+    plugin = Casa(pretrained=str(model_dir), max_new_tokens=4)
+    doc = {"image": Image.new("RGB", (20, 20), (255, 0, 0))}
+    plugin.task_dict = {"chartqa": {"test": {0: doc}}}
+
+    def to_visual(d):
+        return [d["image"]]
+
+    [text] = plugin.generate_until([request("What colour?", {"max_new_tokens": 3, "until": []}, to_visual, 0,
+                                            "chartqa", "test")])
+    from casa.evaluate import greedy_decode
+
+    enc = plugin.processor.encode({"messages": [
+        {"role": "user", "content": [{"type": "image", "image": doc["image"]}, {"type": "text", "text": "What colour?"}]},
+        {"role": "assistant", "content": "-"}]})
+    prompt = enc.prefix(enc.turns[0][0])
+    ids = greedy_decode(plugin.model, [prompt], plugin.processor, max_new_tokens=3)[0]
+    assert text == plugin.tokenizer.decode(ids).strip()
+
+    [(ll, greedy)] = plugin.loglikelihood([request("What colour?", "red", to_visual, 0, "chartqa", "test")])
+    from casa.data import stack_rows
+
+    full = stack_rows([prompt], 0)
+    target = plugin.tokenizer.encode("red")
+    x = SimpleNamespace(**vars(full))
+    x.input_ids = torch.tensor([prompt.ids + target])
+    x.doc_lens = [[len(prompt.ids) + len(target)]]
+    x.loss_mask = None
+    from casa.batch import Batch
+
+    with torch.no_grad():
+        logits = plugin.model(Batch(**vars(x)))[0]
+    logp = torch.log_softmax(logits.float(), -1)
+    n = len(prompt.ids)
+    want = sum(float(logp[n - 1 + i, t]) for i, t in enumerate(target))
+    assert ll == pytest.approx(want, abs=1e-4) and ll < 0
+    assert greedy == all(int(logp[n - 1 + i].argmax()) == t for i, t in enumerate(target))
+    with pytest.raises(NotImplementedError):
+        plugin.generate_until_multi_round([])

@@ -1,0 +1,288 @@
+"""Streaming captioner on real video files (encoded here with PyAV), the
+`casa caption` command, bad input, and a smoke run of `casa bench stream`."""
+
+import json
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from casa.bench.stream import StreamBench
+from casa.bench.stream import run as bench_run
+from casa.cli import main
+from casa.generate import Sampling
+from casa.model import CasaModel
+from casa.pretrained import from_pretrained, save_pretrained
+from casa.stream import (
+    Captioner,
+    JsonlWriter,
+    SrtWriter,
+    StreamError,
+    folder_frames,
+    parse_srt,
+    srt_time,
+    video_frames,
+)
+from casa.tokenizer import ByteTokenizer, load_tokenizer
+from conftest import tiny_config
+
+TOK = ByteTokenizer()
+
+
+def shapes_frame(i, h=48, w=64):
+    """A red square moving right over a blue disc moving down."""
+    img = np.full((h, w, 3), 30, np.uint8)
+    yy, xx = np.mgrid[:h, :w]
+    img[(yy - 4 - 2 * i) ** 2 + (xx - 20) ** 2 < 64] = (40, 60, 220)
+    x = (3 * i) % (w - 10)
+    img[10:20, x : x + 10] = (230, 30, 30)
+    return img
+
+
+def encode_video(path, n, fps=10, size=(48, 64), faststart=False):
+    c = av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {})
+    s = c.add_stream("mpeg4", rate=fps)
+    s.height, s.width = size
+    s.pix_fmt = "yuv420p"
+    s.bit_rate = 4_000_000
+    for i in range(n):
+        for p in s.encode(av.VideoFrame.from_ndarray(shapes_frame(i, *size), format="rgb24")):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    if n == 0:
+        c.start_encoding()
+    c.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = tiny_config("casa")
+    cfg.lm.vocab_size = TOK.vocab_size
+    model = CasaModel(cfg)
+    with torch.no_grad():  # an untrained model that speaks in lowercase letters, so that captions show
+        model.embed.weight[ord("a") : ord("z") + 1] *= 20
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    save_pretrained(model, path, tokenizer=TOK)
+    return path
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    return encode_video(tmp_path_factory.mktemp("video") / "clip.mp4", 20)  # 2 s at 10 fps
+
+
+def read_outputs(srt, jsonl):
+    cues = parse_srt(srt.read_text(encoding="utf-8"))
+    lines = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
+    return cues, lines
+
+
+def test_srt_time():
+    assert srt_time(0) == "00:00:00,000"
+    assert srt_time(3661.5) == "01:01:01,500"
+    assert srt_time(59.9996) == "00:01:00,000"
+    assert srt_time(1.0 / 3) == "00:00:00,333"
+
+
+def test_video_frames_at_requested_rate(video):
+    all_frames = list(video_frames(video))
+    assert len(all_frames) == 20 and all_frames[0].image.shape == (48, 64, 3)
+    assert [round(f.time, 3) for f in all_frames[:3]] == [0.0, 0.1, 0.2]
+    two = list(video_frames(video, fps=2))
+    assert [round(f.time, 3) for f in two] == [0.0, 0.5, 1.0, 1.5]
+    assert all(f.duration == 0.5 for f in two)
+    # the decoded frames are the encoded ones (lossy codec: the closest synthetic frame is the right one)
+    for f, k in zip(two, (0, 5, 10, 15)):
+        errors = [float(np.abs(f.image.astype(int) - shapes_frame(j).astype(int)).mean()) for j in range(20)]
+        assert int(np.argmin(errors)) == k
+
+
+def test_caption_cli_on_a_video(video, checkpoint, tmp_path, capsys):
+    srt, jsonl = tmp_path / "out.srt", tmp_path / "out.jsonl"
+    rc = main(["caption", str(video), "--checkpoint", str(checkpoint), "--fps", "2", "--srt", str(srt),
+               "--jsonl", str(jsonl), "--max-new-tokens", "5", "--min-new-tokens", "5"])
+    assert rc == 0
+    cues, lines = read_outputs(srt, jsonl)
+    assert [line["timestamp"] for line in lines] == ["00:00:00,000", "00:00:00,500", "00:00:01,000",
+                                                      "00:00:01,500"]
+    for line in lines:
+        assert {"time", "text", "ttft_ms", "decode_ms", "cache_bytes", "kv_tokens", "tokens"} <= set(line)
+        assert line["ttft_ms"] > 0 and line["decode_ms"] >= 0 and line["tokens"] == 5
+    assert len(cues) == sum(bool(line["text"]) for line in lines) >= 1
+    assert cues[0][1:3] == ("00:00:00,000", "00:00:00,500")
+    # casa state: one frame's images + the window's text; the SA cache grows by the text of a turn only
+    sizes = [line["cache_bytes"] for line in lines]
+    assert len({b - a for a, b in zip(sizes[1:], sizes[2:])}) == 1
+    out = capsys.readouterr()
+    assert "captioned 4 frames" in out.err and "[   0.000s]" in out.out
+
+
+def test_captioner_api_any_iterator_and_bounded_history(checkpoint):
+    model, tok = from_pretrained(checkpoint), load_tokenizer(checkpoint)
+    from casa.cache import History
+
+    cap = Captioner(model, tok, sampling=Sampling(max_new_tokens=3), interval=0.25,
+                    history=History(sink=2, window=8))
+    frames = (shapes_frame(i) for i in range(12))  # a plain generator of arrays
+    got = list(cap(frames))
+    assert [c.time for c in got] == [0.25 * i for i in range(12)]
+    assert got[-1].end == pytest.approx(3.0)
+    assert got[-1].kv_tokens <= 2 + 8 + 4 + 8  # SA: sink + window; fusion: 4 image tokens + window text
+    assert got[-1].cache_bytes == got[-2].cache_bytes  # flat
+    # (seconds, image) pairs keep their time
+    cap2 = Captioner(model, tok, sampling=Sampling(max_new_tokens=2))
+    assert [c.time for c in cap2([(1.5, shapes_frame(0)), (7.0, shapes_frame(1))])] == [1.5, 7.0]
+
+
+# ---------------------------------------------------------------------- bad input
+def run_cli(src, checkpoint, tmp_path, *extra):
+    srt, jsonl = tmp_path / "o.srt", tmp_path / "o.jsonl"
+    rc = main(["caption", str(src), "--checkpoint", str(checkpoint), "--srt", str(srt), "--jsonl", str(jsonl),
+               "--max-new-tokens", "3", "--quiet", *extra])
+    return rc, srt, jsonl
+
+
+def test_corrupt_truncated_missing_and_empty_videos(tmp_path, checkpoint, video, capsys):
+    bad = tmp_path / "noise.mp4"
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    truncated = tmp_path / "truncated.mp4"
+    data = video.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    empty = encode_video(tmp_path / "empty.mp4", 0)
+    blank = tmp_path / "blank.mp4"
+    blank.write_bytes(b"")
+    for path, why in [(bad, "cannot read video"), (truncated, "cannot read video|no video"), (empty, "no video"),
+                      (blank, "cannot read video"), (tmp_path / "missing.mp4", "no such file")]:
+        with pytest.raises(StreamError, match=why) as e:
+            list(video_frames(path)) if path.exists() else list(__import__("casa.stream").stream.open_frames(path))
+        assert str(path) in str(e.value)
+        rc, _, _ = run_cli(path, checkpoint, tmp_path)
+        err = capsys.readouterr().err
+        assert rc == 2 and str(path) in err and "casa: error" in err
+
+
+def test_truncated_video_mid_stream_leaves_valid_files(tmp_path, checkpoint, capsys):
+    """Index first (faststart), data cut at 60%: frames decode, then the stream
+    ends early; the captions so far are on disk, valid, and the error says why."""
+    full = encode_video(tmp_path / "full.mp4", 20, faststart=True)
+    cut = tmp_path / "cut.mp4"
+    data = full.read_bytes()
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    rc, srt, jsonl = run_cli(cut, checkpoint, tmp_path, "--fps", "2", "--min-new-tokens", "3")
+    err = capsys.readouterr().err
+    assert rc == 2 and str(cut) in err and "truncated or corrupt" in err and "of its 20 frames" in err
+    cues, lines = read_outputs(srt, jsonl)
+    assert len(lines) >= 1 and [line["frame"] for line in lines] == list(range(len(lines)))
+    assert len(cues) == sum(bool(line["text"]) for line in lines)
+
+
+def test_fps_above_the_source(video, checkpoint, tmp_path, capsys):
+    with pytest.raises(StreamError, match="above the video's frame rate 10"):
+        video_frames(video, fps=25)
+    rc, _, _ = run_cli(video, checkpoint, tmp_path, "--fps", "30")
+    assert rc == 2 and "requested fps 30" in capsys.readouterr().err
+
+
+def test_not_a_casa_model(tmp_path, video, capsys):
+    (tmp_path / "notamodel").mkdir()
+    (tmp_path / "notamodel" / "config.json").write_text('{"model_type": "llama"}')
+    for ckpt in (tmp_path / "notamodel", tmp_path / "nothing"):
+        rc, srt, _ = run_cli(video, ckpt, tmp_path)
+        err = capsys.readouterr().err
+        assert rc == 2 and str(ckpt) in err and "not a casa model" in err
+        assert not srt.exists()  # nothing written before the model is known to be good
+
+
+def image_folder(path, sizes, bad_at=None):
+    path.mkdir()
+    for i, (h, w) in enumerate(sizes):
+        file = path / f"{i:03d}.png"
+        if i == bad_at:
+            file.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+        else:
+            Image.fromarray(shapes_frame(i, h, w)).save(file)
+    (path / "notes.txt").write_text("not a frame")
+    return path
+
+
+@pytest.mark.parametrize("case", ["size_change", "corrupt_image"])
+def test_errors_mid_stream_leave_valid_files(tmp_path, checkpoint, capsys, case):
+    sizes = [(48, 64)] * 5
+    if case == "size_change":
+        sizes[3] = (40, 40)
+    folder = image_folder(tmp_path / "frames", sizes, bad_at=3 if case == "corrupt_image" else None)
+    rc, srt, jsonl = run_cli(folder, checkpoint, tmp_path, "--fps", "4", "--min-new-tokens", "3")
+    err = capsys.readouterr().err
+    assert rc == 2 and "003.png" in err
+    assert ("differs from the stream's 64x48" if case == "size_change" else "cannot read image") in err
+    cues, lines = read_outputs(srt, jsonl)  # valid, with the frames before the bad one
+    assert [line["frame"] for line in lines] == [0, 1, 2]
+    assert [line["timestamp"] for line in lines] == ["00:00:00,000", "00:00:00,250", "00:00:00,500"]
+    assert len(cues) == sum(bool(line["text"]) for line in lines)
+    if case == "size_change":  # the option accepts it
+        rc, srt, jsonl = run_cli(folder, checkpoint, tmp_path, "--fps", "4", "--allow-size-change",
+                                 "--temperature", "0.8", "--top-k", "5", "--top-p", "0.9", "--repetition-penalty",
+                                 "1.3", "--end-slope", "0.1", "--sink", "2", "--window", "6")
+        assert rc == 0 and len(read_outputs(srt, jsonl)[1]) == 5
+
+
+def test_writers_are_valid_after_every_entry(tmp_path, checkpoint):
+    """Read the files back after each frame, while the stream is still open."""
+    model, tok = from_pretrained(checkpoint), load_tokenizer(checkpoint)
+    cap = Captioner(model, tok, sampling=Sampling(max_new_tokens=3))
+    srt, jsonl = tmp_path / "live.srt", tmp_path / "live.jsonl"
+    with SrtWriter(srt) as sw, JsonlWriter(jsonl) as jw:
+        assert read_outputs(srt, jsonl) == ([], [])
+        for i, c in enumerate(cap(shapes_frame(k) for k in range(3))):
+            c.text = f"caption {i}\n\nwith a blank line" if i != 1 else "   "  # an empty caption: no cue
+            sw.write(c)
+            jw.write(c)
+            cues, lines = read_outputs(srt, jsonl)
+            assert len(lines) == i + 1 and len(cues) == (1 if i < 2 else 2)
+    assert cues[-1][3] == "caption 2\nwith a blank line"
+    with pytest.raises(ValueError, match="invalid SRT"):
+        parse_srt("1\n00:00:00,000 --> 00:00:01,000\n")  # a cue without text
+
+
+def test_folder_frames_checks(tmp_path):
+    with pytest.raises(StreamError, match="no image files"):
+        folder_frames(tmp_path)
+    with pytest.raises(StreamError, match="must be > 0"):
+        video_frames(tmp_path / "x.mp4", fps=-1)
+
+
+# --------------------------------------------------------------------------- bench
+def test_bench_stream_smoke(tmp_path):
+    cfg = StreamBench(variants=["casa", "insertion"], turns=6, image_tokens=16, new_tokens=3, d_model=32,
+                      layers=2, heads=4, kv_heads=2, d_ff=64, max_cache_bytes=15_000)
+    out = bench_run(cfg, json_path=tmp_path / "s.json", plot_path=tmp_path / "s.png", isolate=False, log=None)
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["config"]["turns"] == 6 and (tmp_path / "s.png").stat().st_size > 1000
+    casa, ins = data["runs"]
+    assert casa["variant"] == "casa" and len(casa["turns"]) == 6 and casa["summary"]["limit_hit"] is None
+    for t in casa["turns"]:
+        assert set(t) >= {"turn", "ttft_ms", "decode_tok_s", "kv_tokens", "cache_bytes", "peak_mem_bytes",
+                          "session_mem_bytes"}
+        assert t["peak_mem_bytes"] > 50 * 2**20 > t["session_mem_bytes"]  # the process vs the session
+    # insertion's cache grows by the image tokens of each turn, until the byte limit stops it
+    assert ins["summary"]["limit_hit"] == "memory" and 1 <= len(ins["turns"]) < 6
+    assert [t["kv_tokens"] for t in ins["turns"]] == [20 * (i + 1) for i in range(len(ins["turns"]))]
+    growth = casa["summary"]["cache_growth_bytes_per_turn"]
+    assert growth == casa["summary"]["text_kv_bytes_per_turn"]  # casa's cache grows by its text only
+    assert out["compare"] and out["compare"][0]["variant"] == "casa"
+    assert {"first_10pct", "last_10pct", "oom", "limit_hit"} <= set(casa["summary"])
+
+
+def test_bench_stream_isolated_and_cli(tmp_path):
+    rc = main(["bench", "stream", "--variants", "ca", "--turns", "3", "--image-tokens", "16", "--new-tokens", "2",
+               "--d-model", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--d-ff", "64",
+               "--json", str(tmp_path / "b.json")])
+    assert rc == 0
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["config"]["isolate"] and len(data["runs"][0]["turns"]) == 3
+    assert main(["bench", "stream", "--variants", "nope", "--json", str(tmp_path / "c.json")]) == 2

@@ -1,0 +1,272 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from casa.checkpoint import latest_checkpoint, list_checkpoints, load_state, save_checkpoint
+from casa.cli import main
+from casa.train import Trainer, load_config, lr_lambda
+
+TINY = {
+    "model": {"lm": {"vocab_size": 264, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64},
+              "vision": {"image_size": 16, "patch_size": 8, "d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64}},
+    "train": {"steps": 6, "text_tokens": 256, "image_tokens": 1024, "lr_new": 1e-3, "lr_pretrained": 1e-4,
+              "warmup_steps": 2, "save_every": 0, "log_every": 1, "grad_accum": 2,
+              "data": "color,compare,video", "difficulty": {"frames": 2}},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is fastest and immune to busy machines."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(tmp_path, *overrides, name="run"):
+    return load_config(None, [f"out_dir={tmp_path / name}", *overrides], base=TINY)
+
+
+def losses(trainer):
+    return [h["loss"] for h in trainer.history]
+
+
+# --------------------------------------------------------------- config
+def test_config_file_overrides_and_unknown_keys(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[train]\nsteps = 7\n[model.lm]\nd_model = 48\nn_heads = 4\n')
+    model, train = load_config(f, ["train.lr_new=0.5", "grad_accum=3", "model.fusion.variant=ca"])
+    assert (train.steps, train.lr_new, train.grad_accum) == (7, 0.5, 3)
+    assert model.lm.d_model == 48 and model.fusion.variant == "ca"
+    j = tmp_path / "c.json"
+    j.write_text(json.dumps({"train": {"stepz": 3}}))
+    with pytest.raises(ValueError, match=r"c.json.*unknown keys \['stepz'\]"):
+        load_config(j)
+    with pytest.raises(ValueError, match=r"unknown keys \['dmodel'\]"):
+        load_config(None, ["model.lm.dmodel=3"])
+    with pytest.raises(ValueError, match=r"unknown keys \['optim'\]"):
+        load_config(None, ["optim.lr=3"], base={"optim": {}})
+    assert main(["train", "--config", str(j)]) == 2
+
+
+def test_schedule_warmup_then_cosine():
+    _, cfg = load_config(None, ["steps=100", "warmup_steps=10", "min_lr_ratio=0.1"])
+    f = lr_lambda(cfg)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.55) and f(100) == pytest.approx(0.1)
+
+
+def test_freeze_policies_and_param_groups(tmp_path):
+    model_cfg, cfg = tiny(tmp_path, "freeze_lm=true", "vision_trainable_blocks=1")
+    tr = Trainer(model_cfg, cfg, quiet=True)
+    trainable = {n for n, p in tr.raw.named_parameters() if p.requires_grad}
+    assert trainable and all(".fusion." in n or n.startswith("vision.") for n in trainable)
+    assert not any(n.startswith("vision.encoder.blocks.0.") or "patch_embed" in n for n in trainable)
+    assert any(n.startswith("vision.encoder.blocks.1.") for n in trainable)
+    assert all(g["initial_lr"] == 1e-3 for g in tr.optimizer.param_groups)  # from scratch: everything is new
+    # pretrained weights (init) take lr_pretrained, fusion layers and projector lr_new
+    tr.cfg.eval_every, tr.cfg.eval_samples = 3, 2  # periodic evaluation on held-out samples
+    tr.fit()
+    assert [e["step"] for e in tr.evals] == [3, 6] and set(tr.evals[0]) == {"step", "color", "compare", "video"}
+    _, cfg2 = tiny(tmp_path, f"init={latest_checkpoint(cfg.out_dir)}", name="run2")
+    tr2 = Trainer(model_cfg, cfg2, quiet=True)
+    lrs = {g["name"]: g["initial_lr"] for g in tr2.optimizer.param_groups}
+    assert lrs == {"new": 1e-3, "new_nodecay": 1e-3, "pretrained": 1e-4, "pretrained_nodecay": 1e-4}
+    new = {id(p) for g in tr2.optimizer.param_groups if g["name"].startswith("new") for p in g["params"]}
+    assert new == {id(p) for p in tr2.raw.fusion_parameters()} | {id(p) for p in tr2.raw.vision.projector.parameters()}
+
+
+def test_bf16_autocast_step(tmp_path):
+    model_cfg, cfg = tiny(tmp_path, "precision=bf16", "steps=1")
+    tr = Trainer(model_cfg, cfg, quiet=True)
+    tr.fit()
+    assert torch.isfinite(torch.tensor(losses(tr))).all()
+
+
+# --------------------------------------------------------------- resume
+def test_resume_gives_the_same_loss_curve(tmp_path):
+    model_cfg, cfg = tiny(tmp_path, name="straight")
+    straight = Trainer(model_cfg, cfg, quiet=True)
+    straight.fit()
+    model_cfg, cfg = tiny(tmp_path, "keep_last=2", name="stopped")
+    first = Trainer(model_cfg, cfg, quiet=True)
+    first.fit(stop_after=2)
+    first.fit(stop_after=1)
+    assert [s for s, _ in list_checkpoints(cfg.out_dir)] == [2, 3]
+    resumed = Trainer(model_cfg, cfg, resume=True, quiet=True)
+    assert resumed.step == 3 and resumed.position == first.position
+    resumed.fit()
+    assert losses(resumed) == pytest.approx(losses(straight), abs=1e-6, rel=0)
+    a = load_file(str(latest_checkpoint(tmp_path / "straight") / "model.safetensors"))
+    b = load_file(str(latest_checkpoint(cfg.out_dir) / "model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
+    model_cfg, cfg = tiny(tmp_path, "steps=5")
+    tr = Trainer(model_cfg, cfg, quiet=True)
+    real = tr.train_step
+
+    def step_then_signal(packs):
+        loss = real(packs)
+        if tr.step == 1:  # the signal arrives during step 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(tr, "train_step", step_then_signal)
+    summary = tr.fit()
+    assert summary["interrupted"] == "SIGTERM" and summary["step"] == 2
+    assert load_state(latest_checkpoint(cfg.out_dir))["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) is not tr._on_signal  # handlers restored
+    resumed = Trainer(model_cfg, cfg, resume=True, quiet=True)
+    assert resumed.fit()["step"] == 5 and len(resumed.history) == 5
+
+
+# ---------------------------------------------------------- checkpoints
+def test_crashed_save_never_becomes_latest(tmp_path, monkeypatch):
+    model_cfg, cfg = tiny(tmp_path, "steps=1")
+    tr = Trainer(model_cfg, cfg, quiet=True)
+    tr.fit()
+    good = latest_checkpoint(cfg.out_dir)
+    root = Path(cfg.out_dir) / "checkpoints"
+    # a kill in the middle of an earlier save left a temporary directory behind
+    left = root / ".tmp-step_000009-999"
+    left.mkdir()
+    (left / "model.safetensors").write_bytes(b"partial")
+    # a crash while writing the trainer state of the next checkpoint
+    import casa.checkpoint as ck
+
+    def boom(obj, f):
+        Path(f).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck.torch, "save", boom)
+    tr.step = 2
+    with pytest.raises(OSError, match="disk full"):
+        tr.save()
+    assert latest_checkpoint(cfg.out_dir) == good
+    assert not any(p.name.startswith(".tmp") for p in root.iterdir())  # leftovers cleaned
+    monkeypatch.undo()
+    tr.save()
+    assert latest_checkpoint(cfg.out_dir).name == "step_000002"
+
+
+def test_keep_last_k(tmp_path):
+    from casa.model import CasaModel
+    from casa.config import ModelConfig
+
+    model = CasaModel(ModelConfig.from_dict(TINY["model"]))
+    for step in range(1, 5):
+        save_checkpoint(tmp_path, step, model, {"step": step}, keep_last=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 4]
+
+
+# ------------------------------------------------------------- bad data
+def test_bad_jsonl_line_fails_training_with_file_and_line(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    data.write_text(json.dumps(good) + "\n{oops\n" + json.dumps(good) + "\n")
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({**TINY, "train": {**TINY["train"], "data": str(data), "steps": 1,
+                                                 "out_dir": str(tmp_path / "r"), "grad_accum": 1,
+                                                 "find_unused_parameters": True}}))
+    assert main(["train", "--config", str(cfg), "--quiet"]) == 2
+    assert f"{data}:2: malformed JSON" in capsys.readouterr().err
+    assert main(["train", "--config", str(cfg), "--quiet", "--skip-bad-samples"]) == 0
+    assert "skipped 1 bad samples" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------- distributed
+RANK_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
+from casa.train import Trainer, load_config
+torch.set_num_threads(1)
+model_cfg, cfg = load_config(sys.argv[1], sys.argv[2:])
+tr = Trainer(model_cfg, cfg, quiet=True)
+tr.fit()
+state = get_model_state_dict(tr.raw, options=StateDictOptions(full_state_dict=True))
+torch.save({"state": state, "history": tr.history}, f"{cfg.out_dir}/rank{tr.dist.rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_rank_torchrun_matches_one_process(tmp_path, mode):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps(TINY))
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    out = tmp_path / "two"
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--standalone", str(script), str(config),
+           f"out_dir={out}", "grad_accum=1", "steps=3", f"distributed={mode}"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    for k in r0["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k  # identical on every rank
+    # one process, same global batch: 2 packs per step as gradient accumulation
+    model_cfg, cfg = tiny(tmp_path, "grad_accum=2", "steps=3", name="one")
+    one = Trainer(model_cfg, cfg, quiet=True)
+    one.fit()
+    ref = one.raw.state_dict()
+    assert max(float((ref[k] - r0["state"][k]).abs().max()) for k in ref) < 1e-6
+    assert [h["loss"] for h in r0["history"]] == pytest.approx(losses(one), abs=1e-6, rel=0)
+    # rank 0 wrote the checkpoint, which is a model directory
+    assert load_state(latest_checkpoint(out))["step"] == 3
+
+
+def test_example_configs_parse():
+    files = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
+    assert files
+    for f in files:
+        model, train = load_config(f)
+        assert train.steps > 0 and model.lm.d_model > 0 and train.lr_new > 0
+
+
+def test_bench_train_report(tmp_path):
+    from casa.bench.train import run
+
+    out = tmp_path / "train.json"
+    report = run(out, variants=("insertion", "casa"), text_tokens=32, image_ratio=4, tokens_per_image=16,
+                 d_model=32, n_layers=1, repeats=1, threads=1)
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert [r["variant"] for r in saved["results"]] == ["insertion", "casa"]
+    for r in saved["results"]:
+        assert r["text_tok_s"] > 0 and (r["peak_mem_bytes"] is None or r["peak_mem_bytes"] >= 0)
+    assert saved["config"]["image_tokens"] == 128 and saved["results"][0]["sequence_tokens"] == 160
+    assert "throughput_x" in saved["config"]["casa_vs_insertion"]
+
+
+def test_init_from_a_built_directory_takes_its_policy_tokenizer_and_processor(tmp_path):
+    from casa.config import ModelConfig
+    from casa.model import CasaModel
+    from casa.pretrained import processor_settings, save_pretrained
+    from casa.tokenizer import ByteTokenizer
+
+    built = tmp_path / "built"
+    save_pretrained(CasaModel(ModelConfig.from_dict(TINY["model"])), built, tokenizer=ByteTokenizer(),
+                    processor={"gist": False}, extra={"build": {"freeze_lm": True, "vision_trainable_blocks": 0}})
+    model_cfg, cfg = tiny(tmp_path, f"init={built}", "steps=1")
+    tr = Trainer(model_cfg, cfg, quiet=True)
+    trainable = {n for n, p in tr.raw.named_parameters() if p.requires_grad}
+    assert all(".fusion." in n or n.startswith("vision.projector.") for n in trainable)
+    assert tr.processor.gist is None
+    tr.fit()
+    assert processor_settings(latest_checkpoint(cfg.out_dir))["gist"] is False
+    with pytest.raises(ValueError, match="unknown keys"):
+        Trainer(*tiny(tmp_path, "processor={\"gisst\": false}", name="bad"), quiet=True)
