@@ -208,10 +208,10 @@ def test_two_rank_torchrun_matches_one_process(tmp_path, mode):
     config.write_text(json.dumps(TINY))
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     out = tmp_path / "two"
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--standalone", str(script), str(config),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script),
+           str(config),
            f"out_dir={out}", "grad_accum=1", "steps=3", f"distributed={mode}"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -268,5 +268,5 @@ def test_init_from_a_built_directory_takes_its_policy_tokenizer_and_processor(tm
     assert tr.processor.gist is None
     tr.fit()
     assert processor_settings(latest_checkpoint(cfg.out_dir))["gist"] is False
-    with pytest.raises(ValueError, match="unknown keys"):
-        Trainer(*tiny(tmp_path, "processor={\"gisst\": false}", name="bad"), quiet=True)
+    again = Trainer(*tiny(tmp_path, f"init={built}", "gist=true", "image_prefix=<|image|>", name="over"), quiet=True)
+    assert again.processor.gist == "<|gist|>" and again.processor.image_prefix == "<|image|>"

@@ -49,7 +49,7 @@ from .config import ModelConfig, build
 from .data import Packer, Processor, make_source, pack_row
 from .data.tasks import difficulty as make_difficulty
 from .model import CasaModel
-from .pretrained import PROCESSOR_DEFAULTS, processor_config, processor_settings
+from .pretrained import PROCESSOR_DEFAULTS, processor_settings
 from .tokenizer import ByteTokenizer, HFTokenizer
 
 
@@ -79,7 +79,10 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 where supported) | fp32 | bf16
     backend: str = "auto"
     device: str = "auto"
-    processor: dict = field(default_factory=dict)  # gist / gist_token / image_prefix over `init`'s settings
+    # tokens around images; None: the model directory's (init / checkpoint), else the built-in defaults
+    gist: bool | None = None
+    gist_token: str | None = None
+    image_prefix: str | None = None  # "" for none
     distributed: str = "ddp"  # ddp | fsdp (under torchrun)
     find_unused_parameters: bool = False  # DDP: set it for data with text-only packs
     log_every: int = 10
@@ -348,8 +351,9 @@ class Trainer:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but model.lm.vocab_size is "
                              f"{self.model_cfg.lm.vocab_size}")
         source = ckpt or cfg.init
-        processor_config(cfg.processor)  # names unknown keys
-        settings = {**(processor_settings(source) if source else PROCESSOR_DEFAULTS), **cfg.processor}
+        settings = dict(processor_settings(source) if source else PROCESSOR_DEFAULTS)
+        settings.update({k: getattr(cfg, k) for k in PROCESSOR_DEFAULTS if getattr(cfg, k) is not None})
+        settings["image_prefix"] = settings["image_prefix"] or None
         self.processor = Processor(self.tokenizer, self.model_cfg.vision, gist=settings["gist"],
                                    gist_token=settings["gist_token"], image_prefix=settings["image_prefix"])
         diff = make_difficulty(cfg.difficulty)
@@ -424,7 +428,8 @@ class Trainer:
                      "skipped": self.packer.skipped,  # the source's own skips are recounted on load
                      "pretrained": sorted(self.pretrained),
                      "train_config": dataclasses.asdict(self.cfg)}
-            path = save_checkpoint(self.out, self.step, model, state, tokenizer=self.tokenizer, processor=self.processor,
+            path = save_checkpoint(self.out, self.step, model, state, tokenizer=self.tokenizer,
+                                   processor=self.processor,
                                    keep_last=self.cfg.keep_last, extra={"train": dataclasses.asdict(self.cfg)})
         if self.dist.world > 1:
             dist.barrier()

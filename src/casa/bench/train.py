@@ -47,7 +47,8 @@ def bench_config(*, text_tokens: int = 512, image_ratio: int = 10, tokens_per_im
                  threads: int | None = None, layout: str = "packed") -> dict:
     if layout not in ("packed", "interleaved"):
         raise ValueError(f"bench train: layout={layout!r}, expected 'packed' or 'interleaved'")
-    return {"threads": threads or torch.get_num_threads(), "layout": layout, "text_tokens": text_tokens, "image_ratio": image_ratio, "tokens_per_image": tokens_per_image,
+    return {"threads": threads or torch.get_num_threads(), "layout": layout, "text_tokens": text_tokens,
+            "image_ratio": image_ratio, "tokens_per_image": tokens_per_image,
             "image_tokens": text_tokens * image_ratio, "d_model": d_model, "n_layers": n_layers,
             "n_heads": max(1, d_model // 64), "d_ff": int(d_model * 8 / 3) // 16 * 16, "vocab_size": 264,
             "repeats": repeats, "seed": seed, "images": "precomputed embeddings (frozen encoder)"}

@@ -68,7 +68,8 @@ def stack_rows(docs: list[Encoded], pad_id: int, *, extra: int = 0) -> Batch:
             pixels.append(d.pixels)
         doc_lens.append([len(d.ids)] + ([T - len(d.ids)] if T > len(d.ids) else []))
     return Batch(input_ids=ids, images=torch.cat(pixels) if pixels else None,
-                 image_rows=torch.tensor(rows, dtype=torch.long), insertion_points=torch.tensor(points, dtype=torch.long),
+                 image_rows=torch.tensor(rows, dtype=torch.long),
+                 insertion_points=torch.tensor(points, dtype=torch.long),
                  doc_lens=doc_lens, loss_mask=mask)
 
 
