@@ -277,3 +277,17 @@ def test_real_decoding_and_cli_run(tmp_path, tiny_model, capsys):
     assert out["n"] == 2 and "textvqa" in capsys.readouterr().out
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["metric"] == "vqa_accuracy" and len(saved["predictions"]) == 2
+
+
+def test_casa_eval_bench_command(tmp_path, tiny_model, capsys):
+    from casa.cli import main
+    from casa.pretrained import save_pretrained
+    from casa.tokenizer import ByteTokenizer
+
+    make_benchmark(tmp_path / "bench", "textvqa", "original")
+    model_dir = save_pretrained(tiny_model, tmp_path / "m", tokenizer=ByteTokenizer())
+    rc = main(["eval", "--checkpoint", str(model_dir), "--bench", "textvqa", "--root", str(tmp_path / "bench"),
+               "--limit", "1", "--json", str(tmp_path / "r.json")])
+    assert rc == 0 and json.loads((tmp_path / "r.json").read_text())["n"] == 1
+    assert main(["eval", "--checkpoint", str(model_dir), "--bench", "textvqa"]) == 2
+    assert "--bench needs --root" in capsys.readouterr().err

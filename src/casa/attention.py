@@ -199,12 +199,30 @@ def causal_attend(q, k, v, layout: Layout, *, backend: str):
         return _causal_flex(q, k, v, layout)
     if backend == "flash":
         return _causal_flash(q, k, v, layout)
+    if backend == "windowed" and not layout.single_doc_rows:
+        return _causal_folded(q, k, v, layout)
     mask = layout.causal_mask()
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
         attn_mask=mask, is_causal=mask is None, enable_gqa=True,
     )
     return out.transpose(1, 2)
+
+
+def _causal_folded(q, k, v, layout):
+    """Packed documents folded into the batch, padded at their end, so that
+    plain `is_causal` is right for every real query (padded keys come after
+    it) and no work is spent across documents."""
+    B, T, H, D = q.shape
+    index, valid = layout.folded_documents()
+    flat = lambda x: x.reshape(B * T, *x.shape[2:])  # noqa: E731
+    out = F.scaled_dot_product_attention(
+        flat(q)[index].transpose(1, 2), flat(k)[index].transpose(1, 2), flat(v)[index].transpose(1, 2),
+        is_causal=True, enable_gqa=True,
+    ).transpose(1, 2)
+    if bool(valid.all()):  # equal documents tile the text in order
+        return out.reshape(B, T, H, D)
+    return q.new_zeros(B * T, H, D).index_put((index[valid],), out[valid]).view(B, T, H, D)
 
 
 def _causal_flex(q, k, v, layout):

@@ -32,6 +32,14 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
+    if args.bench:
+        if not args.root:
+            raise ValueError("--bench needs --root, the directory of the local benchmark copy")
+        from .stdbench import run as run_benchmark
+
+        run_benchmark(args.checkpoint, args.bench, args.root, split=args.split, limit=args.limit,
+                      json_path=args.json, backend=args.backend)
+        return 0
     from .evaluate import run
 
     run(args.checkpoint, tasks=args.task.split(",") if args.task else None, data=args.data, n=args.n,
@@ -105,6 +113,11 @@ def _add_train_commands(sub, bench) -> None:
     ev.add_argument("--json", default=None, help="output file (default: CHECKPOINT/eval.json)")
     ev.add_argument("--backend", default="auto")
     ev.add_argument("--skip-bad-samples", action="store_true")
+    ev.add_argument("--bench", default=None, choices=["chartqa", "docvqa", "infovqa", "textvqa", "ai2d", "gqa"],
+                    help="a standard benchmark stored locally (needs --root) instead of synthetic tasks")
+    ev.add_argument("--root", default=None, help="directory of the local benchmark copy (parquet or JSON layout)")
+    ev.add_argument("--split", default=None)
+    ev.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
     ev.set_defaults(func=_eval)
 
     de = sub.add_parser("demo", help="train a small CASA model on the synthetic suite and show what it sees")

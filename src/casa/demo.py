@@ -26,7 +26,6 @@ Design decisions:
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -46,30 +45,6 @@ DEMO_TRAIN = {
     "warmup_steps": 100, "min_lr_ratio": 0.05, "weight_decay": 0.01, "grad_clip": 1.0,
     "log_every": 50, "save_every": 500, "keep_last": 1,
 }
-
-
-def sincos_positions_(model) -> None:
-    """Start the built-in ViT's learned position embeddings at 2-D sin-cos values.
-
-    From the default small random init, a from-scratch ViT takes thousands of
-    steps to tell where things are (colour is learned in a few hundred steps,
-    left/right not at all within the demo's budget); with sin-cos positions,
-    spatial questions are learned as fast as colour.
-    """
-    pe = getattr(model.vision.encoder, "pos_embed", None)
-    if pe is None:
-        return
-    g, d = math.isqrt(pe.shape[1]), pe.shape[2]
-    ys, xs = torch.meshgrid(torch.arange(g), torch.arange(g), indexing="ij")
-    omega = 1.0 / 10000 ** (torch.arange(d // 4) / (d // 4))
-    parts = []
-    for v in (xs.flatten(), ys.flatten()):
-        angle = v[:, None].float() * omega[None]
-        parts += [angle.sin(), angle.cos()]
-    table = torch.cat(parts, 1)
-    with torch.no_grad():
-        pe.zero_()
-        pe[0, :, : table.shape[1]] = table
 
 
 def _free_cores() -> int:
@@ -161,7 +136,6 @@ def run(out="runs/demo", *, retrain: bool = False, steps: int | None = None, eva
         _say(f"training a {n_params / 1e6:.2f}M-parameter CASA model on {', '.join(tasks)} "
              f"for {cfg.steps} steps (CPU, a few minutes)...")
         trainer = Trainer(model_cfg, cfg)
-        sincos_positions_(trainer.raw)
         summary = trainer.fit()
         train_seconds = summary["seconds"]
         if summary.get("interrupted"):

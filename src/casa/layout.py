@@ -133,25 +133,22 @@ class Layout:
     # ------------------------------------------------------ folded windows
     def folded(self) -> FoldedWindows:
         def build():
-            dev, n = self.device, self.tokens_per_image
-            W = self.n_windows
-            flat_window = self.text_window.flatten()
-            lengths = torch.bincount(flat_window, minlength=W)
-            starts = torch.cumsum(lengths, 0) - lengths
-            img_per_window = torch.bincount(self.image_window, minlength=W) * n
+            n = self.tokens_per_image
+            text_index, text_valid = _fold_runs(self.text_window)
+            img_per_window = torch.bincount(self.image_window, minlength=text_index.shape[0]) * n
             img_starts = torch.cumsum(img_per_window, 0) - img_per_window
-            L = int(lengths.max())
             N = int(img_per_window.max()) if self.n_images else 0
-            t = torch.arange(L, device=dev)
-            text_valid = t[None] < lengths[:, None]
-            text_index = torch.where(text_valid, starts[:, None] + t[None], 0)
-            i = torch.arange(N, device=dev)
+            i = torch.arange(N, device=self.device)
             image_valid = i[None] < img_per_window[:, None]
             image_index = torch.where(image_valid, img_starts[:, None] + i[None], 0)
             uniform = bool(text_valid.all()) and bool(image_valid.all())
             return FoldedWindows(text_index, text_valid, image_index, image_valid, img_per_window > 0, uniform)
 
         return self._cached("folded", build)
+
+    def folded_documents(self):
+        """Documents folded into the batch: `(index [D, L], valid [D, L])` over the flat text."""
+        return self._cached("folded_documents", lambda: _fold_runs(self.text_doc))
 
     # ------------------------------------------------------ varlen offsets
     def varlen(self, text_keys: bool):
@@ -204,6 +201,16 @@ class Layout:
         }
         return Layout(self.batch_size, self.seq_len, self.tokens_per_image, **moved,
                       single_doc_rows=self.single_doc_rows)
+
+
+def _fold_runs(group: torch.Tensor):
+    """Runs of equal ids (0, 1, ... in flat order) as padded rows of flat indices."""
+    flat = group.flatten()
+    lengths = torch.bincount(flat)
+    starts = torch.cumsum(lengths, 0) - lengths
+    t = torch.arange(int(lengths.max()), device=flat.device)
+    valid = t[None] < lengths[:, None]
+    return torch.where(valid, starts[:, None] + t[None], 0), valid
 
 
 def build_layout(

@@ -141,6 +141,24 @@ class ViTBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def sincos_positions(grid: int, width: int) -> torch.Tensor:
+    """2-D sin-cos position table `[grid * grid, width]` (x then y, zero-padded).
+
+    The built-in ViT starts its learned positions here: from a small random
+    init, a ViT trained from scratch takes thousands of steps to tell where
+    things are (left/right questions are not learned in the demo's budget);
+    from sin-cos, spatial questions are learned about as fast as colour.
+    """
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    omega = 1.0 / 10000 ** (torch.arange(width // 4) / (width // 4))
+    parts = []
+    for v in (xs.flatten(), ys.flatten()):
+        angle = v[:, None].float() * omega[None]
+        parts += [angle.sin(), angle.cos()]
+    table = torch.cat(parts, 1)
+    return torch.cat([table, table.new_zeros(grid * grid, width - table.shape[1])], 1)
+
+
 class ViT(nn.Module):
     """Small pre-norm ViT: linear patch embedding, learned positions, blocks, final LayerNorm."""
 
@@ -155,7 +173,8 @@ class ViT(nn.Module):
         )
         self.ln_f = nn.LayerNorm(d)
         self.apply(self._init_weights)
-        nn.init.normal_(self.pos_embed, std=0.02)
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_positions(cfg.grid, d)[None])
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
