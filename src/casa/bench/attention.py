@@ -107,8 +107,11 @@ def run(*, json_path: str | None, windows: int = 16, image_tokens: int = 256, te
         if trains:
             fwd_bwd_ms = _timed(step, repeats, dev)
             grad_err = max((x.grad.float() - r.float()).abs().max().item() for x, r in zip(leaves, ref_grads))
+        del leaves, out
+        leaves = [x.clone().requires_grad_(trains) for x in inputs]  # no gradients held on entry
         with PeakMemory(dev) as pm:
-            step() if trains else forward(backend, inputs).sum()
+            step() if trains else forward(backend, leaves).sum()
+        del leaves
         results.append({
             "backend": backend,
             "fwd_ms": round(fwd_ms, 3),

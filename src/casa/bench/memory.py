@@ -3,14 +3,27 @@
 CUDA: the caching allocator's peak (`max_memory_allocated`) above what was
 allocated on entry. CPU: the process's resident-set high-water mark
 (`VmHWM`), reset on entry through `/proc/self/clear_refs`, above the resident
-set on entry. The CPU figure therefore counts everything the process touched
-(allocator slack included), which is what a user's machine pays.
+set on entry. Freed heap memory is handed back to the system first
+(`malloc_trim`), so that new allocations that reuse it still count. The CPU
+figure counts everything the process touched (allocator slack included),
+which is what a user's machine pays.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import re
+
 import torch
+
+
+def _trim_heap() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _status_bytes(field: str) -> int | None:
@@ -44,6 +57,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
+            _trim_heap()
             self._ok = _reset_cpu_peak()
             self._base = _status_bytes("VmRSS")
         return self
