@@ -202,7 +202,7 @@ def _add_stream_commands(sub, bench) -> None:
     """`caption` and `bench stream`."""
     cap = sub.add_parser("caption", help="caption a video file or image folder, frame by frame, live")
     cap.add_argument("video", help="a video file (decoded with PyAV) or a folder of images")
-    cap.add_argument("--checkpoint", required=True, help="a casa model directory (save_pretrained)")
+    cap.add_argument("--checkpoint", required=True, help="a casa model directory, or a training run (its latest checkpoint)")
     cap.add_argument("--fps", type=float, default=None,
                      help="frames per second to caption (video: default every frame; folder: default 1)")
     cap.add_argument("--srt", default=None, help="SRT file, valid after every frame")

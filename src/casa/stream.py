@@ -296,9 +296,12 @@ def caption_file(source, *, checkpoint, fps: float | None, srt=None, jsonl=None,
     returns the number of frames captioned. Files are valid at every moment."""
     import torch
 
+    from .checkpoint import latest_checkpoint
     from .pretrained import from_pretrained
     from .tokenizer import load_tokenizer
 
+    if not (Path(checkpoint) / "config.json").is_file() and latest_checkpoint(checkpoint) is not None:
+        checkpoint = latest_checkpoint(checkpoint)  # a training run: its latest checkpoint
     model = from_pretrained(checkpoint)
     tokenizer = load_tokenizer(checkpoint)
     frames = open_frames(source, fps=fps)
