@@ -25,12 +25,7 @@ SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_att
               patch_size=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize(model, seed=0):

@@ -97,21 +97,21 @@ def run(*, json_path: str | None, windows: int = 16, image_tokens: int = 256, te
             fwd_ms = _timed(lambda: forward(backend, inputs), repeats, dev)
         err = (out.float() - reference.float()).abs().max().item()
         fwd_bwd_ms, grad_err = None, None
-        leaves = [x.clone().requires_grad_(True) for x in inputs]
 
-        def step():
+        def step(leaves):
             for x in leaves:
                 x.grad = None
             forward(backend, leaves).backward(grad_out)
 
         if trains:
-            fwd_bwd_ms = _timed(step, repeats, dev)
+            leaves = [x.clone().requires_grad_(True) for x in inputs]
+            fwd_bwd_ms = _timed(lambda: step(leaves), repeats, dev)
             grad_err = max((x.grad.float() - r.float()).abs().max().item() for x, r in zip(leaves, ref_grads))
-        del leaves, out
-        leaves = [x.clone().requires_grad_(trains) for x in inputs]  # no gradients held on entry
+        out = leaves = None  # nothing of the timed runs is held while memory is measured
+        fresh = [x.clone().requires_grad_(trains) for x in inputs]
         with PeakMemory(dev) as pm:
-            step() if trains else forward(backend, leaves).sum()
-        del leaves
+            step(fresh) if trains else forward(backend, fresh).sum()
+        fresh = None
         results.append({
             "backend": backend,
             "fwd_ms": round(fwd_ms, 3),

@@ -28,6 +28,8 @@ from __future__ import annotations
 import re
 import string
 
+from ..data.metrics import levenshtein
+
 # ----------------------------------------------------------------------------- ChartQA
 
 
@@ -48,16 +50,6 @@ def relaxed_correctness(prediction: str, target: str, max_relative_change: float
 
 
 # ----------------------------------------------------------------------------- ANLS
-
-
-def levenshtein(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
 
 
 def _anls_norm(s: str) -> str:
