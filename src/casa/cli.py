@@ -290,6 +290,27 @@ def _add_build_command(sub) -> None:
     b.set_defaults(func=_build)
 
 
+def _study(args) -> int:
+    from .study import StudyConfig, run
+
+    run(StudyConfig(out=args.out, size="quick" if args.quick else "full", seeds=args.seeds, steps=args.steps,
+                    threads=args.threads, docs=args.docs,
+                    **({"variants": args.variants.split(",")} if args.variants else {})))
+    return 0
+
+
+def _add_study_command(sub) -> None:
+    st = sub.add_parser("study", help="train and compare every fusion variant (the paper's comparison, small)")
+    st.add_argument("--out", default="runs/study", help="directory for results.json, report.md and plots")
+    st.add_argument("--quick", action="store_true", help="tiny model, 1 seed, a few minutes (CI)")
+    st.add_argument("--seeds", type=int, default=None, help="seeds per variant (full: 3)")
+    st.add_argument("--steps", type=int, default=None, help="training steps per run")
+    st.add_argument("--threads", type=int, default=None, help="torch threads (default: free cores)")
+    st.add_argument("--variants", default=None, help="comma-separated subset of the study's variants")
+    st.add_argument("--docs", default=None, help="also write DOCS/study.md and DOCS/study_*.png")
+    st.set_defaults(func=_study)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="casa", description="Vision-language fusion with CASA.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -309,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_commands(sub, bench)
     _add_stream_commands(sub, bench)
     _add_build_command(sub)
+    _add_study_command(sub)
     return parser
 
 

@@ -54,7 +54,8 @@ def bench_config(*, text_tokens: int = 512, image_ratio: int = 10, tokens_per_im
             "repeats": repeats, "seed": seed, "images": "precomputed embeddings (frozen encoder)"}
 
 
-def _model_config(cfg: dict, variant: str):
+def _model_config(cfg: dict, variant: str, fusion: dict | None = None):
+    """The benchmark's model; `fusion` overrides the fusion config (placement, text keys, ...)."""
     from ..config import ModelConfig
 
     heads = cfg["n_heads"]
@@ -64,7 +65,7 @@ def _model_config(cfg: dict, variant: str):
         # 16 x 16 patches: tokens_per_image = 256 with the default
         "vision": {"image_size": 8 * int(cfg["tokens_per_image"] ** 0.5), "patch_size": 8, "d_model": 32,
                    "n_layers": 1, "n_heads": 1, "d_ff": 32},
-        "fusion": {"variant": variant, "every": 1},
+        "fusion": {"variant": variant, "every": 1, **(fusion or {})},
     })
 
 
@@ -86,7 +87,7 @@ def packed_batch(cfg: dict, device):
                  insertion_points=starts + 1, doc_lens=doc_lens, loss_mask=loss_mask).to(device)
 
 
-def measure(cfg: dict, variant: str, device: str = "auto") -> dict:
+def measure(cfg: dict, variant: str, device: str = "auto", fusion: dict | None = None) -> dict:
     """Time and peak memory of training steps of one variant (in this process)."""
     from ..model import CasaModel, lm_loss
     from .memory import PeakMemory
@@ -94,7 +95,7 @@ def measure(cfg: dict, variant: str, device: str = "auto") -> dict:
     device = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
-    model = CasaModel(_model_config(cfg, variant)).to(device).train()
+    model = CasaModel(_model_config(cfg, variant, fusion)).to(device).train()
     model.vision.requires_grad_(False)  # images are precomputed embeddings
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batch = packed_batch(cfg, device)
@@ -106,7 +107,7 @@ def measure(cfg: dict, variant: str, device: str = "auto") -> dict:
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return float(loss)
+        return float(loss.detach())
 
     step()  # warm-up: optimizer state allocated, kernels chosen
     with PeakMemory(device) as pm:

@@ -1,0 +1,191 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+
+import pytest
+import torch
+
+from casa.cli import main
+from casa.data import make_sample
+from casa.data.tasks import difficulty
+from casa.gating import attention_shares, gate_values
+from casa.study import SIZES, TASKS, VARIANTS, StudyConfig, aggregate, command_line
+from casa.study_report import claims
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One `casa study --quick` run through the CLI, shared by the tests below."""
+    out = tmp_path_factory.mktemp("study") / "quick"
+    docs = out.parent / "docs"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["study", "--quick", "--out", str(out), "--docs", str(docs), "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out, docs
+
+
+def test_quick_study_writes_results_for_every_variant(quick):
+    out, _ = quick
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["accuracy"]) == set(VARIANTS)
+    assert len(res["runs"]) == len(VARIANTS)  # one seed
+    for name, r in res["accuracy"].items():
+        assert set(r["tasks"]) == set(TASKS)
+        assert set(r["categories"]) == {"coarse", "fine-grained", "multi-image"}
+        for c in r["categories"].values():
+            assert 0.0 <= c["mean"] <= 1.0 and c["std"] == 0.0 and c["n"] == 1
+        assert set(r["blind_tasks"]) == set(TASKS)
+    assert set(res["prior"]) == set(TASKS)
+    for name in VARIANTS:
+        t = res["bench"]["train"][name]
+        assert t["text_tok_s"] > 0 and t["variant"] == name
+        s = res["bench"]["stream"][name]["summary"]
+        assert s["turns"] == SIZES["quick"]["stream"]["turns"]
+        assert s["first_10pct"]["ttft_ms"] > 0 and s["last_10pct"]["ttft_ms"] > 0
+    # insertion keeps every image token in its cache; casa only text
+    kv = {n: res["bench"]["stream"][n]["kv_tokens"][-1] for n in ("casa", "insertion")}
+    st = SIZES["quick"]["stream"]
+    assert kv["insertion"] >= st["turns"] * st["image_tokens"]
+    assert kv["casa"] < kv["insertion"] - (st["turns"] - 2) * st["image_tokens"]
+    # gating: every casa-with-text-keys variant, per task and fusion layer; shares sum to one
+    shares = res["gating"]["shares"]
+    assert set(shares) == {"casa", "casa_before", "casa_replace", "casa_shared"}
+    n_layers = SIZES["quick"]["model"]["lm"]["n_layers"]
+    for per in shares.values():
+        assert set(per) == set(TASKS)
+        for layers in per.values():
+            assert len(layers) == n_layers
+            for v in layers.values():
+                assert abs(v["image"]["mean"] + v["text"]["mean"] - 1) < 1e-4
+                assert 0 <= v["self"]["mean"] <= v["text"]["mean"] + 1e-6
+    assert set(res["gating"]["gates"]) == {"gated_ca"}
+    assert len(res["gating"]["gates"]["gated_ca"]) == n_layers
+    assert {c["verdict"] for c in res["claims"]} <= {"holds", "does not hold", "not testable here"}
+    assert len(res["claims"]) >= 8
+    assert res["command"].startswith("casa study --out") and "--quick" in res["command"]
+
+
+def test_quick_study_report_and_plots(quick):
+    out, docs = quick
+    report = (out / "report.md").read_text()
+    for section in ("## Claims of the paper", "## Accuracy", "## Training cost and streaming",
+                    "## Implicit gating", "prior (most frequent answer)", "blind (images withheld",
+                    "casa_no_text_keys", "gated_ca** gates", "fine-grained", "multi-image"):
+        assert section in report, section
+    for png in ("accuracy_memory.png", "gating.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+        assert (docs / f"study_{png}").is_file()
+    doc = (docs / "study.md").read_text()
+    assert "](study_accuracy_memory.png)" in doc and "](accuracy_memory.png)" in report
+
+
+def test_quick_study_reuses_finished_runs(quick, capsys):
+    out, _ = quick
+    from casa.study import run
+
+    threads = torch.get_num_threads()
+    try:
+        res = run(StudyConfig(out=str(out), size="quick", threads=1, variants=["casa", "insertion"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert capsys.readouterr().out.count("reuse ") == 2
+    assert set(res["accuracy"]) == {"casa", "insertion"}
+
+
+def _tiny_model(variant, **fusion):
+    from casa.config import ModelConfig
+    from casa.model import CasaModel
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_dict({**SIZES["quick"]["model"], "fusion": {"variant": variant, **fusion}})
+    return CasaModel(cfg)
+
+
+def _batch(model, tasks=("color", "compare")):
+    from casa.data import Processor, pack_row
+    from casa.tokenizer import ByteTokenizer
+
+    proc = Processor(ByteTokenizer(), model.config.vision)
+    d = difficulty({"image_size": 32})
+    return pack_row([proc.pixels(proc.encode(make_sample(t, 0, i, d))) for t in tasks for i in range(2)])
+
+
+def test_attention_shares_match_the_model_and_do_not_change_it():
+    model = _tiny_model("casa").eval()
+    batch = _batch(model)
+    with torch.no_grad():
+        before = model(batch)
+    shares = attention_shares(model, batch)
+    with torch.no_grad():
+        after = model(batch)
+    assert torch.equal(before, after)
+    assert sorted(shares) == [0, 1]
+    for v in shares.values():
+        assert v["queries"] > 0
+        assert abs(v["image"] + v["text"] - 1) < 1e-5 and 0 < v["image"] < 1
+        assert 0 < v["self"] < v["text"]
+    # without text keys (== ca) all the mass is on the images
+    shares = attention_shares(_tiny_model("casa", text_keys=False), batch)
+    assert all(abs(v["image"] - 1) < 1e-5 and v["self"] == 0 for v in shares.values())
+
+
+def test_attention_shares_follow_the_keys():
+    """Scaling the image keys up pulls the mass onto the images: the share is a real measurement."""
+    model = _tiny_model("casa").eval()
+    batch = _batch(model, ("color",))
+    base = attention_shares(model, batch)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.fusion.attn.k_proj.weight.zero_()
+    flat = attention_shares(model, batch)  # all scores 0: uniform over visible keys
+    assert flat[0]["image"] != pytest.approx(base[0]["image"], abs=1e-4)
+    n_img = model.config.vision.tokens_per_image
+    # each query sees n_img image keys and j+1 text keys: image share = n_img / (n_img + j + 1) < 1
+    assert 0.5 < flat[0]["image"] < 1
+
+
+def test_gate_values_only_for_gated_ca():
+    assert gate_values(_tiny_model("casa")) == {}
+    g = gate_values(_tiny_model("gated_ca"))
+    assert sorted(g) == [0, 1] and all(v == {"attn": 0.0, "ffn": 0.0} for v in g.values())
+
+
+def _fake_results(casa_fine, insertion_fine, ca_fine, blind_fine=0.1):
+    def run(name, seed, fine):
+        scores = {t: 0.5 for t in TASKS}
+        scores.update(docvqa=fine, chartqa=fine)
+        return {"variant": name, "seed": seed, "train_seconds": 1.0, "final_loss": 1.0,
+                "tasks": {t: {"score": s, "blind": blind_fine} for t, s in scores.items()}}
+
+    runs = [run(n, s, f) for n, f in (("casa", casa_fine), ("insertion", insertion_fine), ("ca", ca_fine))
+            for s in range(3)]
+    return {"accuracy": aggregate(runs, list(TASKS)), "bench": {"train": {}, "stream": {}},
+            "gating": {"shares": {}, "gates": {}}}
+
+
+def test_claim_verdicts_are_computed_from_the_numbers():
+    def verdict(res, prefix):
+        return next(c["verdict"] for c in claims(res) if c["claim"].startswith(prefix)
+                    and "fine-grained" in c["claim"])
+
+    assert verdict(_fake_results(0.70, 0.72, 0.69), "CASA nearly matches insertion") == "holds"
+    assert verdict(_fake_results(0.60, 0.72, 0.69), "CASA nearly matches insertion") == "does not hold"
+    assert verdict(_fake_results(0.60, 0.72, 0.69), "CASA at least matches CA") == "does not hold"
+    assert verdict(_fake_results(0.70, 0.72, 0.69), "CASA at least matches CA") == "holds"
+    # nobody beats blind on fine-grained: ranking is noise
+    assert verdict(_fake_results(0.1, 0.12, 0.1), "CASA nearly matches insertion") == "not testable here"
+
+
+def test_study_config_and_command_line():
+    with pytest.raises(ValueError, match="unknown variants"):
+        StudyConfig(variants=["casa", "nope"])
+    with pytest.raises(ValueError):
+        StudyConfig(seeds=0)
+    cfg = StudyConfig(out="x", size="quick", seeds=2)
+    assert cfg.spec["seeds"] == 2 and SIZES["quick"]["seeds"] == 1
+    assert command_line(cfg) == "casa study --out x --quick --seeds 2"
+    assert StudyConfig().spec["seeds"] >= 3
