@@ -33,6 +33,7 @@ class FusionLayer(nn.Module):
         super().__init__()
         self.variant = fusion.variant
         self.text_keys = fusion.uses_text_keys
+        self.probe = None  # optional callable(q, k_txt, k_img, layout, text_keys): analysis (gating.py)
         self.positional = self.text_keys  # RoPE only where text keys give it a meaning
         self.norm = RMSNorm(lm.d_model, eps=lm.norm_eps) if own_norm else None
         self.attn = None
@@ -75,6 +76,8 @@ class FusionLayer(nn.Module):
         if self.positional:
             q, k_txt = rotary.apply(q), rotary.apply(k_txt)
         k_img, v_img = image_kv
+        if self.probe is not None:
+            self.probe(q, k_txt, k_img, layout, self.text_keys)
         out = attn.out(fusion_attend(q, k_txt, v_txt, k_img, v_img, layout,
                                      text_keys=self.text_keys, backend=backend))
         return self._gate(h, out)

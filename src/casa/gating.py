@@ -13,8 +13,8 @@ keys acts as an input-dependent gate (DESIGN.md §1). This module measures it:
 - `gate_values(model)`: `tanh(alpha)` of each gated_ca layer (attention and
   FFN gates), the explicit gates CASA's softmax replaces.
 
-The model's outputs are untouched: the wrapped `fusion_attend` records and
-then calls the original.
+The model's outputs are untouched: each fusion layer's `probe` sees its
+queries and keys just before attention, and is removed afterwards.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import math
 
 import torch
 
-from . import fusion as fusion_module
 
 
 def _shares(q, k_txt, k_img, layout, text_keys: bool):
@@ -49,26 +48,16 @@ def _shares(q, k_txt, k_img, layout, text_keys: bool):
 
 @contextlib.contextmanager
 def _recording(model, records: dict):
-    """Wrap `fusion_attend` as seen by fusion.py; tag calls with their block index."""
-    current = {"layer": None}
-    hooks = []
-    for i, block in enumerate(model.blocks):
-        if block.fusion is not None:
-            hooks.append(block.fusion.register_forward_pre_hook(
-                lambda mod, args, kwargs=None, i=i: current.__setitem__("layer", i), with_kwargs=False))
-    original = fusion_module.fusion_attend
-
-    def wrapped(q, k_txt, v_txt, k_img, v_img, layout, *, text_keys, backend):
-        records.setdefault(current["layer"], []).append(_shares(q, k_txt, k_img, layout, text_keys))
-        return original(q, k_txt, v_txt, k_img, v_img, layout, text_keys=text_keys, backend=backend)
-
-    fusion_module.fusion_attend = wrapped
+    """Set each fusion layer's probe to record its shares, tagged with the block index."""
+    layers = [(i, b.fusion) for i, b in enumerate(model.blocks) if b.fusion is not None]
+    for i, layer in layers:
+        layer.probe = lambda q, k_txt, k_img, layout, text_keys, i=i: records.setdefault(i, []).append(
+            _shares(q, k_txt, k_img, layout, text_keys))
     try:
         yield
     finally:
-        fusion_module.fusion_attend = original
-        for h in hooks:
-            h.remove()
+        for _, layer in layers:
+            layer.probe = None
 
 
 @torch.no_grad()
