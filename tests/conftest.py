@@ -5,8 +5,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from casa.batch import Batch
 from casa.config import FusionConfig, LMConfig, ModelConfig, VisionConfig
+from casa.core.batch import Batch
 
 
 def tiny_config(variant="casa", placement="parallel", **fusion) -> ModelConfig:

@@ -1,15 +1,15 @@
 """Every attention backend equals the dense reference (fp32, 1e-5) on random
 layouts, forward and, where it has one, backward; and the reference equals a
-per-query loop written straight from DESIGN.md §4."""
+per-query loop written straight from docs/design.md §4."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from casa.attention import causal_attend, flash_available, fusion_attend
-from casa.layout import build_layout
 from test_layout import brute_force_mask, layouts
+
+from casa.core.attention import causal_attend, flash_available, fusion_attend
+from casa.core.layout import build_layout
 
 H, D = 4, 8
 
@@ -187,7 +187,7 @@ def test_flash_offsets_equal_reference_under_emulation(spec, text_keys):
     import sys
     import types
 
-    from casa import attention
+    from casa.core import attention
 
     T, doc_lens, rows, points, n = spec
     lay = build_layout(T, doc_lens, rows, points, n)

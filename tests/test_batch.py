@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-from casa.batch import Batch, BatchError
-from casa.model import CasaModel
 from conftest import tiny_config
+
+from casa.core.batch import Batch, BatchError
+from casa.core.model import CasaModel
 
 IDS = torch.randint(0, 61, (2, 8))
 

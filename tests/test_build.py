@@ -11,14 +11,21 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from casa.batch import Batch
-from casa.build import BuildConfig, apply_freeze, build, image_tokens_from_template, read_policy, save_built
 from casa.cli import main
-from casa.hf_vision import qwen_patchify
-from casa.model import lm_loss
-from casa.pretrained import from_pretrained, processor_settings
-from casa.tokenizer import HFTokenizer, load_tokenizer
-from casa.vision import preprocess
+from casa.core.batch import Batch
+from casa.core.loss import lm_loss
+from casa.pretrained.build import (
+    BuildConfig,
+    apply_freeze,
+    build,
+    image_tokens_from_template,
+    read_policy,
+    save_built,
+)
+from casa.pretrained.directory import from_pretrained, processor_settings
+from casa.pretrained.tokenizer import HFTokenizer, load_tokenizer
+from casa.vision.hf import qwen_patchify
+from casa.vision.preprocess import preprocess
 
 LM = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 SIGLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
@@ -47,7 +54,7 @@ def save_hf(model, path):
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     """Tiny random-init checkpoints saved by transformers: Llama, SigLIP, and the real Qwen2.5 tokenizer."""
-    from casa.qwen_vocab import write_qwen_tokenizer
+    from casa.pretrained.qwen_vocab import write_qwen_tokenizer
 
     root = tmp_path_factory.mktemp("parts")
     torch.manual_seed(0)
@@ -213,8 +220,10 @@ def qwen25vl(tmp_path_factory):
 
 
 def test_qwen25vl_vision_tower_and_lm(qwen25vl, tmp_path):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     hf, path = qwen25vl
     built = build(BuildConfig(lm=str(path), vision=str(path), fusion="insertion", tokenizer="byte", image_size=112))
@@ -257,7 +266,7 @@ def test_qwen25vl_vision_tower_and_lm(qwen25vl, tmp_path):
 @pytest.mark.parametrize("lm", ["llama", "qwen2"])
 def test_build_train_save_reload(parts, qwen2_dir, tmp_path, lm):
     """Tiny Llama / Qwen2 + tiny SigLIP -> casa build -> train with the LM frozen -> save -> reload."""
-    from casa.train import Trainer, load_config
+    from casa.training.trainer import Trainer, load_config
 
     out = tmp_path / "built"
     lm_dir = parts["root"] / "llama" if lm == "llama" else qwen2_dir
@@ -300,7 +309,7 @@ def test_build_train_save_reload(parts, qwen2_dir, tmp_path, lm):
 PEAK_SCRIPT = r"""
 import gc, json, sys, threading, time
 import torch
-from casa.build import BuildConfig, load_parts, model_config
+from casa.pretrained.build import BuildConfig, load_parts, model_config
 
 def anon():  # anonymous resident memory: the mmap'd checkpoint's page cache is not counted
     with open("/proc/self/status") as f:
@@ -326,7 +335,7 @@ def measure(load):
 
 def naive():  # what lazy loading avoids: a whole state dict beside a whole model
     from safetensors.torch import load
-    from casa.model import CasaModel
+    from casa.core.model import CasaModel
     with open(lm + "/model.safetensors", "rb") as f:
         state = load(f.read())
     model = CasaModel(cfg)
@@ -350,8 +359,8 @@ def test_lazy_loading_makes_no_second_copy(tmp_path):
     import sys
 
     from casa.config import FusionConfig, LMConfig, ModelConfig, VisionConfig
-    from casa.hf import save_lm_as_hf
-    from casa.model import CasaModel
+    from casa.core.model import CasaModel
+    from casa.pretrained.hf_lm import save_lm_as_hf
 
     if not os.path.exists("/proc/self/status"):
         pytest.skip("needs /proc (Linux)")

@@ -1,17 +1,17 @@
-"""Incremental inference (DESIGN.md §5): a `Session` fed in pieces gives the
+"""Incremental inference (docs/design.md §5): a `Session` fed in pieces gives the
 logits of one uncached forward, for every variant and placement, and the
 caches hold what the design says (text only; one window's images)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-from casa.batch import Batch
-from casa.cache import History, KVCache
-from casa.config import FUSION_VARIANTS, PLACEMENTS
-from casa.model import CasaModel
-from casa.session import Session
 from conftest import tiny_config
+
+from casa.config import FUSION_VARIANTS, PLACEMENTS
+from casa.core.batch import Batch
+from casa.core.model import CasaModel
+from casa.inference.cache import History, KVCache
+from casa.inference.session import Session
 
 VARIANTS = [(v, p) for v in FUSION_VARIANTS for p in PLACEMENTS if v != "insertion" or p == "parallel"]
 T = 16

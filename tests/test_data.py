@@ -9,13 +9,25 @@ import torch
 from PIL import Image
 
 from casa.config import ModelConfig, VisionConfig
-from casa.data import (TASKS, DataError, Packer, Processor, SyntheticSource, check_sample, make_sample, pack_row,
-                       read_jsonl, score, stack_rows, write_jsonl)
+from casa.core.loss import loss_sum
+from casa.core.model import CasaModel
+from casa.data import (
+    TASKS,
+    DataError,
+    Packer,
+    Processor,
+    SyntheticSource,
+    check_sample,
+    make_sample,
+    pack_row,
+    read_jsonl,
+    score,
+    stack_rows,
+    write_jsonl,
+)
 from casa.data.metrics import anls, relaxed
 from casa.data.tasks import difficulty
-from casa.model import CasaModel
-from casa.tokenizer import ByteTokenizer
-from casa.train import loss_sum
+from casa.pretrained.tokenizer import ByteTokenizer
 
 VISION = VisionConfig(image_size=16, patch_size=8, d_model=32, n_layers=1, n_heads=4, d_ff=64)
 
@@ -257,7 +269,7 @@ def hf_tokenizer_dir(path):
 
 
 def test_hf_tokenizer_with_its_chat_template(tmp_path):
-    from casa.tokenizer import HFTokenizer, load_tokenizer
+    from casa.pretrained.tokenizer import HFTokenizer, load_tokenizer
 
     tok = HFTokenizer(hf_tokenizer_dir(tmp_path / "tok"))
     proc = Processor(tok, VISION, gist_token="<|vision_end|>")

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from casa.demo import run
+from casa.study.demo import run
 
 TINY_MODEL = {"lm": {"vocab_size": 264, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64},
               "vision": {"image_size": 16, "patch_size": 8, "d_model": 32, "n_layers": 1, "n_heads": 4, "d_ff": 64},

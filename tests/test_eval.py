@@ -9,11 +9,11 @@ import torch
 
 from casa.cli import main
 from casa.config import ModelConfig
+from casa.core.model import CasaModel
 from casa.data import Processor, make_sample
-from casa.evaluate import eval_samples, evaluate, greedy_decode, prior_answers
-from casa.model import CasaModel
-from casa.tokenizer import ByteTokenizer
-from casa.train import Trainer, load_config
+from casa.eval.synthetic import eval_samples, evaluate, greedy_decode, prior_answers
+from casa.pretrained.tokenizer import ByteTokenizer
+from casa.training.trainer import Trainer, load_config
 
 MODEL = {"lm": {"vocab_size": 264, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64},
          "vision": {"image_size": 16, "patch_size": 8, "d_model": 32, "n_layers": 1, "n_heads": 4, "d_ff": 64}}

@@ -3,13 +3,20 @@ the growing sequence; sampling filters; logits processors."""
 
 import pytest
 import torch
-
-from casa.batch import Batch
-from casa.generate import Chat, EndOfTurnBias, RepetitionPenalty, Sampling, generate, sample
-from casa.model import CasaModel
-from casa.session import Session
-from casa.tokenizer import ByteTokenizer
 from conftest import tiny_config
+
+from casa.core.batch import Batch
+from casa.core.model import CasaModel
+from casa.inference.generate import (
+    Chat,
+    EndOfTurnBias,
+    RepetitionPenalty,
+    Sampling,
+    generate,
+    sample,
+)
+from casa.inference.session import Session
+from casa.pretrained.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 
@@ -165,7 +172,7 @@ def test_chat_image_inputs_agree():
     """An image given as an array, as its pixels, or as its embeddings is one image."""
     import numpy as np
 
-    from casa.vision import preprocess
+    from casa.vision.preprocess import preprocess
 
     m = chat_model()
     img = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)

@@ -10,10 +10,16 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
-from casa.batch import Batch
 from casa.config import FusionConfig, LMConfig, ModelConfig
-from casa.hf import from_hf_lm, lm_config_from_hf, load_hf_state_dict, load_lm_weights, save_lm_as_hf
-from casa.model import CasaModel
+from casa.core.batch import Batch
+from casa.core.model import CasaModel
+from casa.pretrained.hf_lm import (
+    from_hf_lm,
+    lm_config_from_hf,
+    load_hf_state_dict,
+    load_lm_weights,
+    save_lm_as_hf,
+)
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, rope_theta=5000.0, rms_norm_eps=1e-5)

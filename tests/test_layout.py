@@ -1,10 +1,10 @@
-"""Windows and masks exactly as DESIGN.md §2 and §4 define them."""
+"""Windows and masks exactly as docs/design.md §2 and §4 define them."""
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from casa.layout import build_layout, build_splice
+from casa.core.layout import build_layout, build_splice
 
 
 def test_windows_follow_insertion_points_and_documents():
@@ -45,7 +45,7 @@ def layouts(draw, max_rows=2, max_len=16, max_images=5, min_len=1):
 
 
 def brute_force_mask(T, doc_lens, rows, points, n, text_keys):
-    """DESIGN.md §4 spelled out: per row, keys = [row's image tokens ; text]."""
+    """docs/design.md §4 spelled out: per row, keys = [row's image tokens ; text]."""
     B = len(doc_lens)
     masks = []
     for b in range(B):

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from casa.config import FusionConfig, LMConfig, ModelConfig, VisionConfig
-from casa.model import CasaModel
-from casa.pretrained import save_pretrained
-from casa.tokenizer import ByteTokenizer
+from casa.core.model import CasaModel
+from casa.pretrained.directory import save_pretrained
+from casa.pretrained.tokenizer import ByteTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def model_dir(tmp_path_factory):
 
 def test_entry_point_is_registered():
     eps = [ep for ep in entry_points(group="lmms_eval.models") if ep.name == "casa"]
-    assert [ep.value for ep in eps] == ["casa.lmms:manifest"], "reinstall casa (pip install -e .) to register it"
+    assert [ep.value for ep in eps] == ["casa.eval.lmms:manifest"], "reinstall casa (pip install -e .) to register it"
 
 
 def test_lmms_eval_resolves_the_plugin():
@@ -34,11 +34,11 @@ def test_lmms_eval_resolves_the_plugin():
     from lmms_eval.api.model import lmms
     from lmms_eval.models import MODEL_REGISTRY_V2
 
-    import casa.lmms
+    import casa.eval.lmms
 
     MODEL_REGISTRY_V2.load_entrypoint_manifests()
     cls = MODEL_REGISTRY_V2.get_model_class("casa")
-    assert cls is casa.lmms.Casa and issubclass(cls, lmms)
+    assert cls is casa.eval.lmms.Casa and issubclass(cls, lmms)
 
 
 def request(*args):
@@ -47,7 +47,7 @@ def request(*args):
 
 def test_plugin_generates_and_scores(model_dir):
     """The plugin's request handling, with lmms-eval's request tuples (works without lmms-eval)."""
-    from casa.lmms import Casa
+    from casa.eval.lmms import Casa
 
     plugin = Casa(pretrained=str(model_dir), max_new_tokens=4)
     doc = {"image": Image.new("RGB", (20, 20), (255, 0, 0))}
@@ -58,7 +58,7 @@ def test_plugin_generates_and_scores(model_dir):
 
     [text] = plugin.generate_until([request("What colour?", {"max_new_tokens": 3, "until": []}, to_visual, 0,
                                             "chartqa", "test")])
-    from casa.evaluate import greedy_decode
+    from casa.eval.synthetic import greedy_decode
 
     enc = plugin.processor.encode({"messages": [
         {"role": "user", "content": [{"type": "image", "image": doc["image"]}, {"type": "text", "text": "What colour?"}]},
@@ -76,7 +76,7 @@ def test_plugin_generates_and_scores(model_dir):
     x.input_ids = torch.tensor([prompt.ids + target])
     x.doc_lens = [[len(prompt.ids) + len(target)]]
     x.loss_mask = None
-    from casa.batch import Batch
+    from casa.core.batch import Batch
 
     with torch.no_grad():
         logits = plugin.model(Batch(**vars(x)))[0]

@@ -9,11 +9,12 @@ against transformers' Llama); fresh `gated_ca` is the plain LM.
 
 import pytest
 import torch
-
-from casa.batch import Batch
-from casa.config import FUSION_VARIANTS, PLACEMENTS
-from casa.model import CasaModel, lm_loss
 from conftest import make_batch, tiny_config
+
+from casa.config import FUSION_VARIANTS, PLACEMENTS
+from casa.core.batch import Batch
+from casa.core.loss import lm_loss
+from casa.core.model import CasaModel
 
 VARIANTS = [(v, p) for v in FUSION_VARIANTS for p in PLACEMENTS if v != "insertion" or p == "parallel"]
 T = 14
@@ -131,7 +132,7 @@ def test_ca_on_text_only_input_is_the_language_model():
 def test_insertion_is_causal_attention_over_the_spliced_sequence(tmp_path):
     """transformers' Llama on the hand-spliced embeddings gives our logits."""
     transformers = pytest.importorskip("transformers")
-    from casa.hf import save_lm_as_hf
+    from casa.pretrained.hf_lm import save_lm_as_hf
 
     m = CasaModel(tiny_config("insertion")).eval()
     save_lm_as_hf(m, tmp_path)

@@ -9,12 +9,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file, save_model
 
-from casa.batch import Batch
 from casa.config import FusionConfig, LMConfig, ModelConfig, VisionConfig
-from casa.lazy import weight_files
-from casa.model import CasaModel
-from casa.pretrained import from_pretrained, load, processor_settings, read_config, save_pretrained
-from casa.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from casa.core.batch import Batch
+from casa.core.model import CasaModel
+from casa.pretrained.directory import (
+    from_pretrained,
+    load,
+    processor_settings,
+    read_config,
+    save_pretrained,
+)
+from casa.pretrained.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from casa.weights import weight_files
 
 VISION = dict(image_size=16, patch_size=8, d_model=16, n_layers=2, n_heads=2, d_ff=32)
 
@@ -112,7 +118,7 @@ def test_roundtrip_sharded(tmp_path):
 
 def test_hf_vision_directory_is_self_contained(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from casa.vision import vision_config_from_hf
+    from casa.vision.hf import vision_config_from_hf
 
     src = tmp_path / "siglip"
     torch.manual_seed(0)

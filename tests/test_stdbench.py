@@ -9,10 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from casa import stdbench
-from casa.stdbench import format_question, load_items, run_standard_benchmark
-from casa.stdbench.metrics import (EvalAIAnswerProcessor, anls, choice_letter, exact_match, relaxed_correctness,
-                                   vqa_accuracy)
+from casa.eval import stdbench
+from casa.eval.stdbench import format_question, load_items, run_standard_benchmark
+from casa.eval.stdbench.metrics import (
+    EvalAIAnswerProcessor,
+    anls,
+    choice_letter,
+    exact_match,
+    relaxed_correctness,
+    vqa_accuracy,
+)
 
 # ----------------------------------------------------------------------------- metrics, worked examples
 
@@ -227,7 +233,7 @@ def test_missing_benchmark(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model():
     from casa.config import FusionConfig, LMConfig, ModelConfig, VisionConfig
-    from casa.model import CasaModel
+    from casa.core.model import CasaModel
 
     torch.manual_seed(0)
     cfg = ModelConfig(lm=LMConfig(vocab_size=264, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64),
@@ -239,8 +245,8 @@ def tiny_model():
 @pytest.mark.parametrize("name", list(stdbench.BENCHMARKS))
 def test_oracle_scores_one(tmp_path, tiny_model, monkeypatch, name):
     """Decoding the gold answer scores 1 on every benchmark: prompts, decoding and metrics fit together."""
-    import casa.evaluate
-    from casa.tokenizer import ByteTokenizer
+    import casa.eval.synthetic
+    from casa.pretrained.tokenizer import ByteTokenizer
 
     expected = make_benchmark(tmp_path, name, "parquet")
     tok = ByteTokenizer()
@@ -252,7 +258,7 @@ def test_oracle_scores_one(tmp_path, tiny_model, monkeypatch, name):
         assert all(p.n_images == 1 and p.pixels.shape == (1, 3, 16, 16) for p in prompts)
         return [tok.encode(next(golds) + ("." if name in ("chartqa", "docvqa") else "")) for _ in prompts]
 
-    monkeypatch.setattr(casa.evaluate, "greedy_decode", oracle)
+    monkeypatch.setattr(casa.eval.synthetic, "greedy_decode", oracle)
     result = run_standard_benchmark(tiny_model, tok, name, tmp_path, batch_size=1)
     assert result["score"] == 1.0 and result["n"] == 2, result["predictions"]
     assert result["metric"] == stdbench.BENCHMARKS[name].metric
@@ -263,8 +269,8 @@ def test_oracle_scores_one(tmp_path, tiny_model, monkeypatch, name):
 
 
 def test_real_decoding_and_cli_run(tmp_path, tiny_model, capsys):
-    from casa.pretrained import save_pretrained
-    from casa.tokenizer import ByteTokenizer
+    from casa.pretrained.directory import save_pretrained
+    from casa.pretrained.tokenizer import ByteTokenizer
 
     make_benchmark(tmp_path / "bench", "textvqa", "original")
     result = run_standard_benchmark(tiny_model, ByteTokenizer(), "textvqa", tmp_path / "bench", max_new_tokens=3,
@@ -281,8 +287,8 @@ def test_real_decoding_and_cli_run(tmp_path, tiny_model, capsys):
 
 def test_casa_eval_bench_command(tmp_path, tiny_model, capsys):
     from casa.cli import main
-    from casa.pretrained import save_pretrained
-    from casa.tokenizer import ByteTokenizer
+    from casa.pretrained.directory import save_pretrained
+    from casa.pretrained.tokenizer import ByteTokenizer
 
     make_benchmark(tmp_path / "bench", "textvqa", "original")
     model_dir = save_pretrained(tiny_model, tmp_path / "m", tokenizer=ByteTokenizer())

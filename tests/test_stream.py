@@ -7,15 +7,16 @@ import av
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 
 from casa.bench.stream import StreamBench
 from casa.bench.stream import run as bench_run
 from casa.cli import main
-from casa.generate import Sampling
-from casa.model import CasaModel
-from casa.pretrained import from_pretrained, save_pretrained
-from casa.stream import (
+from casa.core.model import CasaModel
+from casa.inference.generate import Sampling
+from casa.inference.stream import (
+    open_frames,
     Captioner,
     JsonlWriter,
     SrtWriter,
@@ -25,8 +26,8 @@ from casa.stream import (
     srt_time,
     video_frames,
 )
-from casa.tokenizer import ByteTokenizer, load_tokenizer
-from conftest import tiny_config
+from casa.pretrained.directory import from_pretrained, save_pretrained
+from casa.pretrained.tokenizer import ByteTokenizer, load_tokenizer
 
 TOK = ByteTokenizer()
 
@@ -124,7 +125,7 @@ def test_caption_cli_on_a_video(video, checkpoint, tmp_path, capsys):
 
 def test_captioner_api_any_iterator_and_bounded_history(checkpoint):
     model, tok = from_pretrained(checkpoint), load_tokenizer(checkpoint)
-    from casa.cache import History
+    from casa.inference.cache import History
 
     cap = Captioner(model, tok, sampling=Sampling(max_new_tokens=3), interval=0.25,
                     history=History(sink=2, window=8))
@@ -159,7 +160,7 @@ def test_corrupt_truncated_missing_and_empty_videos(tmp_path, checkpoint, video,
     for path, why in [(bad, "cannot read video"), (truncated, "cannot read video|no video"), (empty, "no video"),
                       (blank, "cannot read video"), (tmp_path / "missing.mp4", "no such file")]:
         with pytest.raises(StreamError, match=why) as e:
-            list(video_frames(path)) if path.exists() else list(__import__("casa.stream").stream.open_frames(path))
+            list(video_frames(path)) if path.exists() else list(open_frames(path))
         assert str(path) in str(e.value)
         rc, _, _ = run_cli(path, checkpoint, tmp_path)
         err = capsys.readouterr().err

@@ -10,9 +10,9 @@ import torch
 from casa.cli import main
 from casa.data import make_sample
 from casa.data.tasks import difficulty
-from casa.gating import attention_shares, gate_values
-from casa.study import SIZES, TASKS, VARIANTS, StudyConfig, aggregate, command_line
-from casa.study_report import claims
+from casa.study.gating import attention_shares, gate_values
+from casa.study.report import claims
+from casa.study.run import SIZES, TASKS, VARIANTS, StudyConfig, aggregate, command_line
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_quick_study_report_and_plots(quick):
 
 def test_quick_study_reuses_finished_runs(quick, capsys):
     out, _ = quick
-    from casa.study import run
+    from casa.study.run import run
 
     threads = torch.get_num_threads()
     try:
@@ -98,7 +98,7 @@ def test_quick_study_reuses_finished_runs(quick, capsys):
 
 def _tiny_model(variant, **fusion):
     from casa.config import ModelConfig
-    from casa.model import CasaModel
+    from casa.core.model import CasaModel
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_dict({**SIZES["quick"]["model"], "fusion": {"variant": variant, **fusion}})
@@ -107,7 +107,7 @@ def _tiny_model(variant, **fusion):
 
 def _batch(model, tasks=("color", "compare")):
     from casa.data import Processor, pack_row
-    from casa.tokenizer import ByteTokenizer
+    from casa.pretrained.tokenizer import ByteTokenizer
 
     proc = Processor(ByteTokenizer(), model.config.vision)
     d = difficulty({"image_size": 32})

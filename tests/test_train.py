@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from casa.checkpoint import latest_checkpoint, list_checkpoints, load_state, save_checkpoint
 from casa.cli import main
-from casa.train import Trainer, load_config, lr_lambda
+from casa.pretrained.runs import latest_checkpoint, list_checkpoints
+from casa.training.checkpoint import load_state, save_checkpoint
+from casa.training.trainer import Trainer, load_config, lr_lambda
 
 TINY = {
     "model": {"lm": {"vocab_size": 264, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64},
@@ -139,7 +140,7 @@ def test_crashed_save_never_becomes_latest(tmp_path, monkeypatch):
     left.mkdir()
     (left / "model.safetensors").write_bytes(b"partial")
     # a crash while writing the trainer state of the next checkpoint
-    import casa.checkpoint as ck
+    import casa.training.checkpoint as ck
 
     def boom(obj, f):
         Path(f).write_bytes(b"half")
@@ -157,8 +158,8 @@ def test_crashed_save_never_becomes_latest(tmp_path, monkeypatch):
 
 
 def test_keep_last_k(tmp_path):
-    from casa.model import CasaModel
     from casa.config import ModelConfig
+    from casa.core.model import CasaModel
 
     model = CasaModel(ModelConfig.from_dict(TINY["model"]))
     for step in range(1, 5):
@@ -185,7 +186,7 @@ def test_bad_jsonl_line_fails_training_with_file_and_line(tmp_path, capsys):
 RANK_SCRIPT = """
 import sys, torch, torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
-from casa.train import Trainer, load_config
+from casa.training.trainer import Trainer, load_config
 torch.set_num_threads(1)
 model_cfg, cfg = load_config(sys.argv[1], sys.argv[2:])
 tr = Trainer(model_cfg, cfg, quiet=True)
@@ -248,9 +249,9 @@ def test_bench_train_report(tmp_path):
 
 def test_init_from_a_built_directory_takes_its_policy_tokenizer_and_processor(tmp_path):
     from casa.config import ModelConfig
-    from casa.model import CasaModel
-    from casa.pretrained import processor_settings, save_pretrained
-    from casa.tokenizer import ByteTokenizer
+    from casa.core.model import CasaModel
+    from casa.pretrained.directory import processor_settings, save_pretrained
+    from casa.pretrained.tokenizer import ByteTokenizer
 
     built = tmp_path / "built"
     save_pretrained(CasaModel(ModelConfig.from_dict(TINY["model"])), built, tokenizer=ByteTokenizer(),

@@ -13,8 +13,8 @@ from casa.config import VisionConfig
 from casa.vision import (
     HFVisionEncoder,
     Projector,
-    ViT,
     VisionTower,
+    ViT,
     preprocess,
     reduce_tokens,
     vision_config_from_hf,
@@ -224,7 +224,7 @@ def test_hub_style_names_and_missing_weights(tmp_path, siglip_dir):
     """Hub files name the tensors `vision_model.*` (transformers 4); both namings load, gaps are named."""
     from safetensors.torch import load_file, save_file
 
-    from casa.hf_vision import load_vision_weights
+    from casa.vision.hf import load_vision_weights
 
     path, model = siglip_dir
     hub = tmp_path / "hub"
@@ -247,7 +247,7 @@ def test_hub_style_names_and_missing_weights(tmp_path, siglip_dir):
 
 
 def test_structure_only_and_freezing(siglip_dir):
-    from casa.hf_vision import structure_only
+    from casa.vision.hf import structure_only
 
     path, _ = siglip_dir
     torch.manual_seed(123)  # not the checkpoint's seed: random init differs from its weights

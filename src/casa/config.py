@@ -99,7 +99,7 @@ class VisionConfig:
 
 @dataclass
 class FusionConfig:
-    """How image tokens reach the text stream (DESIGN.md §3).
+    """How image tokens reach the text stream (docs/design.md §3).
 
     `layers` (explicit block indices) wins over `every` (blocks 0, n, 2n, ...).
     `text_keys=False` is the paper's ablation: CASA without its text keys,

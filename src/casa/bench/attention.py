@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from ..attention import BACKENDS, flash_available, fusion_attend
-from ..layout import build_layout
-from .memory import PeakMemory
+from casa.bench.memory import PeakMemory
+from casa.core.attention import BACKENDS, flash_available, fusion_attend
+from casa.core.layout import build_layout
 
 
 def _timed(fn, repeats: int, device) -> float:

@@ -35,11 +35,17 @@ from pathlib import Path
 
 import torch
 
-from ..cache import History
-from ..config import FUSION_VARIANTS, FusionConfig, LMConfig, ModelConfig, VisionConfig
-from ..model import CasaModel
-from ..session import Session
-from .memory import PeakMemory
+from casa.bench.memory import PeakMemory
+from casa.config import (
+    FUSION_VARIANTS,
+    FusionConfig,
+    LMConfig,
+    ModelConfig,
+    VisionConfig,
+)
+from casa.core.model import CasaModel
+from casa.inference.cache import History
+from casa.inference.session import Session
 
 FIELDS = ("ttft_ms", "decode_tok_s", "kv_tokens", "cache_bytes", "peak_mem_bytes", "session_mem_bytes")
 

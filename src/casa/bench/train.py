@@ -56,7 +56,7 @@ def bench_config(*, text_tokens: int = 512, image_ratio: int = 10, tokens_per_im
 
 def _model_config(cfg: dict, variant: str, fusion: dict | None = None):
     """The benchmark's model; `fusion` overrides the fusion config (placement, text keys, ...)."""
-    from ..config import ModelConfig
+    from casa.config import ModelConfig
 
     heads = cfg["n_heads"]
     return ModelConfig.from_dict({
@@ -71,7 +71,7 @@ def _model_config(cfg: dict, variant: str, fusion: dict | None = None):
 
 def packed_batch(cfg: dict, device):
     """One row of documents `[image ; text]`, image tokens = image_ratio x text tokens."""
-    from ..batch import Batch
+    from casa.core.batch import Batch
 
     g = torch.Generator().manual_seed(cfg["seed"])
     T, n = cfg["text_tokens"], cfg["tokens_per_image"]
@@ -89,8 +89,9 @@ def packed_batch(cfg: dict, device):
 
 def measure(cfg: dict, variant: str, device: str = "auto", fusion: dict | None = None) -> dict:
     """Time and peak memory of training steps of one variant (in this process)."""
-    from ..model import CasaModel, lm_loss
-    from .memory import PeakMemory
+    from casa.bench.memory import PeakMemory
+    from casa.core.loss import lm_loss
+    from casa.core.model import CasaModel
 
     device = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.set_num_threads(cfg["threads"])

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import random
 
-from .sample import Sample, read_jsonl
-from .tasks import Difficulty, check_tasks, make_sample
+from casa.data.sample import Sample, read_jsonl
+from casa.data.tasks import Difficulty, check_tasks, make_sample
 
 
 class SyntheticSource:

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..batch import Batch
-from .processor import Encoded, Processor
-from .sample import DataError
+from casa.core.batch import Batch
+from casa.data.processor import Encoded, Processor
+from casa.data.sample import DataError
 
 
 @dataclass

@@ -8,7 +8,7 @@ Design decisions:
   rendered string, and an assistant turn's target span is found by rendering
   the conversation up to that turn with and without it (the template must
   render prefixes as prefixes; an error says so otherwise).
-- An image sits before the next text token (its insertion point, DESIGN.md
+- An image sits before the next text token (its insertion point, docs/design.md
   §2). An optional `image_prefix` token goes before it, and an optional gist
   token (`<|gist|>` by default) right after it. Consecutive images (several
   image parts in a row, or a video's frames) share one insertion point, so
@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import VisionConfig
-from ..vision import preprocess
-from .sample import DataError, Sample, check_sample
+from casa.config import VisionConfig
+from casa.data.sample import DataError, Sample, check_sample
+from casa.vision.preprocess import preprocess
 
 SENTINEL = "\ue000"  # stands for an image inside a rendered HF chat template
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ..config import build
-from .sample import Sample
+from casa.config import build
+from casa.data.sample import Sample
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
           "purple": (140, 60, 180), "orange": (240, 130, 20)}
@@ -163,7 +163,7 @@ def compare(rng: random.Random, d: Difficulty) -> Sample:
     images = [_render_shapes([(rng.choice(KINDS), rng.choice(_palette(d)), c) for c in _cells(rng, n)], d, rng)
               for n in (na, nb)]
     question = "Which image has more shapes, the first or the second?"
-    # text between the images puts each in its own window (DESIGN.md §2): CASA's
+    # text between the images puts each in its own window (docs/design.md §2): CASA's
     # question reads the second image directly and the first through the text
     # of its window; two images in one window would be an unordered set
     content = [{"type": "text", "text": "First image:"}, {"type": "image", "image": images[0]},

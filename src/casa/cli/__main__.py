@@ -1,0 +1,5 @@
+import sys
+
+from casa.cli import main
+
+sys.exit(main())

@@ -1,0 +1,88 @@
+"""`casa bench attention | train | stream`: the benchmarks, JSON + plot each."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    att = bench.add_parser("attention", help="time every attention backend on one packed batch")
+    att.add_argument("--json", default="benchmarks/attention.json", help="where to write the results")
+    att.add_argument("--plot", default=None, help="optional PNG of the timings")
+    att.add_argument("--windows", type=int, default=16)
+    att.add_argument("--image-tokens", type=int, default=256)
+    att.add_argument("--text-tokens", type=int, default=256)
+    att.add_argument("--heads", type=int, default=8)
+    att.add_argument("--head-dim", type=int, default=64)
+    att.add_argument("--backends", default=None, help="comma-separated subset (default: all available)")
+    att.add_argument("--repeats", type=int, default=5)
+    att.set_defaults(func=attention)
+
+    bt = bench.add_parser("train", help="training step: text tokens/s and peak memory per fusion variant")
+    bt.add_argument("--json", default="benchmarks/train.json")
+    bt.add_argument("--variants", default="insertion,ca,casa")
+    bt.add_argument("--text-tokens", type=int, default=512)
+    bt.add_argument("--image-ratio", type=int, default=10, help="image tokens per text token")
+    bt.add_argument("--d-model", type=int, default=256)
+    bt.add_argument("--n-layers", type=int, default=4)
+    bt.add_argument("--repeats", type=int, default=3)
+    bt.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    bt.add_argument("--layout", default="packed", choices=("packed", "interleaved"),
+                    help="one document per image (packed samples) or one long document")
+    bt.set_defaults(func=train)
+
+    bs = bench.add_parser("stream", help="streaming session: TTFT, decode speed, cache and memory per turn")
+    bs.add_argument("--variants", default="casa,ca,insertion")
+    bs.add_argument("--turns", type=int, default=1000)
+    bs.add_argument("--json", default="benchmarks/stream.json")
+    bs.add_argument("--plot", default=None, help="PNG of TTFT, cache and memory vs turn")
+    bs.add_argument("--image-tokens", type=int, default=256)
+    bs.add_argument("--new-tokens", type=int, default=8)
+    bs.add_argument("--prompt-tokens", type=int, default=1)
+    bs.add_argument("--d-model", type=int, default=512)
+    bs.add_argument("--layers", type=int, default=8)
+    bs.add_argument("--heads", type=int, default=8)
+    bs.add_argument("--kv-heads", type=int, default=2)
+    bs.add_argument("--d-ff", type=int, default=1408)
+    bs.add_argument("--max-seconds", type=float, default=300.0, help="per variant; beyond it the variant stops")
+    bs.add_argument("--max-cache-bytes", type=float, default=4 * 2**30, help="per variant; beyond it it stops")
+    bs.add_argument("--sink", type=int, default=None, help="bounded history: attention-sink tokens")
+    bs.add_argument("--window", type=int, default=None, help="bounded history: sliding-window tokens")
+    bs.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (0 = torch's default); 1 keeps timings stable on a shared machine")
+    bs.add_argument("--device", default="cpu")
+    bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--no-isolate", action="store_true", help="run every variant in this process")
+    bs.set_defaults(func=stream)
+
+
+def attention(args) -> int:
+    from casa.bench.attention import run
+
+    run(json_path=args.json, windows=args.windows, image_tokens=args.image_tokens,
+        text_tokens=args.text_tokens, heads=args.heads, head_dim=args.head_dim,
+        backends=args.backends.split(",") if args.backends else None, repeats=args.repeats,
+        plot_path=args.plot)
+    return 0
+
+
+def train(args) -> int:
+    from casa.bench.train import run
+
+    run(json_path=args.json, variants=args.variants.split(","), text_tokens=args.text_tokens,
+        image_ratio=args.image_ratio, repeats=args.repeats, d_model=args.d_model, n_layers=args.n_layers,
+        threads=args.threads, layout=args.layout)
+    return 0
+
+
+def stream(args) -> int:
+    from casa.bench.stream import StreamBench, run
+
+    cfg = StreamBench(variants=args.variants.split(","), turns=args.turns, image_tokens=args.image_tokens,
+                      new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, d_model=args.d_model,
+                      layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, d_ff=args.d_ff,
+                      max_seconds=args.max_seconds, max_cache_bytes=int(args.max_cache_bytes), sink=args.sink,
+                      window=args.window, seed=args.seed, threads=args.threads or None, device=args.device)
+    run(cfg, json_path=args.json, plot_path=args.plot, isolate=not args.no_isolate)
+    return 0

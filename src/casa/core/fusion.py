@@ -1,0 +1,107 @@
+"""Fusion layers: how text queries read image tokens (docs/design.md §3).
+
+One class covers every variant but `insertion` (which needs no layer, only a
+spliced stream). The variant decides three things:
+
+- whose projections: its own (`ca`, `casa`, `ca_ffn`, `gated_ca`) or the
+  block's SA (`ca_shared`, `casa_shared`, passed in at call time so that the
+  weights exist once in the state dict);
+- which keys: the window's image tokens only (`ca*`, and `casa` with
+  `text_keys=False`), or images then the window's text up to the query
+  (`casa`), in one softmax;
+- positions: `casa` applies RoPE to text and gives each image key the position
+  of its insertion point; `ca` has no positional encoding. Hence `casa`
+  without text keys computes exactly `ca`.
+
+`gated_ca` (Flamingo) adds tanh gates, initialised at 0, on the attention and
+on a fusion-owned FFN.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from casa.config import FusionConfig, LMConfig
+from casa.core.attention import cached_attend, fusion_attend
+from casa.core.layout import Layout
+from casa.core.lm import MLP, Attention, RMSNorm, Rotary
+
+
+class FusionLayer(nn.Module):
+    def __init__(self, *, lm: LMConfig, fusion: FusionConfig, own_norm: bool):
+        super().__init__()
+        self.variant = fusion.variant
+        self.text_keys = fusion.uses_text_keys
+        self.probe = None  # optional callable(q, k_txt, k_img, layout, text_keys): analysis (gating.py)
+        self.positional = self.text_keys  # RoPE only where text keys give it a meaning
+        self.norm = RMSNorm(lm.d_model, eps=lm.norm_eps) if own_norm else None
+        self.attn = None
+        if not fusion.shares_sa_projections:
+            self.attn = Attention(d_model=lm.d_model, n_heads=lm.n_heads, n_kv_heads=lm.n_kv_heads,
+                                  head_dim=lm.head_dim, qkv_bias=lm.qkv_bias)
+        if self.variant == "gated_ca":
+            self.attn_gate = nn.Parameter(torch.zeros(1))
+            self.ffn_gate = nn.Parameter(torch.zeros(1))
+            self.ffn_norm = RMSNorm(lm.d_model, eps=lm.norm_eps)
+            self.ffn = MLP(d_model=lm.d_model, d_ff=lm.d_ff)
+
+    def init_from_block(self, block) -> None:
+        """Start as a copy of the block's SA (and norms, and FFN for gated_ca)."""
+        if self.attn is not None:
+            self.attn.load_state_dict(block.attn.state_dict())
+        if self.norm is not None:
+            self.norm.load_state_dict(block.n1.state_dict())
+        if self.variant == "gated_ca":
+            self.ffn.load_state_dict(block.mlp.state_dict())
+            self.ffn_norm.load_state_dict(block.n2.state_dict())
+
+    def image_kv(self, image_tokens, *, norm: nn.Module, sa: Attention, image_rotary: Rotary | None):
+        """Keys/values of flat image tokens `[N_tok, d] -> 2 x [N_tok, Hkv, D]`."""
+        attn = self.attn if self.attn is not None else sa
+        k, v = attn.kv(norm(image_tokens))
+        if self.positional:
+            k = image_rotary.apply(k)
+        return k, v
+
+    def forward(self, h, image_kv, *, norm: nn.Module, sa: Attention, rotary: Rotary, layout: Layout,
+                backend: str):
+        """Update of text states `h: [B, T, d]` from the window's image K/V (and text)."""
+        attn = self.attn if self.attn is not None else sa
+        x = norm(h)
+        q = attn.q(x)
+        k_txt = v_txt = None
+        if self.text_keys:
+            k_txt, v_txt = attn.kv(x)
+        if self.positional:
+            q, k_txt = rotary.apply(q), rotary.apply(k_txt)
+        k_img, v_img = image_kv
+        if self.probe is not None:
+            self.probe(q, k_txt, k_img, layout, self.text_keys)
+        out = attn.out(fusion_attend(q, k_txt, v_txt, k_img, v_img, layout,
+                                     text_keys=self.text_keys, backend=backend))
+        return self._gate(h, out)
+
+    def _gate(self, h, out):
+        if self.variant == "gated_ca":
+            out = torch.tanh(self.attn_gate) * out
+            out = out + torch.tanh(self.ffn_gate) * self.ffn(self.ffn_norm(h + out))
+        return out
+
+    def step(self, h, window, *, norm: nn.Module, sa: Attention, rotary: Rotary, backend: str):
+        """Update of new text states `h: [1, t, d]` from the window state (a
+        `cache.KVCache` whose prefix is the window's image K/V; `casa` appends
+        its text K/V to it)."""
+        attn = self.attn if self.attn is not None else sa
+        x = norm(h)
+        q = attn.q(x)
+        if self.positional:
+            q = rotary.apply(q)
+        if self.text_keys:
+            k, v = attn.kv(x)
+            keys, values, mask = window.extend(rotary.apply(k) if self.positional else k, v)
+        else:
+            (keys, values), mask = window.prefix(), None
+            if keys is None:  # no image in this window: zero update, as in forward()
+                return self._gate(h, torch.zeros_like(h))
+        return self._gate(h, attn.out(cached_attend(q, keys, values, mask=mask, backend=backend)))

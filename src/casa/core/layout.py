@@ -1,0 +1,318 @@
+"""From insertion points and documents to windows, and from windows to masks.
+
+This module is the single source of truth for the CASA mask (docs/design.md §4).
+`Layout` is computed once per batch and shared by every layer; each backend's
+view of it (dense mask, folded windows, FlexAttention BlockMask, varlen
+offsets) is built lazily on first use and cached.
+
+Conventions:
+- text is a `[B, T]` grid; "flat" text index is `b * T + t`;
+- image tokens are flat `[N_img * n, ...]`, images sorted by (row, insertion
+  point), so the image tokens of one window are contiguous;
+- windows get global ids in flat text order, so a window is a contiguous run
+  of flat text indices;
+- every key carries an "order": its text index, or for an image token the
+  insertion point of its image. A query at text index `t` sees a key of its
+  own window iff `order <= t`. That one rule gives the bottom-right causal mask
+  of §4 for every backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class FoldedWindows:
+    """Windows folded into the batch dimension, padded to the longest one."""
+
+    text_index: torch.Tensor  # [W, L] flat text index (padded with 0)
+    text_valid: torch.Tensor  # [W, L]
+    image_index: torch.Tensor  # [W, N] flat image-token index (padded with 0)
+    image_valid: torch.Tensor  # [W, N]
+    has_image: torch.Tensor  # [W]
+    uniform: bool  # no padding anywhere: the mask is the same for all windows
+
+    def mask(self, text_keys: bool) -> torch.Tensor:
+        """Boolean attention mask `[W, 1, L, N (+ L)]`, True = attend."""
+        W, L = self.text_index.shape
+        image_part = self.image_valid[:, None, None, :].expand(W, 1, L, -1)
+        if not text_keys:
+            return image_part
+        causal = torch.ones(L, L, dtype=torch.bool, device=self.text_index.device).tril()
+        text_part = causal[None, None] & self.text_valid[:, None, None, :]
+        return torch.cat([image_part, text_part], dim=-1)
+
+
+@dataclass
+class Layout:
+    """Windows, positions and per-backend views for one interleaved batch."""
+
+    batch_size: int
+    seq_len: int
+    tokens_per_image: int
+    text_window: torch.Tensor  # [B, T] global window id
+    text_doc: torch.Tensor  # [B, T] global document id
+    text_pos: torch.Tensor  # [B, T] position within the document (text tokens only)
+    image_row: torch.Tensor  # [N_img]
+    image_point: torch.Tensor  # [N_img] insertion point
+    image_window: torch.Tensor  # [N_img]
+    single_doc_rows: bool  # every row is one document: plain causal SA
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    # ----------------------------------------------------------------- basics
+    @property
+    def device(self) -> torch.device:
+        return self.text_window.device
+
+    @property
+    def n_windows(self) -> int:
+        return int(self.text_window.max()) + 1 if self.text_window.numel() else 0
+
+    @property
+    def n_images(self) -> int:
+        return self.image_row.numel()
+
+    def image_token_attr(self, per_image: torch.Tensor) -> torch.Tensor:
+        """Repeat a per-image attribute for each of its tokens: `[N_img] -> [N_img * n]`."""
+        return per_image.repeat_interleave(self.tokens_per_image)
+
+    @property
+    def image_pos(self) -> torch.Tensor:
+        """RoPE position of each image: that of the text token at its insertion point."""
+        return self.text_pos[self.image_row, self.image_point]
+
+    def _cached(self, key, build):
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    # ------------------------------------------------- dense, per-row keys
+    def dense_keys(self):
+        """Keys per row as `[images of the row (padded) ; text of the row]`.
+
+        Returns `(image_index [B, K], image_valid [B, K], key_window [B, K+T],
+        key_order [B, K+T])`.
+        """
+
+        def build():
+            B, T, n, dev = self.batch_size, self.seq_len, self.tokens_per_image, self.device
+            per_row = torch.bincount(self.image_row, minlength=B) * n
+            K = int(per_row.max()) if self.n_images else 0
+            first = torch.cumsum(per_row, 0) - per_row  # first image token of each row
+            slot = torch.arange(K, device=dev)
+            image_valid = slot[None, :] < per_row[:, None]
+            image_index = torch.where(image_valid, first[:, None] + slot[None, :], 0)
+            tok_window = self.image_token_attr(self.image_window)
+            tok_order = self.image_token_attr(self.image_point)
+            img_window = torch.where(image_valid, tok_window[image_index] if K else image_index, -1)
+            img_order = torch.where(image_valid, tok_order[image_index] if K else image_index, 0)
+            text_order = torch.arange(T, device=dev).expand(B, T)
+            key_window = torch.cat([img_window, self.text_window], dim=1)
+            key_order = torch.cat([img_order, text_order], dim=1)
+            return image_index, image_valid, key_window, key_order
+
+        return self._cached("dense_keys", build)
+
+    def dense_mask(self, text_keys: bool) -> torch.Tensor:
+        """The reference CASA mask `[B, 1, T, K (+T)]` over `dense_keys`."""
+
+        def build():
+            image_index, _, key_window, key_order = self.dense_keys()
+            if not text_keys:
+                K = image_index.shape[1]
+                key_window, key_order = key_window[:, :K], key_order[:, :K]
+            q_order = torch.arange(self.seq_len, device=self.device)
+            same = key_window[:, None, :] == self.text_window[:, :, None]
+            return (same & (key_order[:, None, :] <= q_order[None, :, None]))[:, None]
+
+        return self._cached(("dense_mask", text_keys), build)
+
+    # ------------------------------------------------------ folded windows
+    def folded(self) -> FoldedWindows:
+        def build():
+            n = self.tokens_per_image
+            text_index, text_valid = _fold_runs(self.text_window)
+            img_per_window = torch.bincount(self.image_window, minlength=text_index.shape[0]) * n
+            img_starts = torch.cumsum(img_per_window, 0) - img_per_window
+            N = int(img_per_window.max()) if self.n_images else 0
+            i = torch.arange(N, device=self.device)
+            image_valid = i[None] < img_per_window[:, None]
+            image_index = torch.where(image_valid, img_starts[:, None] + i[None], 0)
+            uniform = bool(text_valid.all()) and bool(image_valid.all())
+            return FoldedWindows(text_index, text_valid, image_index, image_valid, img_per_window > 0, uniform)
+
+        return self._cached("folded", build)
+
+    def folded_documents(self):
+        """Documents folded into the batch: `(index [D, L], valid [D, L])` over the flat text."""
+        return self._cached("folded_documents", lambda: _fold_runs(self.text_doc))
+
+    # ------------------------------------------------------ varlen offsets
+    def varlen(self, text_keys: bool):
+        """Offsets for `flash_attn_varlen_func`, one sequence per window:
+        queries are the window's text, keys `[its image tokens ; its text]`.
+        Without text keys, windows without an image are left out (their
+        update is zero) so that no sequence has zero keys.
+
+        Returns `(q_index, key_index, cu_q, cu_k, max_q, max_k)`: `q_index`
+        indexes the flat text, `key_index` indexes `cat([image tokens, flat text])`.
+        """
+
+        def build():
+            fw = self.folded()
+            keep = fw.has_image if not text_keys else torch.ones_like(fw.has_image)
+            q_valid = fw.text_valid & keep[:, None]
+            parts = [torch.where(fw.image_valid & keep[:, None], fw.image_index, -1)]
+            if text_keys:
+                parts.append(torch.where(q_valid, fw.text_index + self.n_images * self.tokens_per_image, -1))
+            keys = torch.cat(parts, dim=1).flatten()
+            q_len = q_valid.sum(1)[keep]
+            k_len = fw.image_valid.sum(1)[keep] + (q_len if text_keys else 0)
+            zero = torch.zeros(1, dtype=torch.int32, device=self.device)
+            cu_q = torch.cat([zero, q_len.cumsum(0).int()])
+            cu_k = torch.cat([zero, k_len.cumsum(0).int()])
+            max_q = int(q_len.max()) if len(q_len) else 0
+            max_k = int(k_len.max()) if len(k_len) else 0
+            return fw.text_index[q_valid], keys[keys >= 0], cu_q, cu_k, max_q, max_k
+
+        return self._cached(("varlen", text_keys), build)
+
+    # --------------------------------------------- text self-attention mask
+    def causal_mask(self) -> torch.Tensor | None:
+        """`[B, 1, T, T]` causal mask within documents, or None when `is_causal` suffices."""
+
+        def build():
+            if self.single_doc_rows:
+                return None
+            T = self.seq_len
+            causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
+            same_doc = self.text_doc[:, :, None] == self.text_doc[:, None, :]
+            return (same_doc & causal)[:, None]
+
+        return self._cached("causal_mask", build)
+
+    def to(self, device) -> "Layout":
+        moved = {
+            k: getattr(self, k).to(device)
+            for k in ("text_window", "text_doc", "text_pos", "image_row", "image_point", "image_window")
+        }
+        return Layout(self.batch_size, self.seq_len, self.tokens_per_image, **moved,
+                      single_doc_rows=self.single_doc_rows)
+
+
+def _fold_runs(group: torch.Tensor):
+    """Runs of equal ids (0, 1, ... in flat order) as padded rows of flat indices."""
+    flat = group.flatten()
+    lengths = torch.bincount(flat)
+    starts = torch.cumsum(lengths, 0) - lengths
+    t = torch.arange(int(lengths.max()), device=flat.device)
+    valid = t[None] < lengths[:, None]
+    return torch.where(valid, starts[:, None] + t[None], 0), valid
+
+
+def build_layout(
+    seq_len: int,
+    doc_lens: list[list[int]],
+    image_rows: torch.Tensor,
+    insertion_points: torch.Tensor,
+    tokens_per_image: int,
+    device=None,
+) -> Layout:
+    """Windows of docs/design.md §2 from documents and insertion points.
+
+    A window starts at every document start and at every distinct insertion
+    point; so consecutive images (same insertion point) share a window, text
+    before a document's first image is a text-only window, and no window
+    crosses a document boundary. Inputs are assumed valid (see `batch.py`).
+    """
+    B, T = len(doc_lens), seq_len
+    image_rows = image_rows.long().cpu()
+    insertion_points = insertion_points.long().cpu()
+    doc_start = torch.zeros(B, T, dtype=torch.bool)
+    text_doc = torch.zeros(B, T, dtype=torch.long)
+    text_pos = torch.zeros(B, T, dtype=torch.long)
+    doc_counter = 0
+    for b, lens in enumerate(doc_lens):
+        start = 0
+        for length in lens:
+            doc_start[b, start] = True
+            text_doc[b, start : start + length] = doc_counter
+            text_pos[b, start : start + length] = torch.arange(length)
+            doc_counter += 1
+            start += length
+    window_start = doc_start.clone()
+    window_start[image_rows, insertion_points] = True
+    text_window = torch.cumsum(window_start.flatten().long(), 0).view(B, T) - 1
+    image_window = text_window[image_rows, insertion_points]
+    layout = Layout(
+        batch_size=B,
+        seq_len=T,
+        tokens_per_image=tokens_per_image,
+        text_window=text_window,
+        text_doc=text_doc,
+        text_pos=text_pos,
+        image_row=image_rows,
+        image_point=insertion_points,
+        image_window=image_window,
+        single_doc_rows=all(len(lens) == 1 for lens in doc_lens),
+    )
+    return layout if device is None else layout.to(device)
+
+
+@dataclass
+class Splice:
+    """Where text and image tokens land in the `insertion` variant's spliced rows."""
+
+    text_index: torch.Tensor  # [B, T] position of each text token in its spliced row
+    image_row: torch.Tensor  # [N_img * n] spliced row of each image token
+    image_index: torch.Tensor  # [N_img * n] position of each image token in that row
+    layout: Layout  # text-only layout of the spliced rows (documents, positions)
+
+
+def build_splice(
+    seq_len: int,
+    doc_lens: list[list[int]],
+    image_rows: torch.Tensor,
+    insertion_points: torch.Tensor,
+    tokens_per_image: int,
+    device=None,
+) -> Splice:
+    """Image tokens spliced before their insertion point; documents grow by
+    the image tokens they hold; spliced rows are padded at the end with one
+    padding document."""
+    B, T, n = len(doc_lens), seq_len, tokens_per_image
+    image_rows = image_rows.long().cpu()
+    points = insertion_points.long().cpu()
+    before = torch.zeros(B, T + 1, dtype=torch.long)  # images inserted at each point
+    before.index_put_((image_rows, points), torch.ones_like(points), accumulate=True)
+    shift = torch.cumsum(before[:, :T], dim=1) * n  # image tokens at or before each text token
+    text_index = torch.arange(T)[None] + shift
+    rank = torch.zeros_like(points)  # index of each image within its row
+    for b in range(B):
+        sel = image_rows == b
+        rank[sel] = torch.arange(int(sel.sum()))
+    first = points + rank * n
+    image_index = (first[:, None] + torch.arange(n)[None]).flatten()
+    lengths = T + torch.bincount(image_rows, minlength=B) * n
+    S = int(lengths.max())
+    spliced_docs = []
+    for b, lens in enumerate(doc_lens):
+        row_pts = points[image_rows == b]
+        docs, start = [], 0
+        for length in lens:
+            in_doc = int(((row_pts >= start) & (row_pts < start + length)).sum())
+            docs.append(length + in_doc * n)
+            start += length
+        if S > int(lengths[b]):
+            docs.append(S - int(lengths[b]))
+        spliced_docs.append(docs)
+    empty = torch.zeros(0, dtype=torch.long)
+    layout = build_layout(S, spliced_docs, empty, empty, n)
+    splice = Splice(text_index, image_rows.repeat_interleave(n), image_index, layout)
+    if device is not None:
+        splice = Splice(splice.text_index.to(device), splice.image_row.to(device),
+                        splice.image_index.to(device), layout.to(device))
+    return splice

@@ -1,0 +1,107 @@
+"""Llama / Qwen2-family building blocks: RMSNorm, RoPE, attention, SwiGLU.
+
+Parameter names follow Hugging Face (`q_proj`, `gate_proj`, ...) so that
+checkpoint loading is a rename of prefixes, not of every tensor. RoPE uses
+the "rotate half" convention of those checkpoints and is computed from
+explicit positions, so text positions can skip image tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from casa.core.attention import cached_attend, causal_attend
+from casa.core.layout import Layout
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, *, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+@dataclass
+class Rotary:
+    """cos/sin of RoPE for a set of positions, `[..., head_dim]`."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @classmethod
+    def at(cls, positions: torch.Tensor, *, head_dim: int, theta: float, dtype=torch.float32) -> "Rotary":
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+        angles = positions.float()[..., None] * inv_freq
+        angles = torch.cat([angles, angles], dim=-1)
+        return cls(angles.cos().to(dtype), angles.sin().to(dtype))
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate `x: [..., H, D]` whose leading dims match the positions'."""
+        cos, sin = self.cos[..., None, :].to(x.dtype), self.sin[..., None, :].to(x.dtype)  # as HF does
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """q/k/v/o projections with grouped-query heads; `forward` is causal text SA.
+
+    Fusion layers reuse this class for their own projections (so that they
+    can be initialised by copying a block's SA), and the `_shared` variants
+    reuse the block's instance itself.
+    """
+
+    def __init__(self, *, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, qkv_bias: bool = False):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+
+    def q(self, x):
+        return rearrange(self.q_proj(x), "... (h d) -> ... h d", h=self.n_heads)
+
+    def kv(self, x):
+        k = rearrange(self.k_proj(x), "... (h d) -> ... h d", h=self.n_kv_heads)
+        v = rearrange(self.v_proj(x), "... (h d) -> ... h d", h=self.n_kv_heads)
+        return k, v
+
+    def out(self, o):
+        return self.o_proj(rearrange(o, "... h d -> ... (h d)"))
+
+    def forward(self, x, *, rotary: Rotary, layout: Layout, backend: str):
+        q = rotary.apply(self.q(x))
+        k, v = self.kv(x)
+        k = rotary.apply(k)
+        return self.out(causal_attend(q, k, v, layout, backend=backend))
+
+    def step(self, x, *, rotary: Rotary, cache, backend: str):
+        """Causal SA of new tokens `x: [1, t, d]` against a `cache.KVCache`, which they join."""
+        q = rotary.apply(self.q(x))
+        k, v = self.kv(x)
+        keys, values, mask = cache.extend(rotary.apply(k), v)
+        return self.out(cached_attend(q, keys, values, mask=mask, backend=backend))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, *, d_model: int, d_ff: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,148 @@
+"""Incremental inference for one stream: images and text arrive over time.
+
+`Session` holds the inference state of docs/design.md §5 and feeds a `CasaModel`
+through `Block.step`:
+
+- `add_images(...)` opens a new window, unless no text arrived since the
+  current window started (consecutive images share a window, as in a batch
+  whose images have the same insertion point). Each fusion layer computes the
+  images' K/V once, here, and keeps them as its window's prefix (for `ca_ffn`
+  from the image tokens as updated by the FFNs of the blocks below, as in the
+  uncached forward). `insertion` instead runs the image tokens through the blocks as
+  part of the stream: they take positions and enter the SA cache.
+- `forward_text(ids)` runs any number of new text tokens (prefill or decode)
+  and returns their logits. The SA cache holds text only (all variants but
+  `insertion`); `casa` fusion layers add the text to their window state.
+- Positions count text tokens only (image keys take the position of the next
+  text token, their insertion point), except in `insertion`.
+
+One stream per session (batch size 1). With `history=History(sink, window)`
+every cache keeps an attention sink plus a sliding window (`cache.py`); for
+`insertion` the window counts image tokens too. The invariant, tested for
+every variant and placement: any split of a document into `add_images` and
+`forward_text` calls gives the logits of one uncached `CasaModel.forward`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from casa.core.lm import Rotary
+from casa.core.model import CasaModel
+from casa.inference.cache import History, KVCache
+from casa.vision.preprocess import check_pixels, preprocess
+
+
+class Session:
+    def __init__(self, model: CasaModel, *, history: History | None = None, backend: str = "auto"):
+        self.model = model
+        self.config = model.config
+        self.history = history
+        self.backend = backend
+        self.insertion = model.config.fusion.variant == "insertion"
+        self.sa = [KVCache(history=history) for _ in model.blocks]
+        self.windows = [KVCache(history=history) if b.fusion is not None else None for b in model.blocks]
+        self.position = 0  # RoPE position of the next token
+        self.text_tokens = 0  # text tokens fed so far
+        self.window_text = 0  # text tokens in the current window
+        self.images = 0  # images fed so far
+        self.last_logits: torch.Tensor | None = None  # logits of the last text token fed
+
+    # ------------------------------------------------------------- helpers
+    @property
+    def _param(self) -> torch.Tensor:
+        return self.model.embed.weight
+
+    def _rotary(self, positions: torch.Tensor) -> Rotary:
+        lm = self.config.lm
+        return Rotary.at(positions, head_dim=lm.head_dim, theta=lm.rope_theta)
+
+    def _run_blocks(self, h: torch.Tensor) -> torch.Tensor:
+        t = h.shape[1]
+        positions = torch.arange(self.position, self.position + t, device=h.device)[None]
+        rotary = self._rotary(positions)
+        for block, sa, window in zip(self.model.blocks, self.sa, self.windows):
+            h = block.step(h, rotary=rotary, sa_cache=sa, window=window, backend=self.backend)
+        self.position += t
+        return h
+
+    # -------------------------------------------------------------- images
+    @torch.inference_mode()
+    def add_images(self, images) -> None:
+        """Images as PIL images, uint8 arrays or paths (preprocessed with the
+        model's vision config), or a float pixel tensor `[N, C, S, S]`."""
+        vc = self.config.vision
+        if torch.is_tensor(images):
+            check_pixels(images, vc, "Session.add_images")
+            pixels = images
+        else:
+            pixels = preprocess(images, vc)
+        pixels = pixels.to(self._param.device, self._param.dtype)
+        self.add_image_embeds(self.model.vision(pixels))
+
+    @torch.inference_mode()
+    def add_image_embeds(self, embeds: torch.Tensor) -> None:
+        """Precomputed LM-width image tokens `[N, n, d]` (or one image, `[n, d]`)."""
+        if embeds.dim() == 2:
+            embeds = embeds[None]
+        n, d = self.model.tokens_per_image, self.config.lm.d_model
+        if embeds.dim() != 3 or tuple(embeds.shape[1:]) != (n, d) or not embeds.is_floating_point():
+            raise ValueError(f"Session.add_image_embeds: got shape {tuple(embeds.shape)} "
+                             f"({embeds.dtype}), expected floats [N, {n}, {d}]")
+        if embeds.shape[0] == 0:
+            return
+        embeds = embeds.to(self._param.device, self._param.dtype)
+        self.images += embeds.shape[0]
+        if self.insertion:
+            self._run_blocks(embeds.reshape(1, -1, d))
+            self.window_text = 0
+            return
+        if self.window_text:  # text since the window started: this image opens a new one
+            for w in self.windows:
+                if w is not None:
+                    w.reset()
+            self.window_text = 0
+        tokens = embeds.reshape(-1, d)
+        image_rotary = self._rotary(torch.full((tokens.shape[0],), self.position, device=tokens.device))
+        update = self.config.fusion.variant == "ca_ffn"
+        for block, window in zip(self.model.blocks, self.windows):
+            if window is not None:
+                k, v = block.fusion.image_kv(tokens, norm=block.fusion_norm(), sa=block.attn,
+                                             image_rotary=image_rotary)
+                window.add_prefix(k[None], v[None])
+            if update:
+                tokens = tokens + block.mlp(block.n2(tokens))
+
+    # ---------------------------------------------------------------- text
+    @torch.inference_mode()
+    def forward_text(self, ids) -> torch.Tensor:
+        """Logits `[t, vocab]` of `t >= 1` new text tokens (a list or 1-D tensor of ids)."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self._param.device).reshape(-1)
+        if ids.numel() == 0:
+            raise ValueError("Session.forward_text: no token ids")
+        vocab = self.config.lm.vocab_size
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise ValueError(f"Session.forward_text: token ids out of range [0, {vocab}): {ids.tolist()[:10]}")
+        h = self._run_blocks(self.model.embed(ids)[None])
+        self.text_tokens += ids.numel()
+        self.window_text += ids.numel()
+        logits = self.model.lm_head(self.model.norm(h))[0]
+        self.last_logits = logits[-1]
+        return logits
+
+    # ---------------------------------------------------------- accounting
+    def kv_tokens(self) -> int:
+        """Tokens held per layer: the SA cache's plus the largest fusion window
+        state (image tokens + window text); i.e. what one attention layer of
+        each kind holds, as the paper counts its KV cache."""
+        sa = max((c.tokens for c in self.sa), default=0)
+        fusion = max((w.tokens for w in self.windows if w is not None), default=0)
+        return sa + fusion
+
+    def cache_bytes(self) -> int:
+        """Bytes of all keys/values held, every layer."""
+        return sum(c.nbytes for c in self.sa) + sum(w.nbytes for w in self.windows if w is not None)
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the cache buffers, spare capacity included."""
+        return sum(c.allocated_bytes for c in self.sa) + sum(w.allocated_bytes for w in self.windows if w is not None)

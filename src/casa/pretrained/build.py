@@ -1,0 +1,251 @@
+"""`casa build`: a CASA VLM from a local Hugging Face causal LM and a vision encoder.
+
+Design decisions:
+- The model is built on the meta device, given storage once in the requested
+  dtype (and device), then filled tensor by tensor from the memory-mapped
+  checkpoints: the LM from its directory (`hf.load_lm_weights`), the encoder
+  from its (`hf_vision.load_vision_weights`). Peak memory is the model plus
+  one tensor, whatever the checkpoint sizes. What no checkpoint holds is new:
+  the projector (fresh init), and the fusion layers, copies of their block's
+  SA when `init_from_sa` (the paper's init), fresh otherwise.
+- Tokenizer and chat template come from the LM directory. The tokens around an
+  image are read off the template itself: a probe conversation with one image
+  part is rendered and the special tokens the template puts in its place are
+  taken, the first as the image prefix and the last as the gist token (Qwen:
+  `<|vision_start|>` ... `<|vision_end|>`; a single placeholder such as
+  `<|image|>` becomes the gist token). A template that ignores image parts (a
+  text-only LM) falls back to known pairs present in the vocabulary; with
+  none, or with a marker the vocabulary does not hold as one token, the build
+  stops with an error naming the tokens.
+- The freeze policy (`freeze_lm`, `vision_trainable_blocks`) is applied to
+  the returned model and recorded in config.json's "build" section; trainable
+  are the fusion layers, the projector, the last k encoder blocks with what
+  follows them (and the LM unless frozen).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from casa.config import FusionConfig, ModelConfig, VisionConfig
+from casa.core.model import CasaModel, _init_weights
+from casa.pretrained.directory import empty_model, save_pretrained
+from casa.pretrained.hf_lm import lm_config_from_hf, load_lm_weights
+from casa.weights import materialize, meta_parameters
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# (prefix, gist) pairs tried when the chat template renders no image tokens
+KNOWN_IMAGE_TOKENS = (("<|vision_start|>", "<|vision_end|>"), ("<|image_start|>", "<|image_end|>"),
+                      ("<img>", "</img>"))
+_MARKER_RE = re.compile(r"<\|[^<>|\s]+\|>|</?[A-Za-z_][^<>\s]*>")
+
+
+@dataclass
+class BuildConfig:
+    lm: str
+    vision: str | None = None  # None: the built-in ViT, trained from scratch
+    fusion: str = "casa"
+    placement: str = "parallel"
+    every: int = 1
+    layers: list[int] | None = None
+    init_from_sa: bool = True
+    text_keys: bool = True
+    freeze_lm: bool = True
+    vision_trainable_blocks: int = 2  # -1: whole encoder trainable
+    dtype: str = "auto"  # auto: the LM checkpoint's
+    token_reduction: str = "none"
+    reduction_factor: int = 2
+    image_size: int | None = None  # Qwen2.5-VL: free (multiple of 28); SigLIP/CLIP: must be the model's
+    tokenizer: str = "lm"  # "lm" (the LM directory's), "byte", or a tokenizer directory
+    image_prefix: str | None = None  # default: from the chat template
+    gist_token: str | None = None  # default: from the chat template
+    gist: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Built:
+    model: CasaModel
+    tokenizer: object
+    processor: dict  # gist / gist_token / image_prefix
+    config: BuildConfig
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def _single_token(tokenizer, text: str) -> bool:
+    try:
+        i = tokenizer.token_id(text)
+    except KeyError:
+        return False
+    return tokenizer.encode(text, specials=True) == [i]
+
+
+def image_tokens_from_template(tokenizer) -> tuple[str | None, str | None]:
+    """(image prefix, gist token) that the tokenizer's chat template puts around an image."""
+    where = f"tokenizer {str(getattr(tokenizer, 'path', ''))!r}"
+    a, b = "\ue001", "\ue002"
+    probe = [{"role": "user", "content": [{"type": "text", "text": a}, {"type": "image"},
+                                          {"type": "text", "text": b}]}]
+    try:
+        rendered = tokenizer.tok.apply_chat_template(probe, tokenize=False)
+    except Exception:  # noqa: BLE001 - a text-only template may choke on content lists
+        rendered = ""
+    span = rendered[rendered.index(a) + 1: rendered.index(b)] if a in rendered and b in rendered else ""
+    markers = _MARKER_RE.findall(span)
+    if markers:
+        bad = [m for m in markers if not _single_token(tokenizer, m)]
+        if bad:
+            raise ValueError(f"{where}: its chat template renders an image as {span!r}, but the vocabulary "
+                             f"has no single token for {bad}")
+        return (None, markers[0]) if len(markers) == 1 else (markers[0], markers[-1])
+    for pre, post in KNOWN_IMAGE_TOKENS:
+        if _single_token(tokenizer, pre) and _single_token(tokenizer, post):
+            return pre, post
+    return None, None
+
+
+def resolve_tokenizer(cfg: BuildConfig, vocab_size: int):
+    """(tokenizer, processor settings) for the build, or a ValueError saying what is missing."""
+    from casa.pretrained.tokenizer import ByteTokenizer, HFTokenizer
+
+    if cfg.tokenizer == "byte":
+        tok, pre, gist = ByteTokenizer(), None, "<|gist|>"
+    else:
+        path = Path(cfg.lm if cfg.tokenizer == "lm" else cfg.tokenizer)
+        if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
+            raise ValueError(f"{str(path)!r} has no tokenizer (tokenizer.json / tokenizer_config.json); "
+                             "pass --tokenizer DIR, or --tokenizer byte for the built-in byte tokenizer")
+        tok = HFTokenizer(path)
+        pre, gist = image_tokens_from_template(tok) if tok.chat_template else (None, None)
+    pre = cfg.image_prefix if cfg.image_prefix is not None else pre
+    gist = cfg.gist_token if cfg.gist_token is not None else gist
+    if cfg.gist and gist is None:
+        raise ValueError(f"tokenizer {cfg.tokenizer if cfg.tokenizer != 'lm' else cfg.lm!r}: its chat template "
+                         f"marks no image and it has none of the image tokens {list(KNOWN_IMAGE_TOKENS)}; "
+                         "pass --gist-token (and --image-prefix) naming tokens of its vocabulary, or --no-gist")
+    for name, token in (("image prefix", pre), ("gist token", gist if cfg.gist else None)):
+        if token is not None and not _single_token(tok, token):
+            raise ValueError(f"tokenizer has no single token {token!r} for the {name}")
+    if tok.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the LM's vocab_size is {vocab_size}")
+    return tok, {"gist": cfg.gist, "gist_token": gist or "<|gist|>", "image_prefix": pre}
+
+
+# ----------------------------------------------------------------------------- model
+def _dtype(cfg: BuildConfig) -> torch.dtype:
+    name = cfg.dtype
+    if name == "auto":
+        hf = json.loads((Path(cfg.lm) / "config.json").read_text())
+        name = hf.get("dtype") or hf.get("torch_dtype") or (hf.get("text_config") or {}).get("dtype") or "float32"
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r}: expected one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[name]
+
+
+def model_config(cfg: BuildConfig) -> ModelConfig:
+    from casa.vision.hf import vision_config_from_hf
+
+    lm = lm_config_from_hf(cfg.lm)
+    reduction = dict(token_reduction=cfg.token_reduction, reduction_factor=cfg.reduction_factor)
+    if cfg.vision:
+        size = {"image_size": cfg.image_size} if cfg.image_size else {}
+        vision = vision_config_from_hf(cfg.vision, **reduction, **size)
+    else:
+        vision = VisionConfig(**reduction, **({"image_size": cfg.image_size} if cfg.image_size else {}))
+    fusion = FusionConfig(variant=cfg.fusion, placement=cfg.placement, every=cfg.every, layers=cfg.layers,
+                          init_from_sa=cfg.init_from_sa, text_keys=cfg.text_keys)
+    return ModelConfig(lm=lm, vision=vision, fusion=fusion)
+
+
+def load_parts(config: ModelConfig, lm_dir, *, dtype: torch.dtype = torch.float32, device=None) -> CasaModel:
+    """A CasaModel filled from the LM checkpoint `lm_dir` and, for kind="hf", the encoder's.
+
+    Built on the meta device and loaded lazily (see the module docstring).
+    """
+    from casa.core.fusion import FusionLayer
+    from casa.vision.hf import load_vision_weights
+    from casa.vision.tower import Projector
+    from casa.vision.vit import ViT
+
+    model = empty_model(config)
+    materialize(model, dtype=dtype, device=device)
+    load_lm_weights(model, lm_dir)  # fills the LM; copies SA into fusion layers when init_from_sa
+    to = dict(dtype=dtype, device=device or "cpu")
+    vision = model.vision
+    if config.vision.kind == "hf":
+        load_vision_weights(vision.encoder, config.vision.path)
+    else:
+        vision.encoder = ViT(config.vision).to(**to)
+    vision.projector = Projector(in_dim=vision.reduced_width, out_dim=config.lm.d_model).to(**to)
+    if not config.fusion.init_from_sa:  # fresh fusion layers, initialised as CasaModel does
+        for block in model.blocks:
+            if block.fusion is not None:
+                block.fusion = FusionLayer(lm=config.lm, fusion=config.fusion,
+                                           own_norm=config.fusion.placement != "replace")
+                block.fusion.apply(_init_weights)
+                block.fusion.to(**to)
+    left = meta_parameters(model)
+    if left:
+        raise RuntimeError(f"load_parts: parameters left unloaded: {left[:10]}")
+    return model
+
+
+def apply_freeze(model: CasaModel, *, freeze_lm: bool, vision_trainable_blocks: int) -> dict:
+    """Set requires_grad by the policy; returns trainable / total parameter counts."""
+    fusion = {id(p) for p in model.fusion_parameters()}
+    for name, p in model.named_parameters():
+        if not name.startswith("vision."):
+            p.requires_grad_(not freeze_lm or id(p) in fusion)
+    model.vision.freeze_encoder(vision_trainable_blocks)
+    model.vision.projector.requires_grad_(True)
+    params = list(model.parameters())
+    return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params)}
+
+
+def build(cfg: BuildConfig, *, device=None) -> Built:
+    """Build (not save) the model, its tokenizer and processor settings."""
+    config = model_config(cfg)
+    tokenizer, processor = resolve_tokenizer(cfg, config.lm.vocab_size)
+    model = load_parts(config, cfg.lm, dtype=_dtype(cfg), device=device)
+    apply_freeze(model, freeze_lm=cfg.freeze_lm, vision_trainable_blocks=cfg.vision_trainable_blocks)
+    return Built(model, tokenizer, processor, cfg)
+
+
+def save_built(built: Built, out, *, max_shard_size="2GB") -> Path:
+    record = {k: v for k, v in asdict(built.config).items() if k != "extra"}
+    record["dtype"] = str(next(built.model.parameters()).dtype).removeprefix("torch.")
+    return save_pretrained(built.model, out, tokenizer=built.tokenizer, processor=built.processor,
+                           extra={"build": record, **built.config.extra}, max_shard_size=max_shard_size)
+
+
+def read_policy(path) -> dict:
+    """The freeze policy recorded by `casa build` in a model directory (empty if none)."""
+    from casa.pretrained.directory import read_config
+
+    b = read_config(path).get("build", {})
+    return {k: b[k] for k in ("freeze_lm", "vision_trainable_blocks") if k in b}
+
+
+def run(cfg: BuildConfig, out, *, max_shard_size="2GB", quiet: bool = False) -> Path:
+    """`casa build`: build, save, print a summary."""
+    built = build(cfg)
+    path = save_built(built, out, max_shard_size=max_shard_size)
+    if not quiet:
+        m = built.model
+        counts = {"trainable": sum(p.numel() for p in m.parameters() if p.requires_grad),
+                  "total": sum(p.numel() for p in m.parameters())}
+        fused = [i for i, b in enumerate(m.blocks) if b.fusion is not None]
+        print(f"built {cfg.fusion} ({cfg.placement}) on blocks {fused} of {len(m.blocks)}; "
+              f"vision {m.config.vision.kind} {m.config.vision.image_size}px -> {m.tokens_per_image} tokens; "
+              f"{counts['trainable']:,} of {counts['total']:,} parameters trainable "
+              f"(LM {'frozen' if cfg.freeze_lm else 'trainable'}, last {cfg.vision_trainable_blocks} vision blocks); "
+              f"image prefix {built.processor['image_prefix']!r}, gist {built.processor['gist_token']!r}",
+              file=sys.stderr)
+        print(f"wrote {path}")
+    return path

@@ -1,0 +1,245 @@
+"""casa's own model directory: one directory is one model, for `casa eval`,
+`casa caption`, `casa train` (init) and Python alike.
+
+Layout:
+- `config.json`: `{"casa_format": "casa-v1", "model": ModelConfig,
+  "processor": {gist, gist_token, image_prefix}, ...extra}`;
+- `model.safetensors`, or above `max_shard_size` the Hugging Face sharded
+  layout (`model-0000k-of-0000n.safetensors` + `model.safetensors.index.json`);
+- `vision/` for a transformers vision encoder: its config only (weights are
+  in the model's safetensors), so the directory is self-contained: the
+  saved `vision.path` is `"vision"`, resolved against the directory on load;
+- the tokenizer (`tokenizer.save`).
+
+Design decisions:
+- Writes are atomic: everything goes to a temporary sibling directory that is
+  renamed into place, and an existing directory is only replaced once the new
+  one is complete, so a crash never leaves a half-written model behind.
+- Tied tensors (lm_head = embeddings) are stored once, under the first name.
+- Loading builds the structure on the meta device and fills it tensor by
+  tensor from the memory-mapped files, in the requested dtype and directly on
+  the requested device: peak memory is the model plus one tensor. Names and
+  shapes are checked first; a mismatch is a ValueError naming the tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import namedtuple
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from casa.config import ModelConfig
+from casa.core.model import CasaModel
+from casa.vision.hf import structure_only
+from casa.weights import (
+    check_shapes,
+    copy_safetensors,
+    empty_parameters,
+    materialize,
+    meta_parameters,
+    weight_files,
+)
+
+FORMAT = "casa-v1"
+DEFAULT_SHARD = "2GB"
+PROCESSOR_DEFAULTS = {"gist": True, "gist_token": "<|gist|>", "image_prefix": None}
+VISION_DIR = "vision"
+Loaded = namedtuple("Loaded", "model tokenizer processor")
+
+
+# ----------------------------------------------------------------------------- save
+def parse_size(size) -> int:
+    """Bytes from an int or a string like "500MB", "2GB", "1.5GiB"."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(size), re.I)
+    if not m:
+        raise ValueError(f"max_shard_size={size!r}: expected bytes or a size like '2GB'")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** "_KMGT".index(m.group(2).upper() or "_"))
+
+
+def _unique_tensors(model) -> dict[str, torch.Tensor]:
+    """state_dict with each shared storage once (first name wins, e.g. embed.weight before lm_head.weight)."""
+    out, seen = {}, set()
+    for name, t in model.state_dict().items():
+        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape)) if t.numel() else name
+        if key not in seen:
+            seen.add(key)
+            out[name] = t
+    return out
+
+
+def _write_weights(tensors: dict[str, torch.Tensor], out: Path, max_bytes: int) -> None:
+    shards, size = [[]], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+
+    def write(names, file):
+        save_file({n: tensors[n].detach().cpu().contiguous() for n in names}, str(out / file),
+                  metadata={"format": "pt"})
+
+    if len(shards) == 1:
+        write(shards[0], "model.safetensors")
+        return
+    weight_map = {}
+    for i, names in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        write(names, file)
+        weight_map.update({n: file for n in names})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total, "format": FORMAT}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def processor_config(processor) -> dict:
+    """The settings of a `data.Processor` (or a dict of them) as saved in config.json."""
+    if processor is None:
+        return {}
+    if isinstance(processor, dict):
+        unknown = set(processor) - set(PROCESSOR_DEFAULTS)
+        if unknown:
+            raise ValueError(f"processor settings: unknown keys {sorted(unknown)}; known: {sorted(PROCESSOR_DEFAULTS)}")
+        return {**PROCESSOR_DEFAULTS, **processor}
+    gist = getattr(processor, "gist", None)
+    return {"gist": gist is not None, "gist_token": gist or PROCESSOR_DEFAULTS["gist_token"],
+            "image_prefix": getattr(processor, "image_prefix", None)}
+
+
+def save_pretrained(model: CasaModel, path, *, tokenizer=None, extra: dict | None = None, processor=None,
+                    max_shard_size=DEFAULT_SHARD) -> Path:
+    """Write `model` (+ tokenizer, processor settings, `extra` config keys) as one directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model_cfg = model.config.to_dict()
+        if model.config.vision.kind == "hf":
+            model.vision.encoder.save_config(tmp / VISION_DIR)
+            model_cfg["vision"]["path"] = VISION_DIR
+        config = {"casa_format": FORMAT, "model": model_cfg, **(extra or {})}
+        if processor is not None:
+            config["processor"] = processor_config(processor)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        _write_weights(_unique_tensors(model), tmp, parse_size(max_shard_size))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+# ----------------------------------------------------------------------------- load
+def read_config(path) -> dict:
+    path = Path(path)
+    file = path / "config.json"
+    if not path.is_dir() or not file.is_file():
+        raise ValueError(f"{str(path)!r} is not a casa model directory (no config.json)")
+    try:
+        config = json.loads(file.read_text())
+    except ValueError as e:
+        raise ValueError(f"{str(file)!r}: not valid JSON ({e})") from e
+    if config.get("casa_format") != FORMAT:
+        raise ValueError(f"{str(path)!r} is not a casa model directory "
+                         f"(config.json has casa_format={config.get('casa_format')!r}, expected {FORMAT!r})")
+    return config
+
+
+def model_config(path) -> ModelConfig:
+    """The ModelConfig of a casa directory, its vision directory resolved against `path`."""
+    d = json.loads(json.dumps(read_config(path)["model"]))
+    vision = d.get("vision", {})
+    if vision.get("kind") == "hf" and vision.get("path") and not os.path.isabs(vision["path"]):
+        vision["path"] = str(Path(path) / vision["path"])
+    return ModelConfig.from_dict(d)
+
+
+def processor_settings(path_or_config) -> dict:
+    """gist / gist_token / image_prefix of a model directory: its "processor" section,
+    else those of its "train" section (trainer checkpoints), else the defaults."""
+    config = path_or_config if isinstance(path_or_config, dict) else read_config(path_or_config)
+    section = config.get("processor") or {k: v for k, v in config.get("train", {}).items() if k in PROCESSOR_DEFAULTS}
+    return {**PROCESSOR_DEFAULTS, **section}
+
+
+def _stored_dtype(files: dict[str, Path]) -> torch.dtype:
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+    for name, file in files.items():
+        with safe_open(file, framework="pt") as f:
+            dt = f.get_slice(name).get_dtype()
+        if dt in names:
+            return names[dt]
+    return torch.float32
+
+
+def empty_model(config: ModelConfig) -> CasaModel:
+    """A CasaModel whose parameters are on the meta device (nothing allocated, nothing loaded)."""
+    with empty_parameters(), structure_only():
+        return CasaModel(config)
+
+
+def from_pretrained(path, *, dtype: torch.dtype | None = None, device=None) -> CasaModel:
+    """Load a casa model directory (dtype: the stored one unless given), in eval mode."""
+    path = Path(path)
+    model = empty_model(model_config(path))
+    try:
+        files = weight_files(path)
+    except FileNotFoundError as e:
+        raise ValueError(f"{str(path)!r}: no model weights ({e})") from None
+    where = f"from_pretrained({str(path)!r})"
+    groups: dict[int, list[str]] = {}  # one entry per tensor object: all its names (ties)
+    tensors = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(t), []).append(name)
+        tensors[id(t)] = t
+    missing = [names[0] for names in groups.values() if not any(n in files for n in names)]
+    unexpected = sorted(set(files) - {n for names in groups.values() for n in names})
+    if missing or unexpected:
+        raise ValueError(f"{where}: checkpoint does not match the config; missing tensors {missing[:10]} "
+                         f"({len(missing)} in all), unexpected tensors {unexpected[:10]} ({len(unexpected)} in all)")
+    stored = {next(n for n in names if n in files): key for key, names in groups.items()}
+    check_shapes({n: tensors[k] for n, k in stored.items()}, files, where)
+    materialize(model, dtype=dtype or _stored_dtype(files), device=device)
+    by_name = model.state_dict(keep_vars=True)
+    copy_safetensors({n: by_name[n] for n in stored}, files)
+    left = meta_parameters(model)
+    if left:  # a bug, never the user's fault: every parameter has a stored tensor
+        raise RuntimeError(f"{where}: parameters left unloaded: {left[:10]}")
+    if device is not None:
+        model.to(device)  # buffers
+    return model.eval()
+
+
+def load(path, *, dtype: torch.dtype | None = None, device=None) -> Loaded:
+    """(model, tokenizer, processor) of a model directory, ready for generation."""
+    from casa.data import Processor
+    from casa.pretrained.tokenizer import load_tokenizer
+
+    model = from_pretrained(path, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(path)
+    settings = processor_settings(path)
+    processor = Processor(tokenizer, model.config.vision, gist=settings["gist"], gist_token=settings["gist_token"],
+                          image_prefix=settings["image_prefix"])
+    return Loaded(model, tokenizer, processor)

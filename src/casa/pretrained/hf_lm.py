@@ -1,0 +1,242 @@
+"""Hugging Face causal-LM checkpoints (Llama / Qwen2 / Mistral) in and out of CasaModel.
+
+Design decisions:
+- No transformers import: `config.json` is read as JSON and the weights with
+  `safetensors.safe_open`, so loading needs only the core dependencies.
+- Strict, like `ModelConfig`: a checkpoint feature we do not implement
+  (rope scaling, sliding window, non-SiLU MLP, biases our layers lack) is a
+  ValueError naming it, never a silently different model.
+- `load_lm_weights` checks everything first (names, then shapes read from the
+  safetensors headers) and only then copies, tensor by tensor from the
+  memory-mapped files, into the existing parameters: a failed load leaves the
+  model untouched and the peak extra memory is one tensor.
+- Only LM parameters are mapped; the vision tower and the fusion layers are
+  not in a text checkpoint. Fusion layers are re-initialised from the loaded
+  SA when `fusion.init_from_sa` is set.
+- A Qwen2.5-VL directory also serves as an LM: its text model is a Qwen2
+  decoder whose M-RoPE, with the 1-D text positions CASA gives it (images
+  take no positions), is exactly the standard RoPE. Its `visual.` tensors are
+  skipped here (`hf_vision` reads them); both tensor namings are accepted
+  (`model.layers.` as on the hub, `model.language_model.layers.`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from casa.config import FusionConfig, LMConfig, ModelConfig, VisionConfig
+from casa.core.model import CasaModel
+from casa.weights import check_shapes, copy_safetensors, weight_files
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM",
+                           "Qwen2_5_VLForConditionalGeneration")
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+_VL = "Qwen2_5_VLForConditionalGeneration"
+_VISUAL_PREFIXES = ("visual.", "model.visual.")
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
+
+
+# ----------------------------------------------------------------------------- config
+def _read_config(path) -> dict:
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{str(path)!r}: no config.json (expected a Hugging Face model directory)")
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {str(file)!r}: {e}") from e
+
+
+def _rope_theta(hf: dict, where: str, *, mrope_ok: bool = False) -> float:
+    """transformers 5 writes `rope_parameters`; older files `rope_theta` + `rope_scaling`.
+    `mrope_ok`: M-RoPE is accepted (1-D positions make it standard RoPE)."""
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict) and "full_attention" in params:  # per-layer-type layout
+        params = params["full_attention"]
+    if not isinstance(params, dict):
+        params = hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type"))
+    if mrope_ok and rope_type == "mrope":
+        rope_type = None
+    if rope_type not in (None, "default"):
+        raise ValueError(f"{where}: rope type {rope_type!r} is not supported (only default RoPE)")
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    return float(theta)
+
+
+def lm_config_from_hf(path) -> LMConfig:
+    """An LMConfig matching `path`/config.json (Llama, Qwen2, Mistral, or Qwen2.5-VL's text model)."""
+    hf = _read_config(path)
+    where = f"lm_config_from_hf({str(path)!r})"
+    archs = hf.get("architectures") or [_MODEL_TYPES.get(hf.get("model_type"), hf.get("model_type"))]
+    arch = archs[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{where}: architecture {arch!r} is not supported; expected one of {SUPPORTED_ARCHITECTURES}")
+    top = hf
+    if arch == _VL:  # the text model's fields: nested (transformers 5) or flat (hub files)
+        hf = {**{k: v for k, v in top.items() if k != "text_config"}, **(top.get("text_config") or {})}
+        hf["tie_word_embeddings"] = top.get("tie_word_embeddings", hf.get("tie_word_embeddings", False))
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{where}: hidden_act={act!r} is not supported (only 'silu')")
+    if arch == "LlamaForCausalLM":
+        if hf.get("mlp_bias"):
+            raise ValueError(f"{where}: mlp_bias=true is not supported")
+        if hf.get("attention_bias"):  # Llama puts it on o_proj too, which our Attention lacks
+            raise ValueError(f"{where}: attention_bias=true is not supported (o_proj has no bias here)")
+    if arch == "MistralForCausalLM" and hf.get("sliding_window") is not None:
+        raise ValueError(f"{where}: sliding_window={hf['sliding_window']} is not supported "
+                         "(set it to null if your sequences never exceed it)")
+    sliding = hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or [])
+    if arch in ("Qwen2ForCausalLM", _VL) and sliding:
+        raise ValueError(f"{where}: sliding-window attention (use_sliding_window / layer_types) is not supported")
+    heads = hf["num_attention_heads"]
+    return LMConfig(
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim"),
+        d_ff=hf["intermediate_size"],
+        rope_theta=_rope_theta(hf, where, mrope_ok=arch == _VL),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        qkv_bias=arch in ("Qwen2ForCausalLM", _VL),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+# ----------------------------------------------------------------------------- weights
+_weight_files = weight_files  # name kept for callers of the old private helper
+
+
+def _by_file(files: dict[str, Path], names) -> dict[Path, list[str]]:
+    groups: dict[Path, list[str]] = {}
+    for name in names:
+        groups.setdefault(files[name], []).append(name)
+    return groups
+
+
+def _load_tensor(files: dict[str, Path], name: str) -> torch.Tensor:
+    with safe_open(files[name], framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def load_hf_state_dict(path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors checkpoint directory (single file or sharded)."""
+    files = _weight_files(path)
+    out = {}
+    for file, names in _by_file(files, files).items():
+        with safe_open(file, framework="pt") as f:
+            out.update({n: f.get_tensor(n) for n in names})
+    return out
+
+
+def _lm_parameters(model: CasaModel, prefix: str = "model.") -> dict[str, nn.Parameter]:
+    """HF name -> our LM parameter (the two layouts differ only in prefixes)."""
+    out = {prefix + "embed_tokens.weight": model.embed.weight, prefix + "norm.weight": model.norm.weight}
+    for i, b in enumerate(model.blocks):
+        p = f"{prefix}layers.{i}."
+        out[p + "input_layernorm.weight"] = b.n1.weight
+        out[p + "post_attention_layernorm.weight"] = b.n2.weight
+        out.update({p + "self_attn." + n: t for n, t in b.attn.named_parameters()})
+        out.update({p + "mlp." + n: t for n, t in b.mlp.named_parameters()})
+    if model.lm_head.weight is not model.embed.weight:
+        out["lm_head.weight"] = model.lm_head.weight
+    return out
+
+
+def lm_checkpoint_layout(path, names) -> tuple[str, set[str]]:
+    """(prefix of the decoder's tensors, checkpoint tensors that are not the LM's business)."""
+    prefix = "model.language_model." if "model.language_model.embed_tokens.weight" in names else "model."
+    skip = {n for n in names if n.endswith(_IGNORED_SUFFIXES)}
+    arch = (_read_config(path).get("architectures") or [None])[0]
+    if arch == _VL or prefix != "model.":
+        skip |= {n for n in names if n.startswith(_VISUAL_PREFIXES)}
+    return prefix, skip
+
+
+def load_lm_weights(model: CasaModel, path, *, dtype: torch.dtype | None = None) -> CasaModel:
+    """Copy a HF checkpoint into `model`'s LM parameters, in place; returns `model`.
+
+    `dtype`, if given, casts the whole model first; otherwise tensors are cast to
+    the parameters' dtype. A tied model accepts a stored `lm_head.weight` only if
+    it equals the embeddings.
+    """
+    where = f"load_lm_weights({str(path)!r})"
+    files = weight_files(path)
+    prefix, skip = lm_checkpoint_layout(path, files)
+    params = _lm_parameters(model, prefix)
+    names = [n for n in files if n not in skip]
+    tied = model.lm_head.weight is model.embed.weight
+    extra_head = tied and "lm_head.weight" in files
+    missing = sorted(set(params) - set(names))
+    unexpected = sorted(set(names) - set(params) - ({"lm_head.weight"} if extra_head else set()))
+    if missing or unexpected:
+        raise ValueError(f"{where}: checkpoint does not match the model; "
+                         f"missing HF tensors: {missing}; unexpected HF tensors: {unexpected}")
+    check_shapes(params, files, where)
+    if extra_head:
+        head = _load_tensor(files, "lm_head.weight")
+        if not torch.equal(head, _load_tensor(files, prefix + "embed_tokens.weight")):
+            raise ValueError(f"{where}: the model ties lm_head to the embeddings "
+                             f"but the checkpoint's lm_head.weight differs from {prefix}embed_tokens.weight")
+    if dtype is not None:
+        model.to(dtype)
+        params = _lm_parameters(model, prefix)  # robust to `to()` replacing parameter objects
+    copy_safetensors(params, files)
+    if model.config.fusion.init_from_sa:
+        model.init_fusion_from_sa()
+    return model
+
+
+def from_hf_lm(path, *, vision: VisionConfig | None = None, fusion: FusionConfig | None = None,
+               dtype: torch.dtype | None = None) -> CasaModel:
+    """A CasaModel whose LM is the HF checkpoint at `path`; text-only (`insertion`) by default."""
+    config = ModelConfig(lm=lm_config_from_hf(path), vision=vision or VisionConfig(),
+                         fusion=fusion or FusionConfig(variant="insertion"))
+    return load_lm_weights(CasaModel(config), path, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- export
+def save_lm_as_hf(model: CasaModel, path) -> None:
+    """Write the LM as a HF checkpoint: config.json + model.safetensors.
+
+    Layout `LlamaForCausalLM`, or `Qwen2ForCausalLM` when the LM has qkv biases
+    (Llama's `attention_bias` would also bias o_proj). Vision and fusion
+    weights are not written.
+    """
+    lm = model.config.lm
+    arch = "Qwen2ForCausalLM" if lm.qkv_bias else "LlamaForCausalLM"
+    dtype = str(model.embed.weight.dtype).removeprefix("torch.")
+    config = {
+        "architectures": [arch],
+        "model_type": "qwen2" if lm.qkv_bias else "llama",
+        "vocab_size": lm.vocab_size,
+        "hidden_size": lm.d_model,
+        "num_hidden_layers": lm.n_layers,
+        "num_attention_heads": lm.n_heads,
+        "num_key_value_heads": lm.n_kv_heads,
+        "head_dim": lm.head_dim,
+        "intermediate_size": lm.d_ff,
+        "hidden_act": "silu",
+        "rms_norm_eps": lm.norm_eps,
+        "rope_theta": lm.rope_theta,
+        "rope_parameters": {"rope_theta": lm.rope_theta, "rope_type": "default"},
+        "tie_word_embeddings": lm.tie_embeddings,
+        "dtype": dtype,
+    }
+    config.update({"use_sliding_window": False, "sliding_window": None} if lm.qkv_bias
+                  else {"attention_bias": False, "mlp_bias": False})
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {n: p.detach().cpu().contiguous() for n, p in _lm_parameters(model).items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -1,0 +1,100 @@
+"""Implicit-gating analysis of fusion layers (`casa study`).
+
+In a CASA layer a text query spends one softmax over `[window images ;
+window text up to itself]`, so the share of attention mass that goes to image
+keys acts as an input-dependent gate (docs/design.md §1). This module measures it:
+
+- `attention_shares(model, batch)`: runs one forward with the fusion layers'
+  attention recomputed from their q/k and the layout's dense reference mask
+  (`Layout.dense_keys`, `Layout.dense_mask`); per fusion layer, the mean
+  share of mass that text queries put on image keys, on text keys and on
+  their own key. Only queries whose window holds an image count (others
+  have nothing to gate); `answer` restricts to answer tokens.
+- `gate_values(model)`: `tanh(alpha)` of each gated_ca layer (attention and
+  FFN gates), the explicit gates CASA's softmax replaces.
+
+The model's outputs are untouched: each fusion layer's `probe` sees its
+queries and keys just before attention, and is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+
+def _shares(q, k_txt, k_img, layout, text_keys: bool):
+    """Per query `[B, T]`: mass on image keys, on text keys, on itself (head mean), and has-image."""
+    image_index, image_valid, _, _ = layout.dense_keys()
+    K = image_index.shape[1]
+    k = k_img[image_index] if K else q.new_zeros(q.shape[0], 0, k_img.shape[-2], q.shape[-1])
+    if text_keys:
+        k = torch.cat([k, k_txt], dim=1)
+    mask = layout.dense_mask(text_keys)[:, 0]  # [B, T, K(+T)]
+    H, Hkv = q.shape[2], k.shape[2]
+    k = k.repeat_interleave(H // Hkv, dim=2)
+    s = torch.einsum("bthd,bshd->bhts", q.float(), k.float()) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~mask[:, None], float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows without keys: all zero
+    img = p[..., :K].sum(-1).mean(1)
+    txt = p[..., K:].sum(-1).mean(1)
+    self_mass = torch.diagonal(p[..., K:], dim1=-2, dim2=-1).mean(1) if text_keys else torch.zeros_like(img)
+    has_image = mask[..., :K].any(-1)  # [B, T]
+    return img, txt, self_mass, has_image
+
+
+@contextlib.contextmanager
+def _recording(model, records: dict):
+    """Set each fusion layer's probe to record its shares, tagged with the block index."""
+    layers = [(i, b.fusion) for i, b in enumerate(model.blocks) if b.fusion is not None]
+    for i, layer in layers:
+        layer.probe = lambda q, k_txt, k_img, layout, text_keys, i=i: records.setdefault(i, []).append(
+            _shares(q, k_txt, k_img, layout, text_keys))
+    try:
+        yield
+    finally:
+        for _, layer in layers:
+            layer.probe = None
+
+
+@torch.no_grad()
+def attention_shares(model, batch, *, backend: str = "auto") -> dict[int, dict]:
+    """`{block index: {image, text, self, answer_image, answer_text, answer_self, queries}}`.
+
+    Means over text queries that have an image in their window (`answer_*`:
+    over the answer tokens among them, `batch.loss_mask`).
+    """
+    records: dict = {}
+    was_training = model.training
+    model.eval()
+    try:
+        with _recording(model, records):
+            model(batch, backend=backend)
+    finally:
+        model.train(was_training)
+    answer = batch.loss_mask.bool() if batch.loss_mask is not None else None
+    out = {}
+    for layer, calls in records.items():
+        img, txt, slf, has = calls[-1]
+        sel = has
+        row = {"queries": int(sel.sum())}
+        for name, x in (("image", img), ("text", txt), ("self", slf)):
+            row[name] = float(x[sel].mean()) if sel.any() else None
+        if answer is not None:
+            a = sel & answer.to(sel.device)
+            for name, x in (("image", img), ("text", txt), ("self", slf)):
+                row[f"answer_{name}"] = float(x[a].mean()) if a.any() else None
+        out[int(layer)] = row
+    return out
+
+
+def gate_values(model) -> dict[int, dict]:
+    """`{block index: {attn, ffn}}`: tanh of the gated_ca gates (empty for other variants)."""
+    out = {}
+    for i, block in enumerate(model.blocks):
+        f = block.fusion
+        if f is not None and hasattr(f, "attn_gate"):
+            out[i] = {"attn": float(torch.tanh(f.attn_gate).item()), "ffn": float(torch.tanh(f.ffn_gate).item())}
+    return out

@@ -1,0 +1,75 @@
+"""Image preprocessing: Pillow + numpy + torch only.
+
+Design decisions:
+- Convert to RGB, one bicubic resize straight to `image_size` x `image_size`
+  (no crop, the aspect ratio is not kept), scale to [0, 1], normalise with the
+  config's mean / std.
+- `check_pixels` is the one shape/dtype check every consumer of pixels calls.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from casa.config import VisionConfig
+
+
+def _load_image(item, where: str) -> Image.Image:
+    """One input (PIL image, uint8 HxW[xC] array, or path) as a PIL image."""
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8:
+            raise ValueError(f"preprocess: {where}: array dtype is {item.dtype}, expected uint8")
+        if not (item.ndim == 2 or (item.ndim == 3 and item.shape[2] in (1, 3, 4))):
+            raise ValueError(f"preprocess: {where}: array shape is {item.shape}, expected HxW or HxWxC with C in 1, 3, 4")
+        if item.shape[0] == 0 or item.shape[1] == 0:
+            raise ValueError(f"preprocess: {where}: array shape is {item.shape}, the image is empty")
+        return Image.fromarray(item[:, :, 0] if item.ndim == 3 and item.shape[2] == 1 else item)
+    if isinstance(item, (str, os.PathLike)):
+        try:
+            with Image.open(item) as img:
+                img.load()  # decode now, so that a truncated file fails here
+                return img.copy()
+        except Exception as e:  # missing, unreadable, corrupt, truncated, decompression bomb
+            raise ValueError(f"preprocess: {where}: cannot read image file: {e}") from e
+    raise ValueError(f"preprocess: {where}: unsupported type {type(item).__name__}, expected PIL image, uint8 array or path")
+
+
+def preprocess(images, cfg: VisionConfig) -> torch.Tensor:
+    """Images (list of PIL images, uint8 HxWxC arrays or paths) -> float32 [N, C, S, S]."""
+    if isinstance(images, (Image.Image, str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim < 4):
+        images = [images]
+    images = list(images)
+    if not images:
+        raise ValueError("preprocess: got no images")
+    modes = {3: "RGB", 1: "L"}
+    if cfg.channels not in modes:
+        raise ValueError(f"preprocess: channels={cfg.channels} is not supported, expected 1 or 3")
+    if len(cfg.image_mean) != cfg.channels or len(cfg.image_std) != cfg.channels:
+        raise ValueError(f"preprocess: image_mean / image_std must have {cfg.channels} entries")
+    size = cfg.image_size
+    out = np.empty((len(images), size, size, cfg.channels), dtype=np.float32)
+    for i, item in enumerate(images):
+        where = f"image {i}" + (f" ({str(item)!r})" if isinstance(item, (str, os.PathLike)) else "")
+        img = _load_image(item, where).convert(modes[cfg.channels])
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+        out[i] = np.asarray(img, dtype=np.float32).reshape(size, size, cfg.channels) / 255.0
+    mean = np.asarray(cfg.image_mean, dtype=np.float32)
+    std = np.asarray(cfg.image_std, dtype=np.float32)
+    out = (out - mean) / std
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def check_pixels(pixels: torch.Tensor, cfg: VisionConfig, who: str) -> None:
+    """ValueError unless `pixels` is a floating [N, channels, image_size, image_size] tensor."""
+    expected = (cfg.channels, cfg.image_size, cfg.image_size)
+    if not torch.is_tensor(pixels) or pixels.ndim != 4 or tuple(pixels.shape[1:]) != expected:
+        got = tuple(pixels.shape) if torch.is_tensor(pixels) else type(pixels).__name__
+        raise ValueError(f"{who}: pixels have shape {got}, expected [N, {', '.join(map(str, expected))}]")
+    if not pixels.is_floating_point():
+        raise ValueError(f"{who}: pixels have dtype {pixels.dtype}, expected a floating dtype")
