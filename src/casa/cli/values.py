@@ -1,9 +1,20 @@
-"""Parsing of KEY=VALUE command-line items (`--set`, `--difficulty`)."""
+"""Command-line values: KEY=VALUE items (`--set`, `--difficulty`) and the
+argparse types that refuse out-of-range numbers before any work starts.
+
+Design decision: a bad value is refused by argparse itself (exit code 2, a
+one-line message naming the flag and the value), never deep inside a command.
+"""
 
 from __future__ import annotations
 
+import argparse
+import math
+
+__all__ = ["key_values", "non_negative_int", "positive_float", "positive_int", "probability"]
+
 
 def key_values(items) -> dict:
+    """["a=1", "b=x"] -> {"a": 1, "b": "x"} (values parsed as JSON where they are JSON)."""
     import json
 
     out = {}
@@ -16,3 +27,29 @@ def key_values(items) -> dict:
         except ValueError:
             out[key] = value
     return out
+
+
+def _number(kind, text: str, test, expected: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {expected}") from None
+    if (isinstance(value, float) and not math.isfinite(value)) or not test(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {expected}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(int, text, lambda v: v > 0, "a whole number > 0")
+
+
+def non_negative_int(text: str) -> int:
+    return _number(int, text, lambda v: v >= 0, "a whole number >= 0")
+
+
+def positive_float(text: str) -> float:
+    return _number(float, text, lambda v: v > 0, "a finite number > 0")
+
+
+def probability(text: str) -> float:
+    return _number(float, text, lambda v: 0 < v <= 1, "a number in (0, 1]")
