@@ -26,12 +26,13 @@ Design decisions:
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from casa.threads import set_threads
 
 DEMO_MODEL = {
     "lm": {"vocab_size": 264, "d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "d_ff": 352},
@@ -45,17 +46,6 @@ DEMO_TRAIN = {
     "warmup_steps": 100, "min_lr_ratio": 0.05, "weight_decay": 0.01, "grad_clip": 1.0,
     "log_every": 50, "save_every": 500, "keep_last": 1,
 }
-
-
-def _free_cores() -> int:
-    """Cores not busy with other work (OpenMP threads that share a core with
-    another process spin at barriers and can make a step 50x slower)."""
-    n = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(n, int(n - busy + 0.5)))
 
 
 def _say(text: str = "") -> None:
@@ -112,7 +102,7 @@ def run(out="runs/demo", *, retrain: bool = False, steps: int | None = None, eva
 
     t0 = time.perf_counter()
     out = Path(out)
-    torch.set_num_threads(_free_cores())
+    set_threads()
     overrides = {**DEMO_TRAIN, **(train or {}), "out_dir": str(out), "seed": seed}
     if steps is not None:
         overrides["steps"] = steps

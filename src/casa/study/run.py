@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from casa.bench.stream import StreamBench
+from casa.threads import free_cores
 
 TASKS = ("color", "count", "position", "compare", "docvqa", "chartqa", "video")
 CATEGORIES = {"coarse": ("color", "count", "position"), "fine-grained": ("docvqa", "chartqa"),
@@ -120,12 +121,6 @@ class StudyConfig:
 
 def _say(text: str = "") -> None:
     print(text, flush=True)
-
-
-def _free_cores() -> int:
-    from casa.study.demo import _free_cores as free
-
-    return free()
 
 
 # ---------------------------------------------------------------- training
@@ -324,7 +319,7 @@ def run(cfg: StudyConfig) -> dict:
     out = Path(cfg.out)
     run_dir = out / "runs"
     run_dir.mkdir(parents=True, exist_ok=True)
-    threads = cfg.threads or _free_cores()
+    threads = cfg.threads or free_cores()
     torch.set_num_threads(threads)
     seeds = list(range(spec["seeds"]))
     _say(f"casa study ({cfg.size}): {len(cfg.variants)} variants x {len(seeds)} seed(s), "
