@@ -41,3 +41,39 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------- bad-input tests
+def run_casa(*args, cwd=None, timeout=120, env=None):
+    """Run the real `casa` command in a subprocess (as a user would) and return
+    the CompletedProcess (text stdout/stderr)."""
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "CASA_DEBUG": ""}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "casa.cli", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=full_env)
+
+
+def snapshot(*roots) -> dict:
+    """{path: bytes} of every file under `roots` (files or folders), to prove nothing was changed or lost."""
+    from pathlib import Path
+
+    out = {}
+    for root in map(Path, roots):
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
+        out.update({str(p): p.read_bytes() for p in files})
+    return out
+
+
+def assert_user_error(result, *names, before: dict | None = None, after: dict | None = None):
+    """A refused input: non-zero exit, no traceback, a message naming each of
+    `names`, and (given snapshots) every file that existed before unchanged."""
+    assert result.returncode != 0, f"exit 0 for a bad input; stdout: {result.stdout[-500:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    for name in names:
+        assert str(name) in result.stderr, f"{name!r} not named in: {result.stderr[-1000:]}"
+    if before is not None:
+        for path, data in before.items():
+            assert (after or {}).get(path) == data, f"{path} was changed or removed"
