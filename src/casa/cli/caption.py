@@ -51,13 +51,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args) -> int:
+    from casa.inference.sources import open_frames
+    from casa.inference.writers import check_caption_outputs
+
+    if (args.sink is None) != (args.window is None):
+        raise ValueError("--sink and --window go together (bounded history)")
+    # bad paths are refused before torch is imported (these modules do not import it)
+    check_caption_outputs(args.video, args.srt, args.jsonl)
+    frames = open_frames(args.video, fps=args.fps)
+
     from casa.core.layout import History
     from casa.inference.captioner import caption_file
     from casa.inference.generate import EndOfTurnBias, RepetitionPenalty, Sampling
     from casa.threads import set_threads
 
-    if (args.sink is None) != (args.window is None):
-        raise ValueError("--sink and --window go together (bounded history)")
     set_threads(args.threads)
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p)
@@ -80,7 +87,7 @@ def run(args) -> int:
 
     history = History(sink=args.sink, window=args.window) if args.sink is not None else None
     result = caption_file(args.video, checkpoint=args.checkpoint, fps=args.fps, srt=args.srt, jsonl=args.jsonl,
-                          sampling=sampling, processors_fn=processors, history=history,
+                          frames=frames, sampling=sampling, processors_fn=processors, history=history,
                           instruction=args.instruction, allow_size_change=args.allow_size_change, on_caption=show,
                           seed=args.seed)
     skipped = f" ({result.undecodable} undecodable frames skipped)" if result.undecodable else ""

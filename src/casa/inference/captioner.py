@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from casa.core.layout import History
-from casa.files import check_distinct, check_output_file
 from casa.inference.generate import Chat, Sampling
 from casa.inference.session import Session
 from casa.inference.sources import (
@@ -37,7 +36,7 @@ from casa.inference.sources import (
     frame_size,
     open_frames,
 )
-from casa.inference.writers import JsonlWriter, SrtWriter
+from casa.inference.writers import JsonlWriter, SrtWriter, check_caption_outputs
 
 __all__ = ["Caption", "CaptionRun", "Captioner", "caption_file"]
 
@@ -112,9 +111,10 @@ class CaptionRun:
     outputs: list[Path] = field(default_factory=list)  # files written
 
 
-def caption_file(source, *, checkpoint, fps: float | None, srt=None, jsonl=None, sampling: Sampling | None = None,
-                 processors_fn=None, history: History | None = None, instruction: str = "Caption each frame.",
-                 allow_size_change: bool = False, on_caption=None, seed: int = 0) -> CaptionRun:
+def caption_file(source, *, checkpoint, fps: float | None, srt=None, jsonl=None, frames=None,
+                 sampling: Sampling | None = None, processors_fn=None, history: History | None = None,
+                 instruction: str = "Caption each frame.", allow_size_change: bool = False, on_caption=None,
+                 seed: int = 0) -> CaptionRun:
     """Caption a video file or an image folder with a casa model directory.
 
     Args:
@@ -122,6 +122,8 @@ def caption_file(source, *, checkpoint, fps: float | None, srt=None, jsonl=None,
         checkpoint: a casa model directory or a training run (its latest checkpoint).
         fps: frames per second to caption (video: None = every frame; folder: None = 1).
         srt, jsonl: output files (None: not written).
+        frames: the source already opened with `open_frames` (the command does, to
+            refuse a bad video before torch is even imported), else opened here.
         processors_fn: `processor -> [logits processors]`, given the model's processor.
         on_caption: called with each `Caption` as it is made.
     Returns:
@@ -132,9 +134,8 @@ def caption_file(source, *, checkpoint, fps: float | None, srt=None, jsonl=None,
     from casa.pretrained.directory import load
     from casa.pretrained.runs import resolve_model_dir
 
-    srt, jsonl = check_output_file(srt, "--srt"), check_output_file(jsonl, "--jsonl")
-    check_distinct(**{"the video": source, "--srt": srt, "--jsonl": jsonl})
-    frames = open_frames(source, fps=fps)
+    srt, jsonl = check_caption_outputs(source, srt, jsonl)
+    frames = open_frames(source, fps=fps) if frames is None else frames
     try:
         model, _, processor = load(resolve_model_dir(checkpoint))
     except BaseException:
@@ -159,7 +160,7 @@ def caption_file(source, *, checkpoint, fps: float | None, srt=None, jsonl=None,
         kept = [p for p in (w.abandon() for w in writers) if p is not None]
         if isinstance(e, ValueError) and kept:
             raise StreamError(f"{e}; the captions made before it are in {', '.join(map(str, kept))} "
-                              f"(the destination left unchanged)") from None
+                              f"({', '.join(str(w.path) for w in writers)} left as they were)") from None
         raise
     finally:
         getattr(frames, "close", lambda: None)()

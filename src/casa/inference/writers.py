@@ -24,7 +24,9 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
-__all__ = ["JsonlWriter", "SRT_CUE", "SrtWriter", "parse_srt", "srt_time"]
+from casa.files import check_distinct, check_output_file
+
+__all__ = ["JsonlWriter", "SRT_CUE", "SrtWriter", "check_caption_outputs", "parse_srt", "srt_time"]
 
 
 def srt_time(seconds: float) -> str:
@@ -40,6 +42,15 @@ def _cue_text(text: str) -> str:
     """A cue's text: no blank line inside (it would end the cue)."""
     lines = [line.strip() for line in text.replace("\r", "\n").split("\n")]
     return "\n".join(line for line in lines if line)
+
+
+def check_caption_outputs(source, srt, jsonl) -> tuple[Path | None, Path | None]:
+    """Refuse, before any work, outputs that cannot be written (a folder, a parent
+    that is a file, an unwritable place) or that name the same file (each other,
+    or the video). Returns `(srt, jsonl)` as paths (None where not given)."""
+    srt, jsonl = check_output_file(srt, "--srt"), check_output_file(jsonl, "--jsonl")
+    check_distinct(**{"the video": source, "--srt": srt, "--jsonl": jsonl})
+    return srt, jsonl
 
 
 class _Writer:
