@@ -33,6 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from einops import rearrange
 
 __all__ = ["FoldedWindows", "History", "Layout", "Splice", "StreamWindows", "build_layout", "build_splice",
            "cached_mask", "window_starts"]
@@ -282,8 +283,9 @@ def build_layout(
             text_pos[b, start : start + length] = torch.arange(length)
             doc_counter += 1
             start += length
-    text_window = torch.cumsum(window_starts(doc_start, image_rows, insertion_points).flatten().long(), 0)
-    text_window = text_window.view(B, T) - 1
+    # window ids count window starts in flat text order (so windows are contiguous runs of flat text)
+    starts = window_starts(doc_start, image_rows, insertion_points)
+    text_window = rearrange(torch.cumsum(starts.flatten().long(), 0), "(b t) -> b t", b=B) - 1
     image_window = text_window[image_rows, insertion_points]
     layout = Layout(
         batch_size=B,

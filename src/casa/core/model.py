@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from einops import rearrange
 
 from casa.config import FusionConfig, LMConfig, ModelConfig
 from casa.core.batch import Batch
@@ -240,7 +241,7 @@ class CasaModel(nn.Module):
         has_fusion = any(b.fusion is not None for b in self.blocks)
         image_rotary = self.rotary(layout.image_token_attr(layout.image_pos)) if has_fusion else None
         ctx = Context(layout, self.rotary(layout.text_pos), image_rotary, backend)
-        image_tokens = images.reshape(-1, images.shape[-1])  # [N, n, d] -> [N * n, d], image-major
+        image_tokens = rearrange(images, "img tok d -> (img tok) d")  # flat, image-major
         update = self.config.fusion.variant == "ca_ffn"
         for block in self.blocks:
             h, image_tokens = block(h, image_tokens, ctx, update_images=update)
@@ -254,7 +255,7 @@ class CasaModel(nn.Module):
         rows = torch.arange(B, device=text.device)[:, None].expand(B, T)
         h = h.index_put((rows, splice.text_index), text)
         if images.shape[0]:
-            h = h.index_put((splice.image_row, splice.image_index), images.reshape(-1, d))
+            h = h.index_put((splice.image_row, splice.image_index), rearrange(images, "img tok d -> (img tok) d"))
         ctx = Context(splice.layout, self.rotary(splice.layout.text_pos), None, backend)
         for block in self.blocks:
             h, _ = block(h, None, ctx)

@@ -33,6 +33,7 @@ Design decisions:
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 
 from casa.core.layout import History, StreamWindows
 from casa.core.model import CasaModel
@@ -123,7 +124,7 @@ class Session:
             for window in self.windows:
                 if window is not None:
                     window.reset()
-        tokens = embeds.reshape(-1, d)  # [N * n, d], image-major, as the forward flattens them
+        tokens = rearrange(embeds, "img tok d -> (img tok) d")  # flat, image-major, as the forward has them
         if self.insertion:
             self._run_blocks(tokens[None])
             return
