@@ -111,8 +111,8 @@ def test_roundtrip_sharded(tmp_path):
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in m.state_dict().values())
     assert set(weight_files(path)) == set(m.state_dict())
     same(m, from_pretrained(path), batch())
-    # saving again over the directory replaces it whole (no stale shards)
-    save_pretrained(m, path)
+    # saving again over the directory replaces it whole (no stale shards), when asked to
+    save_pretrained(m, path, overwrite=True)
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
 
 

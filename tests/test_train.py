@@ -15,7 +15,9 @@ from safetensors.torch import load_file
 from casa.cli import main
 from casa.pretrained.runs import latest_checkpoint, list_checkpoints
 from casa.training.checkpoint import load_state, save_checkpoint
-from casa.training.trainer import Trainer, load_config, lr_lambda
+from casa.training.config import load_config
+from casa.training.optim import lr_lambda
+from casa.training.trainer import Trainer
 
 TINY = {
     "model": {"lm": {"vocab_size": 264, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64},
@@ -142,11 +144,11 @@ def test_crashed_save_never_becomes_latest(tmp_path, monkeypatch):
     # a crash while writing the trainer state of the next checkpoint
     import casa.training.checkpoint as ck
 
-    def boom(obj, f):
+    def boom(tensors, f, metadata=None):
         Path(f).write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck.torch, "save", boom)
+    monkeypatch.setattr(ck, "save_file", boom)
     tr.step = 2
     with pytest.raises(OSError, match="disk full"):
         tr.save()
@@ -186,7 +188,8 @@ def test_bad_jsonl_line_fails_training_with_file_and_line(tmp_path, capsys):
 RANK_SCRIPT = """
 import sys, torch, torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
-from casa.training.trainer import Trainer, load_config
+from casa.training.config import load_config
+from casa.training.trainer import Trainer
 torch.set_num_threads(1)
 model_cfg, cfg = load_config(sys.argv[1], sys.argv[2:])
 tr = Trainer(model_cfg, cfg, quiet=True)
