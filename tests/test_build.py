@@ -12,12 +12,13 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from casa.cli import main
+from casa.config import FusionConfig
 from casa.core.batch import Batch
 from casa.core.loss import lm_loss
-from casa.config import FusionConfig
-from casa.pretrained.build import BuildConfig, build, image_tokens_from_template, save_built
-from casa.pretrained.freeze import FreezePolicy, apply_freeze, read_policy
+from casa.pretrained.build import build, image_tokens_from_template, save_built
+from casa.pretrained.build_config import BuildConfig
 from casa.pretrained.directory import from_pretrained, processor_settings
+from casa.pretrained.freeze import FreezePolicy, apply_freeze, read_policy
 from casa.pretrained.tokenizer import HFTokenizer, load_tokenizer
 from casa.vision.hf import qwen_patchify
 from casa.vision.preprocess import preprocess
@@ -307,7 +308,8 @@ def test_build_train_save_reload(parts, qwen2_dir, tmp_path, lm):
 PEAK_SCRIPT = r"""
 import gc, json, sys, threading, time
 import torch
-from casa.pretrained.build import BuildConfig, load_parts, model_config
+from casa.pretrained.build import load_parts, model_config
+from casa.pretrained.build_config import BuildConfig
 
 def anon():  # anonymous resident memory: the mmap'd checkpoint's page cache is not counted
     with open("/proc/self/status") as f:

@@ -308,6 +308,8 @@ class FusionConfig:
 
 @dataclass
 class ModelConfig:
+    """Everything a CasaModel needs to be rebuilt: the LM, the vision side, the fusion."""
+
     lm: LMConfig = field(default_factory=LMConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)

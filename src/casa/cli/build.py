@@ -92,12 +92,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args) -> int:
-    from casa.pretrained.build import BuildConfig, run
+    from casa.pretrained.build_config import BuildConfig
+    from casa.pretrained.model_dir import check_model_output
 
+    check_model_output(args.out, "--out", overwrite=args.overwrite)  # before torch is even imported
     cfg = BuildConfig(lm=args.lm, vision=args.vision, fusion=fusion_from_args(args), freeze_lm=not args.train_lm,
                       vision_trainable_blocks=args.vision_trainable_blocks, dtype=args.dtype,
                       token_reduction=args.token_reduction, reduction_factor=args.reduction_factor,
                       image_size=args.image_size, tokenizer=args.tokenizer, image_prefix=args.image_prefix,
                       gist_token=args.gist_token, gist=not args.no_gist)
+    from casa.pretrained.build import run
+
     run(cfg, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     return 0

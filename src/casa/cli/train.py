@@ -35,11 +35,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args) -> int:
     try:
-        from casa.threads import set_threads
+        from casa.files import check_output_dir
         from casa.training.config import load_config
+
+        model_cfg, cfg = load_config(args.config, args.set)  # before importing torch: a bad config fails at once
+        check_output_dir(cfg.out_dir, "train.out_dir")
+        from casa.threads import set_threads
         from casa.training.trainer import train
 
-        model_cfg, cfg = load_config(args.config, args.set)
         if args.skip_bad_samples:
             cfg.skip_bad_samples = True
         set_threads(args.threads)

@@ -40,12 +40,13 @@ from casa.config import ModelConfig, VisionConfig
 from casa.core.model import CasaModel, _init_weights
 from casa.files import read_json
 from casa.pretrained.build_config import DTYPE_NAMES, BuildConfig
-from casa.pretrained.directory import check_model_output, empty_model, save_pretrained
+from casa.pretrained.directory import empty_model, save_pretrained
 from casa.pretrained.freeze import FreezePolicy, apply_freeze
 from casa.pretrained.hf_lm import lm_config_from_hf, load_lm_weights
+from casa.pretrained.model_dir import check_model_output
 from casa.weights import materialize, meta_parameters
 
-__all__ = ["DTYPES", "KNOWN_IMAGE_TOKENS", "BuildConfig", "Built", "build", "image_tokens_from_template",
+__all__ = ["DTYPES", "KNOWN_IMAGE_TOKENS", "Built", "build", "image_tokens_from_template",
            "load_parts", "model_config", "resolve_tokenizer", "run", "save_built"]
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}

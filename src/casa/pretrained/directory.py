@@ -17,7 +17,7 @@ Design decisions:
   directory is only replaced once the new one is complete, so a crash never
   leaves a half-written model behind.
 - Only a casa model directory is ever replaced, and only with
-  `overwrite=True` (`casa.files.check_replaceable_dir`): a file or a folder of
+  `overwrite=True` (`model_dir.check_model_output`): a file or a folder of
   other files at the destination is refused, never deleted.
 - `write_model` fills a directory that the caller made (the trainer adds its
   state to the same temporary directory before the rename); `save_pretrained`
@@ -43,7 +43,8 @@ from safetensors.torch import save_file
 
 from casa.config import ModelConfig
 from casa.core.model import CasaModel
-from casa.files import atomic_directory, check_replaceable_dir, read_json
+from casa.files import atomic_directory
+from casa.pretrained.model_dir import FORMAT, check_model_output, read_config
 from casa.vision.hf import structure_only
 from casa.weights import (
     check_shapes,
@@ -55,11 +56,10 @@ from casa.weights import (
     weight_files,
 )
 
-__all__ = ["DEFAULT_SHARD", "FORMAT", "PROCESSOR_DEFAULTS", "Loaded", "check_model_output", "empty_model",
-           "from_pretrained", "is_model_dir", "load", "model_config", "parse_size", "processor_config",
-           "processor_settings", "read_config", "save_pretrained", "write_model"]
+# read_config lives in pretrained.model_dir; re-exported here for existing callers
+__all__ = ["DEFAULT_SHARD", "PROCESSOR_DEFAULTS", "Loaded", "empty_model", "from_pretrained", "load", "model_config",
+           "parse_size", "processor_config", "processor_settings", "read_config", "save_pretrained", "write_model"]
 
-FORMAT = "casa-v1"
 DEFAULT_SHARD = "2GB"
 PROCESSOR_DEFAULTS = {"gist": True, "gist_token": "<|gist|>", "image_prefix": None}
 VISION_DIR = "vision"
@@ -146,20 +146,6 @@ def write_model(model: CasaModel, out: Path, *, tokenizer=None, extra: dict | No
         tokenizer.save(out)
 
 
-def is_model_dir(path) -> bool:
-    """Whether `path` is a casa model directory (its config.json says casa_format)."""
-    try:
-        read_config(path)
-    except ValueError:
-        return False
-    return True
-
-
-def check_model_output(path, what: str = "output", *, overwrite: bool = False) -> Path:
-    """Refuse, before any work, a destination `save_pretrained` must not replace (see the module docstring)."""
-    return check_replaceable_dir(path, what, overwrite=overwrite, recognise=is_model_dir, kind="casa model directory")
-
-
 def save_pretrained(model: CasaModel, path, *, tokenizer=None, extra: dict | None = None, processor=None,
                     max_shard_size=DEFAULT_SHARD, overwrite: bool = False) -> Path:
     """Write `model` (+ tokenizer, processor settings, `extra` config keys) as one directory, atomically.
@@ -177,20 +163,6 @@ def save_pretrained(model: CasaModel, path, *, tokenizer=None, extra: dict | Non
 
 
 # ----------------------------------------------------------------------------- load
-def read_config(path) -> dict:
-    """The config.json of casa model directory `path` (ValueError if it is not one, DamagedFileError if damaged)."""
-    path = Path(path)
-    file = path / "config.json"
-    if not path.is_dir() or not file.is_file():
-        raise ValueError(f"{str(path)!r} is not a casa model directory (no config.json)")
-    config = read_json(file)
-    if not isinstance(config, dict) or config.get("casa_format") != FORMAT:
-        config = config if isinstance(config, dict) else {}
-        raise ValueError(f"{str(path)!r} is not a casa model directory "
-                         f"(config.json has casa_format={config.get('casa_format')!r}, expected {FORMAT!r})")
-    return config
-
-
 def model_config(path) -> ModelConfig:
     """The ModelConfig of a casa directory, its vision directory resolved against `path`."""
     d = json.loads(json.dumps(read_config(path)["model"]))

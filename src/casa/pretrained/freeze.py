@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from casa.core.model import CasaModel
-from casa.pretrained.directory import read_config
+from casa.pretrained.model_dir import read_config
 
 __all__ = ["FreezePolicy", "apply_freeze", "read_policy", "resolve_policy"]
 

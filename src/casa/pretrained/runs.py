@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from casa.files import read_json
-from casa.pretrained.directory import read_config
+from casa.pretrained.model_dir import read_config
 from casa.weights import open_safetensors, weight_files
 
 __all__ = ["LEGACY_STATE", "STATE", "STATE_TENSORS", "check_checkpoint", "checkpoint_dir", "latest_checkpoint",

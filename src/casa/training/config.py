@@ -14,8 +14,9 @@ Design decisions:
 - Overrides walk the config as a tree: setting a key below a value
   (`train.steps.x=1`) is refused, and setting a section to a value
   (`model.lm=3`) is refused by the type check.
-- The `difficulty` table is checked here too (by the synthetic tasks' own
-  dataclass), so that a typo fails before the model is built.
+- Reading a config imports no torch, so that a mistake in it is reported
+  at once; the `difficulty` table is checked by the trainer before it builds
+  the model (by the synthetic tasks' own dataclass, through the same `build`).
 """
 
 from __future__ import annotations
@@ -144,8 +145,6 @@ def load_config(path=None, overrides=(), base: dict | None = None) -> tuple[Mode
     Override keys are dotted paths (`train.steps=10`, `model.lm.d_model=64`);
     a bare key means `train.<key>`. Errors name the file (if any) and the key.
     """
-    from casa.data.tasks import Difficulty
-
     raw = json.loads(json.dumps(base or {}))
     if path is not None:
         _merge(raw, read_config_file(path))
@@ -158,7 +157,6 @@ def load_config(path=None, overrides=(), base: dict | None = None) -> tuple[Mode
     try:
         model = ModelConfig.from_dict(raw.get("model", {}))
         train = build(TrainConfig, raw.get("train", {}), "train")
-        build(Difficulty, train.difficulty, "train.difficulty")
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
     return model, train

@@ -23,7 +23,8 @@ Design decisions:
 - RNG states are stored in a JSON-able form (lists of integers, tensors), so
   that the checkpoint needs no pickle (`training.checkpoint`).
 - Everything the user can get wrong is checked before the model is built:
-  `out_dir` is a directory (or can be made one), the device exists, the
+  `out_dir` is a directory (or can be made one), the `difficulty` table is
+  valid, the device exists, the
   attention backend runs on it; a fresh run refuses an `out_dir` that already
   holds another run's checkpoints (keep-last pruning would mix the two runs
   and `casa eval RUN` would read the wrong one): `--resume` continues it.
@@ -49,11 +50,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from casa.config import ModelConfig
+from casa.config import ModelConfig, build
 from casa.core.batch import Batch
 from casa.core.loss import loss_sum, target_mask
 from casa.core.model import CasaModel
 from casa.data import Packer, Processor, make_source, pack_row
+from casa.data.tasks import Difficulty
 from casa.data.tasks import difficulty as make_difficulty
 from casa.files import atomic_file, check_output_dir
 from casa.pretrained.directory import PROCESSOR_DEFAULTS, processor_settings
@@ -171,6 +173,7 @@ class Trainer:
         """`resume`: True (the latest readable checkpoint of `cfg.out_dir`), a checkpoint path, or None."""
         self.cfg, self.quiet = cfg, quiet
         self.out = check_output_dir(cfg.out_dir, "train.out_dir")
+        build(Difficulty, cfg.difficulty, "train.difficulty")
         kind = _check_device(cfg)
         self.dist = setup_distributed(torch.device(kind).type)
         self.device = torch.device(f"cuda:{self.dist.local_rank}" if kind == "cuda" else kind)
