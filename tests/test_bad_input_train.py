@@ -170,9 +170,9 @@ def test_resume_falls_back_to_the_previous_readable_checkpoint(tmp_path, trained
 
 
 # ----------------------------------------------------------------------------- killed while saving
-def start_training(config, run, *extra, pause_at=2):
+def start_training(config, run, *extra, pause_at=2, pause_s=60):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-           "CASA_TEST_SAVE_PAUSE": f"{pause_at}:60"}
+           "CASA_TEST_SAVE_PAUSE": f"{pause_at}:{pause_s}"}
     return subprocess.Popen([sys.executable, "-m", "casa.cli", "train", "--config", str(config), "--threads", "1",
                              "--set", f"out_dir={run}", *extra], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -228,3 +228,17 @@ def test_second_ctrl_c_during_a_save_abandons_it_whole(tmp_path, config):
     assert "interrupted again while saving step 2" in err and f"the latest checkpoint is {latest}" in err
     assert not list((run / "checkpoints").glob(".tmp-*")) and not (run / "checkpoints" / "step_000002").exists()
     assert latest_checkpoint(run) == latest and load_state(latest)["step"] == 1
+
+
+def test_one_ctrl_c_finishes_the_step_saves_and_names_the_checkpoint(tmp_path, config):
+    run = tmp_path / "run"
+    proc = start_training(config, run, "--set", "steps=5", pause_at=1, pause_s=1)
+    wait_until_saving(proc, run, 1)  # a known point: the periodic save of step 1
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "caught SIGINT" in err
+    saved = run / "checkpoints" / "step_000002"  # the step under way when Ctrl-C came was finished and saved
+    assert f"interrupted at step 2; checkpoint saved: {saved}; continue with --resume" in err
+    assert f"checkpoint: {saved}" in out
+    assert [s for s, _ in list_checkpoints(run)] == [1, 2] and load_state(saved)["step"] == 2
