@@ -1,4 +1,6 @@
 # Set-up is part of every target: a fresh machine needs only `make demo` or `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
