@@ -126,13 +126,14 @@ def test_damaged_only_checkpoint_and_damaged_lm_init(tmp_path, trained, config):
     assert not (tmp_path / "r2" / "checkpoints").exists()
 
 
-EVIL = """
-import sys, torch
 class Payload:
+    """Unpickling it opens (creates) a marker file: proof that the pickle ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
     def __reduce__(self):
-        return (open, ({marker!r}, "w"))
-torch.save({{"step": 1, "x": Payload()}}, sys.argv[1])
-"""
+        return (open, (self.marker, "w"))
 
 
 def test_pickled_trainer_state_is_refused_and_never_run(tmp_path, trained, config):
@@ -144,7 +145,7 @@ def test_pickled_trainer_state_is_refused_and_never_run(tmp_path, trained, confi
         (ckpt / f).unlink()
     marker = tmp_path / "pwned"
     evil = ckpt / "trainer_state.pt"
-    subprocess.run([sys.executable, "-c", EVIL.format(marker=str(marker)), str(evil)], check=True)
+    torch.save({"step": 1, "x": Payload(marker)}, evil)
     before = snapshot(run)
     result = run_casa("train", "--config", config, "--set", f"out_dir={run}", "--resume")
     assert_user_error(result, str(evil), "refused", before=before, after=snapshot(run))

@@ -128,7 +128,9 @@ def _load_legacy(file: Path) -> dict:
         raise DamagedFileError(file, "empty file")
     core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
     # what an old casa state holds besides tensors and plain values: numpy's RNG state array
-    allowed = [np.ndarray, np.dtype, np.dtypes.UInt32DType, core.multiarray._reconstruct]
+    allowed = [np.ndarray, np.dtype, core.multiarray._reconstruct]
+    if hasattr(np, "dtypes"):  # numpy >= 1.25 pickles a dtype as its class
+        allowed.append(np.dtypes.UInt32DType)
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(file, map_location="cpu", weights_only=True)
