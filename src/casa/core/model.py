@@ -270,4 +270,3 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-_init_weights = init_weights  # old private name, still imported by pretrained/build.py (to switch to init_weights)
