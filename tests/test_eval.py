@@ -11,7 +11,8 @@ from casa.cli import main
 from casa.config import ModelConfig
 from casa.core.model import CasaModel
 from casa.data import Processor, make_sample
-from casa.eval.synthetic import eval_samples, evaluate, greedy_decode, prior_answers
+from casa.eval.decode import greedy_decode
+from casa.eval.synthetic import eval_samples, evaluate, prior_answers
 from casa.pretrained.tokenizer import ByteTokenizer
 from casa.training.trainer import Trainer, load_config
 

@@ -11,46 +11,9 @@ from PIL import Image
 
 from casa.eval import stdbench
 from casa.eval.stdbench import format_question, load_items, run_standard_benchmark
-from casa.eval.stdbench.metrics import (
-    EvalAIAnswerProcessor,
-    anls,
-    choice_letter,
-    exact_match,
-    relaxed_correctness,
-    vqa_accuracy,
-)
+from casa.eval.stdbench.metrics import EvalAIAnswerProcessor, choice_letter, exact_match, vqa_accuracy
 
 # ----------------------------------------------------------------------------- metrics, worked examples
-
-
-@pytest.mark.parametrize("pred,target,score", [
-    ("12", "12", 1), ("12.6", "12", 1),  # |12.6 - 12| / 12 = 5 %: still right
-    ("12.7", "12", 0), ("105", "100", 1), ("94.9", "100", 0),
-    ("12%", "0.12", 1),  # percentages parse as fractions
-    ("Yes", "yes", 1), ("No", "yes", 0),  # non-numbers: exact, case-insensitive
-    ("0", "0", 1), ("0.0", "0", 0),  # a 0 target compares strings (the reference's `and target_float`)
-    ("1,000", "1000", 0),  # "1,000" is not a float: string comparison
-])
-def test_relaxed_correctness(pred, target, score):
-    assert relaxed_correctness(pred, target) == score
-
-
-@pytest.mark.parametrize("pred,answers,score", [
-    ("hello", ["hello"], 1.0),
-    ("helo", ["hello"], 0.8),  # lev 1 / 5
-    (" Hello  ", ["hello"], 1.0),  # case and surrounding space do not count
-    ("cat", ["dog"], 0.0),
-    ("2019", ["2018", "the year 2019"], 0.75),  # best gold: lev 1 / 4; the other is 9 / 13 > 0.5 -> 0
-    ("abcd", ["abxy"], 0.0),  # NL = 0.5 exactly is not below tau: 0
-    ("abcde", ["abxye"], pytest.approx(0.6)),  # NL = 0.4
-])
-def test_anls(pred, answers, score):
-    assert anls(pred, answers) == score
-
-
-def test_anls_is_the_mean_over_questions():
-    rows = [("hello", ["hello"]), ("helo", ["hello"]), ("cat", ["dog"])]
-    assert sum(anls(p, a) for p, a in rows) / 3 == pytest.approx(0.6)
 
 
 @pytest.mark.parametrize("pred,answers,score", [
@@ -245,7 +208,7 @@ def tiny_model():
 @pytest.mark.parametrize("name", list(stdbench.BENCHMARKS))
 def test_oracle_scores_one(tmp_path, tiny_model, monkeypatch, name):
     """Decoding the gold answer scores 1 on every benchmark: prompts, decoding and metrics fit together."""
-    import casa.eval.synthetic
+    import casa.eval.decode
     from casa.pretrained.tokenizer import ByteTokenizer
 
     expected = make_benchmark(tmp_path, name, "parquet")
@@ -258,7 +221,7 @@ def test_oracle_scores_one(tmp_path, tiny_model, monkeypatch, name):
         assert all(p.n_images == 1 and p.pixels.shape == (1, 3, 16, 16) for p in prompts)
         return [tok.encode(next(golds) + ("." if name in ("chartqa", "docvqa") else "")) for _ in prompts]
 
-    monkeypatch.setattr(casa.eval.synthetic, "greedy_decode", oracle)
+    monkeypatch.setattr(casa.eval.decode, "greedy_decode", oracle)
     result = run_standard_benchmark(tiny_model, tok, name, tmp_path, batch_size=1)
     assert result["score"] == 1.0 and result["n"] == 2, result["predictions"]
     assert result["metric"] == stdbench.BENCHMARKS[name].metric
@@ -279,7 +242,9 @@ def test_real_decoding_and_cli_run(tmp_path, tiny_model, capsys):
     assert isinstance(result["predictions"][0]["prediction"], str)
 
     model_dir = save_pretrained(tiny_model, tmp_path / "m", tokenizer=ByteTokenizer())
-    out = stdbench.run(model_dir, "textvqa", tmp_path / "bench", max_new_tokens=2, json_path=tmp_path / "r.json")
+    from casa.eval.run import run_benchmark
+
+    out = run_benchmark(model_dir, "textvqa", tmp_path / "bench", max_new_tokens=2, json_path=tmp_path / "r.json")
     assert out["n"] == 2 and "textvqa" in capsys.readouterr().out
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["metric"] == "vqa_accuracy" and len(saved["predictions"]) == 2

@@ -12,10 +12,23 @@ visual detail: `docvqa` (read a field of a rendered document; ANLS and exact
 match) and `chartqa` (read a bar off a chart; relaxed accuracy). `video` is a
 clip of a moving shape with one caption per frame, as alternating
 user(frame) / assistant(caption) turns: the streaming-captioning format.
+
+Design decisions:
+- Samples are pure functions of `(seed, task, index, Difficulty)`: nothing is
+  stored, a data position is an integer, and evaluation draws from
+  `seed + EVAL_SEED_OFFSET` (`casa.eval.synthetic`) so it never sees a
+  training sample.
+- Every knob of `Difficulty` has a declared range (`Difficulty.RANGES`),
+  checked when it is built, so `--difficulty bars=0` is refused with the knob
+  and its range instead of failing deep inside a renderer.
+- Each task names its metric (`TASKS[name][1]`, one of
+  `casa.data.metrics.METRICS`); the sample carries it in `meta`, and so does
+  its JSONL export.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import string
 from dataclasses import dataclass
@@ -25,6 +38,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from casa.config import build
 from casa.data.sample import Sample
+
+__all__ = ["COARSE", "COLORS", "FIELDS", "KINDS", "TASKS", "Difficulty", "chartqa", "check_tasks", "color",
+           "compare", "count", "difficulty", "docvqa", "make_sample", "position", "video"]
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
           "purple": (140, 60, 180), "orange": (240, 130, 20)}
@@ -50,14 +66,27 @@ class Difficulty:
     frames: int = 4  # video
     relative: bool = True  # position: two shapes, one relative to the other (else one shape, absolute)
 
+    # the values each knob may take (inclusive); the renderers rely on them
+    RANGES = {"image_size": (8, 4096), "colors": (2, len(COLORS)), "max_shapes": (1, 9), "distractors": (0, 6),
+              "noise": (0.0, 1.0), "fields": (1, len(FIELDS)), "text_len": (1, 64), "font_size": (1, 256),
+              "bars": (1, 26), "max_value": (1, 10**6), "frames": (1, 1000)}
+
     def __post_init__(self):
-        if not 2 <= self.colors <= len(COLORS):
-            raise ValueError(f"Difficulty.colors={self.colors}: expected 2..{len(COLORS)}")
-        if not 1 <= self.max_shapes <= 9 or not 0 <= self.distractors <= 6:
-            raise ValueError("Difficulty: max_shapes must be 1..9 and distractors 0..6")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "bool":
+                if not isinstance(value, bool):
+                    raise ValueError(f"difficulty {f.name}={value!r}: expected true or false")
+                continue
+            lo, hi = self.RANGES[f.name]
+            kinds = (int,) if f.type == "int" else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds) or not lo <= value <= hi:
+                what = "a whole number" if f.type == "int" else "a number"
+                raise ValueError(f"difficulty {f.name}={value!r}: expected {what} in [{lo}, {hi}]")
 
 
 def difficulty(values: dict | None = None) -> Difficulty:
+    """A `Difficulty` from `{knob: value}` (unknown knobs and out-of-range values are a ValueError)."""
     return build(Difficulty, dict(values or {}), "difficulty")
 
 
@@ -243,6 +272,7 @@ COARSE = ("color", "count", "position", "compare")
 
 
 def check_tasks(names) -> list[str]:
+    """`names` as a list, or a ValueError naming the unknown ones and listing the tasks."""
     names = list(names)
     bad = [n for n in names if n not in TASKS]
     if bad or not names:

@@ -13,9 +13,16 @@ Two layouts per benchmark, found automatically under the root directory:
   `TextVQA_0.5.1_val.json` + `train_images/`, AI2D `questions/*.json` +
   `images/` (+ `ai2d_test_ids.csv` for the test split), GQA
   `testdev_balanced_questions.json` + `images/`.
-Parquet files are read batch by batch and images decoded only when used, so
-a benchmark never sits in memory whole. Parquet needs `pyarrow` (extra
-`casa[bench]`).
+
+Design decisions:
+- Parquet files are read batch by batch and images decoded only when used,
+  so a benchmark never sits in memory whole. Parquet needs `pyarrow` (extra
+  `casa[bench]`).
+- A layout is recognised by its file names, parquet first; nothing is
+  configured. A root with no question of the split is a FileNotFoundError
+  that lists what was looked for.
+- An image that cannot be decoded is a `DataError` naming the question, not a
+  decoder's traceback.
 """
 
 from __future__ import annotations
@@ -28,9 +35,15 @@ from pathlib import Path
 
 from PIL import Image
 
+from casa.data.sample import DataError
+
+__all__ = ["DEFAULT_SPLITS", "LOADERS", "Item", "load_items"]
+
 
 @dataclass
 class Item:
+    """One benchmark question: its id, text, gold answers, image and (AI2D) options."""
+
     qid: str
     question: str
     answers: list[str]
@@ -40,15 +53,23 @@ class Item:
     meta: dict = field(default_factory=dict)
 
     def pil(self) -> Image.Image:
+        """The question's image as RGB."""
         img = self.image
-        if isinstance(img, (bytes, bytearray)):
-            img = Image.open(io.BytesIO(img))
-        elif not isinstance(img, Image.Image):
-            path = Path(img)
-            if not path.is_file():
-                raise FileNotFoundError(f"question {self.qid}: image {str(path)!r} does not exist")
-            img = Image.open(path)
-        img.load()
+        where = "its embedded image"
+        try:
+            if isinstance(img, (bytes, bytearray)):
+                img = Image.open(io.BytesIO(img))
+            elif not isinstance(img, Image.Image):
+                path = Path(img)
+                where = f"image {str(path)!r}"
+                if not path.is_file():
+                    raise FileNotFoundError(f"question {self.qid}: image {str(path)!r} does not exist")
+                img = Image.open(path)
+            img.load()
+        except (OSError, Image.DecompressionBombError) as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise DataError(f"question {self.qid}: cannot read {where} ({e})") from None
         return img.convert("RGB")
 
 
@@ -209,10 +230,12 @@ LOADERS = {"chartqa": _chartqa, "docvqa": _docvqa, "infovqa": _infovqa, "textvqa
 
 
 def load_items(name: str, root, *, split: str | None = None):
-    """Iterate over the questions of benchmark `name` stored under `root`."""
+    """Iterate over the questions (`Item`s) of benchmark `name` stored under `root`."""
     if name not in LOADERS:
         raise ValueError(f"unknown benchmark {name!r}; expected one of {sorted(LOADERS)}")
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{name}: benchmark root {str(root)!r} is a file, not a directory")
     if not root.is_dir():
         raise FileNotFoundError(f"{name}: benchmark directory {str(root)!r} does not exist")
     split = split or DEFAULT_SPLITS[name]
@@ -222,4 +245,4 @@ def load_items(name: str, root, *, split: str | None = None):
         yield item
     if not found:
         raise FileNotFoundError(f"{name}: no {split} questions under {str(root)!r} (expected the lmms-lab parquet "
-                                "files or the original JSON layout; see casa.stdbench.datasets)")
+                                "files or the original JSON layout; see casa.eval.stdbench.datasets)")
