@@ -133,6 +133,60 @@ def test_attention_shares_match_the_model_and_do_not_change_it():
     assert all(abs(v["image"] - 1) < 1e-5 and v["self"] == 0 for v in shares.values())
 
 
+def test_attention_shares_equal_an_explicit_softmax():
+    """Shares recomputed here from the model's own q/k, one query, head and key at a time:
+    scale 1/sqrt(head_dim), query head h reads kv head h // (n_heads / n_kv_heads)."""
+    import math
+
+    from conftest import make_batch
+
+    model = _tiny_model("casa").eval()
+    lm = model.config.lm
+    assert lm.n_kv_heads < lm.n_heads
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # random, non-zero projections: peaked, head-dependent scores
+        for block in model.blocks:
+            for proj in (block.fusion.attn.q_proj, block.fusion.attn.k_proj):
+                proj.weight.copy_(torch.randn(proj.weight.shape, generator=g) * 0.6)
+    T, points = 10, [3, 7]  # windows [0, 3) without an image, [3, 7) image 0, [7, 10) image 1
+    batch = make_batch(torch.randint(0, 200, (1, T), generator=g), points, image_size=32)
+    batch.loss_mask = torch.zeros(1, T, dtype=torch.bool)
+    batch.loss_mask[0, [1, 5, 8, 9]] = True  # token 1 has no image in its window: never counted
+    captured = {}
+    for i, block in enumerate(model.blocks):
+        block.fusion.probe = lambda q, k_txt, k_img, layout, text_keys, i=i: captured.setdefault(i, (q, k_txt, k_img))
+    with torch.no_grad():
+        model(batch)
+    for block in model.blocks:
+        block.fusion.probe = None
+    shares = attention_shares(model, batch)
+
+    n, H, group = model.config.vision.tokens_per_image, lm.n_heads, lm.n_heads // lm.n_kv_heads
+    for layer, (q, k_txt, k_img) in captured.items():
+        per_query = {}
+        for t in range(points[0], T):
+            j = 0 if t < points[1] else 1
+            start = points[j]
+            image, text, own = 0.0, 0.0, 0.0
+            for h in range(H):
+                kv = h // group
+                keys = [k_img[j * n + m, kv] for m in range(n)] + [k_txt[0, s, kv] for s in range(start, t + 1)]
+                scores = torch.stack([q[0, t, h] @ k for k in keys]).double() / math.sqrt(lm.head_dim)
+                p = torch.softmax(scores, dim=0)
+                image += float(p[:n].sum()) / H
+                text += float(p[n:].sum()) / H
+                own += float(p[-1]) / H
+            per_query[t] = (image, text, own)
+        got = shares[layer]
+        assert got["queries"] == T - points[0]
+        for k, name in enumerate(("image", "text", "self")):
+            want = sum(v[k] for v in per_query.values()) / len(per_query)
+            assert got[name] == pytest.approx(want, abs=1e-5), (layer, name)
+            answer = [per_query[t][k] for t in (5, 8, 9)]
+            assert got[f"answer_{name}"] == pytest.approx(sum(answer) / 3, abs=1e-5), (layer, name)
+        assert 0.05 < got["image"] < 0.95  # a real mix: a wrong scale or head would move it
+
+
 def test_attention_shares_follow_the_keys():
     """Scaling the image keys up pulls the mass onto the images: the share is a real measurement."""
     model = _tiny_model("casa").eval()

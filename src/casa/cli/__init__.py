@@ -1,6 +1,7 @@
 """The `casa` command: one module per subcommand (`register` adds its parser,
-`run` handles it); this module assembles the parser and turns every way a
-command can end into an exit code and at most one line on stderr.
+`run` handles it, and an optional `check` validates the command line without
+importing anything heavy); this module assembles the parser and turns every
+way a command can end into an exit code and at most one line on stderr.
 
 Design decisions:
 - A user error (ValueError, FileNotFoundError and their subclasses such as
@@ -14,9 +15,12 @@ Design decisions:
   tracebacks inline instead, for every error.
 - Ctrl-C (KeyboardInterrupt), start-up included, prints `casa: interrupted`
   and exits 130; a command that saves something on interrupt says what
-  before that line.
-- Heavy modules (torch, models) are imported inside the handlers, so
-  `casa --help` and argument errors stay fast.
+  before that line. While torch is imported (the bulk of start-up) Ctrl-C
+  is held until the import ends: an import interrupted half-way leaves
+  modules half-initialised, and the next access fails with a misleading
+  error (seen: a RecursionError inside numpy) instead of the interrupt.
+- Heavy modules (torch, models) are imported inside the handlers, after the
+  command's `check`, so `casa --help` and most input errors answer at once.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import sys
 try:  # Ctrl-C while the command modules load is an interrupt like any other
     import argparse
     import os
+    import signal
+    import threading
 
     from casa.cli import bench, build, caption, data, demo, study, train
     from casa.cli import eval as eval_command
@@ -33,7 +39,7 @@ except KeyboardInterrupt:
     print("casa: interrupted", file=sys.stderr)
     raise SystemExit(130) from None
 
-__all__ = ["COMMANDS", "UsageError", "build_parser", "log_traceback", "main"]
+__all__ = ["COMMANDS", "UsageError", "build_parser", "import_torch_uninterrupted", "log_traceback", "main"]
 
 COMMANDS = (train, eval_command, demo, data, caption, build, study, bench)
 EXIT_USER_ERROR, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 2, 1, 130
@@ -73,15 +79,45 @@ def log_traceback(argv: list[str]) -> str:
     return path
 
 
+def import_torch_uninterrupted() -> None:
+    """Import torch with Ctrl-C held until the import is complete; then raise KeyboardInterrupt if one came."""
+    if "torch" in sys.modules or threading.current_thread() is not threading.main_thread():
+        import torch  # noqa: F401
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    try:
+        import torch  # noqa: F401
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the `casa` command line `argv` (default: `sys.argv[1:]`); returns the exit code."""
+    process = argv is None  # the `casa` process itself, not a caller in Python
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = os.environ.get("CASA_DEBUG", "") not in ("", "0")
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "check", None) is not None:
+            args.check(args)  # cheap checks first: a bad command line never waits for torch
+        import_torch_uninterrupted()
         return args.func(args)
     except KeyboardInterrupt:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
         print("casa: interrupted", file=sys.stderr)
+        if process:
+            # CPython 3.11 kills the process with SIGINT at exit (exit status -2, not 130) when a
+            # KeyboardInterrupt has crossed an exec() of source text, as dataclass creation at import
+            # does, even once handled; everything is written and closed by now, so leave directly.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     except (ValueError, FileNotFoundError) as e:
         if debug:

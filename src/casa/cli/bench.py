@@ -57,8 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     bs.add_argument("--heads", type=positive_int, default=8)
     bs.add_argument("--kv-heads", type=positive_int, default=2)
     bs.add_argument("--d-ff", type=positive_int, default=1408)
-    bs.add_argument("--max-seconds", type=positive_float, default=300.0, help="per variant; beyond it the variant stops")
-    bs.add_argument("--max-cache-bytes", type=positive_float, default=4 * 2**30, help="per variant; beyond it it stops")
+    bs.add_argument("--max-seconds", type=positive_float, default=300.0,
+                    help="per variant; beyond it the variant stops")
+    bs.add_argument("--max-cache-bytes", type=positive_float, default=4 * 2**30,
+                    help="per variant; beyond it it stops")
     bs.add_argument("--sink", type=non_negative_int, default=None, help="bounded history: attention-sink tokens")
     bs.add_argument("--window", type=positive_int, default=None, help="bounded history: sliding-window tokens")
     bs.add_argument("--threads", type=non_negative_int, default=1,
@@ -102,8 +104,9 @@ def stream(args) -> int:
     from casa.bench.stream import StreamBench, run
 
     _check_outputs(args)
-    cfg = StreamBench(variants=[v.strip() for v in args.variants.split(",")], turns=args.turns, image_tokens=args.image_tokens,
-                      new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, d_model=args.d_model,
+    cfg = StreamBench(variants=[v.strip() for v in args.variants.split(",")], turns=args.turns,
+                      image_tokens=args.image_tokens, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
+                      d_model=args.d_model,
                       layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, d_ff=args.d_ff,
                       max_seconds=args.max_seconds, max_cache_bytes=int(args.max_cache_bytes), sink=args.sink,
                       window=args.window, seed=args.seed, threads=args.threads or None, device=args.device)

@@ -15,7 +15,7 @@ import argparse
 
 from casa.cli.values import key_values, positive_int
 
-__all__ = ["register", "run"]
+__all__ = ["check", "register", "run"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,15 +26,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--difficulty", action="append", default=[], metavar="KEY=VALUE")
     ex.add_argument("dir", help="output directory (created if needed)")
-    ex.set_defaults(func=run)
+    ex.set_defaults(func=run, check=check)
+
+
+def check(args) -> None:
+    """The output directory and the difficulty items, before anything heavy is imported."""
+    from casa.files import check_output_dir
+
+    check_output_dir(args.dir, "output directory")
+    key_values(args.difficulty)
 
 
 def run(args) -> int:
     from casa.data import make_sample, write_jsonl
     from casa.data.tasks import check_tasks, difficulty
-    from casa.files import check_output_dir
 
-    check_output_dir(args.dir, "output directory")
     [task] = check_tasks([args.task])
     d = difficulty(key_values(args.difficulty))
     samples = [make_sample(task, args.seed, i, d) for i in range(args.n)]

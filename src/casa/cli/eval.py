@@ -2,9 +2,10 @@
 
 Design decisions:
 - Flags are checked by argparse where a type says it all (`--n 0` is
-  refused with the flag named); combinations that cannot mean anything
-  (`--data` with `--task`, `--root` without `--bench`, ...) are refused here,
-  before anything is loaded; everything else is checked by
+  refused with the flag named); `check` refuses, before torch is even
+  imported, combinations that cannot mean anything (`--data` with `--task`,
+  `--root` without `--bench`, ...), a `--json` that cannot be written and a
+  checkpoint that does not exist; everything else is checked by
   `casa.eval.run` before any compute.
 - `--threads` defaults to the free cores (`casa.threads.set_threads`).
 """
@@ -15,7 +16,7 @@ import argparse
 
 from casa.cli.values import key_values, positive_int
 
-__all__ = ["BENCHMARK_NAMES", "register", "run"]
+__all__ = ["BENCHMARK_NAMES", "check", "register", "run"]
 
 BENCHMARK_NAMES = ("chartqa", "docvqa", "infovqa", "textvqa", "ai2d", "gqa")  # casa.eval.stdbench.BENCHMARKS
 DEFAULT_N = 64
@@ -42,7 +43,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--root", default=None, help="directory of the local benchmark copy (parquet or JSON layout)")
     ev.add_argument("--split", default=None)
     ev.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N examples only")
-    ev.set_defaults(func=run)
+    ev.set_defaults(func=run, check=check)
+
+
+def check(args) -> None:
+    """Everything about the command line that needs no heavy import."""
+    from casa.files import check_output_file
+    from casa.pretrained.runs import resolve_model_dir
+
+    _check_combination(args)
+    key_values(args.difficulty)
+    check_output_file(args.json, "--json")
+    resolve_model_dir(args.checkpoint)
 
 
 def _check_combination(args) -> None:
@@ -64,13 +76,9 @@ def _check_combination(args) -> None:
 
 
 def run(args) -> int:
-    _check_combination(args)
-    difficulty = key_values(args.difficulty)
-    from casa.core.attention import BACKENDS
     from casa.threads import set_threads
 
-    if args.backend not in ("auto", *BACKENDS):
-        raise ValueError(f"--backend {args.backend!r}: expected auto or one of {', '.join(BACKENDS)}")
+    difficulty = key_values(args.difficulty)
     set_threads(args.threads)
     if args.bench:
         from casa.eval.run import run_benchmark

@@ -31,7 +31,8 @@ from casa.eval.decode import check_lengths
 from casa.eval.synthetic import eval_samples, format_table, questions, score_questions
 from casa.files import atomic_file, check_output_file
 
-__all__ = ["DEFAULT_TOKEN_LIMIT", "load_processor", "run", "run_benchmark", "token_limit", "write_result"]
+__all__ = ["DEFAULT_TOKEN_LIMIT", "check_backend", "load_processor", "run", "run_benchmark", "token_limit",
+           "write_result"]
 
 # Sequence positions allowed for a directory that records no training budget:
 # twice the trainer's default pack (2048 text tokens), well inside the context
@@ -72,11 +73,23 @@ def write_result(result: dict, path: Path) -> None:
     print(f"wrote {path}")
 
 
+def check_backend(backend: str) -> str:
+    """`backend` if it names an attention backend (or `auto`), else a ValueError naming `--backend`."""
+    from casa.core.attention import BACKENDS
+
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"--backend {backend!r}: expected auto or one of {', '.join(BACKENDS)}")
+    return backend
+
+
 def _model_dir(checkpoint) -> tuple[Path, dict]:
-    from casa.pretrained.directory import read_config
+    """(model directory, its config.json): the checkpoint resolved first, before the model
+    stack is imported (`read_config` lives with it), so that a typo fails at once."""
     from casa.pretrained.runs import resolve_model_dir
 
     model_dir = resolve_model_dir(checkpoint)
+    from casa.pretrained.directory import read_config
+
     return model_dir, read_config(model_dir)
 
 
@@ -91,26 +104,28 @@ def run(checkpoint, *, tasks=None, data=None, n: int = 64, seed: int | None = No
     from casa.pretrained.directory import from_pretrained
 
     check_output_file(json_path, "--json")
+    if data:  # the data file first: reading it needs no model
+        samples, skipped = read_jsonl(data, skip_bad=skip_bad)
+    elif tasks:
+        check_tasks(tasks)
     model_dir, config = _model_dir(checkpoint)
     path = Path(json_path) if json_path else model_dir / ("eval_blind.json" if blind else "eval.json")
     check_output_file(path, "result file")
-    train_cfg = config.get("train", {})
-    if data:
-        samples, skipped = read_jsonl(data, skip_bad=skip_bad)
-    else:
-        names = check_tasks(tasks) if tasks else \
-            [t for t in train_cfg.get("data", "").split(",") if t in TASKS] or list(TASKS)
+    if not data:
+        train_cfg = config.get("train", {})
+        names = tasks or [t for t in train_cfg.get("data", "").split(",") if t in TASKS] or list(TASKS)
         seed = train_cfg.get("seed", 0) if seed is None else seed
         samples, skipped = eval_samples(names, n, seed=seed, difficulty={**train_cfg.get("difficulty", {}),
                                                                           **(difficulty or {})}), 0
     processor = load_processor(model_dir)
     items, bad = questions(samples, processor, blind=blind, skip_bad=skip_bad)
     if not items:
-        raise DataError(f"{data}: no sample could be evaluated ({bad} skipped)")
+        raise DataError(f"{data or ', '.join(names)}: no sample could be evaluated ({bad} skipped)")
     limit, source = token_limit(config, max_tokens)
     splice = config["model"].get("fusion", {}).get("variant") == "insertion"
     check_lengths([q.prompt for q in items], processor, max_new_tokens=max_new_tokens, limit=limit,
                   splice_images=splice, limit_source=source)
+    check_backend(backend)
 
     model = from_pretrained(model_dir)
     result = score_questions(model, processor, items, backend=backend, max_new_tokens=max_new_tokens)
@@ -144,6 +159,7 @@ def run_benchmark(checkpoint, name: str, root, *, split: str | None = None, limi
     items = load_items(name, root, split=split)
     items = chain([next(items)], items)  # the benchmark has questions: found before loading the model
     tokens, source = token_limit(config, max_tokens)
+    check_backend(backend)
     loaded = load(model_dir, dtype=dtype, device=device)
     result = run_standard_benchmark(loaded.model, loaded.tokenizer, name, root, processor=loaded.processor,
                                     split=split, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,

@@ -178,7 +178,8 @@ def _textvqa(root, split):
     files = _parquet_files(root, split)
     if files:
         for r in _rows(files, ["question_id", "question", "answers", "image"]):
-            yield Item(str(r["question_id"]), r["question"], _answers(r["answers"]), _image(r["image"], files[0].parent))
+            yield Item(str(r["question_id"]), r["question"], _answers(r["answers"]),
+                       _image(r["image"], files[0].parent))
         return
     short = {"validation": "val"}.get(split, split)
     for file in _find(root, [f"TextVQA_0.5.1_{short}.json", f"TextVQA_*_{short}.json"]):
@@ -217,7 +218,8 @@ def _gqa(root, split):
             raise FileNotFoundError(f"{str(root)!r}: GQA questions found but no {split}_balanced_images parquet")
         by_id = {r["id"]: r["image"] for r in _rows(images, ["id", "image"])}  # encoded bytes, ~400 images
         for r in _rows(questions, ["id", "imageId", "question", "answer"]):
-            yield Item(str(r["id"]), r["question"], _answers(r["answer"]), _image(by_id[r["imageId"]], images[0].parent))
+            yield Item(str(r["id"]), r["question"], _answers(r["answer"]),
+                       _image(by_id[r["imageId"]], images[0].parent))
         return
     for file in _find(root, [f"{split}_balanced_questions.json"]):
         for qid, r in json.loads(file.read_text()).items():
