@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 from conftest import assert_user_error, run_casa, snapshot
-from PIL import Image
 
 from casa.config import FusionConfig, LMConfig, ModelConfig, VisionConfig
 from casa.core.model import CasaModel

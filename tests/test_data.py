@@ -185,6 +185,9 @@ def test_files_without_samples_are_refused(tmp_path):
         read_jsonl(tmp_path / "bad.jsonl", skip_bad=True)
     with pytest.raises(DataError, match="is a directory, not a JSONL data file"):
         read_jsonl(tmp_path)
+    (tmp_path / "image.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(DataError, match=r"image.jsonl:1: not UTF-8 text \(invalid start byte at byte 0\)"):
+        read_jsonl(tmp_path / "image.jsonl")
     with pytest.raises(FileNotFoundError, match="no such data file"):
         read_jsonl(tmp_path / "absent.jsonl")
 

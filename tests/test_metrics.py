@@ -3,7 +3,15 @@ number parsing, used by the synthetic tasks and the standard benchmarks."""
 
 import pytest
 
-from casa.data.metrics import METRICS, anls, levenshtein, normalize, parse_number, relaxed_correctness, score
+from casa.data.metrics import (
+    METRICS,
+    anls,
+    levenshtein,
+    normalize,
+    parse_number,
+    relaxed_correctness,
+    score,
+)
 from casa.eval.stdbench import BENCHMARKS
 from casa.eval.stdbench.datasets import Item
 

@@ -11,7 +11,12 @@ from PIL import Image
 
 from casa.eval import stdbench
 from casa.eval.stdbench import format_question, load_items, run_standard_benchmark
-from casa.eval.stdbench.metrics import EvalAIAnswerProcessor, choice_letter, exact_match, vqa_accuracy
+from casa.eval.stdbench.metrics import (
+    EvalAIAnswerProcessor,
+    choice_letter,
+    exact_match,
+    vqa_accuracy,
+)
 
 # ----------------------------------------------------------------------------- metrics, worked examples
 
@@ -238,8 +243,20 @@ def test_real_decoding_and_cli_run(tmp_path, tiny_model, capsys):
     make_benchmark(tmp_path / "bench", "textvqa", "original")
     result = run_standard_benchmark(tiny_model, ByteTokenizer(), "textvqa", tmp_path / "bench", max_new_tokens=3,
                                     limit=1)
-    assert result["n"] == 1 and 0 <= result["score"] <= 1
-    assert isinstance(result["predictions"][0]["prediction"], str)
+    [record] = result["predictions"]
+    # the prediction is the model's own greedy answer to the release's prompt, scored by VQA accuracy
+    from casa.data import Processor
+    from casa.eval.decode import greedy_decode
+
+    proc = Processor(ByteTokenizer(), tiny_model.config.vision)
+    item = next(load_items("textvqa", tmp_path / "bench"))
+    enc = proc.encode({"messages": [
+        {"role": "user", "content": [{"type": "image", "image": item.pil()},
+                                     {"type": "text", "text": format_question("textvqa", item.question)}]},
+        {"role": "assistant", "content": item.answers[0]}]})
+    want = ByteTokenizer().decode(greedy_decode(tiny_model, [enc.prefix(enc.turns[0][0])], proc, max_new_tokens=3)[0])
+    assert record["prediction"] == want.strip() and record["answers"] == ["nike"] * 10
+    assert record["score"] == vqa_accuracy(want.strip(), ["nike"] * 10) == result["score"] and result["n"] == 1
 
     model_dir = save_pretrained(tiny_model, tmp_path / "m", tokenizer=ByteTokenizer())
     from casa.eval.run import run_benchmark

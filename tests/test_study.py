@@ -33,11 +33,17 @@ def test_quick_study_writes_results_for_every_variant(quick):
     res = json.loads((out / "results.json").read_text())
     assert set(res["accuracy"]) == set(VARIANTS)
     assert len(res["runs"]) == len(VARIANTS)  # one seed
+    from casa.study.run import CATEGORIES
+
     for name, r in res["accuracy"].items():
         assert set(r["tasks"]) == set(TASKS)
         assert set(r["categories"]) == {"coarse", "fine-grained", "multi-image"}
-        for c in r["categories"].values():
-            assert 0.0 <= c["mean"] <= 1.0 and c["std"] == 0.0 and c["n"] == 1
+        [run] = [x for x in res["runs"] if x["variant"] == name]  # one seed: the category is that run's mean
+        for cat, c in r["categories"].items():
+            want = sum(run["tasks"][t]["score"] for t in CATEGORIES[cat]) / len(CATEGORIES[cat])
+            assert c["mean"] == pytest.approx(want) and c["std"] == 0.0 and c["n"] == 1
+            blind = sum(run["tasks"][t]["blind"] for t in CATEGORIES[cat]) / len(CATEGORIES[cat])
+            assert r["blind_categories"][cat]["mean"] == pytest.approx(blind)
         assert set(r["blind_tasks"]) == set(TASKS)
     assert set(res["prior"]) == set(TASKS)
     for name in VARIANTS:
@@ -188,18 +194,26 @@ def test_attention_shares_equal_an_explicit_softmax():
 
 
 def test_attention_shares_follow_the_keys():
-    """Scaling the image keys up pulls the mass onto the images: the share is a real measurement."""
+    """With every key zeroed, each query spreads its mass evenly over the keys it sees:
+    the share is a measurement of the keys, not a constant."""
+    from conftest import make_batch
+
     model = _tiny_model("casa").eval()
-    batch = _batch(model, ("color",))
-    base = attention_shares(model, batch)
+    T, points = 10, [3, 7]
+    batch = make_batch(torch.arange(T) + 40, points, image_size=32)
     with torch.no_grad():
         for block in model.blocks:
             block.fusion.attn.k_proj.weight.zero_()
     flat = attention_shares(model, batch)  # all scores 0: uniform over visible keys
-    assert flat[0]["image"] != pytest.approx(base[0]["image"], abs=1e-4)
-    n_img = model.config.vision.tokens_per_image
-    # each query sees n_img image keys and j+1 text keys: image share = n_img / (n_img + j + 1) < 1
-    assert 0.5 < flat[0]["image"] < 1
+    n = model.config.vision.tokens_per_image
+    # the query j tokens into its window sees n image keys and j + 1 text keys
+    js = [t - (points[0] if t < points[1] else points[1]) for t in range(points[0], T)]
+    want = {"image": sum(n / (n + j + 1) for j in js) / len(js),
+            "self": sum(1 / (n + j + 1) for j in js) / len(js)}
+    for layer in (0, 1):
+        assert flat[layer]["image"] == pytest.approx(want["image"], abs=1e-6)
+        assert flat[layer]["text"] == pytest.approx(1 - want["image"], abs=1e-6)
+        assert flat[layer]["self"] == pytest.approx(want["self"], abs=1e-6)
 
 
 def test_gate_values_only_for_gated_ca():

@@ -97,7 +97,12 @@ def _model_config(cfg: dict, variant: str, fusion: dict | None = None):
 
 
 def packed_batch(cfg: dict, device):
-    """One row of documents `[image ; text]`, image tokens = image_ratio x text tokens."""
+    """One row of documents `[image ; text]`, image tokens = image_ratio x text tokens.
+
+    Returns:
+        a `Batch` on `device`: `input_ids [1, T]` long, `image_embeds [N, n, d_model]`
+        float32 (precomputed, LM width), `insertion_points [N]` long, `loss_mask [1, T]` bool.
+    """
     from casa.core.batch import Batch
 
     g = torch.Generator().manual_seed(cfg["seed"])
@@ -115,7 +120,8 @@ def packed_batch(cfg: dict, device):
 
 
 def measure(cfg: dict, variant: str, device: str = "auto", fusion: dict | None = None) -> dict:
-    """Time and peak memory of training steps of one variant (in this process)."""
+    """Time and peak memory of training steps of one variant (in this process): text tokens/s
+    (median over `repeats`), seconds per step, peak bytes (None where unmeasurable), parameters."""
     from casa.bench.memory import PeakMemory
     from casa.core.loss import lm_loss
     from casa.core.model import CasaModel

@@ -62,15 +62,18 @@ def _check_combination(args) -> None:
         if not args.root:
             raise ValueError("--bench needs --root, the directory of the local benchmark copy")
         given = [f for f, v in (("--task", args.task), ("--data", args.data), ("--n", args.n),
-                                ("--difficulty", args.difficulty), ("--blind", args.blind)) if v]
+                                ("--difficulty", args.difficulty), ("--seed", args.seed is not None),
+                                ("--blind", args.blind)) if v]
         if given:
             raise ValueError(f"{', '.join(given)}: not used with --bench (a benchmark has its own questions)")
         return
     given = [f for f, v in (("--root", args.root), ("--split", args.split), ("--limit", args.limit)) if v]
     if given:
         raise ValueError(f"{', '.join(given)}: only used with --bench")
-    if args.data and (args.task or args.n or args.difficulty):
-        flags = [f for f, v in (("--task", args.task), ("--n", args.n), ("--difficulty", args.difficulty)) if v]
+    synthetic = (("--task", args.task), ("--n", args.n), ("--difficulty", args.difficulty),
+                 ("--seed", args.seed is not None))
+    if args.data and any(v for _, v in synthetic):
+        flags = [f for f, v in synthetic if v]
         raise ValueError(f"--data and {', '.join(flags)}: pick one (--data evaluates every sample of the file; "
                          "the others choose synthetic samples)")
 

@@ -36,6 +36,8 @@ __all__ = ["Pack", "Packer", "pack_row", "sequence_tokens", "stack_rows"]
 
 @dataclass
 class Pack:
+    """One packed row's documents and the sample positions it covers."""
+
     docs: list[Encoded]
     start: int  # position of its first sample
     end: int  # position after its last sample (where the next pack starts)
@@ -48,7 +50,13 @@ def sequence_tokens(enc: Encoded, tokens_per_image: int, *, splice_images: bool)
 
 
 def pack_row(docs: list[Encoded]) -> Batch:
-    """Documents back to back in one row: `[1, sum(len)]`, `doc_lens` per document."""
+    """Documents back to back in one row.
+
+    Returns:
+        a `Batch` with `input_ids [1, T]` long (T = the documents' total length),
+        `loss_mask [1, T]` bool, `images [N, C, H, W]` float (None without images),
+        `insertion_points [N]` long shifted to the row, and `doc_lens [[len, ...]]`.
+    """
     ids, mask, points, pixels = [], [], [], []
     for d in docs:
         points += [len(ids) + p for p in d.points]
@@ -68,8 +76,14 @@ def pack_row(docs: list[Encoded]) -> Batch:
 
 
 def stack_rows(docs: list[Encoded], pad_id: int, *, extra: int = 0) -> Batch:
-    """One document per row, right-padded (padding is a document of its own,
-    outside the loss) to the longest row plus `extra` slots."""
+    """One document per row, right-padded with `pad_id` to the longest row plus
+    `extra` slots (the padding is a document of its own, outside the loss).
+
+    Returns:
+        a `Batch` with `input_ids [B, T]` long, `loss_mask [B, T]` bool (False on
+        padding), `images [N, C, H, W]` float, `image_rows [N]` and
+        `insertion_points [N]` long, `doc_lens [[len, pad], ...]`.
+    """
     T = max(len(d.ids) for d in docs) + extra
     ids = torch.full((len(docs), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(docs), T, dtype=torch.bool)
@@ -89,6 +103,8 @@ def stack_rows(docs: list[Encoded], pad_id: int, *, extra: int = 0) -> Batch:
 
 
 class Packer:
+    """Samples of a source, encoded and packed into rows within the text and image token budgets."""
+
     def __init__(self, source, processor: Processor, *, text_tokens: int = 2048, image_tokens: int = 20480,
                  splice_images: bool = False, skip_bad: bool = False):
         self.source, self.processor = source, processor

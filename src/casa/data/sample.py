@@ -110,14 +110,17 @@ def read_jsonl(path, *, skip_bad: bool = False) -> tuple[list[Sample], int]:
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r}: no such data file")
     samples, skipped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:  # decoded line by line, so that a bad byte is reported with its line
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             where = f"{path}:{n}"
             try:
                 try:
-                    obj = json.loads(line)
+                    obj = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                                    "a JSONL file is UTF-8 text, one JSON sample per line") from None
                 except ValueError as e:
                     raise DataError(f"{where}: malformed JSON ({e})") from None
                 samples.append(check_sample(obj, where, path.parent))
