@@ -14,10 +14,13 @@ Design decisions:
   decoded lazily by the processor, whose errors carry the same `file:line`
   (`Sample.source`). `skip_bad=True` turns errors into a counted skip.
 - A file with no usable sample is an error, never an empty dataset.
-- `write_jsonl` never leaves a half-written export: the images go to
-  `images/<name>/` (one folder per JSONL file, so two exports into one
+- `write_jsonl` never leaves a half-written file or image folder: the images
+  go to `images/<name>/` (one folder per JSONL file, so two exports into one
   directory cannot overwrite each other's images), built under a temporary
-  name and swapped in, then the JSONL file is replaced atomically.
+  name and swapped in whole, then the JSONL file is replaced atomically. An
+  error or Ctrl-C before the swap leaves an earlier export untouched; only a
+  crash between the two renames could pair the earlier JSONL with the new
+  images.
 """
 
 from __future__ import annotations
