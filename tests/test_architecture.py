@@ -21,7 +21,7 @@ LAYERS = {
     "eval": 6,
     "training": 7,
     "bench": 8,
-    "study": 9,
+    "study": 9, "serve": 9,
     "cli": 10,
 }
 SIDEWAYS = {("files", "config"), ("weights", "files")}
