@@ -38,7 +38,7 @@ def test_export_refuses_unknown_tasks_and_knobs(tmp_path):
     r = refused_export(tmp_path, "--task", "nope", tmp_path, names=("'nope'", "chartqa", "video"))
     assert "unknown task" in r.stderr
     refused_export(tmp_path, "--task", "color", "--difficulty", "noise=2", tmp_path,
-                   names=("noise=2", "[0.0, 1.0]"))
+                   names=("difficulty.noise=2", "must be <= 1.0"))
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written by a refused export
 
 

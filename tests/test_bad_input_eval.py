@@ -68,7 +68,7 @@ def test_checkpoints_that_are_not_models(model_dir, tmp_path):
 def test_tasks_and_difficulty(model_dir, tmp_path):
     r = refused(model_dir, tmp_path, "--task", "color,nope", names=("'nope'", "color", "docvqa"))
     assert "unknown task" in r.stderr
-    refused(model_dir, tmp_path, "--difficulty", "bars=0", names=("bars=0", "[1, 26]"))
+    refused(model_dir, tmp_path, "--difficulty", "bars=0", names=("difficulty.bars=0", "must be >= 1"))
     refused(model_dir, tmp_path, "--difficulty", "bars", names=("'bars'", "key=value"))
 
 

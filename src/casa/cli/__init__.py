@@ -15,12 +15,13 @@ Design decisions:
   tracebacks inline instead, for every error.
 - Ctrl-C (KeyboardInterrupt), start-up included, prints `casa: interrupted`
   and exits 130; a command that saves something on interrupt says what
-  before that line. While torch is imported (the bulk of start-up) Ctrl-C
-  is held until the import ends: an import interrupted half-way leaves
-  modules half-initialised, and the next access fails with a misleading
-  error (seen: a RecursionError inside numpy) instead of the interrupt.
+  before that line. During start-up (the command's `check`, then the torch
+  import, most of the start-up time) Ctrl-C is held until it ends: an
+  import interrupted half-way leaves modules half-initialised, and the next
+  access fails with a misleading error (seen: a RecursionError inside
+  numpy) instead of the interrupt.
 - Heavy modules (torch, models) are imported inside the handlers, after the
-  command's `check`, so `casa --help` and most input errors answer at once.
+  command's `check`, so `casa --help` and flag errors answer at once.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import sys
 
 try:  # Ctrl-C while the command modules load is an interrupt like any other
     import argparse
+    import contextlib
     import os
     import signal
     import threading
@@ -39,7 +41,7 @@ except KeyboardInterrupt:
     print("casa: interrupted", file=sys.stderr)
     raise SystemExit(130) from None
 
-__all__ = ["COMMANDS", "UsageError", "build_parser", "import_torch_uninterrupted", "log_traceback", "main"]
+__all__ = ["COMMANDS", "UsageError", "build_parser", "interrupts_held", "log_traceback", "main"]
 
 COMMANDS = (train, eval_command, demo, data, caption, build, study, bench)
 EXIT_USER_ERROR, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 2, 1, 130
@@ -79,19 +81,20 @@ def log_traceback(argv: list[str]) -> str:
     return path
 
 
-def import_torch_uninterrupted() -> None:
-    """Import torch with Ctrl-C held until the import is complete; then raise KeyboardInterrupt if one came."""
-    if "torch" in sys.modules or threading.current_thread() is not threading.main_thread():
-        import torch  # noqa: F401
+@contextlib.contextmanager
+def interrupts_held():
+    """Hold Ctrl-C until the block ends, then raise KeyboardInterrupt if one came (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
     pressed = []
     previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
     try:
-        import torch  # noqa: F401
+        yield
     finally:
         signal.signal(signal.SIGINT, previous)
-    if pressed:
-        raise KeyboardInterrupt
+        if pressed:
+            raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = os.environ.get("CASA_DEBUG", "") not in ("", "0")
     try:
         args = build_parser().parse_args(argv)
-        if getattr(args, "check", None) is not None:
-            args.check(args)  # cheap checks first: a bad command line never waits for torch
-        import_torch_uninterrupted()
+        with interrupts_held():  # start-up: the command's own checks, then torch, which every command needs
+            if getattr(args, "check", None) is not None:
+                args.check(args)
+            import torch  # noqa: F401
         return args.func(args)
     except KeyboardInterrupt:
         if debug:

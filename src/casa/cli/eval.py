@@ -2,10 +2,10 @@
 
 Design decisions:
 - Flags are checked by argparse where a type says it all (`--n 0` is
-  refused with the flag named); `check` refuses, before torch is even
-  imported, combinations that cannot mean anything (`--data` with `--task`,
-  `--root` without `--bench`, ...), a `--json` that cannot be written and a
-  checkpoint that does not exist; everything else is checked by
+  refused with the flag named); `check` refuses, before anything is loaded,
+  combinations that cannot mean anything (`--data` with `--task`, `--root`
+  without `--bench`, ...), a `--json` that cannot be written and a
+  checkpoint that is not a casa model or run; everything else is checked by
   `casa.eval.run` before any compute.
 - `--threads` defaults to the free cores (`casa.threads.set_threads`).
 """
@@ -47,14 +47,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def check(args) -> None:
-    """Everything about the command line that needs no heavy import."""
+    """The command line, cheapest first: flag combinations, `--json`, then the checkpoint."""
     from casa.files import check_output_file
-    from casa.pretrained.runs import resolve_model_dir
 
     _check_combination(args)
     key_values(args.difficulty)
     check_output_file(args.json, "--json")
-    resolve_model_dir(args.checkpoint)
+    from casa.pretrained.model_dir import read_config
+    from casa.pretrained.runs import resolve_model_dir
+
+    read_config(resolve_model_dir(args.checkpoint))
 
 
 def _check_combination(args) -> None:

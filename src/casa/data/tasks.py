@@ -18,9 +18,10 @@ Design decisions:
   stored, a data position is an integer, and evaluation draws from
   `seed + EVAL_SEED_OFFSET` (`casa.eval.synthetic`) so it never sees a
   training sample.
-- Every knob of `Difficulty` has a declared range (`Difficulty.RANGES`),
-  checked when it is built, so `--difficulty bars=0` is refused with the knob
-  and its range instead of failing deep inside a renderer.
+- Every knob of `Difficulty` declares its range (`casa.config.setting`),
+  checked by the one validation layer (`casa.config.check_fields`) when it is
+  built, so `--difficulty bars=0` is refused with the knob and its range
+  instead of failing deep inside a renderer.
 - Each task names its metric (`TASKS[name][1]`, one of
   `casa.data.metrics.METRICS`); the sample carries it in `meta`, and so does
   its JSONL export.
@@ -28,7 +29,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import string
 from dataclasses import dataclass
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from casa.config import build
+from casa.config import build, check_fields, setting
 from casa.data.sample import Sample
 
 __all__ = ["COARSE", "COLORS", "FIELDS", "KINDS", "TASKS", "Difficulty", "chartqa", "check_tasks", "color",
@@ -50,39 +50,25 @@ FIELDS = ("Name", "Date", "Total", "Code", "City", "Ref", "Phone", "Room", "Item
 
 @dataclass
 class Difficulty:
-    """Knobs of the suite. Images are rendered at `image_size` (the processor
-    resizes them to the model's input size)."""
+    """Knobs of the suite, each with the range its renderer supports. Images
+    are rendered at `image_size` (the processor resizes them to the model's
+    input size)."""
 
-    image_size: int = 64
-    colors: int = 4  # palette size for the shape tasks (<= 6)
-    max_shapes: int = 4  # count / compare
-    distractors: int = 0  # extra shapes in color / position
-    noise: float = 0.0  # amplitude of random pixel noise, 0..1
-    fields: int = 4  # docvqa: lines on the document
-    text_len: int = 4  # docvqa: characters in a value
-    font_size: int = 12
-    bars: int = 4  # chartqa
-    max_value: int = 9  # chartqa
-    frames: int = 4  # video
+    image_size: int = setting(64, ge=8, le=4096)
+    colors: int = setting(4, ge=2, le=len(COLORS))  # palette size for the shape tasks
+    max_shapes: int = setting(4, ge=1, le=9)  # count / compare (a 3 x 3 grid)
+    distractors: int = setting(0, ge=0, le=6)  # extra shapes in color / position
+    noise: float = setting(0.0, ge=0.0, le=1.0)  # amplitude of random pixel noise
+    fields: int = setting(4, ge=1, le=len(FIELDS))  # docvqa: lines on the document
+    text_len: int = setting(4, ge=1, le=64)  # docvqa: characters in a value
+    font_size: int = setting(12, ge=1, le=256)
+    bars: int = setting(4, ge=1, le=26)  # chartqa: one letter per bar
+    max_value: int = setting(9, ge=1, le=10**6)  # chartqa
+    frames: int = setting(4, ge=1, le=1000)  # video
     relative: bool = True  # position: two shapes, one relative to the other (else one shape, absolute)
 
-    # the values each knob may take (inclusive); the renderers rely on them
-    RANGES = {"image_size": (8, 4096), "colors": (2, len(COLORS)), "max_shapes": (1, 9), "distractors": (0, 6),
-              "noise": (0.0, 1.0), "fields": (1, len(FIELDS)), "text_len": (1, 64), "font_size": (1, 256),
-              "bars": (1, 26), "max_value": (1, 10**6), "frames": (1, 1000)}
-
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.type == "bool":
-                if not isinstance(value, bool):
-                    raise ValueError(f"difficulty {f.name}={value!r}: expected true or false")
-                continue
-            lo, hi = self.RANGES[f.name]
-            kinds = (int,) if f.type == "int" else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kinds) or not lo <= value <= hi:
-                what = "a whole number" if f.type == "int" else "a number"
-                raise ValueError(f"difficulty {f.name}={value!r}: expected {what} in [{lo}, {hi}]")
+        check_fields(self, "difficulty")
 
 
 def difficulty(values: dict | None = None) -> Difficulty:

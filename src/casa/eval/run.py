@@ -83,13 +83,11 @@ def check_backend(backend: str) -> str:
 
 
 def _model_dir(checkpoint) -> tuple[Path, dict]:
-    """(model directory, its config.json): the checkpoint resolved first, before the model
-    stack is imported (`read_config` lives with it), so that a typo fails at once."""
+    """(model directory, its config.json), without importing the model stack."""
+    from casa.pretrained.model_dir import read_config
     from casa.pretrained.runs import resolve_model_dir
 
     model_dir = resolve_model_dir(checkpoint)
-    from casa.pretrained.directory import read_config
-
     return model_dir, read_config(model_dir)
 
 
