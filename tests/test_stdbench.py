@@ -279,3 +279,27 @@ def test_casa_eval_bench_command(tmp_path, tiny_model, capsys):
     assert rc == 0 and json.loads((tmp_path / "r.json").read_text())["n"] == 1
     assert main(["eval", "--checkpoint", str(model_dir), "--bench", "textvqa"]) == 2
     assert "--bench needs --root" in capsys.readouterr().err
+
+
+def test_damaged_benchmark_files_are_named(tmp_path):
+    from casa.data.sample import DataError
+    from casa.files import DamagedFileError
+
+    make_benchmark(tmp_path / "pq", "chartqa", "parquet")
+    bad = tmp_path / "pq" / "data" / "test-00000-of-00001.parquet"
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated
+    with pytest.raises(DamagedFileError, match=rf"{bad.name}' is damaged or incomplete \(not a readable parquet"):
+        list(load_items("chartqa", tmp_path / "pq"))
+    make_benchmark(tmp_path / "js", "textvqa", "original")
+    (tmp_path / "js" / "TextVQA_0.5.1_val.json").write_text('{"data": [')
+    with pytest.raises(DamagedFileError, match=r"TextVQA_0.5.1_val.json' is damaged or incomplete \(not valid JSON"):
+        list(load_items("textvqa", tmp_path / "js"))
+    (tmp_path / "js" / "TextVQA_0.5.1_val.json").write_text('{"data": [{"question": "q?"}]}')
+    with pytest.raises(DataError, match=r"textvqa: a record under .* does not have the expected layout \(KeyError"):
+        list(load_items("textvqa", tmp_path / "js"))
+    (tmp_path / "js" / "train_images" / "ab12.jpg").write_bytes(b"not an image")
+    (tmp_path / "js" / "TextVQA_0.5.1_val.json").write_text(json.dumps({"data": [
+        {"question_id": 1, "question": "What brand?", "image_id": "ab12", "answers": ["nike"] * 10}]}))
+    [item] = load_items("textvqa", tmp_path / "js")
+    with pytest.raises(DataError, match=r"question 1: cannot read image .*ab12.jpg"):
+        item.pil()

@@ -21,14 +21,15 @@ Design decisions:
 - A layout is recognised by its file names, parquet first; nothing is
   configured. A root with no question of the split is a FileNotFoundError
   that lists what was looked for.
-- An image that cannot be decoded is a `DataError` naming the question, not a
-  decoder's traceback.
+- Damaged inputs are named, never a library's traceback: a parquet or JSON
+  file that cannot be read is a `casa.files.DamagedFileError` naming the
+  file, a record without an expected field a `DataError` naming the
+  benchmark and root, an undecodable image a `DataError` naming the question.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from pathlib import Path
 from PIL import Image
 
 from casa.data.sample import DataError
+from casa.files import DamagedFileError, read_json
 
 __all__ = ["DEFAULT_SPLITS", "LOADERS", "Item", "load_items"]
 
@@ -90,10 +92,18 @@ def _rows(files, columns=None):
     except ImportError as e:
         raise ImportError("reading benchmark parquet files needs pyarrow (pip install 'casa[bench]')") from e
     for f in files:
-        pf = pq.ParquetFile(f)
-        cols = [c for c in columns if c in pf.schema_arrow.names] if columns else None
-        for batch in pf.iter_batches(batch_size=32, columns=cols):
-            yield from batch.to_pylist()
+        try:  # pyarrow's errors (ArrowInvalid, ArrowIOError) do not name the file
+            pf = pq.ParquetFile(f)
+            cols = [c for c in columns if c in pf.schema_arrow.names] if columns else None
+            batches = pf.iter_batches(batch_size=32, columns=cols)
+            while True:
+                try:
+                    rows = next(batches).to_pylist()
+                except StopIteration:
+                    break
+                yield from rows
+        except (OSError, ValueError) as e:
+            raise DamagedFileError(f, f"not a readable parquet file: {e}") from None
 
 
 def _image(value, base: Path):
@@ -125,7 +135,7 @@ def _find(root: Path, patterns) -> list[Path]:
 
 
 def _records(file: Path):
-    data = json.loads(file.read_text())
+    data = read_json(file)
     return data["data"] if isinstance(data, dict) and "data" in data else data
 
 
@@ -199,7 +209,7 @@ def _ai2d(root, split):
     ids_file = _find(root, [f"ai2d_{split}_ids.csv"])
     keep = {line.strip() for line in ids_file[0].read_text().split() if line.strip()} if ids_file else None
     for file in sorted(qdir.glob("*.json")):
-        data = json.loads(file.read_text())
+        data = read_json(file)
         name = data.get("imageName", file.name.removesuffix(".json"))
         if keep is not None and name.split(".")[0] not in keep:
             continue
@@ -222,7 +232,7 @@ def _gqa(root, split):
                        _image(by_id[r["imageId"]], images[0].parent))
         return
     for file in _find(root, [f"{split}_balanced_questions.json"]):
-        for qid, r in json.loads(file.read_text()).items():
+        for qid, r in read_json(file).items():
             image = _first_existing(file.parent / "images" / f"{r['imageId']}.jpg", file.parent / f"{r['imageId']}.jpg")
             yield Item(str(qid), r["question"], _answers(r["answer"]), image)
 
@@ -242,7 +252,16 @@ def load_items(name: str, root, *, split: str | None = None):
         raise FileNotFoundError(f"{name}: benchmark directory {str(root)!r} does not exist")
     split = split or DEFAULT_SPLITS[name]
     found = False
-    for item in LOADERS[name](root, split):
+    items = LOADERS[name](root, split)
+    while True:
+        try:
+            item = next(items)
+        except StopIteration:
+            break
+        except (KeyError, TypeError, IndexError, AttributeError) as e:  # a record without an expected field
+            raise DataError(f"{name}: a record under {str(root)!r} does not have the expected layout "
+                            f"({type(e).__name__}: {e}); expected the lmms-lab parquet files or the original "
+                            "JSON layout (see casa.eval.stdbench.datasets)") from None
         found = True
         yield item
     if not found:
