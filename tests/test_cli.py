@@ -75,8 +75,15 @@ def _interrupt_once_started(args, cwd, settle: float = 0.0):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     maps = Path(f"/proc/{proc.pid}/maps")
+
+    def loading_torch() -> bool:
+        try:
+            return "libtorch" in maps.read_text()
+        except OSError:  # the process is gone: nothing to wait for
+            return True
+
     deadline = time.monotonic() + 60
-    while "libtorch" not in maps.read_text() and time.monotonic() < deadline and proc.poll() is None:
+    while proc.poll() is None and not loading_torch() and time.monotonic() < deadline:
         time.sleep(0.02)
     time.sleep(settle)
     proc.send_signal(signal.SIGINT)
