@@ -10,8 +10,8 @@ import torch
 from casa.cli import main
 from casa.config import ModelConfig
 from casa.core.model import CasaModel
-from casa.data import Processor, Sample, make_sample
-from casa.eval.decode import greedy_decode
+from casa.data import Encoded, Processor, Sample, make_sample
+from casa.eval.decode import greedy_decode, greedy_decode_uncached
 from casa.eval.synthetic import (
     answers,
     eval_samples,
@@ -29,18 +29,37 @@ MODEL = {"lm": {"vocab_size": 264, "d_model": 32, "n_layers": 2, "n_heads": 4, "
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("variant", ["casa", "insertion"])
-def test_batched_greedy_decode_equals_one_by_one(variant):
-    torch.manual_seed(0)
-    model = CasaModel(ModelConfig.from_dict({**MODEL, "fusion": {"variant": variant}})).eval()
-    proc = Processor(ByteTokenizer(), model.config.vision)
+def eval_prompts(proc):
+    """Prompts of different lengths, image counts and layouts; the last one blind (no image)."""
     prompts = []
     for i, task in enumerate(["color", "compare", "video", "count"]):
         enc = proc.encode(make_sample(task, 0, i))
         prompts.append(enc.prefix(enc.turns[-1][0]))
-    together = greedy_decode(model, prompts, proc, max_new_tokens=6)
-    alone = [greedy_decode(model, [p], proc, max_new_tokens=6)[0] for p in prompts]
-    assert together == alone and all(len(x) <= 6 for x in together)
+    prompts.append(Encoded(prompts[1].ids, prompts[1].targets, source="blind"))
+    return prompts
+
+
+@pytest.mark.parametrize("variant", ["casa", "insertion", "ca", "gated_ca"])
+def test_cached_greedy_decode_equals_uncached(variant):
+    torch.manual_seed(0)
+    model = CasaModel(ModelConfig.from_dict({**MODEL, "fusion": {"variant": variant}})).eval()
+    with torch.no_grad():  # larger weights than the init: varied answers, every path in the logits
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "vision" not in name:
+                p.normal_(0, 0.3)
+    proc = Processor(ByteTokenizer(), model.config.vision)
+    prompts = eval_prompts(proc)
+    assert sorted({p.n_images for p in prompts}) == [0, 1, 2, 4] and len({len(p.ids) for p in prompts}) >= 3
+    proc.stop_ids = set()
+    plain = greedy_decode_uncached(model, prompts, proc, max_new_tokens=6)
+    assert all(len(x) == 6 for x in plain) and len({t for x in plain for t in x}) > 3  # varied answers
+    k = next(k for k in range(1, 6) if plain[0][k] not in plain[0][:k])
+    proc.stop_ids = {plain[0][k]}  # row 0 now stops at its k-th token (others maybe elsewhere)
+    plain = greedy_decode_uncached(model, prompts, proc, max_new_tokens=6)
+    assert len(plain[0]) == k
+    assert greedy_decode(model, prompts, proc, max_new_tokens=6) == plain
+    # batched rows decode as each prompt alone
+    assert [greedy_decode(model, [p], proc, max_new_tokens=6)[0] for p in prompts[:2]] == plain[:2]
 
 
 def test_evaluate_scores_every_turn_and_prior():

@@ -146,7 +146,7 @@ class FusionLayer(nn.Module):
             k, v = attn.kv(x)
             keys, values, mask = window.extend(rotary.apply(k) if self.positional else k, v)
         else:
-            (keys, values), mask = window.prefix(), None
+            keys, values, mask = window.prefix_keys()
             if keys is None:  # no image in this window: zero update, as in forward()
                 return self._gate(h, torch.zeros_like(h))
         return self._gate(h, attn.out(cached_attend(q, keys, values, mask=mask, backend=backend)))

@@ -1,20 +1,24 @@
-"""Greedy decoding of evaluation prompts, batched, for every fusion variant.
+"""Greedy decoding of evaluation prompts, batched and cached, for every fusion variant.
 
 Used by `casa eval` (synthetic tasks and JSONL), the trainer's periodic
 evaluation, the study, the standard benchmarks and the lmms-eval plugin.
 
 Design decisions:
-- Batched and uncached: prompts are right-padded rows (the padding is a
-  document of its own, so no real token attends to it), images are encoded
-  once, and each step runs one forward over all rows and appends the argmax
-  at each row's end. Simple and exact for every variant; the cached path of
-  `casa.inference` serves streaming, where the cache pays off.
+- Cached: images are encoded once for all prompts; each prompt is prefilled
+  in its own `inference.Session` (images added at their insertion points,
+  text in chunks between them), which handles every variant's windows and
+  positions; then all rows decode together, one token per row per step,
+  through `inference.rows.RowDecoder` (caches padded into one batch). The
+  cost is one prefill per prompt plus one batched one-token forward per
+  answer token, instead of a full forward over every row per answer token.
+- `greedy_decode_uncached` keeps the plain path (right-padded rows, one full
+  forward per step, the padding a document of its own): the reference the
+  cached path is tested against, and the baseline of `casa bench decode`.
 - A row stops at its first stop token (`Processor.stop_ids`), which is not
   part of the answer, or after `max_new_tokens`.
-- Uncached decoding costs `O(T^2)` per step, so a prompt longer than the
-  model's budget is refused before any forward (`check_lengths`), with a
-  message naming the sample, instead of running for minutes and exhausting
-  memory.
+- A prompt longer than the model's budget is refused before any forward
+  (`check_lengths`), with a message naming the sample, instead of running
+  for minutes and exhausting memory.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ import torch
 from casa.data import Encoded, Processor, stack_rows
 from casa.data.packing import sequence_tokens
 from casa.data.sample import DataError
+from casa.inference.rows import RowDecoder
+from casa.inference.session import Session
 
-__all__ = ["PromptTooLong", "check_lengths", "greedy_decode"]
+__all__ = ["PromptTooLong", "check_lengths", "greedy_decode", "greedy_decode_uncached"]
 
 
 class PromptTooLong(DataError):
@@ -60,7 +66,73 @@ def check_lengths(prompts: list[Encoded], processor: Processor, *, max_new_token
 @torch.no_grad()
 def greedy_decode(model, prompts: list[Encoded], processor: Processor, *, max_new_tokens: int = 24,
                   backend: str = "auto") -> list[list[int]]:
-    """Greedy continuation of each prompt.
+    """Greedy continuation of each prompt (cached, batched; see the module docstring).
+
+    Args:
+        model: a `CasaModel` (its mode is left as it is; call `.eval()` first).
+        prompts: encoded prompts with their pixels (`Processor.encode` / `Encoded.prefix`).
+        max_new_tokens: the most tokens generated per prompt.
+    Returns:
+        per prompt, the generated token ids, stop token excluded; the same as
+        `greedy_decode_uncached`.
+    """
+    if not prompts or max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    device = next(model.parameters()).device
+    batch = stack_rows(prompts, processor.tok.pad_id).to(device)
+    embeds = model.encode_images(batch)  # [N, n, d], every prompt's images in order
+    sessions, first = [], 0
+    for p in prompts:
+        session = Session(model, backend=backend)
+        _prefill(session, p, embeds[first: first + p.n_images])
+        first += p.n_images
+        sessions.append(session)
+    logits = torch.stack([s.last_logits for s in sessions])  # [B, vocab]
+    decoder = None
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    stop = set(processor.stop_ids)
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(-1).tolist()
+        for b, tok in enumerate(nxt):
+            if done[b]:
+                continue
+            if tok in stop:
+                done[b] = True
+                continue
+            out[b].append(tok)
+        if all(done) or step == max_new_tokens - 1:
+            break
+        if decoder is None:
+            decoder = RowDecoder(sessions, max_new_tokens=max_new_tokens)
+        logits = decoder.step(torch.tensor(nxt, dtype=torch.long))
+    return out
+
+
+def _prefill(session: Session, prompt: Encoded, embeds: torch.Tensor) -> None:
+    """Feed one prompt: each image before the text token at its insertion point
+    (`[n_images, n, d]` precomputed `embeds`), the text in chunks between them."""
+    fed = 0
+    i = 0
+    while i < prompt.n_images:
+        point = prompt.points[i]
+        j = i
+        while j < prompt.n_images and prompt.points[j] == point:  # images sharing an insertion point
+            j += 1
+        if point > fed:
+            session.forward_text(prompt.ids[fed:point])
+            fed = point
+        session.add_image_embeds(embeds[i:j])
+        i = j
+    if fed < len(prompt.ids):
+        session.forward_text(prompt.ids[fed:])
+
+
+@torch.no_grad()
+def greedy_decode_uncached(model, prompts: list[Encoded], processor: Processor, *, max_new_tokens: int = 24,
+                  backend: str = "auto") -> list[list[int]]:
+    """Greedy continuation of each prompt, by one full uncached forward over
+    all rows per new token (the plain path; see the module docstring).
 
     Args:
         model: a `CasaModel` (its mode is left as it is; call `.eval()` first).

@@ -121,6 +121,14 @@ class KVCache:
             return None, None
         return self.k[:, :, : self.n_prefix], self.v[:, :, : self.n_prefix]
 
+    def prefix_keys(self):
+        """`(keys, values, mask)` a query of the window reads when the window holds
+        only its prefix (`ca`): the prefix views and mask None (all visible), or
+        `(None, None, None)` when empty. `inference.rows.RowCache` answers the
+        same call with padded rows and a mask."""
+        keys, values = self.prefix()
+        return keys, values, None
+
     # --------------------------------------------------------------- append
     def extend(self, k: torch.Tensor, v: torch.Tensor):
         """Append `t` tokens and return what their queries attend to.
