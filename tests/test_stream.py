@@ -332,6 +332,32 @@ def test_bench_stream_smoke(tmp_path):
     assert {"first_10pct", "last_10pct", "oom", "limit_hit"} <= set(casa["summary"])
 
 
+def test_bench_stream_bound_columns_and_bfloat16():
+    """Bytes per decoded token = the weights it reads + the cache; the bound is those
+    bytes at the bandwidth measured in the run; bfloat16 halves both."""
+    kw = dict(variants=["casa", "ca"], turns=2, image_tokens=16, new_tokens=2, d_model=32, layers=2, heads=4,
+              kv_heads=2, d_ff=64, bandwidth_mib=8)
+    runs = {dtype: {r["variant"]: r for r in bench_run(StreamBench(**kw, dtype=dtype), isolate=False,
+                                                       log=None)["runs"]}
+            for dtype in ("float32", "bfloat16")}
+    # per block: norms 2 x 32, SA q/k/v/o 1024 + 512 + 512 + 1024, SwiGLU 3 x 32 x 64,
+    # fusion norm 32 + q/k/v/o; then the final norm, lm_head 264 x 32 and one embedding row
+    block = 64 + 3072 + 6144 + 32 + 3072
+    casa_params = 2 * block + 32 + 264 * 32 + 32
+    ca_params = casa_params - 2 * 1024  # ca's fusion k/v projections run only when images arrive
+    for dtype, size in (("float32", 4), ("bfloat16", 2)):
+        casa, ca = runs[dtype]["casa"], runs[dtype]["ca"]
+        assert casa["summary"]["decode_weight_bytes"] == casa_params * size
+        assert ca["summary"]["decode_weight_bytes"] == ca_params * size
+        bw = casa["summary"]["bandwidth_bytes_s"]
+        for t in casa["turns"]:
+            assert t["bytes_per_token"] == casa_params * size + t["cache_bytes"]
+            assert t["bound_ms"] == pytest.approx(t["bytes_per_token"] / bw * 1e3, rel=1e-3)
+            assert t["bound_ratio"] == pytest.approx(t["decode_ms_per_token"] / t["bound_ms"], rel=1e-2)
+    f32, b16 = runs["float32"]["casa"]["turns"], runs["bfloat16"]["casa"]["turns"]
+    assert [t["cache_bytes"] for t in f32] == [2 * t["cache_bytes"] for t in b16]
+
+
 def test_bench_stream_isolated_and_cli(tmp_path):
     rc = main(["bench", "stream", "--variants", "ca", "--turns", "3", "--image-tokens", "16", "--new-tokens", "2",
                "--d-model", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--d-ff", "64",
@@ -340,3 +366,4 @@ def test_bench_stream_isolated_and_cli(tmp_path):
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["config"]["isolate"] and len(data["runs"][0]["turns"]) == 3
     assert main(["bench", "stream", "--variants", "nope", "--json", str(tmp_path / "c.json")]) == 2
+    assert main(["bench", "stream", "--dtype", "float16", "--json", str(tmp_path / "c.json")]) == 2

@@ -10,7 +10,11 @@ really runs out of memory is recorded instead of killing the run.
 
 Per turn: `ttft_ms` (frame arrival to first token: image K/V or image
 prefill, prompt, sampling), `decode_ms` and `decode_tok_s` (the other
-tokens, the last one's feed included), `kv_tokens` and `cache_bytes`
+tokens, the last one's feed included), `decode_ms_per_token`,
+`bytes_per_token` (weights read by one decoded token plus the cache, see
+`bench/bandwidth.py`), `bound_ms` (those bytes at the streaming bandwidth
+measured in the same worker before the session, `bandwidth_bytes_s`) and
+`bound_ratio` (measured / bound), `kv_tokens` and `cache_bytes`
 (`Session.kv_tokens` / `cache_bytes`), `peak_mem_bytes` (the process's peak
 resident set during the turn: runtime, weights and session, as a user's
 machine pays it; CUDA: the allocator's peak) and `session_mem_bytes` (the
@@ -45,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from casa.bench.bandwidth import decode_weight_bytes, read_bandwidth
 from casa.bench.memory import PeakMemory
 from casa.config import (
     FUSION_VARIANTS,
@@ -58,9 +63,10 @@ from casa.core.model import CasaModel
 from casa.files import atomic_file
 from casa.inference.session import Session
 
-__all__ = ["FIELDS", "StreamBench", "compare", "plot", "run", "run_variant", "summarize"]
+__all__ = ["DTYPES", "FIELDS", "StreamBench", "compare", "plot", "run", "run_variant", "summarize"]
 
-FIELDS = ("ttft_ms", "decode_tok_s", "kv_tokens", "cache_bytes", "peak_mem_bytes", "session_mem_bytes")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+FIELDS = ("ttft_ms", "decode_tok_s", "decode_ms_per_token", "bound_ratio", "kv_tokens", "cache_bytes", "peak_mem_bytes", "session_mem_bytes")
 
 
 @dataclass
@@ -83,8 +89,12 @@ class StreamBench:
     seed: int = 0
     threads: int | None = 1  # None: torch's default; 1 is stable on a shared machine
     device: str = "cpu"
+    dtype: str = "float32"  # the model's (weights, activations and caches)
+    bandwidth_mib: int = 256  # buffer of the streaming-read measurement: far above the CPU caches
 
     def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: choose from {list(DTYPES)}")
         bad = [v for v in self.variants if v not in FUSION_VARIANTS]
         if bad:
             raise ValueError(f"--variants: unknown {bad}; choose from {list(FUSION_VARIANTS)}")
@@ -148,7 +158,8 @@ def run_variant(cfg: StreamBench, variant: str, emit) -> dict:
 def _run_variant(cfg: StreamBench, variant: str, emit) -> dict:
     dev = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = CasaModel(cfg.model_config(variant)).to(dev).eval()
+    model = CasaModel(cfg.model_config(variant)).to(dev, DTYPES[cfg.dtype]).eval()
+    weight_bytes = decode_weight_bytes(model)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     frame = lambda: torch.randn(cfg.image_tokens, cfg.d_model, generator=g).to(dev)  # noqa: E731
     prompt = torch.randint(0, cfg.vocab, (cfg.prompt_tokens,), generator=g).tolist()
@@ -157,9 +168,12 @@ def _run_variant(cfg: StreamBench, variant: str, emit) -> dict:
         _turn(warm, frame(), prompt, cfg.new_tokens, dev)
     del warm
     gc.collect()
+    # measured here, in the worker that decodes, under the same load (CPU; CUDA: not measured)
+    bandwidth = read_bandwidth(nbytes=cfg.bandwidth_mib * 2**20) if dev.type == "cpu" else None
     base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else _rss()
     session = Session(model, history=cfg.history)
-    state = {"turns": 0, "oom": False, "limit_hit": None, "error": None}
+    state = {"turns": 0, "oom": False, "limit_hit": None, "error": None, "bandwidth_bytes_s": bandwidth,
+             "decode_weight_bytes": weight_bytes}
     start = time.perf_counter()
     for i in range(cfg.turns):
         embeds = frame()
@@ -176,8 +190,14 @@ def _run_variant(cfg: StreamBench, variant: str, emit) -> dict:
             state.update(oom=True, error=f"{type(e).__name__}: {e}"[:500])
             break
         peak = before + (pm.bytes or 0)  # PeakMemory counts above the turn's start
+        per_token = decode / cfg.new_tokens
+        read = weight_bytes + session.cache_bytes()
+        bound = read / bandwidth * 1e3 if bandwidth else None
         emit({"turn": i, "ttft_ms": round(ttft, 3), "decode_ms": round(decode, 3),
               "decode_tok_s": round(cfg.new_tokens / (decode / 1e3), 2) if decode > 0 else None,
+              "decode_ms_per_token": round(per_token, 4), "bytes_per_token": read,
+              "bound_ms": round(bound, 6) if bound else None,
+              "bound_ratio": round(per_token / bound, 4) if bound else None,
               "kv_tokens": session.kv_tokens(), "cache_bytes": session.cache_bytes(),
               "peak_mem_bytes": int(peak), "session_mem_bytes": int(max(0, peak - base))})
         state["turns"] = i + 1
@@ -188,6 +208,7 @@ def _run_variant(cfg: StreamBench, variant: str, emit) -> dict:
             state["limit_hit"] = "time"
             break
     state["seconds"] = round(time.perf_counter() - start, 3)
+    state["bandwidth_bytes_s_end"] = read_bandwidth(nbytes=cfg.bandwidth_mib * 2**20) if dev.type == "cpu" else None
     return state
 
 
@@ -248,6 +269,9 @@ def summarize(cfg: StreamBench, turns: list[dict], state: dict) -> dict:
         "limit_hit": state.get("limit_hit"),
         "error": state.get("error"),
         "seconds": state.get("seconds"),
+        "bandwidth_bytes_s": state.get("bandwidth_bytes_s"),
+        "bandwidth_bytes_s_end": state.get("bandwidth_bytes_s_end"),
+        "decode_weight_bytes": state.get("decode_weight_bytes"),
         "first_10pct": first,
         "last_10pct": last,
         "ttft_ratio_last_first": ratio("ttft_ms"),
@@ -255,7 +279,8 @@ def summarize(cfg: StreamBench, turns: list[dict], state: dict) -> dict:
         "session_mem_ratio_last_first": ratio("session_mem_bytes"),
         "cache_growth_bytes_per_turn": growth,
         # what the SA caches grow by per turn if only text enters them
-        "text_kv_bytes_per_turn": text_per_turn * cfg.layers * 2 * lm.n_kv_heads * lm.head_dim * 4,
+        "text_kv_bytes_per_turn": text_per_turn * cfg.layers * 2 * lm.n_kv_heads * lm.head_dim
+        * DTYPES[cfg.dtype].itemsize,
     }
 
 
@@ -286,8 +311,9 @@ def plot(result: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+    fig, axes = plt.subplots(1, 5, figsize=(25, 4.5))
     panels = [("ttft_ms", "time to first token (ms)", 1), ("decode_tok_s", "decode (tokens/s)", 1),
+              ("bound_ratio", "decode time per token / bandwidth bound", 1),
               ("cache_bytes", "KV cache (MiB)", 2**20), ("peak_mem_bytes", "peak memory of the process (MiB)", 2**20)]
     for ax, (key, title, scale) in zip(axes, panels):
         for run in result["runs"]:
@@ -302,10 +328,13 @@ def plot(result: dict, path) -> None:
         ax.set_xlabel("turn")
         if key == "ttft_ms":
             ax.set_yscale("log")
+        if key == "bound_ratio":
+            ax.axhline(1.0, color="k", lw=0.8)  # the bound itself
+            ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[0].legend(title="x = stopped (time / memory limit)")
     c = result["config"]
-    fig.suptitle(f"streaming: d_model {c['d_model']}, {c['layers']} layers, {c['image_tokens']} image tokens "
+    fig.suptitle(f"streaming ({c.get('dtype', 'float32')}): d_model {c['d_model']}, {c['layers']} layers, {c['image_tokens']} image tokens "
                  f"+ {c['prompt_tokens']}+{c['new_tokens']} text tokens per turn"
                  + (f", history sink {c['sink']} + window {c['window']}" if c.get("sink") is not None else ""))
     fig.tight_layout()
