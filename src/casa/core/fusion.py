@@ -139,11 +139,13 @@ class FusionLayer(nn.Module):
         """
         attn = self.attn if self.attn is not None else sa
         x = norm(h)
-        q = attn.q(x)
+        if self.text_keys:
+            q, k, v = attn.qkv(x)
+        else:
+            q = attn.q(x)
         if self.positional:
             q = rotary.apply(q)
         if self.text_keys:
-            k, v = attn.kv(x)
             keys, values, mask = window.extend(rotary.apply(k) if self.positional else k, v)
         else:
             keys, values, mask = window.prefix_keys()

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from casa.core.attention import cached_attend, causal_attend
+from casa.core.decode import packed_linear, use_packed
 from casa.core.layout import Layout
 
 __all__ = ["MLP", "Attention", "RMSNorm", "Rotary"]
@@ -80,17 +81,34 @@ class Attention(nn.Module):
 
     def q(self, x):
         """Queries `[..., d] -> [..., H, D]`."""
-        return rearrange(self.q_proj(x), "... (h d) -> ... h d", h=self.n_heads)
+        q = packed_linear(x, self, "q", (self.q_proj,)) if use_packed(x) else self.q_proj(x)
+        return rearrange(q, "... (h d) -> ... h d", h=self.n_heads)
 
     def kv(self, x):
         """Keys and values `[..., d] -> 2 x [..., Hkv, D]`."""
-        k = rearrange(self.k_proj(x), "... (h d) -> ... h d", h=self.n_kv_heads)
-        v = rearrange(self.v_proj(x), "... (h d) -> ... h d", h=self.n_kv_heads)
-        return k, v
+        if use_packed(x):
+            k, v = packed_linear(x, self, "kv", (self.k_proj, self.v_proj)).chunk(2, dim=-1)
+        else:
+            k, v = self.k_proj(x), self.v_proj(x)
+        return (rearrange(k, "... (h d) -> ... h d", h=self.n_kv_heads),
+                rearrange(v, "... (h d) -> ... h d", h=self.n_kv_heads))
+
+    def qkv(self, x):
+        """Queries, keys and values of the same states, `[..., d] -> ([..., H, D], 2 x [..., Hkv, D])`
+        (one fused product when decoding, `core.decode`)."""
+        if not use_packed(x):
+            return (self.q(x), *self.kv(x))
+        kv_width = self.n_kv_heads * self.head_dim
+        q, k, v = packed_linear(x, self, "qkv", (self.q_proj, self.k_proj, self.v_proj)).split(
+            [self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        return (rearrange(q, "... (h d) -> ... h d", h=self.n_heads),
+                rearrange(k, "... (h d) -> ... h d", h=self.n_kv_heads),
+                rearrange(v, "... (h d) -> ... h d", h=self.n_kv_heads))
 
     def out(self, o):
         """Output projection of attended heads `[..., H, D] -> [..., d]`."""
-        return self.o_proj(rearrange(o, "... h d -> ... (h d)"))
+        o = rearrange(o, "... h d -> ... (h d)")
+        return packed_linear(o, self, "o", (self.o_proj,)) if use_packed(o) else self.o_proj(o)
 
     def forward(self, x, *, rotary: Rotary, layout: Layout, backend: str):
         """Causal SA within each packed document: normed states `x: [B, T, d]`
@@ -109,8 +127,8 @@ class Attention(nn.Module):
         Returns:
             `[1, t, d]`.
         """
-        q = rotary.apply(self.q(x))
-        k, v = self.kv(x)
+        q, k, v = self.qkv(x)
+        q = rotary.apply(q)
         keys, values, mask = cache.extend(rotary.apply(k), v)
         return self.out(cached_attend(q, keys, values, mask=mask, backend=backend))
 
@@ -125,4 +143,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x):
+        if use_packed(x):  # decoding: gate and up in one pre-transposed product (core.decode)
+            gate, up = packed_linear(x, self, "gate_up", (self.gate_proj, self.up_proj)).chunk(2, dim=-1)
+            return packed_linear(F.silu(gate) * up, self, "down", (self.down_proj,))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

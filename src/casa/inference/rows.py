@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from casa.core.decode import decoding
 from casa.inference.cache import KVCache
 from casa.inference.session import Session
 
@@ -133,7 +134,8 @@ class RowDecoder:
         """
         h = self.model.embed(ids.to(self.positions.device))[:, None]  # [B, 1, d]
         rotary = self.model.rotary(self.positions[:, None])  # [B, 1]
-        for block, sa, window in zip(self.model.blocks, self.sa, self.windows):
-            h = block.step(h, rotary=rotary, sa_cache=sa, window=window, backend=self.backend)
+        with decoding():  # packed weight layouts (core/decode.py)
+            for block, sa, window in zip(self.model.blocks, self.sa, self.windows):
+                h = block.step(h, rotary=rotary, sa_cache=sa, window=window, backend=self.backend)
         self.positions += 1
         return self.model.lm_head(self.model.norm(h))[:, 0]

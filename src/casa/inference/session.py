@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
+from casa.core.decode import decoding
 from casa.core.layout import History, StreamWindows
 from casa.core.model import CasaModel
 from casa.inference.cache import KVCache
@@ -80,8 +81,9 @@ class Session:
         t = h.shape[1]
         positions = torch.arange(self.position, self.position + t, device=h.device)[None]
         rotary = self.model.rotary(positions)
-        for block, sa, window in zip(self.model.blocks, self.sa, self.windows):
-            h = block.step(h, rotary=rotary, sa_cache=sa, window=window, backend=self.backend)
+        with decoding():  # packed weight layouts for the few-token projections (core/decode.py)
+            for block, sa, window in zip(self.model.blocks, self.sa, self.windows):
+                h = block.step(h, rotary=rotary, sa_cache=sa, window=window, backend=self.backend)
         self.position += t
         return h
 

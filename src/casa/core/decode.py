@@ -1,0 +1,104 @@
+"""Weight layouts for decoding: projections of a few tokens at memory bandwidth.
+
+A decode step multiplies one token (or one per batched stream) by every
+weight matrix of the model, so its time is the time to stream the weights.
+In fp32 on CPU, `F.linear` on PyTorch's `[out, in]` layout reads them well
+below the bandwidth one thread can stream; the same product on a
+pre-transposed `[in, out]` matrix reads them markedly faster. In bf16 the
+opposite holds (the transposed product falls off oneDNN's fast path and is
+several times slower), so bf16 keeps `[out, in]`. Either way, fusing the
+projections that read the same input (q/k/v, gate/up) cuts the calls and
+their per-op overhead.
+
+Design decisions:
+- The state dict does not change: the packed copies (`[in, sum(out)]` in
+  fp32, `[sum(out), in]` otherwise, `transposed_layout`) are
+  built lazily from the `nn.Linear` modules on first use and kept beside
+  them (not registered as parameters or buffers), so HF names, checkpoints
+  and training are untouched.
+- A packed copy is rebuilt when any of its source parameters changed: it
+  records each parameter's storage pointer and version counter (bumped by
+  every in-place update: optimizer steps, `load_state_dict`, `.to()`).
+- Used only inside `decoding()` (entered by the incremental paths,
+  `inference.Session` and `inference.rows.RowDecoder`), without autograd
+  and for few rows (`use_packed`): training and the full forward keep
+  `F.linear`, so the uncached forward stays the plain reference that the
+  cached paths are tested against. The extra memory is one copy of the decoder's projection
+  weights, paid only by processes that decode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["PACKED_MAX_ROWS", "decoding", "packed_linear", "transposed_layout", "use_packed"]
+
+PACKED_MAX_ROWS = 64  # rows (tokens x streams) up to which the packed layout is used
+_DECODING = contextvars.ContextVar("casa_decoding", default=False)
+
+
+@contextlib.contextmanager
+def decoding():
+    """Projections inside take the packed layouts (for the few rows `use_packed` allows)."""
+    token = _DECODING.set(True)
+    try:
+        yield
+    finally:
+        _DECODING.reset(token)
+
+
+def use_packed(x: torch.Tensor) -> bool:
+    """Whether a projection of `x: [..., in]` takes the packed path: inside `decoding()`,
+    no autograd, at most `PACKED_MAX_ROWS` rows."""
+    return _DECODING.get() and not torch.is_grad_enabled() and x.shape[:-1].numel() <= PACKED_MAX_ROWS
+
+
+def transposed_layout(dtype: torch.dtype) -> bool:
+    """Whether packed weights of `dtype` are stored `[in, out]` (fp32) rather than `[out, in]`."""
+    return dtype == torch.float32
+
+
+def _stamp(linears) -> tuple:
+    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for m in linears for p in m.parameters())
+
+
+def _packed(owner: nn.Module, name: str, linears: tuple[nn.Linear, ...]):
+    """`(weight, bias [sum(out)] or None)` for `linears`, cached on `owner` under `name`;
+    weight `[in, sum(out)]` or `[sum(out), in]` (`transposed_layout`)."""
+    cache = owner.__dict__.setdefault("_packed_for_decode", {})
+    stamp = _stamp(linears)
+    hit = cache.get(name)
+    if hit is not None and hit[0] == stamp:
+        return hit[1], hit[2]
+    with torch.no_grad():
+        weight = torch.cat([m.weight for m in linears])
+        if transposed_layout(weight.dtype):
+            weight = weight.t().contiguous()
+        bias = None
+        if any(m.bias is not None for m in linears):
+            bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
+                              for m in linears])
+    cache[name] = (stamp, weight, bias)
+    return weight, bias
+
+
+def packed_linear(x: torch.Tensor, owner: nn.Module, name: str, linears: tuple[nn.Linear, ...]) -> torch.Tensor:
+    """`cat([m(x) for m in linears], -1)` through one pre-transposed matrix.
+
+    Args:
+        x: `[..., in]`, the linears' dtype.
+        owner: the module the packed copy is cached on; `name` its key there.
+        linears: `nn.Linear`s with the same input size.
+    Returns:
+        `[..., sum(out)]`.
+    """
+    weight, bias = _packed(owner, name, linears)
+    if not transposed_layout(weight.dtype):
+        return F.linear(x, weight, bias)
+    out = x @ weight
+    return out if bias is None else out + bias
