@@ -1,4 +1,4 @@
-"""`casa bench attention | train | stream`: the benchmarks, JSON + plot each.
+"""`casa bench attention | train | stream | eval-decode`: the benchmarks, JSON + plot each.
 
 Design decisions:
 - Sizes and counts are checked by argparse (`positive_int`, ...), the
@@ -14,7 +14,7 @@ import argparse
 
 from casa.cli.values import non_negative_int, positive_float, positive_int
 
-__all__ = ["attention", "register", "stream", "train"]
+__all__ = ["attention", "eval_decode", "register", "stream", "train"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -72,6 +72,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     bs.add_argument("--no-isolate", action="store_true", help="run every variant in this process")
     bs.set_defaults(func=stream)
 
+    be = bench.add_parser("eval-decode", help="evaluation decoding: cached batched vs the uncached loop")
+    be.add_argument("--variants", default="casa,insertion")
+    be.add_argument("--samples", type=positive_int, default=64)
+    be.add_argument("--new-tokens", type=positive_int, default=24)
+    be.add_argument("--d-model", type=positive_int, default=128)
+    be.add_argument("--layers", type=positive_int, default=4)
+    be.add_argument("--threads", type=non_negative_int, default=1, help="torch CPU threads (0 = torch's default)")
+    be.add_argument("--json", default="benchmarks/eval_decode.json")
+    be.add_argument("--plot", default=None, help="PNG of the timings")
+    be.set_defaults(func=eval_decode)
+
 
 def _check_outputs(args) -> None:
     from casa.files import check_distinct, check_output_file
@@ -114,4 +125,15 @@ def stream(args) -> int:
                       window=args.window, seed=args.seed, threads=args.threads or None, device=args.device,
                       dtype=args.dtype)
     run(cfg, json_path=args.json, plot_path=args.plot, isolate=not args.no_isolate)
+    return 0
+
+
+def eval_decode(args) -> int:
+    from casa.bench.eval_decode import EvalDecodeBench, run
+
+    _check_outputs(args)
+    cfg = EvalDecodeBench(variants=[v.strip() for v in args.variants.split(",")], samples=args.samples,
+                          new_tokens=args.new_tokens, d_model=args.d_model, layers=args.layers,
+                          threads=args.threads or None)
+    run(cfg, json_path=args.json, plot_path=args.plot)
     return 0
