@@ -24,14 +24,14 @@ import json
 from itertools import chain
 from pathlib import Path
 
-from casa.data import Processor, read_jsonl
+from casa.data import read_jsonl
 from casa.data.sample import DataError
 from casa.data.tasks import TASKS, check_tasks
 from casa.eval.decode import check_lengths
 from casa.eval.synthetic import eval_samples, format_table, questions, score_questions
 from casa.files import atomic_file, check_output_file
 
-__all__ = ["DEFAULT_TOKEN_LIMIT", "check_backend", "load_processor", "run", "run_benchmark", "token_limit",
+__all__ = ["DEFAULT_TOKEN_LIMIT", "check_backend", "run", "run_benchmark", "token_limit",
            "write_result"]
 
 # Sequence positions allowed for a directory that records no training budget:
@@ -54,16 +54,6 @@ def token_limit(config: dict, override: int | None = None) -> tuple[int, str]:
     if isinstance(trained, int) and trained > 0:
         return trained, "the sequence budget it was trained with, train.text_tokens"
     return DEFAULT_TOKEN_LIMIT, "casa's default for a model with no recorded training budget"
-
-
-def load_processor(model_dir: Path) -> Processor:
-    """The processor of a model directory, without loading its weights."""
-    from casa.pretrained.directory import model_config, processor_settings
-    from casa.pretrained.tokenizer import load_tokenizer
-
-    settings = processor_settings(model_dir)
-    return Processor(load_tokenizer(model_dir), model_config(model_dir).vision, gist=settings["gist"],
-                     gist_token=settings["gist_token"], image_prefix=settings["image_prefix"])
 
 
 def write_result(result: dict, path: Path) -> None:
@@ -115,6 +105,8 @@ def run(checkpoint, *, tasks=None, data=None, n: int = 64, seed: int | None = No
         seed = train_cfg.get("seed", 0) if seed is None else seed
         samples, skipped = eval_samples(names, n, seed=seed, difficulty={**train_cfg.get("difficulty", {}),
                                                                           **(difficulty or {})}), 0
+    from casa.pretrained.directory import load_processor
+
     processor = load_processor(model_dir)
     items, bad = questions(samples, processor, blind=blind, skip_bad=skip_bad)
     if not items:
