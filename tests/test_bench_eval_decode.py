@@ -10,7 +10,7 @@ from casa.cli import main
 def test_bench_eval_decode_cli(tmp_path):
     out = tmp_path / "e.json"
     rc = main(["bench", "eval-decode", "--variants", "casa,ca", "--samples", "5", "--new-tokens", "3",
-               "--d-model", "32", "--layers", "1", "--json", str(out), "--plot", str(tmp_path / "e.png")])
+               "--d-model", "32", "--layers", "1", "--repeats", "1", "--json", str(out), "--plot", str(tmp_path / "e.png")])
     assert rc == 0
     data = json.loads(out.read_text())
     assert [r["variant"] for r in data["runs"]] == ["casa", "ca"]

@@ -78,6 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     be.add_argument("--new-tokens", type=positive_int, default=24)
     be.add_argument("--d-model", type=positive_int, default=128)
     be.add_argument("--layers", type=positive_int, default=4)
+    be.add_argument("--repeats", type=positive_int, default=3, help="best of, each decoder, alternating")
     be.add_argument("--threads", type=non_negative_int, default=1, help="torch CPU threads (0 = torch's default)")
     be.add_argument("--json", default="benchmarks/eval_decode.json")
     be.add_argument("--plot", default=None, help="PNG of the timings")
@@ -145,7 +146,7 @@ def eval_decode(args) -> int:
     _check_outputs(args)
     cfg = EvalDecodeBench(variants=[v.strip() for v in args.variants.split(",")], samples=args.samples,
                           new_tokens=args.new_tokens, d_model=args.d_model, layers=args.layers,
-                          threads=args.threads or None)
+                          threads=args.threads or None, repeats=args.repeats)
     run(cfg, json_path=args.json, plot_path=args.plot)
     return 0
 
