@@ -8,10 +8,11 @@ decode time against the bound, per turn.
 
 Design decisions:
 - The bandwidth is measured in the run that it bounds (same process, same
-  thread count, same load on a shared machine): a read-only reduction over
-  a buffer far larger than the caches (`torch.sum`, the best of several
-  passes), so the figure is what one thread can stream, not a datasheet
-  number.
+  thread count, same load on a shared machine; `bench stream` measures it
+  again before every turn, so that the bound follows the load): a
+  read-only reduction over a buffer far larger than the caches
+  (`torch.sum`, the best of several passes), so the figure is what one
+  thread can stream, not a datasheet number.
 - Bytes per token count each weight once (tied or shared weights too) and
   leave out what a decode step does not read: the vision tower, the
   embedding table (one row is read), and, for the fusion variants without
@@ -28,11 +29,14 @@ import torch
 __all__ = ["decode_weight_bytes", "read_bandwidth"]
 
 
-def read_bandwidth(*, nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+def read_bandwidth(*, nbytes: int = 256 * 2**20, repeats: int = 5, buffer: torch.Tensor | None = None) -> float:
     """Streaming read bandwidth of this process, bytes/s (best of `repeats` passes
-    of `torch.sum` over an fp32 buffer of `nbytes`)."""
-    buf = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
-    buf.sum()  # first touch and thread-pool start-up out of the timing
+    of `torch.sum` over an fp32 buffer of `nbytes`, or over `buffer` when given:
+    reused across measurements, it is allocated and first touched once)."""
+    buf = buffer
+    if buf is None:
+        buf = torch.ones(max(1, nbytes // 4), dtype=torch.float32)
+        buf.sum()  # first touch and thread-pool start-up out of the timing
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()

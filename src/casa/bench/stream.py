@@ -12,9 +12,10 @@ Per turn: `ttft_ms` (frame arrival to first token: image K/V or image
 prefill, prompt, sampling), `decode_ms` and `decode_tok_s` (the other
 tokens, the last one's feed included), `decode_ms_per_token`,
 `bytes_per_token` (weights read by one decoded token plus the cache, see
-`bench/bandwidth.py`), `bound_ms` (those bytes at the streaming bandwidth
-measured in the same worker before the session, `bandwidth_bytes_s`) and
-`bound_ratio` (measured / bound), `kv_tokens` and `cache_bytes`
+`bench/bandwidth.py`), `bandwidth_bytes_s` (one-thread streaming reads,
+measured in the same worker right before the turn, so that on a shared
+machine the bound follows the load), `bound_ms` (the bytes at that
+bandwidth) and `bound_ratio` (measured / bound), `kv_tokens` and `cache_bytes`
 (`Session.kv_tokens` / `cache_bytes`), `peak_mem_bytes` (the process's peak
 resident set during the turn: runtime, weights and session, as a user's
 machine pays it; CUDA: the allocator's peak) and `session_mem_bytes` (the
@@ -90,7 +91,7 @@ class StreamBench:
     threads: int | None = 1  # None: torch's default; 1 is stable on a shared machine
     device: str = "cpu"
     dtype: str = "float32"  # the model's (weights, activations and caches)
-    bandwidth_mib: int = 256  # buffer of the streaming-read measurement: far above the CPU caches
+    bandwidth_mib: int = 128  # buffer of the streaming-read measurement: far above the CPU caches
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -168,15 +169,19 @@ def _run_variant(cfg: StreamBench, variant: str, emit) -> dict:
         _turn(warm, frame(), prompt, cfg.new_tokens, dev)
     del warm
     gc.collect()
-    # measured here, in the worker that decodes, under the same load (CPU; CUDA: not measured)
-    bandwidth = read_bandwidth(nbytes=cfg.bandwidth_mib * 2**20) if dev.type == "cpu" else None
+    # measured here, in the worker that decodes, before every turn (CPU; CUDA: not measured)
+    read_buffer = torch.ones(cfg.bandwidth_mib * 2**18) if dev.type == "cpu" else None
+    bandwidth = read_bandwidth(buffer=read_buffer) if read_buffer is not None else None
     base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else _rss()
     session = Session(model, history=cfg.history)
-    state = {"turns": 0, "oom": False, "limit_hit": None, "error": None, "bandwidth_bytes_s": bandwidth,
+    state = {"turns": 0, "oom": False, "limit_hit": None, "error": None,
+             "bandwidth_bytes_s_start": round(bandwidth) if bandwidth else None,
              "decode_weight_bytes": weight_bytes}
     start = time.perf_counter()
     for i in range(cfg.turns):
         embeds = frame()
+        if read_buffer is not None and i:
+            bandwidth = read_bandwidth(buffer=read_buffer, repeats=2)
         try:
             before = _rss() if dev.type == "cpu" else torch.cuda.memory_allocated(dev)
             with PeakMemory(dev) as pm:
@@ -196,6 +201,7 @@ def _run_variant(cfg: StreamBench, variant: str, emit) -> dict:
         emit({"turn": i, "ttft_ms": round(ttft, 3), "decode_ms": round(decode, 3),
               "decode_tok_s": round(cfg.new_tokens / (decode / 1e3), 2) if decode > 0 else None,
               "decode_ms_per_token": round(per_token, 4), "bytes_per_token": read,
+              "bandwidth_bytes_s": round(bandwidth) if bandwidth else None,
               "bound_ms": round(bound, 6) if bound else None,
               "bound_ratio": round(per_token / bound, 4) if bound else None,
               "kv_tokens": session.kv_tokens(), "cache_bytes": session.cache_bytes(),
@@ -208,7 +214,7 @@ def _run_variant(cfg: StreamBench, variant: str, emit) -> dict:
             state["limit_hit"] = "time"
             break
     state["seconds"] = round(time.perf_counter() - start, 3)
-    state["bandwidth_bytes_s_end"] = read_bandwidth(nbytes=cfg.bandwidth_mib * 2**20) if dev.type == "cpu" else None
+    state["bandwidth_bytes_s_end"] = round(read_bandwidth(buffer=read_buffer)) if read_buffer is not None else None
     return state
 
 
@@ -269,7 +275,7 @@ def summarize(cfg: StreamBench, turns: list[dict], state: dict) -> dict:
         "limit_hit": state.get("limit_hit"),
         "error": state.get("error"),
         "seconds": state.get("seconds"),
-        "bandwidth_bytes_s": state.get("bandwidth_bytes_s"),
+        "bandwidth_bytes_s_start": state.get("bandwidth_bytes_s_start"),
         "bandwidth_bytes_s_end": state.get("bandwidth_bytes_s_end"),
         "decode_weight_bytes": state.get("decode_weight_bytes"),
         "first_10pct": first,
