@@ -35,12 +35,15 @@ class Batch:
     """Text, images and where the images go (see the module docstring)."""
 
     input_ids: torch.Tensor  # [B, T] long
-    images: torch.Tensor | None = None  # [N, C, H, W] float pixels
+    # [N, C, H, W] float pixels, or (dynamic resolution) a list of N items, [C, H, W] images / [F, C, H, W] videos
+    images: torch.Tensor | list[torch.Tensor] | None = None
     image_embeds: torch.Tensor | None = None  # [N, n, D] precomputed LM-width image tokens
     image_rows: torch.Tensor | None = None  # [N] long, row of each image
     insertion_points: torch.Tensor | None = None  # [N] long, text index before which it sits
     doc_lens: list[list[int]] | None = None  # per row, lengths of packed documents
     loss_mask: torch.Tensor | None = None  # [B, T] bool, True where the token is a training target
+    # [N] float, M-RoPE temporal step between a video's temporal tokens (1 for images; core/positions.py)
+    time_steps: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.doc_lens is None and isinstance(self.input_ids, torch.Tensor) and self.input_ids.dim() == 2:
@@ -58,7 +61,7 @@ class Batch:
     def n_images(self) -> int:
         for x in (self.image_embeds, self.images):
             if x is not None:
-                return int(x.shape[0])
+                return len(x) if isinstance(x, (list, tuple)) else int(x.shape[0])
         return 0 if self.insertion_points is None else int(self.insertion_points.numel())
 
     def validate(self, *, image_size: int | None = None, channels: int | None = None,
@@ -99,7 +102,13 @@ class Batch:
                     "insertion_points: images must be sorted by (row, insertion point); "
                     f"got rows {rows.tolist()}, points {pts.tolist()}"
                 )
-        if self.images is not None:
+        if isinstance(self.images, (list, tuple)):
+            for i, x in enumerate(self.images):
+                if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4) or not x.is_floating_point() \
+                        or (channels is not None and x.shape[-3] != channels):
+                    raise BatchError(f"images[{i}]: expected [C, H, W] or [F, C, H, W] floating pixels with "
+                                     f"C={channels}, got {_describe(x)}")
+        elif self.images is not None:
             x = self.images
             if x.dim() != 4 or not x.is_floating_point():
                 raise BatchError(f"images: expected [N, C, H, W] floating pixels, got {_describe(x)}")
@@ -114,24 +123,29 @@ class Batch:
                 raise BatchError(f"image_embeds: {x.shape[1]} tokens per image, the model expects {image_tokens}")
             if d_model is not None and x.shape[2] != d_model:
                 raise BatchError(f"image_embeds: width {x.shape[2]}, the model's d_model is {d_model}")
+        if self.time_steps is not None and (not isinstance(self.time_steps, torch.Tensor)
+                                            or tuple(self.time_steps.shape) != (n,)):
+            raise BatchError(f"time_steps: expected a [{n}] tensor (one per image), got {_describe(self.time_steps)}")
         if self.loss_mask is not None and tuple(self.loss_mask.shape) != (B, T):
             raise BatchError(f"loss_mask: shape {tuple(self.loss_mask.shape)}, expected {(B, T)}")
         return self
 
-    def layout(self, tokens_per_image: int) -> Layout:
+    def layout(self, tokens_per_image: int | torch.Tensor) -> Layout:
         """The windows of this batch (`core.layout.build_layout`)."""
         return build_layout(self.input_ids.shape[1], self.doc_lens, self.image_rows, self.insertion_points,
                             tokens_per_image, device=self.input_ids.device)
 
-    def splice(self, tokens_per_image: int) -> Splice:
+    def splice(self, tokens_per_image: int | torch.Tensor) -> Splice:
         """Where tokens land when images are spliced into the text (`insertion`)."""
         return build_splice(self.input_ids.shape[1], self.doc_lens, self.image_rows, self.insertion_points,
                             tokens_per_image, device=self.input_ids.device)
 
     def to(self, device) -> "Batch":
         move = {k: getattr(self, k).to(device) for k in
-                ("input_ids", "images", "image_embeds", "image_rows", "insertion_points", "loss_mask")
-                if getattr(self, k) is not None}
+                ("input_ids", "images", "image_embeds", "image_rows", "insertion_points", "loss_mask", "time_steps")
+                if isinstance(getattr(self, k), torch.Tensor)}
+        if isinstance(self.images, (list, tuple)):
+            move["images"] = [x.to(device) for x in self.images]
         return replace(self, **move)
 
 

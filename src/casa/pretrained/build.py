@@ -47,7 +47,7 @@ from casa.pretrained.model_dir import check_model_output
 from casa.weights import materialize, meta_parameters
 
 __all__ = ["DTYPES", "KNOWN_IMAGE_TOKENS", "Built", "build", "image_tokens_from_template",
-           "load_parts", "model_config", "resolve_tokenizer", "run", "save_built"]
+           "load_parts", "model_config", "qwen_own_vision", "resolve_tokenizer", "run", "save_built"]
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 # (prefix, gist) pairs tried when the chat template renders no image tokens
@@ -135,6 +135,12 @@ def _dtype(cfg: BuildConfig) -> torch.dtype:
     return DTYPES[name]
 
 
+def qwen_own_vision(lm_dir, vision_dir) -> bool:
+    """The paper's Qwen recipe: LM and vision tower from the same Qwen2.5-VL directory."""
+    same = Path(lm_dir).resolve() == Path(vision_dir).resolve()
+    return same and read_json(Path(lm_dir) / "config.json").get("model_type") == "qwen2_5_vl"
+
+
 def model_config(cfg: BuildConfig) -> ModelConfig:
     from casa.vision.hf import vision_config_from_hf
 
@@ -142,6 +148,8 @@ def model_config(cfg: BuildConfig) -> ModelConfig:
     reduction = dict(token_reduction=cfg.token_reduction, reduction_factor=cfg.reduction_factor)
     if cfg.vision:
         size = {"image_size": cfg.image_size} if cfg.image_size else {}
+        if qwen_own_vision(cfg.lm, cfg.vision):  # the merger already feeds this LM: no new projector
+            size["projector"] = "identity"
         vision = vision_config_from_hf(cfg.vision, **reduction, **size)
     else:
         vision = VisionConfig(**reduction, **({"image_size": cfg.image_size} if cfg.image_size else {}))
@@ -155,7 +163,7 @@ def load_parts(config: ModelConfig, lm_dir, *, dtype: torch.dtype = torch.float3
     """
     from casa.core.fusion import FusionLayer
     from casa.vision.hf import load_vision_weights
-    from casa.vision.tower import Projector
+    from casa.vision.tower import make_projector
     from casa.vision.vit import ViT
 
     model = empty_model(config)
@@ -167,7 +175,7 @@ def load_parts(config: ModelConfig, lm_dir, *, dtype: torch.dtype = torch.float3
         load_vision_weights(vision.encoder, config.vision.path)
     else:
         vision.encoder = ViT(config.vision).to(**to)
-    vision.projector = Projector(in_dim=vision.reduced_width, out_dim=config.lm.d_model).to(**to)
+    vision.projector = make_projector(config.vision, in_dim=vision.reduced_width, out_dim=config.lm.d_model).to(**to)
     if not config.fusion.init_from_sa:  # fresh fusion layers, initialised as CasaModel does
         for block in model.blocks:
             if block.fusion is not None:

@@ -15,8 +15,8 @@ Design decisions:
   not in a text checkpoint. Fusion layers are re-initialised from the loaded
   SA when `fusion.init_from_sa` is set.
 - A Qwen2.5-VL directory also serves as an LM: its text model is a Qwen2
-  decoder whose M-RoPE, with the 1-D text positions CASA gives it (images
-  take no positions), is exactly the standard RoPE. Its `visual.` tensors are
+  decoder with M-RoPE, whose `mrope_section` the LMConfig keeps (positions
+  are `core/positions.py`'s business). Its `visual.` tensors are
   skipped here (`hf_vision` reads them); both tensor namings are accepted
   (`model.layers.` as on the hub, `model.language_model.layers.`).
 - Every safetensors file is opened through `casa.weights.open_safetensors`,
@@ -86,6 +86,17 @@ def _rope_theta(hf: dict, where: str, *, mrope_ok: bool = False) -> float:
     return float(theta)
 
 
+def _mrope_section(hf: dict, where: str) -> list[int]:
+    """Qwen2.5-VL's frequencies per (t, h, w) position component (transformers' default [16, 24, 24])."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if isinstance(params, dict) and "full_attention" in params:
+        params = params["full_attention"]
+    section = params.get("mrope_section", [16, 24, 24]) if isinstance(params, dict) else [16, 24, 24]
+    if not (isinstance(section, list) and len(section) == 3 and all(isinstance(x, int) for x in section)):
+        raise ValueError(f"{where}: mrope_section={section!r}: expected 3 whole numbers")
+    return section
+
+
 def lm_config_from_hf(path) -> LMConfig:
     """An LMConfig matching `path`/config.json (Llama, Qwen2, Mistral, or Qwen2.5-VL's text model)."""
     hf = _read_config(path)
@@ -125,6 +136,7 @@ def lm_config_from_hf(path) -> LMConfig:
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         qkv_bias=arch in ("Qwen2ForCausalLM", _VL),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        mrope_section=_mrope_section(hf, where) if arch == _VL else None,
     )
 
 

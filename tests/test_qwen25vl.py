@@ -1,0 +1,118 @@
+"""Qwen2.5-VL, faithfully: dynamic resolution, M-RoPE and logit parity with transformers.
+
+A tiny random Qwen2.5-VL is created and saved by transformers itself (with its
+Qwen2-VL image processor, the PIL one: no torchvision here); casa builds its
+models from that directory and must agree with transformers' model on it.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from PIL import Image
+
+from casa.config import FusionConfig
+from casa.core.batch import Batch
+from casa.pretrained.build import build
+from casa.pretrained.build_config import BuildConfig
+from casa.vision.dynamic import patchify, preprocess_dynamic
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+IMAGE, VIDEO, START, END = 290, 291, 292, 293  # the tiny vocabulary's vision tokens
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 40
+
+
+def _pil_processor(**kw):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, **kw)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    """(transformers model, its directory): weights far from their init, so that a wrong copy shows."""
+    cfg = transformers.Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=64,
+                           window_size=56, fullatt_block_indexes=[2]),
+        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END,
+        bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(0)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.3 * noise if "norm" in name else 0.3 * noise if p.dim() == 1 else noise / p.shape[-1] ** 0.5)
+    path = tmp_path_factory.mktemp("qwen25vl") / "vl"
+    model.save_pretrained(path)
+    _pil_processor().save_pretrained(path)
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def insertion(qwen):
+    return build(BuildConfig(lm=str(qwen[1]), vision=str(qwen[1]), fusion=FusionConfig(variant="insertion"),
+                             tokenizer="byte")).model.eval()
+
+
+def _image(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _hf_inputs(segments):
+    """transformers' token stream for `segments` (lists of text ids, or ("image", n) / ("video", n)),
+    and casa's: (hf ids [1, L], mm_token_type_ids [1, L], text ids [1, T], insertion points [N])."""
+    hf, kinds, text, points = [], [], [], []
+    for seg in segments:
+        if isinstance(seg, tuple):
+            kind, n = seg
+            hf += [START] + [IMAGE if kind == "image" else VIDEO] * n + [END]
+            kinds += [0] + [1 if kind == "image" else 2] * n + [0]
+            text.append(START)
+            points.append(len(text))
+            text.append(END)
+        else:
+            hf += seg
+            kinds += [0] * len(seg)
+            text += seg
+    as_row = lambda x: torch.tensor([x])  # noqa: E731
+    return as_row(hf), as_row(kinds).int(), as_row(text), torch.tensor(points)
+
+
+@pytest.mark.parametrize("size", [(90, 150), (200, 60), (28, 28), (500, 400), (20, 900), (56, 56)])
+def test_dynamic_resolution_matches_transformers_processor(qwen, insertion, size):
+    """Pixel values, grid and image-token count equal transformers' processor, for sizes and aspect
+    ratios that scale up, down, and round each side."""
+    img = _image(*size, seed=size[0])
+    ref = _pil_processor()(images=[Image.fromarray(img)], return_tensors="pt")
+    items = preprocess_dynamic([img], insertion.config.vision)
+    flat, grid = patchify(items[0], patch=14, merge=2, temporal=2)
+    assert torch.equal(grid, ref["image_grid_thw"][0])
+    torch.testing.assert_close(flat, ref["pixel_values"], atol=1e-5, rtol=0)
+    tokens = insertion.vision.encode_items(items)[0]
+    assert tokens.shape == (int(ref["image_grid_thw"].prod()) // 4, 64)
+
+
+def test_insertion_one_image_logits_equal_transformers(qwen, insertion):
+    hf, _ = qwen
+    img = _image(90, 150)
+    ref = _pil_processor()(images=[Image.fromarray(img)], return_tensors="pt")
+    n = int(ref["image_grid_thw"].prod()) // 4
+    ids, kinds, text, points = _hf_inputs([[5, 6, 7], ("image", n), [8, 9, 10, 11]])
+    with torch.no_grad():
+        want = hf(input_ids=ids, mm_token_type_ids=kinds, pixel_values=ref["pixel_values"],
+                  image_grid_thw=ref["image_grid_thw"]).logits[0, kinds[0] == 0]
+        got = insertion(Batch(text, images=preprocess_dynamic([img], insertion.config.vision),
+                              insertion_points=points), backend="reference")[0]
+    assert want.abs().mean() > 0.5
+    assert (got - want).abs().max() < 1e-4
