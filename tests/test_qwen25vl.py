@@ -30,7 +30,9 @@ MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 40
 
 
 def _pil_processor(**kw):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     return Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, **kw)
 
