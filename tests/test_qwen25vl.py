@@ -118,3 +118,77 @@ def test_insertion_one_image_logits_equal_transformers(qwen, insertion):
                               insertion_points=points), backend="reference")[0]
     assert want.abs().mean() > 0.5
     assert (got - want).abs().max() < 1e-4
+
+
+def _video_frames(n, h, w, seed=5):
+    return [_image(h, w, seed + i) for i in range(n)]
+
+
+
+
+def _parity_case(hf, model, case):
+    """(casa batch, transformers kwargs, mask of text positions) for the named case."""
+    vc = model.config.vision
+    if case == "two_images":
+        imgs = [_image(90, 150, 1), _image(130, 70, 2)]
+        ref = _pil_processor()(images=[Image.fromarray(x) for x in imgs], return_tensors="pt")
+        n = (ref["image_grid_thw"].prod(-1) // 4).tolist()
+        assert n[0] != n[1]
+        ids, kinds, text, points = _hf_inputs([[5, 6], ("image", n[0]), [7, 8, 9], ("image", n[1]), [10, 11]])
+        kw = dict(pixel_values=ref["pixel_values"], image_grid_thw=ref["image_grid_thw"])
+        batch = Batch(text, images=preprocess_dynamic(imgs, vc), insertion_points=points)
+    else:  # a short video: 5 frames (the last one repeated to make 3 temporal tokens), 2 fps
+        frames = _video_frames(5, 60, 100)
+        item = preprocess_dynamic([frames], vc)[0]
+        flat, grid = patchify(item, patch=14, merge=2, temporal=2)
+        seconds = 2 / 2.0
+        ids, kinds, text, points = _hf_inputs([[5, 6], ("video", int(grid.prod()) // 4), [7, 8, 9, 10]])
+        kw = dict(pixel_values_videos=flat, video_grid_thw=grid[None], second_per_grid_ts=torch.tensor([seconds]))
+        step = hf.config.vision_config.tokens_per_second * seconds
+        batch = Batch(text, images=[item], insertion_points=points, time_steps=torch.tensor([step]))
+    return batch, dict(input_ids=ids, mm_token_type_ids=kinds, **kw), kinds[0] == 0
+
+
+@pytest.mark.parametrize("case", ["two_images", "video"])
+def test_insertion_logits_equal_transformers(qwen, insertion, case):
+    """Two images of different sizes, and a video whose frames go in pairs (temporal patch 2)
+    with M-RoPE's temporal step: same logits as transformers at every text token."""
+    hf, _ = qwen
+    batch, kw, text = _parity_case(hf, insertion, case)
+    with torch.no_grad():
+        want = hf(**kw).logits[0, text]
+        got = insertion(batch, backend="reference")[0]
+    assert want.abs().mean() > 0.5
+    assert (got - want).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("case", ["two_images", "video"])
+def test_insertion_greedy_continuation_equals_transformers(qwen, insertion, case):
+    """transformers' `generate` (its cache, `rope_deltas`) and casa's Session (image tokens in the
+    stream, as `insertion` puts them) continue greedily with the same tokens, from the same logits
+    at every step (a random model repeats itself, so the logits are what tells them apart)."""
+    from casa.inference.session import Session
+
+    hf, _ = qwen
+    batch, kw, _ = _parity_case(hf, insertion, case)
+    with torch.no_grad():
+        out = hf.generate(**kw, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
+                          return_dict_in_generate=True)
+    want_tokens = out.sequences[0, kw["input_ids"].shape[1]:].tolist()
+    session = Session(insertion, backend="reference")
+    text, points = batch.input_ids[0].tolist(), batch.insertion_points.tolist()
+    start = 0
+    for i, p in enumerate(points):
+        if p > start:
+            session.forward_text(text[start:p])
+        steps = batch.time_steps[i:i + 1] if batch.time_steps is not None else None
+        session.add_images([batch.images[i]], time_steps=steps)
+        start = p
+    logits = session.forward_text(text[start:])[-1]
+    tokens, errors = [], []
+    for want in out.logits:
+        errors.append(float((logits - want[0]).abs().max()))
+        tokens.append(int(logits.argmax()))
+        logits = session.forward_text([tokens[-1]])[-1]
+    assert tokens == want_tokens
+    assert max(errors) < 1e-4, errors
