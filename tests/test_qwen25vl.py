@@ -192,3 +192,57 @@ def test_insertion_greedy_continuation_equals_transformers(qwen, insertion, case
         logits = session.forward_text([tokens[-1]])[-1]
     assert tokens == want_tokens
     assert max(errors) < 1e-4, errors
+
+
+def _feed(session, batch):
+    """Feed `batch` (one row) to `session` piece by piece; the logits of every text token `[T, vocab]`."""
+    text, points = batch.input_ids[0].tolist(), batch.insertion_points.tolist()
+    out, start = [], 0
+    for i, p in enumerate(points + [len(text)]):
+        if p > start:
+            out.append(session.forward_text(text[start:p]))
+            start = p
+        if i < len(points):
+            steps = batch.time_steps[i:i + 1] if batch.time_steps is not None else None
+            session.add_images([batch.images[i]], time_steps=steps)
+    return torch.cat(out)
+
+
+@pytest.fixture(scope="module")
+def fused(qwen):
+    """CASA models built from the Qwen2.5-VL directory, fusion layers initialised from SA."""
+    def make(variant, placement="parallel"):
+        return build(BuildConfig(lm=str(qwen[1]), vision=str(qwen[1]), tokenizer="byte",
+                                 fusion=FusionConfig(variant=variant, placement=placement))).model.eval()
+    return make
+
+
+@pytest.mark.parametrize("variant", ["insertion", "casa"])
+@pytest.mark.parametrize("case", ["two_images", "video"])
+def test_cached_session_equals_uncached_forward(qwen, fused, variant, case):
+    """M-RoPE positions survive the incremental path: images of different sizes (and a video) fed to a
+    Session give the logits of one uncached forward, for `insertion` and `casa`."""
+    from casa.inference.session import Session
+
+    model = fused(variant)
+    batch, _, _ = _parity_case(qwen[0], model, case)
+    with torch.no_grad():
+        want = model(batch, backend="reference")[0]
+    got = _feed(Session(model, backend="reference"), batch)
+    assert (got - want).abs().max() < 1e-4
+
+
+def test_fusion_from_sa_zero_output_where_the_construction_gives_one(qwen, fused):
+    """Built from SA, `gated_ca` adds nothing at init (tanh gates at 0): the model is Qwen's LM on the
+    text alone. CASA `replace` is the LM exactly on the text before the first image (its window is
+    the document so far: same keys, same positions as SA) and differs after it (it reads images)."""
+    hf, _ = qwen
+    batch, _, _ = _parity_case(hf, fused("insertion"), "two_images")
+    with torch.no_grad():
+        lm_alone = hf(input_ids=batch.input_ids).logits[0]
+        gated = fused("gated_ca")(batch, backend="reference")[0]
+        replace = fused("casa", "replace")(batch, backend="reference")[0]
+    assert (gated - lm_alone).abs().max() < 1e-4
+    first = int(batch.insertion_points[0])
+    assert (replace[:first] - lm_alone[:first]).abs().max() < 1e-4
+    assert (replace[first:] - lm_alone[first:]).abs().max() > 0.1
