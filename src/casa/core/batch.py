@@ -37,7 +37,9 @@ class Batch:
     input_ids: torch.Tensor  # [B, T] long
     # [N, C, H, W] float pixels, or (dynamic resolution) a list of N items, [C, H, W] images / [F, C, H, W] videos
     images: torch.Tensor | list[torch.Tensor] | None = None
-    image_embeds: torch.Tensor | None = None  # [N, n, D] precomputed LM-width image tokens
+    # [N, n, D] precomputed LM-width image tokens, or a list of N [n_i, D] (images of their own sizes)
+    image_embeds: torch.Tensor | list[torch.Tensor] | None = None
+    image_grids: torch.Tensor | None = None  # [N, 3] long (gt, gh, gw) in LM tokens, for M-RoPE (core/positions.py)
     image_rows: torch.Tensor | None = None  # [N] long, row of each image
     insertion_points: torch.Tensor | None = None  # [N] long, text index before which it sits
     doc_lens: list[list[int]] | None = None  # per row, lengths of packed documents
@@ -115,7 +117,12 @@ class Batch:
             want = (channels, image_size, image_size)
             if image_size is not None and tuple(x.shape[1:]) != want:
                 raise BatchError(f"images: shape {tuple(x.shape)}, expected [N, {want[0]}, {want[1]}, {want[2]}]")
-        if self.image_embeds is not None:
+        if isinstance(self.image_embeds, (list, tuple)):
+            for i, x in enumerate(self.image_embeds):
+                if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point() \
+                        or (d_model is not None and x.shape[1] != d_model):
+                    raise BatchError(f"image_embeds[{i}]: expected [tokens, {d_model}] floats, got {_describe(x)}")
+        elif self.image_embeds is not None:
             x = self.image_embeds
             if x.dim() != 3 or not x.is_floating_point():
                 raise BatchError(f"image_embeds: expected [N, tokens, d_model] floats, got {_describe(x)}")
@@ -123,6 +130,9 @@ class Batch:
                 raise BatchError(f"image_embeds: {x.shape[1]} tokens per image, the model expects {image_tokens}")
             if d_model is not None and x.shape[2] != d_model:
                 raise BatchError(f"image_embeds: width {x.shape[2]}, the model's d_model is {d_model}")
+        if self.image_grids is not None and (not isinstance(self.image_grids, torch.Tensor)
+                                             or tuple(self.image_grids.shape) != (n, 3)):
+            raise BatchError(f"image_grids: expected a [{n}, 3] long tensor, got {_describe(self.image_grids)}")
         if self.time_steps is not None and (not isinstance(self.time_steps, torch.Tensor)
                                             or tuple(self.time_steps.shape) != (n,)):
             raise BatchError(f"time_steps: expected a [{n}] tensor (one per image), got {_describe(self.time_steps)}")
@@ -144,8 +154,9 @@ class Batch:
         move = {k: getattr(self, k).to(device) for k in
                 ("input_ids", "images", "image_embeds", "image_rows", "insertion_points", "loss_mask", "time_steps")
                 if isinstance(getattr(self, k), torch.Tensor)}
-        if isinstance(self.images, (list, tuple)):
-            move["images"] = [x.to(device) for x in self.images]
+        for k in ("images", "image_embeds"):
+            if isinstance(getattr(self, k), (list, tuple)):
+                move[k] = [x.to(device) for x in getattr(self, k)]
         return replace(self, **move)
 
 

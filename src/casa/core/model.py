@@ -209,7 +209,7 @@ class CasaModel(nn.Module):
         """Qwen2.5-VL's multimodal RoPE: positions are `[..., 3]` (core/positions.py)."""
         return self.config.lm.mrope_section is not None
 
-    def image_grids(self, images, counts: torch.Tensor) -> torch.Tensor:
+    def image_grids(self, images, counts: torch.Tensor | None) -> torch.Tensor:
         """`[N, 3]` long `(gt, gh, gw)` of each image in LM tokens (the M-RoPE grid).
 
         Dynamic items and fixed-size Qwen2.5-VL pixels give theirs; other fixed-size
@@ -234,23 +234,27 @@ class CasaModel(nn.Module):
             `(tokens [N_tok, d], counts [N] long, grids [N, 3] long or None without M-RoPE)`,
             image-major, the parameters' dtype.
         """
-        if isinstance(batch.images, (list, tuple)):
-            dtype = self.embed.weight.dtype
-            parts = self.vision.encode_items([x.to(dtype) for x in batch.images]) if batch.images else []
+        images = self.encode_images(batch)
+        if isinstance(images, list):
             d = self.config.lm.d_model
-            tokens = torch.cat(parts) if parts else self.embed.weight.new_zeros(0, d)
-            counts = torch.tensor([len(p) for p in parts], dtype=torch.long)
+            tokens = torch.cat(images) if images else self.embed.weight.new_zeros(0, d)
+            counts = torch.tensor([len(x) for x in images], dtype=torch.long)
         else:
-            images = self.encode_images(batch)
             counts = torch.full((images.shape[0],), images.shape[1], dtype=torch.long)
             tokens = rearrange(images, "img tok d -> (img tok) d")
-        grids = self.image_grids(batch.images, counts) if self.mrope else None
+        grids = None
+        if self.mrope:
+            grids = batch.image_grids.cpu() if batch.image_grids is not None else self.image_grids(batch.images, counts)
         return tokens, counts, grids
 
-    def encode_images(self, batch: Batch) -> torch.Tensor:
-        """`[N, n, d]` LM-width image tokens (precomputed ones pass through)."""
+    def encode_images(self, batch: Batch):
+        """LM-width image tokens (precomputed ones pass through): `[N, n, d]`, or a list of
+        `[n_i, d]` for images of their own sizes (a list of items, dynamic resolution)."""
         if batch.image_embeds is not None:
-            return batch.image_embeds
+            return list(batch.image_embeds) if isinstance(batch.image_embeds, tuple) else batch.image_embeds
+        if isinstance(batch.images, (list, tuple)):
+            dtype = self.embed.weight.dtype
+            return self.vision.encode_items([x.to(dtype) for x in batch.images]) if batch.images else []
         if batch.images is None or batch.images.shape[0] == 0:
             d = self.config.lm.d_model
             return self.embed.weight.new_zeros(0, self.tokens_per_image, d)

@@ -32,19 +32,29 @@ class Pack:
     end: int  # position after its last sample (where the next pack starts)
 
 
+def _images(docs: list[Encoded]) -> dict:
+    """The documents' pixels as Batch fields: one `[N, C, S, S]` tensor, or (dynamic resolution)
+    the list of items and their grids."""
+    pixels = [d.pixels for d in docs if d.pixels is not None]
+    if not pixels:
+        return {"images": None}
+    if isinstance(pixels[0], list):
+        grids = [g for d in docs if d.grids is not None for g in d.grids]
+        return {"images": [x for p in pixels for x in p], "image_grids": torch.tensor(grids, dtype=torch.long)}
+    return {"images": torch.cat(pixels)}
+
+
 def pack_row(docs: list[Encoded]) -> Batch:
     """Documents back to back in one row: `[1, sum(len)]`, `doc_lens` per document."""
-    ids, mask, points, pixels = [], [], [], []
+    ids, mask, points = [], [], []
     for d in docs:
         points += [len(ids) + p for p in d.points]
         ids += d.ids
         mask += d.targets
-        if d.pixels is not None:
-            pixels.append(d.pixels)
     n = len(points)
     return Batch(
         input_ids=torch.tensor([ids], dtype=torch.long),
-        images=torch.cat(pixels) if pixels else None,
+        **_images(docs),
         image_rows=torch.zeros(n, dtype=torch.long),
         insertion_points=torch.tensor(points, dtype=torch.long),
         doc_lens=[[len(d.ids) for d in docs]],
@@ -58,16 +68,14 @@ def stack_rows(docs: list[Encoded], pad_id: int, *, extra: int = 0) -> Batch:
     T = max(len(d.ids) for d in docs) + extra
     ids = torch.full((len(docs), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(docs), T, dtype=torch.bool)
-    rows, points, pixels, doc_lens = [], [], [], []
+    rows, points, doc_lens = [], [], []
     for b, d in enumerate(docs):
         ids[b, : len(d.ids)] = torch.tensor(d.ids)
         mask[b, : len(d.ids)] = torch.tensor(d.targets, dtype=torch.bool)
         rows += [b] * d.n_images
         points += d.points
-        if d.pixels is not None:
-            pixels.append(d.pixels)
         doc_lens.append([len(d.ids)] + ([T - len(d.ids)] if T > len(d.ids) else []))
-    return Batch(input_ids=ids, images=torch.cat(pixels) if pixels else None,
+    return Batch(input_ids=ids, **_images(docs),
                  image_rows=torch.tensor(rows, dtype=torch.long),
                  insertion_points=torch.tensor(points, dtype=torch.long),
                  doc_lens=doc_lens, loss_mask=mask)
@@ -83,7 +91,7 @@ class Packer:
 
     def cost(self, enc: Encoded) -> tuple[int, int]:
         """(sequence tokens, image tokens) of one sample."""
-        img = enc.n_images * self.processor.tokens_per_image
+        img = self.processor.image_tokens(enc)
         return len(enc.ids) + (img if self.splice_images else 0), img
 
     def _encode(self, i: int) -> Encoded | None:

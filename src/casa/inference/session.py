@@ -118,8 +118,8 @@ class Session:
             items = images if isinstance(images, (list, tuple)) and all(torch.is_tensor(x) for x in images) \
                 else preprocess_dynamic(list(images) if isinstance(images, (list, tuple)) else [images], vc)
             items = [x.to(self._param.device, self._param.dtype) for x in items]
-            grids = self.model.image_grids(items, None)
-            self.add_image_embeds(self.model.vision.encode_items(items), grids=grids, time_steps=time_steps)
+            grids = self.model.image_grids(items, None) if self.model.mrope else None
+            self._add_embeds(self.model.vision.encode_items(items), grids, time_steps)
             return
         if torch.is_tensor(images):
             if not vc.dynamic:
@@ -131,7 +131,12 @@ class Session:
         embeds = self.model.vision(pixels)
         grids = self.model.image_grids(pixels, torch.full((len(embeds),), embeds.shape[1])) if self.model.mrope \
             else None
-        self.add_image_embeds(embeds, grids=grids, time_steps=time_steps)
+        self._add_embeds(embeds, grids, time_steps)
+
+    def _add_embeds(self, embeds, grids, time_steps) -> None:
+        # through the public method (a subclass may observe it); M-RoPE details only where there are some
+        extra = {k: v for k, v in dict(grids=grids, time_steps=time_steps).items() if v is not None}
+        self.add_image_embeds(embeds, **extra)
 
     @torch.inference_mode()
     def add_image_embeds(self, embeds, *, grids: torch.Tensor | None = None,

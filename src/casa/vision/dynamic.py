@@ -28,9 +28,9 @@ import torch
 from einops import rearrange
 
 from casa.config import VisionConfig
-from casa.vision.preprocess import load_rgb
+from casa.vision.preprocess import load_rgb, preprocess
 
-__all__ = ["grid_of", "patchify", "preprocess_dynamic", "smart_resize"]
+__all__ = ["grid_of", "patchify", "preprocess_dynamic", "preprocess_images", "smart_resize"]
 
 
 def smart_resize(height: int, width: int, *, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -83,6 +83,12 @@ def preprocess_dynamic(items, cfg: VisionConfig) -> list[torch.Tensor]:
         x = torch.from_numpy(np.stack([_pixels(p, size, cfg) for p in pil]))
         out.append(x if isinstance(item, (list, tuple)) else x[0])
     return out
+
+
+def preprocess_images(images, cfg: VisionConfig):
+    """The config's preprocessing, the one choice point: a float32 `[N, C, S, S]` tensor (fixed size),
+    or with dynamic resolution a list of `[C, H, W]` items (`preprocess_dynamic`)."""
+    return preprocess_dynamic(list(images), cfg) if cfg.dynamic else preprocess(images, cfg)
 
 
 def grid_of(item: torch.Tensor, *, merge_side: int, temporal: int = 2) -> tuple[int, int, int]:
