@@ -246,3 +246,73 @@ def test_fusion_from_sa_zero_output_where_the_construction_gives_one(qwen, fused
     first = int(batch.insertion_points[0])
     assert (replace[:first] - lm_alone[:first]).abs().max() < 1e-4
     assert (replace[first:] - lm_alone[first:]).abs().max() > 0.1
+
+
+@pytest.fixture(scope="module")
+def built_dir(qwen, tmp_path_factory):
+    """`casa build --lm DIR --vision DIR` (the paper's Qwen recipe) and the summary it printed."""
+    import contextlib
+    import io
+
+    from casa.cli import main
+
+    out, err = tmp_path_factory.mktemp("built") / "casa_qwen", io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["build", "--lm", str(qwen[1]), "--vision", str(qwen[1]), "--out", str(out), "--fusion", "casa",
+                     "--tokenizer", "byte", "--dtype", "float32"]) == 0
+    return out, err.getvalue()
+
+
+def test_build_is_the_papers_qwen_recipe(qwen, built_dir):
+    """LM frozen; CASA layers, the last 2 vision blocks and the merger train; no new projector;
+    the summary names each part's counts."""
+    hf, _ = qwen
+    _, summary = built_dir
+    visual = hf.model.visual
+    count = lambda mods: sum(p.numel() for m in mods for p in m.parameters())  # noqa: E731
+    vision_trainable = count([*visual.blocks[-2:], visual.merger])
+    lm_total = count([hf.model.language_model, hf.lm_head])
+    lines = {line.split("  ")[1].strip(): line for line in summary.splitlines() if line.startswith("  ")}
+    assert f"{vision_trainable:,} of {count([visual]):,} trainable" in " ".join(lines["vision encoder"].split())
+    assert f"0 of {lm_total:,} trainable" in " ".join(lines["language model"].split())
+    assert "0 of 0 trainable" in " ".join(lines["projector"].split())
+    fusion = " ".join(lines["fusion layers"].split()).split()
+    assert fusion[2] == fusion[4] and int(fusion[2].replace(",", "")) > 0  # all of them
+    assert "dynamic resolution (3,136..31,360 pixels, 28px per token); projector identity" in summary
+
+
+def test_caption_chat_and_eval_at_non_square_sizes(built_dir, tmp_path):
+    """`casa caption` on a real non-square video (PyAV), and a chat turn with two images of different
+    sizes whose reply is evaluation's greedy answer to the same question."""
+    import json
+
+    from test_stream import encode_video
+
+    from casa.cli import main
+    from casa.data.sample import Sample
+    from casa.eval.synthetic import greedy_decode
+    from casa.inference.generate import Chat, Sampling
+    from casa.inference.session import Session
+    from casa.pretrained.directory import load
+
+    out, _ = built_dir
+    video = encode_video(tmp_path / "wide.mp4", 6, fps=4, size=(48, 112))
+    jsonl = tmp_path / "captions.jsonl"
+    assert main(["caption", str(video), "--checkpoint", str(out), "--jsonl", str(jsonl), "--fps", "2",
+                 "--max-new-tokens", "3", "--min-new-tokens", "1", "--threads", "1", "--quiet"]) == 0
+    lines = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
+    assert lines[-1]["frames"] == 3 and [c["time"] for c in lines[:-1]] == [0.0, 0.5, 1.0]
+    assert all(c["tokens"] >= 1 for c in lines[:-1])
+
+    model, tok, proc = load(out)
+    images = [_image(90, 150, 1), _image(130, 70, 2)]
+    chat = Chat(Session(model), proc, sampling=Sampling(max_new_tokens=5))
+    reply = chat.ask("What differs?", images=images)
+    sample = Sample([{"role": "user", "content": [*({"type": "image", "image": x} for x in images),
+                                                  {"type": "text", "text": "What differs?"}]},
+                     {"role": "assistant", "content": [{"type": "text", "text": "a"}]}])
+    enc = proc.pixels(proc.encode(sample))
+    assert enc.grids == [(1, 3, 5), (1, 5, 2)]  # 15 and 10 image tokens
+    want = greedy_decode(model, [enc.prefix(enc.turns[0][0])], proc, max_new_tokens=5)[0]
+    got = reply.tokens[:-1] if reply.generation.stop_reason == "stop_token" else reply.tokens
+    assert got == want and len(want) >= 1

@@ -41,7 +41,7 @@ from casa.core.model import CasaModel, init_weights
 from casa.files import read_json
 from casa.pretrained.build_config import DTYPE_NAMES, BuildConfig
 from casa.pretrained.directory import empty_model, save_pretrained
-from casa.pretrained.freeze import FreezePolicy, apply_freeze
+from casa.pretrained.freeze import FreezePolicy, apply_freeze, trainable_summary
 from casa.pretrained.hf_lm import lm_config_from_hf, load_lm_weights
 from casa.pretrained.model_dir import check_model_output
 from casa.weights import materialize, meta_parameters
@@ -217,14 +217,19 @@ def run(cfg: BuildConfig, out, *, max_shard_size="2GB", overwrite: bool = False,
     path = save_built(built, out, max_shard_size=max_shard_size, overwrite=overwrite)
     if not quiet:
         m = built.model
-        counts = {"trainable": sum(p.numel() for p in m.parameters() if p.requires_grad),
-                  "total": sum(p.numel() for p in m.parameters())}
+        vc = m.config.vision
+        rows = trainable_summary(m)
         fused = [i for i, b in enumerate(m.blocks) if b.fusion is not None]
+        size = (f"dynamic resolution ({vc.min_pixels:,}..{vc.max_pixels:,} pixels, {vc.patch_size}px per token)"
+                if vc.dynamic else f"{vc.image_size}px -> {m.tokens_per_image} tokens")
         print(f"built {cfg.fusion.variant} ({cfg.fusion.placement}) on blocks {fused} of {len(m.blocks)}; "
-              f"vision {m.config.vision.kind} {m.config.vision.image_size}px -> {m.tokens_per_image} tokens; "
-              f"{counts['trainable']:,} of {counts['total']:,} parameters trainable "
+              f"vision {vc.kind} {size}; projector {vc.projector}; "
+              f"{rows[-1][1]:,} of {rows[-1][2]:,} parameters trainable "
               f"(LM {'frozen' if cfg.freeze_lm else 'trainable'}, last {cfg.vision_trainable_blocks} vision blocks); "
               f"image prefix {built.processor['image_prefix']!r}, gist {built.processor['gist_token']!r}",
               file=sys.stderr)
+        width = max(len(f"{r[2]:,}") for r in rows)
+        for part, trainable, total in rows:
+            print(f"  {part:<15} {trainable:>{width},} of {total:>{width},} trainable", file=sys.stderr)
         print(f"wrote {path}")
     return path
