@@ -316,3 +316,30 @@ def test_caption_chat_and_eval_at_non_square_sizes(built_dir, tmp_path):
     want = greedy_decode(model, [enc.prefix(enc.turns[0][0])], proc, max_new_tokens=5)[0]
     got = reply.tokens[:-1] if reply.generation.stop_reason == "stop_token" else reply.tokens
     assert got == want and len(want) >= 1
+
+
+@pytest.mark.parametrize("variant", ["insertion", "casa"])
+def test_packed_documents_equal_each_alone(qwen, fused, variant):
+    """Packing with dynamic resolution: the packer counts each image's real tokens, a packed row
+    carries items and grids, and M-RoPE positions restart per document (each document's logits are
+    its own forward's)."""
+    from casa.data.packing import Packer, pack_row
+    from casa.data.processor import Processor
+    from casa.data.sample import Sample
+    from casa.pretrained.tokenizer import ByteTokenizer
+
+    model = fused(variant)
+    proc = Processor(ByteTokenizer(), model.config.vision, gist=False)
+    samples = [Sample([{"role": "user", "content": [{"type": "image", "image": _image(h, w, h)},
+                                                    {"type": "text", "text": "hi"}]},
+                       {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}])
+               for h, w in [(90, 150), (200, 60)]]
+    packer = Packer(samples, proc, text_tokens=512, image_tokens=1000, splice_images=variant == "insertion")
+    docs = next(packer.packs()).docs
+    assert [proc.image_tokens(d) for d in docs] == [15, 14] and len(docs) == 2
+    row = pack_row(docs)
+    assert row.image_grids.tolist() == [[1, 3, 5], [1, 7, 2]]
+    with torch.no_grad():
+        packed = model(row, backend="reference")[0]
+        alone = torch.cat([model(pack_row([d]), backend="reference")[0] for d in docs])
+    assert (packed - alone).abs().max() < 1e-4
