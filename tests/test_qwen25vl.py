@@ -290,7 +290,7 @@ def test_caption_chat_and_eval_at_non_square_sizes(built_dir, tmp_path):
 
     from casa.cli import main
     from casa.data.sample import Sample
-    from casa.eval.synthetic import greedy_decode
+    from casa.eval.decode import greedy_decode
     from casa.inference.generate import Chat, Sampling
     from casa.inference.session import Session
     from casa.pretrained.directory import load
