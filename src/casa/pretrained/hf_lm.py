@@ -71,7 +71,7 @@ def _read_config(path) -> dict:
 
 def _rope_theta(hf: dict, where: str, *, mrope_ok: bool = False) -> float:
     """transformers 5 writes `rope_parameters`; older files `rope_theta` + `rope_scaling`.
-    `mrope_ok`: M-RoPE is accepted (1-D positions make it standard RoPE)."""
+    `mrope_ok`: M-RoPE is accepted (its sections are read by `_mrope_section`)."""
     params = hf.get("rope_parameters")
     if isinstance(params, dict) and "full_attention" in params:  # per-layer-type layout
         params = params["full_attention"]
