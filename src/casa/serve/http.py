@@ -49,23 +49,28 @@ def error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error_body(error.status, error.message, error.param, error.code), status_code=error.status)
 
 
-def _declared_length(request: Request, limit: int, what: str) -> None:
+def _too_large(what: str, limit: int, flag: str, size: int | None = None) -> ApiError:
+    size_text = f" of {size} bytes" if size is not None else ""
+    return ApiError(413, f"{what}{size_text} is above the limit of {limit} bytes ({flag})")
+
+
+def _declared_length(request: Request, limit: int, what: str, flag: str) -> None:
     length = request.headers.get("content-length")
     if length is not None:
         if not length.isdigit():
             raise ApiError(400, f"{what}: invalid Content-Length {length!r}")
         if int(length) > limit:
-            raise ApiError(413, f"{what} of {int(length)} bytes is above the limit of {limit} bytes")
+            raise _too_large(what, limit, flag, int(length))
 
 
-async def read_json(request: Request, *, limit: int) -> dict:
+async def read_json(request: Request, *, limit: int, flag: str = "--max-request-mb") -> dict:
     """The request's JSON object; 413 past `limit` bytes, 400 if not a JSON object."""
-    _declared_length(request, limit, "request body")
+    _declared_length(request, limit, "request body", flag)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise ApiError(413, f"request body above the limit of {limit} bytes (--max-request-mb)")
+            raise _too_large("request body", limit, flag)
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
@@ -75,16 +80,16 @@ async def read_json(request: Request, *, limit: int) -> dict:
     return data
 
 
-async def receive_upload(request: Request, path: Path, *, limit: int) -> int:
+async def receive_upload(request: Request, path: Path, *, limit: int, flag: str = "--max-upload-mb") -> int:
     """Write the raw request body to `path` (removed again on any error); its size in bytes."""
-    _declared_length(request, limit, "upload")
+    _declared_length(request, limit, "upload", flag)
     size = 0
     try:
         with open(path, "wb") as f:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise ApiError(413, f"upload above the limit of {limit} bytes (--max-upload-mb)")
+                    raise _too_large("upload", limit, flag)
                 f.write(chunk)
         if size == 0:
             raise ApiError(400, "upload: empty body (send the video file's bytes as the request body)")

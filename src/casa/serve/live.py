@@ -62,6 +62,7 @@ log = logging.getLogger("casa.serve")
 class LiveSession:
     id: str
     video: str  # what the viewer chose: a media-directory path or the uploaded file's name
+    path: Path  # the file read
     fps: float
     realtime: bool
     max_tokens: int
@@ -129,7 +130,7 @@ class LiveSessions:
             status = e.status if isinstance(e, MediaError) else 400
             message = str(e).replace(str(path), video)  # name the file as the viewer knows it
             raise ApiError(status, message, param="video") from None
-        session = LiveSession(uuid.uuid4().hex[:16], video, fps, realtime, max_tokens, frames, upload)
+        session = LiveSession(uuid.uuid4().hex[:16], video, path, fps, realtime, max_tokens, frames, upload)
         self.sessions[session.id] = session
         asyncio.get_running_loop().call_later(state.limits.connect_timeout, self._expire, session)
         self._forget_old()
@@ -194,8 +195,8 @@ class LiveSessions:
             session.state = "stopped" if session.stop.is_set() else "finished"
             emit("end", {"reason": session.state, "frames": len(session.captions)})
         except ValueError as e:  # a frame that cannot be decoded or used: the captions so far stay
-            session.state, session.message = "failed", str(e)
-            emit("failure", {"message": str(e), "frames": len(session.captions)})
+            session.state, session.message = "failed", str(e).replace(str(session.path), session.video)
+            emit("failure", {"message": session.message, "frames": len(session.captions)})
         except Exception as e:
             log.exception("live session %s failed", session.id)
             session.state, session.message = "failed", f"internal error: {type(e).__name__}: {e}"
@@ -269,7 +270,7 @@ async def config(request: Request) -> JSONResponse:
 
 async def create_session(request: Request) -> JSONResponse:
     state: ServeState = request.app.state.casa
-    body = await read_json(request, limit=64 * 1024)
+    body = await read_json(request, limit=64 * 1024, flag="a live session's options")
     fps, realtime, tokens = _options(body, state.limits)
     video = body.get("video")
     if not isinstance(video, str):
