@@ -3,6 +3,7 @@ the input, and keeps serving: after every refusal a good request succeeds.
 One server for the module, with small limits so that each one is reachable."""
 
 import io
+import json
 import socket
 import subprocess
 import threading
@@ -233,8 +234,9 @@ def test_over_the_limits_429_then_503_and_back_to_serving(server):
     waiter = threading.Thread(target=lambda: queued.append(chat(url, GOOD)))
     waiter.start()
     wait_for(lambda: state.admission.queued == 1, "a request to be queued")
-    error = assert_refused(chat(url, GOOD), 429, "server busy", "--max-sessions 1", "--max-queue 1")
-    assert error["code"] == "rate_limit_exceeded"
+    refused = chat(url, GOOD)
+    error = assert_refused(refused, 429, "server busy", "--max-sessions 1", "--max-queue 1")
+    assert error["code"] == "rate_limit_exceeded" and refused.headers["retry-after"] == "1"
     assert_refused(httpx.post(url + "/live/sessions", json={"video": "clip.mp4", "fps": 1}), 429, "server busy")
     waiter.join()
     assert_refused(queued[0], 503, "within 1 s", "--queue-timeout")
@@ -295,3 +297,19 @@ def test_limits_name_their_flag():
     with pytest.raises(ValueError, match="--max-sessions True: must be > 0"):
         Limits(max_sessions=True)
     assert (LIMITS.max_request_bytes, LIMITS.max_upload_bytes) == (2**20, int(0.05 * 2**20))
+
+
+def test_a_queued_client_that_leaves_gives_its_place_back(server):
+    url, state = server
+    held = httpx.post(url + "/live/sessions", json={"video": "clip.mp4", "fps": 1}).json()["id"]
+    payload = json.dumps(GOOD).encode()
+    host, port = url[len("http://"):].split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+        wait_for(lambda: state.admission.queued == 1, "the request to be queued")
+    wait_for(lambda: state.admission.queued == 0, "the queue place to be given back", timeout=0.9)  # < queue timeout
+    assert state.admission.active == 1  # the live session only: the leaver never got a slot
+    httpx.post(f"{url}/live/sessions/{held}/stop")
+    assert state.admission.active == 0
+    assert_still_serving(url)

@@ -35,9 +35,11 @@ ERROR_TYPES = {400: "invalid_request_error", 403: "permission_error", 404: "not_
 class ApiError(Exception):
     """A refused request: HTTP `status`, a message naming the input, the offending `param`."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
@@ -46,7 +48,8 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 def error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(error_body(error.status, error.message, error.param, error.code), status_code=error.status)
+    return JSONResponse(error_body(error.status, error.message, error.param, error.code), status_code=error.status,
+                        headers=error.headers)
 
 
 def _too_large(what: str, limit: int, flag: str, size: int | None = None) -> ApiError:
@@ -122,7 +125,7 @@ class EventStream(StreamingResponse):
 
 async def until_disconnect(request: Request, work: Awaitable):
     """Await `work`; if the client disconnects first, raise `ConnectionAbortedError`
-    (the work goes on; its owner must cancel it)."""
+    (`work` goes on: its owner cancels it, or tells its worker thread to stop)."""
     work = asyncio.ensure_future(work)
 
     async def disconnected() -> None:

@@ -28,7 +28,7 @@ import time
 import uuid
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from casa.serve.engine import ChatResult, Turn
@@ -102,7 +102,7 @@ class ChatRequest:
         if name != model:
             raise ApiError(404, f"model {name!r} does not exist; this server serves {model!r} (GET /v1/models)",
                            param="model", code="model_not_found")
-        if body.get("n", 1) != 1:
+        if body.get("n") not in (None, 1):
             raise ApiError(400, f"n={body['n']!r}: this server returns one choice (n=1)", param="n")
         for key in ("tools", "functions"):
             if body.get(key):
@@ -244,7 +244,15 @@ async def chat_completions(request: Request):
     state = _state(request)
     req = parse_chat_request(await read_json(request, limit=state.limits.max_request_bytes), state)
     await asyncio.to_thread(req.load_images, state)  # decoding is CPU work: off the event loop
-    await state.acquire_slot()
+    acquiring = asyncio.ensure_future(state.acquire_slot())
+    try:
+        await until_disconnect(request, acquiring)
+    except ConnectionAbortedError:  # the client left while queued: give its place (or slot) back
+        acquiring.cancel()
+        await asyncio.wait([acquiring])  # a slot handed over meanwhile is kept by a cancelled wait: release it
+        if not acquiring.cancelled() and acquiring.exception() is None:
+            state.release()
+        return Response(status_code=499)  # "client closed request": nobody reads it
     loop = asyncio.get_running_loop()
     stopper = StopText(req.stops)
     gone = False
@@ -271,8 +279,8 @@ async def chat_completions(request: Request):
         try:
             result = await until_disconnect(request, future)
         except ConnectionAbortedError:
-            gone = True
-            return JSONResponse(error_body(400, "client disconnected"), status_code=400)
+            gone = True  # the worker stops at its next token
+            return Response(status_code=499)
         text = stopper.text if stopper.stopped else result.text
         return JSONResponse({**head, "object": "chat.completion", "usage": _usage(result), "choices": [
             {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": result.finish_reason,

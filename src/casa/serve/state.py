@@ -58,7 +58,8 @@ class ServeState:
                 self.admission.try_acquire()
         except Busy as e:
             self.counts["refused"] += 1
-            raise ApiError(e.status, str(e), code="rate_limit_exceeded" if e.status == 429 else "overloaded") from None
+            raise ApiError(e.status, str(e), code="rate_limit_exceeded" if e.status == 429 else "overloaded",
+                           headers={"Retry-After": "1"}) from None
 
     def count_outcome(self, future: asyncio.Future, kind: str) -> None:
         """Count a finished session as completed, cancelled (client gone) or failed."""
@@ -76,7 +77,10 @@ class ServeState:
     def release(self) -> None:
         self.admission.release()
         if self.admission.active == 0:  # idle: hand the sessions' freed memory back
-            self.executor.submit(self._release_memory)
+            try:
+                self.executor.submit(self._release_memory)
+            except RuntimeError:  # shutting down: the process is about to give it all back
+                pass
 
     def _release_memory(self) -> None:
         release_freed_memory()
