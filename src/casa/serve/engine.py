@@ -131,11 +131,12 @@ class Engine:
         frames = video_frames(path, fps=fps)
         return OpenVideo(next(frames), frames)
 
-    def captioner(self, *, max_tokens: int, instruction: str = "Caption each frame.", seed: int = 0) -> Captioner:
-        """A streaming captioner: `.caption(frame) -> Caption`, one session for the whole stream."""
-        return Captioner(self.model, self.tokenizer, sampling=Sampling(max_new_tokens=max_tokens),
-                         instruction=instruction, gist=self.gist, allow_size_change=False,
-                         generator=torch.Generator().manual_seed(seed))
+    def captioner(self, *, max_tokens: int, instruction: str | None = None, seed: int = 0) -> Captioner:
+        """A streaming captioner: `.caption(frame) -> Caption`, one session for the whole stream;
+        `instruction`: the user text with the first frame (None: the captioner's default)."""
+        extra = {} if instruction is None else {"instruction": instruction}
+        return Captioner(self.model, self.tokenizer, sampling=Sampling(max_new_tokens=max_tokens), gist=self.gist,
+                         allow_size_change=False, generator=torch.Generator().manual_seed(seed), **extra)
 
     @staticmethod
     def srt(captions: list[Caption]) -> str:

@@ -2,7 +2,8 @@
 
 A viewer creates a session from a video in the media directory
 (`POST /live/sessions`) or from an upload (`POST /live/uploads`, the file's
-bytes as the body), then opens its event stream
+bytes as the body), with its options (`fps`, `realtime`, `max_tokens`,
+`instruction`: the user text with the first frame), then opens its event stream
 (`GET /live/sessions/{id}/events`): `start`, then per frame a `frame` event
 (the frame as a JPEG data URL) and a `caption` event (text, time, TTFT,
 state and process memory), then `end` or `failure`. `POST
@@ -55,6 +56,7 @@ from casa.serve.state import ServeState
 __all__ = ["LiveSession", "LiveSessions", "frame_jpeg", "routes"]
 
 STATIC = Path(__file__).parent / "static"
+MAX_INSTRUCTION = 1000  # characters
 log = logging.getLogger("casa.serve")
 
 
@@ -66,6 +68,7 @@ class LiveSession:
     fps: float
     realtime: bool
     max_tokens: int
+    instruction: str | None  # the user text with the first frame (None: the captioner's default)
     frames: OpenVideo | None  # None once released
     upload: Path | None  # an uploaded file, deleted when the session ends
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -106,8 +109,7 @@ class LiveSessions:
             raise ApiError(404, f"live session {ident!r} does not exist (or has been forgotten)")
         return self.sessions[ident]
 
-    async def create(self, path: Path, *, video: str, fps: float, realtime: bool, max_tokens: int,
-                     upload: Path | None = None) -> LiveSession:
+    async def create(self, path: Path, *, video: str, options: dict, upload: Path | None = None) -> LiveSession:
         """Check the video and open it; holds a slot from here on (429 when none is free)."""
         state = self.state
         try:
@@ -119,7 +121,7 @@ class LiveSessions:
 
         def check_and_open() -> OpenVideo:
             probe_video(path, max_seconds=state.limits.max_video_seconds, what=video)
-            return state.engine.open_video(path, fps=fps)
+            return state.engine.open_video(path, fps=options["fps"])
 
         try:
             frames = await asyncio.to_thread(check_and_open)
@@ -130,7 +132,7 @@ class LiveSessions:
             status = e.status if isinstance(e, MediaError) else 400
             message = str(e).replace(str(path), video)  # name the file as the viewer knows it
             raise ApiError(status, message, param="video") from None
-        session = LiveSession(uuid.uuid4().hex[:16], video, path, fps, realtime, max_tokens, frames, upload)
+        session = LiveSession(uuid.uuid4().hex[:16], video, path, frames=frames, upload=upload, **options)
         self.sessions[session.id] = session
         asyncio.get_running_loop().call_later(state.limits.connect_timeout, self._expire, session)
         self._forget_old()
@@ -173,7 +175,7 @@ class LiveSessions:
 
         limit = self.state.limits.max_video_seconds
         try:
-            captioner = self.state.engine.captioner(max_tokens=session.max_tokens)
+            captioner = self.state.engine.captioner(max_tokens=session.max_tokens, instruction=session.instruction)
             started, first = time.monotonic(), None
             for frame in session.frames:
                 if session.stop.is_set():
@@ -231,8 +233,8 @@ def _live(request: Request) -> LiveSessions:
     return request.app.state.casa.live
 
 
-def _options(values, limits) -> tuple[float, bool, int]:
-    """fps, realtime, max_tokens from a JSON body or query parameters."""
+def _options(values, limits) -> dict:
+    """fps, realtime, max_tokens, instruction from a JSON body or query parameters."""
     fps = values.get("fps", 1.0)
     try:
         fps = float(fps)
@@ -252,7 +254,11 @@ def _options(values, limits) -> tuple[float, bool, int]:
     if not 1 <= tokens <= limits.max_caption_tokens:
         raise ApiError(400, f"max_tokens={tokens}: must be in [1, {limits.max_caption_tokens}] "
                             "(--max-caption-tokens)", param="max_tokens")
-    return fps, bool(realtime), tokens
+    instruction = values.get("instruction")
+    if instruction is not None and (not isinstance(instruction, str) or len(instruction) > MAX_INSTRUCTION):
+        raise ApiError(400, f"instruction: expected a string of at most {MAX_INSTRUCTION} characters",
+                       param="instruction")
+    return {"fps": fps, "realtime": bool(realtime), "max_tokens": tokens, "instruction": instruction}
 
 
 async def page(request: Request) -> FileResponse:
@@ -271,7 +277,7 @@ async def config(request: Request) -> JSONResponse:
 async def create_session(request: Request) -> JSONResponse:
     state: ServeState = request.app.state.casa
     body = await read_json(request, limit=64 * 1024, flag="a live session's options")
-    fps, realtime, tokens = _options(body, state.limits)
+    options = _options(body, state.limits)
     video = body.get("video")
     if not isinstance(video, str):
         raise ApiError(400, "video: required, a file name in the media directory", param="video")
@@ -279,20 +285,19 @@ async def create_session(request: Request) -> JSONResponse:
         path = state.media.resolve(video, "video")
     except MediaError as e:
         raise ApiError(e.status, str(e), param="video") from None
-    session = await _live(request).create(path, video=video, fps=fps, realtime=realtime, max_tokens=tokens)
+    session = await _live(request).create(path, video=video, options=options)
     return JSONResponse(session.summary(), status_code=201)
 
 
 async def upload_session(request: Request) -> JSONResponse:
     state: ServeState = request.app.state.casa
-    fps, realtime, tokens = _options(request.query_params, state.limits)
+    options = _options(request.query_params, state.limits)
     name = request.query_params.get("filename", "upload")[:200]
     suffix = Path(name).suffix.lower()
     suffix = suffix if re.fullmatch(r"\.[a-z0-9]{1,5}", suffix) else ""  # a hint for the demuxer only
     path = state.upload_dir / f"{uuid.uuid4().hex}{suffix}"
     await receive_upload(request, path, limit=state.limits.max_upload_bytes)
-    session = await _live(request).create(path, video=name, fps=fps, realtime=realtime, max_tokens=tokens,
-                                          upload=path)
+    session = await _live(request).create(path, video=name, options=options, upload=path)
     return JSONResponse(session.summary(), status_code=201)
 
 
