@@ -290,6 +290,8 @@ def test_a_viewer_leaving_stops_its_session(server):
     read_events(url, sid, until=lambda ev: ev[-1][0] == "caption")  # then the stream is closed
     wait_for(lambda: httpx.get(f"{url}/live/sessions/{sid}").json()["state"] == "stopped", "the session to stop")
     assert health(url)["live_sessions"] == 0
+    session = state.live.get(sid)
+    assert session.frames is None and session.events.empty()  # decoder closed, unread frames dropped
 
 
 def test_memory_returns_to_its_baseline_after_sessions(server, client):

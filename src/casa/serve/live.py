@@ -76,11 +76,17 @@ class LiveSession:
     state: str = "waiting"  # waiting -> running -> finished | stopped | failed | expired
     captions: list[Caption] = field(default_factory=list)
     done: asyncio.Future | None = None  # the worker, once started
+    viewer_gone: bool = False  # its event stream has closed: nobody reads `events` any more
     message: str = ""  # why it failed
 
     def summary(self) -> dict:
         return {"id": self.id, "video": self.video, "fps": self.fps, "state": self.state,
                 "frames": len(self.captions), "message": self.message}
+
+
+def _drain(queue: asyncio.Queue) -> None:
+    while not queue.empty():
+        queue.get_nowait()
 
 
 def frame_jpeg(image, *, max_side: int = 360) -> str:
@@ -166,6 +172,15 @@ class LiveSessions:
         if not future.cancelled() and future.exception() is not None:
             session.state, session.message = "failed", f"internal error: {future.exception()!r}"
         self.state.counts[f"live_{session.state}"] += 1
+        if session.viewer_gone:
+            _drain(session.events)
+
+    def viewer_left(self, session: LiveSession) -> None:
+        """The viewer's event stream closed (read to its end, or dropped): stop, and
+        drop the events nobody will read (frames are kept as JPEGs in them)."""
+        session.stop.set()
+        session.viewer_gone = True
+        _drain(session.events)
 
     def _run(self, session: LiveSession, loop: asyncio.AbstractEventLoop) -> None:
         """The worker: caption frame after frame until the end, a stop or an error."""
@@ -320,7 +335,7 @@ async def session_events(request: Request) -> EventStream:
             if kind in ("end", "failure"):
                 return
 
-    return EventStream(events(), on_close=session.stop.set)  # the viewer left: stop
+    return EventStream(events(), on_close=lambda: live.viewer_left(session))
 
 
 async def session_info(request: Request) -> JSONResponse:
