@@ -12,17 +12,13 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from casa.cli import main
+from casa.config import FusionConfig
 from casa.core.batch import Batch
 from casa.core.loss import lm_loss
-from casa.pretrained.build import (
-    BuildConfig,
-    apply_freeze,
-    build,
-    image_tokens_from_template,
-    read_policy,
-    save_built,
-)
+from casa.pretrained.build import build, image_tokens_from_template, save_built
+from casa.pretrained.build_config import BuildConfig
 from casa.pretrained.directory import from_pretrained, processor_settings
+from casa.pretrained.freeze import FreezePolicy, apply_freeze, read_policy
 from casa.pretrained.tokenizer import HFTokenizer, load_tokenizer
 from casa.vision.hf import qwen_patchify
 from casa.vision.preprocess import preprocess
@@ -88,7 +84,8 @@ def batch_with_images(vocab=264, seed=0):
 
 # ----------------------------------------------------------------------------- build
 def test_build_copies_weights_and_freezes(parts):
-    built = build(BuildConfig(lm=str(parts["root"] / "llama"), vision=str(parts["root"] / "siglip"), every=2,
+    built = build(BuildConfig(lm=str(parts["root"] / "llama"), vision=str(parts["root"] / "siglip"),
+                              fusion=FusionConfig(every=2),
                               tokenizer="byte", vision_trainable_blocks=1))
     m, hf_lm, hf_vis = built.model, parts["llama"], parts["siglip"]
     assert [i for i, b in enumerate(m.blocks) if b.fusion is not None] == [0, 2]
@@ -118,7 +115,7 @@ def test_build_copies_weights_and_freezes(parts):
     for prefix in ("blocks.0.fusion.attn.q_proj", "vision.projector.fc", "vision.encoder.model.encoder.layers.2.mlp"):
         assert any(p.grad.abs().sum() > 0 for n, p in m.named_parameters() if n.startswith(prefix)), prefix
 
-    counts = apply_freeze(m, freeze_lm=False, vision_trainable_blocks=-1)
+    counts = apply_freeze(m, FreezePolicy(freeze_lm=False, vision_trainable_blocks=-1))
     assert counts["trainable"] == counts["total"]
 
 
@@ -226,7 +223,8 @@ def test_qwen25vl_vision_tower_and_lm(qwen25vl, tmp_path):
     )
 
     hf, path = qwen25vl
-    built = build(BuildConfig(lm=str(path), vision=str(path), fusion="insertion", tokenizer="byte", image_size=112))
+    built = build(BuildConfig(lm=str(path), vision=str(path), fusion=FusionConfig(variant="insertion"), tokenizer="byte",
+                              image_size=112))
     m = built.model.eval()
     vc = m.config.vision
     assert (vc.patch_size, vc.d_model, vc.image_size, m.tokens_per_image) == (28, 64, 112, 16)
@@ -253,7 +251,7 @@ def test_qwen25vl_vision_tower_and_lm(qwen25vl, tmp_path):
     # the saved directory is self-contained: the source checkpoint is not needed to reload
     copy = tmp_path / "src"
     shutil.copytree(path, copy)
-    b2 = build(BuildConfig(lm=str(copy), vision=str(copy), every=1, tokenizer="byte", image_size=56))
+    b2 = build(BuildConfig(lm=str(copy), vision=str(copy), fusion=FusionConfig(every=1), tokenizer="byte", image_size=56))
     out = save_built(b2, tmp_path / "casa_q")
     shutil.rmtree(copy)
     back = from_pretrained(out)
@@ -266,7 +264,8 @@ def test_qwen25vl_vision_tower_and_lm(qwen25vl, tmp_path):
 @pytest.mark.parametrize("lm", ["llama", "qwen2"])
 def test_build_train_save_reload(parts, qwen2_dir, tmp_path, lm):
     """Tiny Llama / Qwen2 + tiny SigLIP -> casa build -> train with the LM frozen -> save -> reload."""
-    from casa.training.trainer import Trainer, load_config
+    from casa.training.config import load_config
+    from casa.training.trainer import Trainer
 
     out = tmp_path / "built"
     lm_dir = parts["root"] / "llama" if lm == "llama" else qwen2_dir
@@ -309,7 +308,8 @@ def test_build_train_save_reload(parts, qwen2_dir, tmp_path, lm):
 PEAK_SCRIPT = r"""
 import gc, json, sys, threading, time
 import torch
-from casa.pretrained.build import BuildConfig, load_parts, model_config
+from casa.pretrained.build import load_parts, model_config
+from casa.pretrained.build_config import BuildConfig
 
 def anon():  # anonymous resident memory: the mmap'd checkpoint's page cache is not counted
     with open("/proc/self/status") as f:
@@ -345,7 +345,8 @@ def naive():  # what lazy loading avoids: a whole state dict beside a whole mode
 
 lm = sys.argv[1]
 torch.set_num_threads(1)
-cfg = model_config(BuildConfig(lm=lm, every=2))
+from casa.config import FusionConfig
+cfg = model_config(BuildConfig(lm=lm, fusion=FusionConfig(every=2)))
 out = {"fp32": measure(lambda: load_parts(cfg, lm, dtype=torch.float32)),
        "bf16": measure(lambda: load_parts(cfg, lm, dtype=torch.bfloat16)),
        "naive": measure(naive)}

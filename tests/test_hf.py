@@ -137,6 +137,9 @@ def test_save_lm_as_hf_roundtrip(tmp_path, qkv_bias, tied):
                   norm_eps=1e-5, qkv_bias=qkv_bias, tie_embeddings=tied)
     ours = randomize(CasaModel(ModelConfig(lm=lm, fusion=FusionConfig(variant="insertion"))), seed=3).eval()
     save_lm_as_hf(ours, tmp_path / "out")
+    with pytest.raises(ValueError, match="already holds a Hugging Face checkpoint; pass --overwrite"):
+        save_lm_as_hf(ours, tmp_path / "out")
+    assert save_lm_as_hf(ours, tmp_path / "out", overwrite=True) == tmp_path / "out"
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").float().eval()
     assert type(hf).__name__ == ("Qwen2ForCausalLM" if qkv_bias else "LlamaForCausalLM")
     assert_parity(hf, ours)

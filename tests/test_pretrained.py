@@ -111,8 +111,8 @@ def test_roundtrip_sharded(tmp_path):
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in m.state_dict().values())
     assert set(weight_files(path)) == set(m.state_dict())
     same(m, from_pretrained(path), batch())
-    # saving again over the directory replaces it whole (no stale shards)
-    save_pretrained(m, path)
+    # saving again over the directory replaces it whole (no stale shards), when asked to
+    save_pretrained(m, path, overwrite=True)
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors"]
 
 
@@ -181,3 +181,34 @@ def test_bad_checkpoints(tmp_path):
     with pytest.raises(ValueError, match="max_shard_size"):
         save_pretrained(m, tmp_path / "y", max_shard_size="lots")
     assert not (tmp_path / "y").exists()
+
+
+def test_save_pretrained_replaces_only_a_casa_model_and_only_when_asked(tmp_path):
+    m = tiny("casa")
+    path = save_pretrained(m, tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    with pytest.raises(ValueError, match=r"already holds a casa model directory; pass --overwrite"):
+        save_pretrained(tiny("ca"), path)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    save_pretrained(tiny("ca"), path, overwrite=True)
+    assert read_config(path)["model"]["fusion"]["variant"] == "ca"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match=r"is a folder that is not a casa model directory \(it holds thesis.tex\)"):
+        save_pretrained(m, other, overwrite=True)
+    assert (other / "thesis.tex").read_text() == "years of work" and sorted(os.listdir(other)) == ["thesis.tex"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        save_pretrained(m, tmp_path / "file", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "m", "other"]  # no temporary left
+
+
+def test_truncated_shard_is_named(tmp_path):
+    from casa.files import DamagedFileError
+
+    path = save_pretrained(tiny("casa_shared", tied=False), tmp_path / "m", max_shard_size="40KB")
+    shard = sorted(path.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(DamagedFileError, match=rf"'{shard}' is damaged or incomplete"):
+        from_pretrained(path)

@@ -3,6 +3,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,9 @@ from safetensors.torch import load_file
 from casa.cli import main
 from casa.pretrained.runs import latest_checkpoint, list_checkpoints
 from casa.training.checkpoint import load_state, save_checkpoint
-from casa.training.trainer import Trainer, load_config, lr_lambda
+from casa.training.config import load_config
+from casa.training.optim import lr_lambda
+from casa.training.trainer import Trainer
 
 TINY = {
     "model": {"lm": {"vocab_size": 264, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 64},
@@ -142,11 +145,11 @@ def test_crashed_save_never_becomes_latest(tmp_path, monkeypatch):
     # a crash while writing the trainer state of the next checkpoint
     import casa.training.checkpoint as ck
 
-    def boom(obj, f):
+    def boom(tensors, f, metadata=None):
         Path(f).write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ck.torch, "save", boom)
+    monkeypatch.setattr(ck, "save_file", boom)
     tr.step = 2
     with pytest.raises(OSError, match="disk full"):
         tr.save()
@@ -186,7 +189,8 @@ def test_bad_jsonl_line_fails_training_with_file_and_line(tmp_path, capsys):
 RANK_SCRIPT = """
 import sys, torch, torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
-from casa.training.trainer import Trainer, load_config
+from casa.training.config import load_config
+from casa.training.trainer import Trainer
 torch.set_num_threads(1)
 model_cfg, cfg = load_config(sys.argv[1], sys.argv[2:])
 tr = Trainer(model_cfg, cfg, quiet=True)
@@ -265,3 +269,111 @@ def test_init_from_a_built_directory_takes_its_policy_tokenizer_and_processor(tm
     assert processor_settings(latest_checkpoint(cfg.out_dir))["gist"] is False
     again = Trainer(*tiny(tmp_path, f"init={built}", "gist=true", "image_prefix=<|image|>", name="over"), quiet=True)
     assert again.processor.gist == "<|gist|>" and again.processor.image_prefix == "<|image|>"
+
+
+# ------------------------------------------------------- trainer state files
+def test_trainer_state_is_json_and_safetensors_and_legacy_pickles_still_resume(tmp_path):
+    """No pickle in a checkpoint; a checkpoint of the old format (trainer_state.pt, numpy RNG arrays)
+    resumes to the same curve through torch's restricted loader."""
+    import random
+
+    import numpy as np
+
+    from casa.training.checkpoint import decode_state, encode_state
+
+    model_cfg, cfg = tiny(tmp_path, "steps=3", name="straight")
+    straight = Trainer(model_cfg, cfg, quiet=True)
+    straight.fit()
+    model_cfg, cfg = tiny(tmp_path, "steps=3", name="old")
+    first = Trainer(model_cfg, cfg, quiet=True)
+    first.fit(stop_after=1)
+    ckpt = latest_checkpoint(cfg.out_dir)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors", "tokenizer_config.json",
+                                                      "trainer_state.json", "trainer_state.safetensors"]
+    state = load_state(ckpt)
+    tensors = {}
+    back = decode_state(json.loads(json.dumps(encode_state(state, tensors))), tensors, ckpt)
+    assert same_tree(back, state) and len(tensors) > 10  # optimizer moments, RNG states
+    assert state["step"] == 1 and isinstance(state["rng"][0]["torch"], torch.Tensor)
+    # rewrite it as casa wrote it before: one pickle, python/numpy RNG states as tuples and arrays
+    rng = state["rng"][0]
+    old_rng = {"python": (rng["python"][0], tuple(rng["python"][1]), rng["python"][2]),
+               "numpy": (rng["numpy"][0], np.asarray(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]),
+               "torch": rng["torch"], "cuda": None}
+    torch.save({**state, "rng": [old_rng]}, ckpt / "trainer_state.pt")
+    (ckpt / "trainer_state.json").unlink()
+    (ckpt / "trainer_state.safetensors").unlink()
+    random.seed(123)
+    resumed = Trainer(model_cfg, cfg, resume=True, quiet=True)
+    assert resumed.step == 1
+    resumed.fit()
+    assert losses(resumed) == pytest.approx(losses(straight), abs=1e-6, rel=0)
+
+
+def same_tree(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_tree(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(same_tree(x, y) for x, y in zip(a, b))
+    return a == b and type(a) is type(b)
+
+
+def test_progress_line_shows_an_eta(tmp_path, capsys):
+    from casa.training.trainer import _duration
+
+    assert [_duration(s) for s in (0.4, 59.6, 61, 3600 * 2 + 65)] == ["0s", "1m00s", "1m01s", "2h01m"]
+    model_cfg, cfg = tiny(tmp_path, "steps=2")
+    Trainer(model_cfg, cfg).fit()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert len(lines) == 2
+    assert re.search(r"step 1/2 \| loss \d+\.\d{4} \| [\d,]+ tok/s \| eta \d+s$", lines[0]), lines[0]
+    assert lines[1].endswith("eta 0s")
+
+
+def test_threads_flag(tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({**TINY, "train": {**TINY["train"], "steps": 1, "out_dir": str(tmp_path / "r")}}))
+    assert main(["train", "--config", str(cfg), "--quiet", "--threads", "2"]) == 0
+    assert torch.get_num_threads() == 2  # the one_thread fixture restores it afterwards
+    assert "step_000001" in capsys.readouterr().out
+
+
+def test_freeze_policy_precedence(tmp_path):
+    from casa.pretrained.directory import save_pretrained
+    from casa.pretrained.freeze import FreezePolicy, resolve_policy
+
+    built = tmp_path / "built"
+    save_pretrained(CasaModel_tiny(), built, extra={"build": {"freeze_lm": True, "vision_trainable_blocks": 0}})
+    assert resolve_policy() == FreezePolicy(freeze_lm=False, vision_trainable_blocks=-1)
+    assert resolve_policy(init=built) == FreezePolicy(freeze_lm=True, vision_trainable_blocks=0)
+    assert resolve_policy(False, None, init=built) == FreezePolicy(freeze_lm=False, vision_trainable_blocks=0)
+    assert resolve_policy(None, 1, init=built) == FreezePolicy(freeze_lm=True, vision_trainable_blocks=1)
+
+
+def CasaModel_tiny():
+    from casa.config import ModelConfig
+    from casa.core.model import CasaModel
+
+    return CasaModel(ModelConfig.from_dict(TINY["model"]))
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning(tmp_path, capsys):
+    from casa.files import DamagedFileError
+    from casa.pretrained.runs import check_checkpoint, resolve_model_dir
+
+    model = CasaModel_tiny()
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, model, {"step": step, "t": torch.ones(2)}, keep_last=0)
+    newest = tmp_path / "checkpoints" / "step_000002"
+    (newest / "model.safetensors").write_bytes(b"")
+    with pytest.raises(DamagedFileError, match="model.safetensors' is damaged or incomplete"):
+        check_checkpoint(newest)
+    assert resolve_model_dir(tmp_path) == tmp_path / "checkpoints" / "step_000001"
+    err = capsys.readouterr().err
+    assert f"skipping checkpoint {str(newest)!r}" in err and "falling back to the previous one" in err
+    assert resolve_model_dir(newest) == newest  # a checkpoint named explicitly is taken as given
+    (tmp_path / "checkpoints" / "step_000001" / "trainer_state.json").write_text("{")
+    with pytest.raises(ValueError, match=r"has no readable checkpoint; the newest: .*step_000002"):
+        latest_checkpoint(tmp_path)

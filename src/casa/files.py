@@ -1,5 +1,6 @@
-"""Writing outputs without losing anything: atomic files and directories,
-and output paths checked before any work starts.
+"""Files in and out without losing anything: atomic files and directories,
+output paths checked before any work starts, and input files that are
+damaged reported as such.
 
 Design decisions:
 - Every output casa writes (model directories, checkpoints, JSON results,
@@ -12,18 +13,50 @@ Design decisions:
 - Output paths are validated up front (`check_output_file`,
   `check_output_dir`), with a `ValueError` that names the path and the
   problem; commands call these before loading models or data.
+- A directory written as a whole (a model) only ever replaces a directory of
+  its own kind, and only when asked (`check_replaceable_dir`): an existing
+  file, or a folder holding anything else, is refused whatever `overwrite`
+  says, because the swap would delete it.
+- A file that exists but cannot be parsed (zero bytes, cut short by a crash
+  or a full disk) is a `DamagedFileError` naming the file and saying it is
+  damaged or incomplete; `read_json` is the JSON reader that says so.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_directory", "atomic_file", "check_distinct", "check_output_dir", "check_output_file", "fsync_tree"]
+__all__ = ["DamagedFileError", "atomic_directory", "atomic_file", "check_distinct", "check_output_dir",
+           "check_output_file", "check_replaceable_dir", "fsync_tree", "read_json"]
+
+
+class DamagedFileError(ValueError):
+    """A file that exists but cannot be read as what it should be (truncated, zero bytes, garbage)."""
+
+    def __init__(self, path: Path | str, reason: str):
+        self.path = Path(path)
+        super().__init__(f"{str(path)!r} is damaged or incomplete ({reason})")
+
+
+def read_json(path: Path | str):
+    """The parsed JSON of `path`; FileNotFoundError or DamagedFileError naming it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{str(path)!r}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DamagedFileError(path, f"cannot read it: {e}") from None
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise DamagedFileError(path, "empty file" if not text.strip() else f"not valid JSON: {e}") from None
 
 
 def fsync_tree(path: Path) -> None:
@@ -48,20 +81,25 @@ def atomic_directory(final: Path | str) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    old = None
     try:
         yield tmp
         fsync_tree(tmp)
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".tmp-old-{final.name}-", dir=final.parent))
             os.replace(final, old / final.name)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        fsync_tree(final.parent)
+        os.replace(tmp, final)
     except BaseException:
+        # an error or a Ctrl-C between the two renames: put the previous version back
+        if old is not None and not final.exists() and (old / final.name).exists():
+            os.replace(old / final.name, final)
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    fsync_tree(final.parent)
 
 
 @contextlib.contextmanager
@@ -116,6 +154,29 @@ def check_output_dir(path: Path | str, what: str) -> Path:
         raise ValueError(f"{what} {str(path)!r}: {str(parent)!r} is a file, not a directory")
     if not os.access(parent, os.W_OK):
         raise ValueError(f"{what} {str(path)!r}: {str(parent)!r} is not writable")
+    return path
+
+
+def check_replaceable_dir(path: Path | str, what: str, *, overwrite: bool, recognise: Callable[[Path], bool],
+                          kind: str) -> Path:
+    """A directory casa will write as a whole, replacing what is there.
+
+    Allowed: a new path, an empty folder, and, with `overwrite`, a folder that
+    `recognise` says is a `kind` (e.g. "casa model directory"). Refused, with
+    a ValueError naming the path: a file, and a non-empty folder of anything
+    else, whatever `overwrite` says (replacing it would delete its files).
+    """
+    path = check_output_dir(path, what)
+    if not path.is_dir() or not any(path.iterdir()):
+        return path
+    if not recognise(path):
+        names = sorted(p.name for p in path.iterdir())
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise ValueError(f"{what} {str(path)!r} is a folder that is not a {kind} (it holds {shown}); "
+                         f"casa writes a {kind} only into a new or empty folder, or over one it wrote "
+                         "(--overwrite): choose another path")
+    if not overwrite:
+        raise ValueError(f"{what} {str(path)!r} already holds a {kind}; pass --overwrite to replace it")
     return path
 
 

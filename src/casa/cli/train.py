@@ -1,8 +1,23 @@
-"""`casa train`: train a model (one process, or DDP / FSDP2 under torchrun)."""
+"""`casa train`: train a model (one process, or DDP / FSDP2 under torchrun).
+
+Design decisions:
+- The config (file + `--set`) is read and checked in full before anything
+  else (`training.config.load_config`), then the trainer checks paths and
+  devices before it builds the model: a mistake costs no compute.
+- Exit codes: 0 done; 2 a user error (by `casa.cli.main`); 130 stopped by
+  Ctrl-C, 143 by SIGTERM, after the trainer saved a checkpoint (or, on a
+  second Ctrl-C, said which checkpoint is the latest); no traceback.
+- `--threads` defaults to the free cores (`casa.threads.set_threads`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+from casa.cli.values import positive_int
+
+__all__ = ["register", "run"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,18 +28,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--resume", nargs="?", const="latest", default=None,
                     help="continue from the latest checkpoint of out_dir (or from the given checkpoint)")
     tr.add_argument("--skip-bad-samples", action="store_true", help="count and skip bad samples instead of failing")
+    tr.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: free cores)")
     tr.add_argument("--quiet", action="store_true")
     tr.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from casa.training.trainer import load_config, train
+    try:
+        from casa.files import check_output_dir
+        from casa.training.config import load_config
 
-    model_cfg, cfg = load_config(args.config, args.set)
-    if args.skip_bad_samples:
-        cfg.skip_bad_samples = True
-    resume = args.resume if args.resume not in (None, "latest") else (args.resume == "latest" or None)
-    summary = train(model_cfg, cfg, resume=resume, quiet=args.quiet)
+        model_cfg, cfg = load_config(args.config, args.set)  # before importing torch: a bad config fails at once
+        check_output_dir(cfg.out_dir, "train.out_dir")
+        from casa.threads import set_threads
+        from casa.training.trainer import train
+
+        if args.skip_bad_samples:
+            cfg.skip_bad_samples = True
+        set_threads(args.threads)
+        resume = args.resume if args.resume not in (None, "latest") else (args.resume == "latest" or None)
+        summary = train(model_cfg, cfg, resume=resume, quiet=args.quiet)
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C (the trainer said what was saved)
+        print("casa: interrupted", file=sys.stderr)
+        return 130
     if summary.get("checkpoint"):
         print(f"checkpoint: {summary['checkpoint']}")
     if summary.get("skipped"):

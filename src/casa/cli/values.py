@@ -14,18 +14,15 @@ __all__ = ["key_values", "non_negative_int", "positive_float", "positive_int", "
 
 
 def key_values(items) -> dict:
-    """["a=1", "b=x"] -> {"a": 1, "b": "x"} (values parsed as JSON where they are JSON)."""
-    import json
+    """["a=1", "b=x"] -> {"a": 1, "b": "x"} (values parsed by `casa.config.parse_value`)."""
+    from casa.config import parse_value
 
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"{item!r}: expected key=value")
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
+        out[key] = parse_value(value)
     return out
 
 

@@ -18,55 +18,42 @@ Design decisions:
   none, or with a marker the vocabulary does not hold as one token, the build
   stops with an error naming the tokens.
 - The freeze policy (`freeze_lm`, `vision_trainable_blocks`) is applied to
-  the returned model and recorded in config.json's "build" section; trainable
-  are the fusion layers, the projector, the last k encoder blocks with what
-  follows them (and the LM unless frozen).
+  the returned model by `casa.pretrained.freeze.apply_freeze` (the rule the
+  trainer applies too) and recorded in config.json's "build" section.
+- `BuildConfig` (in `build_config`, light to import for the CLI) holds a
+  `FusionConfig` rather than repeating its fields.
+- The output directory is checked before anything is loaded
+  (`directory.check_model_output`): a file or a folder that is not a casa
+  model is refused, an existing model replaced only with `overwrite`.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from casa.config import FusionConfig, ModelConfig, VisionConfig
+from casa.config import ModelConfig, VisionConfig
 from casa.core.model import CasaModel, _init_weights
+from casa.files import read_json
+from casa.pretrained.build_config import DTYPE_NAMES, BuildConfig
 from casa.pretrained.directory import empty_model, save_pretrained
+from casa.pretrained.freeze import FreezePolicy, apply_freeze
 from casa.pretrained.hf_lm import lm_config_from_hf, load_lm_weights
+from casa.pretrained.model_dir import check_model_output
 from casa.weights import materialize, meta_parameters
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+__all__ = ["DTYPES", "KNOWN_IMAGE_TOKENS", "Built", "build", "image_tokens_from_template",
+           "load_parts", "model_config", "resolve_tokenizer", "run", "save_built"]
+
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 # (prefix, gist) pairs tried when the chat template renders no image tokens
 KNOWN_IMAGE_TOKENS = (("<|vision_start|>", "<|vision_end|>"), ("<|image_start|>", "<|image_end|>"),
                       ("<img>", "</img>"))
 _MARKER_RE = re.compile(r"<\|[^<>|\s]+\|>|</?[A-Za-z_][^<>\s]*>")
-
-
-@dataclass
-class BuildConfig:
-    lm: str
-    vision: str | None = None  # None: the built-in ViT, trained from scratch
-    fusion: str = "casa"
-    placement: str = "parallel"
-    every: int = 1
-    layers: list[int] | None = None
-    init_from_sa: bool = True
-    text_keys: bool = True
-    freeze_lm: bool = True
-    vision_trainable_blocks: int = 2  # -1: whole encoder trainable
-    dtype: str = "auto"  # auto: the LM checkpoint's
-    token_reduction: str = "none"
-    reduction_factor: int = 2
-    image_size: int | None = None  # Qwen2.5-VL: free (multiple of 28); SigLIP/CLIP: must be the model's
-    tokenizer: str = "lm"  # "lm" (the LM directory's), "byte", or a tokenizer directory
-    image_prefix: str | None = None  # default: from the chat template
-    gist_token: str | None = None  # default: from the chat template
-    gist: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -141,7 +128,7 @@ def resolve_tokenizer(cfg: BuildConfig, vocab_size: int):
 def _dtype(cfg: BuildConfig) -> torch.dtype:
     name = cfg.dtype
     if name == "auto":
-        hf = json.loads((Path(cfg.lm) / "config.json").read_text())
+        hf = read_json(Path(cfg.lm) / "config.json")
         name = hf.get("dtype") or hf.get("torch_dtype") or (hf.get("text_config") or {}).get("dtype") or "float32"
     if name not in DTYPES:
         raise ValueError(f"dtype={name!r}: expected one of {sorted(DTYPES)} or 'auto'")
@@ -158,9 +145,7 @@ def model_config(cfg: BuildConfig) -> ModelConfig:
         vision = vision_config_from_hf(cfg.vision, **reduction, **size)
     else:
         vision = VisionConfig(**reduction, **({"image_size": cfg.image_size} if cfg.image_size else {}))
-    fusion = FusionConfig(variant=cfg.fusion, placement=cfg.placement, every=cfg.every, layers=cfg.layers,
-                          init_from_sa=cfg.init_from_sa, text_keys=cfg.text_keys)
-    return ModelConfig(lm=lm, vision=vision, fusion=fusion)
+    return ModelConfig(lm=lm, vision=vision, fusion=cfg.fusion)
 
 
 def load_parts(config: ModelConfig, lm_dir, *, dtype: torch.dtype = torch.float32, device=None) -> CasaModel:
@@ -196,52 +181,38 @@ def load_parts(config: ModelConfig, lm_dir, *, dtype: torch.dtype = torch.float3
     return model
 
 
-def apply_freeze(model: CasaModel, *, freeze_lm: bool, vision_trainable_blocks: int) -> dict:
-    """Set requires_grad by the policy; returns trainable / total parameter counts."""
-    fusion = {id(p) for p in model.fusion_parameters()}
-    for name, p in model.named_parameters():
-        if not name.startswith("vision."):
-            p.requires_grad_(not freeze_lm or id(p) in fusion)
-    model.vision.freeze_encoder(vision_trainable_blocks)
-    model.vision.projector.requires_grad_(True)
-    params = list(model.parameters())
-    return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params)}
-
-
 def build(cfg: BuildConfig, *, device=None) -> Built:
     """Build (not save) the model, its tokenizer and processor settings."""
     config = model_config(cfg)
     tokenizer, processor = resolve_tokenizer(cfg, config.lm.vocab_size)
     model = load_parts(config, cfg.lm, dtype=_dtype(cfg), device=device)
-    apply_freeze(model, freeze_lm=cfg.freeze_lm, vision_trainable_blocks=cfg.vision_trainable_blocks)
+    apply_freeze(model, FreezePolicy(freeze_lm=cfg.freeze_lm, vision_trainable_blocks=cfg.vision_trainable_blocks))
     return Built(model, tokenizer, processor, cfg)
 
 
-def save_built(built: Built, out, *, max_shard_size="2GB") -> Path:
+def save_built(built: Built, out, *, max_shard_size="2GB", overwrite: bool = False) -> Path:
+    """Save a built model as a casa model directory, its build settings in config.json's "build" section."""
     record = {k: v for k, v in asdict(built.config).items() if k != "extra"}
     record["dtype"] = str(next(built.model.parameters()).dtype).removeprefix("torch.")
     return save_pretrained(built.model, out, tokenizer=built.tokenizer, processor=built.processor,
-                           extra={"build": record, **built.config.extra}, max_shard_size=max_shard_size)
+                           extra={"build": record, **built.config.extra}, max_shard_size=max_shard_size,
+                           overwrite=overwrite)
 
 
-def read_policy(path) -> dict:
-    """The freeze policy recorded by `casa build` in a model directory (empty if none)."""
-    from casa.pretrained.directory import read_config
+def run(cfg: BuildConfig, out, *, max_shard_size="2GB", overwrite: bool = False, quiet: bool = False) -> Path:
+    """`casa build`: check the destination, build, save, print a summary."""
+    from casa.pretrained.directory import parse_size
 
-    b = read_config(path).get("build", {})
-    return {k: b[k] for k in ("freeze_lm", "vision_trainable_blocks") if k in b}
-
-
-def run(cfg: BuildConfig, out, *, max_shard_size="2GB", quiet: bool = False) -> Path:
-    """`casa build`: build, save, print a summary."""
+    check_model_output(out, "--out", overwrite=overwrite)
+    parse_size(max_shard_size)
     built = build(cfg)
-    path = save_built(built, out, max_shard_size=max_shard_size)
+    path = save_built(built, out, max_shard_size=max_shard_size, overwrite=overwrite)
     if not quiet:
         m = built.model
         counts = {"trainable": sum(p.numel() for p in m.parameters() if p.requires_grad),
                   "total": sum(p.numel() for p in m.parameters())}
         fused = [i for i, b in enumerate(m.blocks) if b.fusion is not None]
-        print(f"built {cfg.fusion} ({cfg.placement}) on blocks {fused} of {len(m.blocks)}; "
+        print(f"built {cfg.fusion.variant} ({cfg.fusion.placement}) on blocks {fused} of {len(m.blocks)}; "
               f"vision {m.config.vision.kind} {m.config.vision.image_size}px -> {m.tokens_per_image} tokens; "
               f"{counts['trainable']:,} of {counts['total']:,} parameters trainable "
               f"(LM {'frozen' if cfg.freeze_lm else 'trainable'}, last {cfg.vision_trainable_blocks} vision blocks); "

@@ -12,14 +12,22 @@ Layout:
 - the tokenizer (`tokenizer.save`).
 
 Design decisions:
-- Writes are atomic: everything goes to a temporary sibling directory that is
-  renamed into place, and an existing directory is only replaced once the new
-  one is complete, so a crash never leaves a half-written model behind.
+- Writes are atomic (`casa.files.atomic_directory`): everything goes to a
+  temporary sibling directory that is renamed into place, and an existing
+  directory is only replaced once the new one is complete, so a crash never
+  leaves a half-written model behind.
+- Only a casa model directory is ever replaced, and only with
+  `overwrite=True` (`model_dir.check_model_output`): a file or a folder of
+  other files at the destination is refused, never deleted.
+- `write_model` fills a directory that the caller made (the trainer adds its
+  state to the same temporary directory before the rename); `save_pretrained`
+  is the checked, atomic, whole-directory write.
 - Tied tensors (lm_head = embeddings) are stored once, under the first name.
 - Loading builds the structure on the meta device and fills it tensor by
   tensor from the memory-mapped files, in the requested dtype and directly on
   the requested device: peak memory is the model plus one tensor. Names and
-  shapes are checked first; a mismatch is a ValueError naming the tensors.
+  shapes are checked first; a mismatch is a ValueError naming the tensors; a
+  damaged file is a `casa.files.DamagedFileError` naming it.
 """
 
 from __future__ import annotations
@@ -27,17 +35,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections import namedtuple
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from casa.config import ModelConfig
 from casa.core.model import CasaModel
+from casa.files import atomic_directory
+from casa.pretrained.model_dir import FORMAT, check_model_output, read_config
 from casa.vision.hf import structure_only
 from casa.weights import (
     check_shapes,
@@ -45,10 +52,14 @@ from casa.weights import (
     empty_parameters,
     materialize,
     meta_parameters,
+    open_safetensors,
     weight_files,
 )
 
-FORMAT = "casa-v1"
+# read_config lives in pretrained.model_dir; re-exported here for existing callers
+__all__ = ["DEFAULT_SHARD", "PROCESSOR_DEFAULTS", "Loaded", "empty_model", "from_pretrained", "load", "model_config",
+           "parse_size", "processor_config", "processor_settings", "read_config", "save_pretrained", "write_model"]
+
 DEFAULT_SHARD = "2GB"
 PROCESSOR_DEFAULTS = {"gist": True, "gist_token": "<|gist|>", "image_prefix": None}
 VISION_DIR = "vision"
@@ -119,54 +130,39 @@ def processor_config(processor) -> dict:
             "image_prefix": getattr(processor, "image_prefix", None)}
 
 
+def write_model(model: CasaModel, out: Path, *, tokenizer=None, extra: dict | None = None, processor=None,
+                max_shard_size=DEFAULT_SHARD) -> None:
+    """Write `model`'s files into the existing directory `out` (not atomic: see `save_pretrained`)."""
+    model_cfg = model.config.to_dict()
+    if model.config.vision.kind == "hf":
+        model.vision.encoder.save_config(out / VISION_DIR)
+        model_cfg["vision"]["path"] = VISION_DIR
+    config = {"casa_format": FORMAT, "model": model_cfg, **(extra or {})}
+    if processor is not None:
+        config["processor"] = processor_config(processor)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    _write_weights(_unique_tensors(model), out, parse_size(max_shard_size))
+    if tokenizer is not None:
+        tokenizer.save(out)
+
+
 def save_pretrained(model: CasaModel, path, *, tokenizer=None, extra: dict | None = None, processor=None,
-                    max_shard_size=DEFAULT_SHARD) -> Path:
-    """Write `model` (+ tokenizer, processor settings, `extra` config keys) as one directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        model_cfg = model.config.to_dict()
-        if model.config.vision.kind == "hf":
-            model.vision.encoder.save_config(tmp / VISION_DIR)
-            model_cfg["vision"]["path"] = VISION_DIR
-        config = {"casa_format": FORMAT, "model": model_cfg, **(extra or {})}
-        if processor is not None:
-            config["processor"] = processor_config(processor)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        _write_weights(_unique_tensors(model), tmp, parse_size(max_shard_size))
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                    max_shard_size=DEFAULT_SHARD, overwrite: bool = False) -> Path:
+    """Write `model` (+ tokenizer, processor settings, `extra` config keys) as one directory, atomically.
+
+    An existing casa model directory at `path` is replaced only with `overwrite`;
+    a file or a non-empty folder of anything else is refused (ValueError).
+    """
+    parse_size(max_shard_size)  # a bad size is refused before anything is written
+    if processor is not None:
+        processor_config(processor)
+    path = check_model_output(path, "save_pretrained", overwrite=overwrite)
+    with atomic_directory(path) as tmp:
+        write_model(model, tmp, tokenizer=tokenizer, extra=extra, processor=processor, max_shard_size=max_shard_size)
     return path
 
 
 # ----------------------------------------------------------------------------- load
-def read_config(path) -> dict:
-    path = Path(path)
-    file = path / "config.json"
-    if not path.is_dir() or not file.is_file():
-        raise ValueError(f"{str(path)!r} is not a casa model directory (no config.json)")
-    try:
-        config = json.loads(file.read_text())
-    except ValueError as e:
-        raise ValueError(f"{str(file)!r}: not valid JSON ({e})") from e
-    if config.get("casa_format") != FORMAT:
-        raise ValueError(f"{str(path)!r} is not a casa model directory "
-                         f"(config.json has casa_format={config.get('casa_format')!r}, expected {FORMAT!r})")
-    return config
-
-
 def model_config(path) -> ModelConfig:
     """The ModelConfig of a casa directory, its vision directory resolved against `path`."""
     d = json.loads(json.dumps(read_config(path)["model"]))
@@ -187,7 +183,7 @@ def processor_settings(path_or_config) -> dict:
 def _stored_dtype(files: dict[str, Path]) -> torch.dtype:
     names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
     for name, file in files.items():
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             dt = f.get_slice(name).get_dtype()
         if dt in names:
             return names[dt]

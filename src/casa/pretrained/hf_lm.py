@@ -2,7 +2,8 @@
 
 Design decisions:
 - No transformers import: `config.json` is read as JSON and the weights with
-  `safetensors.safe_open`, so loading needs only the core dependencies.
+  safetensors (memory-mapped, `casa.weights`), so loading needs only the core
+  dependencies.
 - Strict, like `ModelConfig`: a checkpoint feature we do not implement
   (rope scaling, sliding window, non-SiLU MLP, biases our layers lack) is a
   ValueError naming it, never a silently different model.
@@ -18,6 +19,11 @@ Design decisions:
   take no positions), is exactly the standard RoPE. Its `visual.` tensors are
   skipped here (`hf_vision` reads them); both tensor namings are accepted
   (`model.layers.` as on the hub, `model.language_model.layers.`).
+- Every safetensors file is opened through `casa.weights.open_safetensors`,
+  so a truncated shard is an error naming it.
+- `save_lm_as_hf` writes its directory atomically and replaces only a
+  Hugging Face checkpoint, and only with `overwrite=True`
+  (`casa.files.check_replaceable_dir`).
 """
 
 from __future__ import annotations
@@ -27,12 +33,21 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from casa.config import FusionConfig, LMConfig, ModelConfig, VisionConfig
 from casa.core.model import CasaModel
-from casa.weights import check_shapes, copy_safetensors, weight_files
+from casa.files import atomic_directory, check_replaceable_dir, read_json
+from casa.weights import (
+    by_file,
+    check_shapes,
+    copy_safetensors,
+    open_safetensors,
+    weight_files,
+)
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "from_hf_lm", "is_hf_checkpoint", "lm_checkpoint_layout", "lm_config_from_hf",
+           "load_hf_state_dict", "load_lm_weights", "save_lm_as_hf"]
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM",
                            "Qwen2_5_VLForConditionalGeneration")
@@ -48,10 +63,10 @@ def _read_config(path) -> dict:
     file = Path(path) / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{str(path)!r}: no config.json (expected a Hugging Face model directory)")
-    try:
-        return json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {str(file)!r}: {e}") from e
+    config = read_json(file)
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(file)!r}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def _rope_theta(hf: dict, where: str, *, mrope_ok: bool = False) -> float:
@@ -114,27 +129,17 @@ def lm_config_from_hf(path) -> LMConfig:
 
 
 # ----------------------------------------------------------------------------- weights
-_weight_files = weight_files  # name kept for callers of the old private helper
-
-
-def _by_file(files: dict[str, Path], names) -> dict[Path, list[str]]:
-    groups: dict[Path, list[str]] = {}
-    for name in names:
-        groups.setdefault(files[name], []).append(name)
-    return groups
-
-
 def _load_tensor(files: dict[str, Path], name: str) -> torch.Tensor:
-    with safe_open(files[name], framework="pt") as f:
+    with open_safetensors(files[name]) as f:
         return f.get_tensor(name)
 
 
 def load_hf_state_dict(path) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors checkpoint directory (single file or sharded)."""
-    files = _weight_files(path)
+    """Every tensor of a safetensors checkpoint directory (single file or sharded), on the CPU."""
+    files = weight_files(path)
     out = {}
-    for file, names in _by_file(files, files).items():
-        with safe_open(file, framework="pt") as f:
+    for file, names in by_file(files, files).items():
+        with open_safetensors(file) as f:
             out.update({n: f.get_tensor(n) for n in names})
     return out
 
@@ -206,12 +211,19 @@ def from_hf_lm(path, *, vision: VisionConfig | None = None, fusion: FusionConfig
 
 
 # ----------------------------------------------------------------------------- export
-def save_lm_as_hf(model: CasaModel, path) -> None:
-    """Write the LM as a HF checkpoint: config.json + model.safetensors.
+def is_hf_checkpoint(path) -> bool:
+    """Whether `path` looks like a Hugging Face checkpoint directory (config.json + safetensors weights)."""
+    path = Path(path)
+    return (path / "config.json").is_file() and any(path.glob("model*.safetensors*"))
+
+
+def save_lm_as_hf(model: CasaModel, path, *, overwrite: bool = False) -> Path:
+    """Write the LM as a HF checkpoint: config.json + model.safetensors; returns the directory.
 
     Layout `LlamaForCausalLM`, or `Qwen2ForCausalLM` when the LM has qkv biases
     (Llama's `attention_bias` would also bias o_proj). Vision and fusion
-    weights are not written.
+    weights are not written. An existing HF checkpoint at `path` is replaced
+    only with `overwrite`; any other non-empty folder is refused.
     """
     lm = model.config.lm
     arch = "Qwen2ForCausalLM" if lm.qkv_bias else "LlamaForCausalLM"
@@ -235,8 +247,10 @@ def save_lm_as_hf(model: CasaModel, path) -> None:
     }
     config.update({"use_sliding_window": False, "sliding_window": None} if lm.qkv_bias
                   else {"attention_bias": False, "mlp_bias": False})
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_replaceable_dir(path, "save_lm_as_hf", overwrite=overwrite, recognise=is_hf_checkpoint,
+                                kind="Hugging Face checkpoint")
     tensors = {n: p.detach().cpu().contiguous() for n, p in _lm_parameters(model).items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_directory(out) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out

@@ -11,6 +11,12 @@ ids (151643 `<|endoftext|>` ... 151652 `<|vision_start|>`, 151653
 (`template="vl"`, images rendered as `<|vision_start|><|image_pad|><|vision_end|>`)
 or Qwen2.5's text one (`"text"`). Tests use it to check casa against the real
 vocabulary without any download.
+
+Design decisions:
+- Built from the package's data file, never fetched: tests and offline users
+  get the real vocabulary with no network and no model download.
+- The conversion follows transformers' own tiktoken converter (merges
+  recovered from the ranks), so the result tokenizes exactly as Qwen's.
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ import base64
 import json
 from importlib import resources
 from pathlib import Path
+
+__all__ = ["FIRST_SPECIAL_ID", "PATTERN", "SPECIALS", "TEXT_TEMPLATE", "VL_TEMPLATE", "qwen_ranks",
+           "write_qwen_tokenizer"]
 
 PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
            r"|\s+(?!\S)|\s+")

@@ -9,6 +9,15 @@ model is one directory.
 directory (its `tokenizer.json`, special tokens and jinja chat template).
 Both expose the same small interface the data processor needs: `encode(text,
 specials=...)`, `decode`, `token_id`, `pad_id`, `eos_id`, `vocab_size`, `save`.
+
+Design decisions:
+- Duck typing, no base class: the processor needs seven members, and a
+  tokenizer from elsewhere that has them works.
+- Never a download: `HFTokenizer` reads a local directory only
+  (`local_files_only`), so training and evaluation run offline.
+- `load_tokenizer` dispatches on the file a tokenizer saved (`casa_tokenizer`
+  kind), and reads a bare HF tokenizer directory too; its JSON files are read
+  with `casa.files.read_json`, so a damaged one is named.
 """
 
 from __future__ import annotations
@@ -16,6 +25,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+
+from casa.files import read_json
+
+__all__ = ["SPECIALS", "ByteTokenizer", "HFTokenizer", "load_tokenizer"]
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<|user|>", "<|assistant|>", "<|end|>", "<|image|>", "<|gist|>")
 
@@ -158,11 +171,16 @@ def load_tokenizer(path):
     path = Path(path)
     casa_file = path / "casa_tokenizer.json"
     if casa_file.is_file():  # written by HFTokenizer.save
-        return HFTokenizer(path / json.loads(casa_file.read_text())["path"])
+        saved = read_json(casa_file)
+        if not isinstance(saved, dict) or not isinstance(saved.get("path"), str):
+            raise ValueError(f"{str(casa_file)!r}: expected {{\"path\": <tokenizer directory>}}")
+        return HFTokenizer(path / saved["path"])
     file = path / "tokenizer_config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{str(path)!r}: no tokenizer_config.json")
-    cfg = json.loads(file.read_text())
+    cfg = read_json(file)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{str(file)!r}: expected a JSON object")
     kind = cfg.get("casa_tokenizer")
     if kind == "byte":
         return ByteTokenizer(tuple(cfg.get("specials", SPECIALS)))

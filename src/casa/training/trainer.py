@@ -1,8 +1,12 @@
 """The trainer behind `casa train`: one loop for 1 process, DDP and FSDP2.
 
+Its neighbours: `training.config` (TrainConfig, config files, `--set`),
+`training.distributed` (ranks, collectives), `training.optim` (parameter
+groups, AdamW, schedule), `training.checkpoint` (writing and reading
+checkpoints), `pretrained.freeze` (which parameters train), `core.loss`
+(which tokens are targets).
+
 Design decisions:
-- Config: a JSON or TOML file `{"model": {...}, "train": {...}}` plus
-  `--set section.key=value` overrides; unknown keys are errors naming them.
 - Data: one deterministic stream of packs (`data.Packer`) from a sample
   position. Each optimizer step takes `world * grad_accum` consecutive packs;
   rank `r` runs packs `r, r + world, ...`. Every rank walks the whole stream,
@@ -11,23 +15,29 @@ Design decisions:
 - Loss: summed cross-entropy over the step's target tokens divided by their
   global count (times `world`, which DDP/FSDP averaging divides back out), so
   every target token weighs the same however packs fall on ranks and micro
-  steps: 2 ranks x 1 micro-batch == 1 rank x 2 micro-batches.
-- Parameter groups: "new" = fusion layers + projector, and everything when
-  nothing was loaded (from scratch); "pretrained" = weights loaded from
-  `init` / `lm_init` / an HF vision encoder. AdamW with decay on matrices only.
-- Schedule: linear warmup, cosine decay to `min_lr_ratio`.
+  steps: 2 ranks x 1 micro-batch == 1 rank x 2 micro-batches. Which tokens
+  are targets is `core.loss.target_mask`'s rule, counted with it too.
 - Resume is exact: model, optimizer, scheduler, RNG of every rank, data
-  position and loss history are restored from the latest checkpoint.
+  position and loss history are restored from the latest readable checkpoint
+  (a damaged newer one is skipped with a warning, see `pretrained.runs`).
+- RNG states are stored in a JSON-able form (lists of integers, tensors), so
+  that the checkpoint needs no pickle (`training.checkpoint`).
+- Everything the user can get wrong is checked before the model is built:
+  `out_dir` is a directory (or can be made one), the `difficulty` table is
+  valid, the device exists, the
+  attention backend runs on it; a fresh run refuses an `out_dir` that already
+  holds another run's checkpoints (keep-last pruning would mix the two runs
+  and `casa eval RUN` would read the wrong one): `--resume` continues it.
 - SIGINT / SIGTERM set a flag; the step finishes, ranks agree (all-reduce),
-  a checkpoint is saved and the trainer returns.
+  a checkpoint is saved and the trainer returns. A second signal stops at
+  once: a save in progress is abandoned whole (the checkpoint is atomic) and
+  the log says which checkpoint is the latest.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
 import random
 import signal
 import sys
@@ -35,162 +45,37 @@ import threading
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from casa.config import ModelConfig, build
-from casa.core.loss import loss_sum
+from casa.core.batch import Batch
+from casa.core.loss import loss_sum, target_mask
 from casa.core.model import CasaModel
 from casa.data import Packer, Processor, make_source, pack_row
+from casa.data.tasks import Difficulty
 from casa.data.tasks import difficulty as make_difficulty
+from casa.files import atomic_file, check_output_dir
 from casa.pretrained.directory import PROCESSOR_DEFAULTS, processor_settings
-from casa.pretrained.runs import latest_checkpoint
+from casa.pretrained.freeze import apply_freeze, resolve_policy
+from casa.pretrained.runs import check_checkpoint, latest_checkpoint, list_checkpoints
 from casa.pretrained.tokenizer import ByteTokenizer, HFTokenizer
 from casa.training.checkpoint import load_state, save_checkpoint
+from casa.training.config import TrainConfig, load_config
+from casa.training.distributed import (
+    all_gather_objects,
+    all_sum,
+    barrier,
+    setup_distributed,
+    shutdown,
+)
+from casa.training.optim import make_optimizer, make_scheduler, new_parameter_names
 
-
-@dataclass
-class TrainConfig:
-    out_dir: str = "runs/train"
-    init: str | None = None  # casa model directory to start from (else: new model from `model`)
-    lm_init: str | None = None  # HF Llama/Qwen2 directory whose weights fill the LM
-    tokenizer: str | None = None  # local HF tokenizer directory (default: the byte tokenizer)
-    data: str = "color,count,position,compare"  # synthetic task names, or a .jsonl file
-    eval_data: str | None = None  # default: the training tasks with seed + 1000
-    difficulty: dict = field(default_factory=dict)
-    seed: int = 0
-    steps: int = 1000
-    grad_accum: int = 1
-    text_tokens: int = 2048  # per pack (= per micro-batch and rank)
-    image_tokens: int = 20480
-    lr_new: float = 1e-4
-    lr_pretrained: float = 1e-5
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    freeze_lm: bool | None = None  # None: the policy recorded by `casa build` in `init`, else False
-    vision_trainable_blocks: int | None = None  # -1: all; k >= 0: encoder frozen but its last k blocks
-    precision: str = "auto"  # auto (bf16 where supported) | fp32 | bf16
-    backend: str = "auto"
-    device: str = "auto"
-    # tokens around images; None: the model directory's (init / checkpoint), else the built-in defaults
-    gist: bool | None = None
-    gist_token: str | None = None
-    image_prefix: str | None = None  # "" for none
-    distributed: str = "ddp"  # ddp | fsdp (under torchrun)
-    find_unused_parameters: bool = False  # DDP: set it for data with text-only packs
-    log_every: int = 10
-    eval_every: int = 0  # 0: no periodic evaluation
-    eval_samples: int = 16  # per task
-    save_every: int = 100
-    keep_last: int = 3
-    skip_bad_samples: bool = False
-
-    def __post_init__(self):
-        self.betas = tuple(self.betas)
-        choices = {"precision": ("auto", "fp32", "bf16"), "distributed": ("ddp", "fsdp")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"train.{key}={getattr(self, key)!r}: expected one of {allowed}")
-        if self.steps < 1 or self.grad_accum < 1:
-            raise ValueError("train.steps and train.grad_accum must be >= 1")
-
-
-# ------------------------------------------------------------------ config
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def load_config(path=None, overrides=(), base: dict | None = None) -> tuple[ModelConfig, TrainConfig]:
-    """(model config, train config) from a JSON / TOML file, `base` and `key=value` overrides.
-
-    Override keys are dotted paths (`train.steps=10`, `model.lm.d_model=64`);
-    a bare key means `train.<key>`.
-    """
-    raw = json.loads(json.dumps(base or {}))
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{str(path)!r}: no such config file")
-        text = path.read_text()
-        try:
-            file_cfg = _toml().loads(text) if path.suffix == ".toml" else json.loads(text)
-        except ValueError as e:
-            raise ValueError(f"{str(path)!r}: cannot parse config: {e}") from None
-        _merge(raw, file_cfg)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected key=value")
-        keys = key.strip().split(".")
-        if keys[0] not in ("model", "train"):
-            keys = ["train", *keys]
-        node = raw
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = _parse_value(value)
-    where = f"config {str(path)!r}" if path else "config"
-    unknown = set(raw) - {"model", "train"}
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected sections 'model' and 'train'")
-    try:
-        model = ModelConfig.from_dict(raw.get("model", {}))
-        train = build(TrainConfig, raw.get("train", {}), "train")
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: {e}") from None
-    return model, train
-
-
-def _toml():
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib
-    return tomllib
-
-
-def _merge(dst: dict, src: dict) -> None:
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _merge(dst[k], v)
-        else:
-            dst[k] = v
-
-
-# ------------------------------------------------------------ distributed
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device_kind: str) -> Dist:
-    """Join the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Dist()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def _all_sum(x: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.world > 1:
-        dist.all_reduce(x)
-    return x
+# TrainConfig and load_config live in training.config; they are re-exported here for existing callers.
+__all__ = ["TrainConfig", "Trainer", "build_model", "count_targets", "load_config", "resolve_tokenizer", "rng_state",
+           "set_rng_state", "train"]
 
 
 # -------------------------------------------------------------- the model
@@ -214,79 +99,7 @@ def build_model(model_cfg: ModelConfig, cfg: TrainConfig) -> tuple[CasaModel, se
     return model, pretrained
 
 
-def new_parameter_names(model: CasaModel, pretrained: set[str]) -> set[str]:
-    fusion = {id(p) for p in model.fusion_parameters()} | {id(p) for p in model.vision.projector.parameters()}
-    return {n for n, p in model.named_parameters() if id(p) in fusion or n not in pretrained}
-
-
-def freeze_policy(cfg: TrainConfig) -> tuple[bool, int]:
-    """(freeze_lm, vision_trainable_blocks): the config's, else what `casa build` recorded in `init`."""
-    recorded = {}
-    if cfg.init:
-        from casa.pretrained.build import read_policy
-
-        recorded = read_policy(cfg.init)
-    freeze_lm = cfg.freeze_lm if cfg.freeze_lm is not None else recorded.get("freeze_lm", False)
-    k = cfg.vision_trainable_blocks
-    return freeze_lm, k if k is not None else recorded.get("vision_trainable_blocks", -1)
-
-
-def apply_freeze(model: CasaModel, freeze_lm: bool, vision_trainable_blocks: int) -> None:
-    """`freeze_lm`: everything of the LM but fusion layers; `vision_trainable_blocks=k`:
-    the encoder frozen except its last k blocks (and what follows them)."""
-    fusion = {id(p) for p in model.fusion_parameters()}
-    for n, p in model.named_parameters():
-        if not n.startswith("vision."):
-            p.requires_grad_(not freeze_lm or id(p) in fusion)
-    model.vision.freeze_encoder(vision_trainable_blocks)
-
-
-def make_optimizer(model: CasaModel, cfg: TrainConfig, new_names: set[str]) -> torch.optim.AdamW:
-    groups = {}
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        kind = "new" if n in new_names else "pretrained"
-        decay = p.dim() >= 2
-        groups.setdefault((kind, decay), []).append(p)
-    params = [{"params": ps, "lr": cfg.lr_new if kind == "new" else cfg.lr_pretrained,
-               "weight_decay": cfg.weight_decay if decay else 0.0, "name": f"{kind}{'' if decay else '_nodecay'}"}
-              for (kind, decay), ps in sorted(groups.items())]
-    if not params:
-        raise ValueError("train: every parameter is frozen; nothing to train")
-    return torch.optim.AdamW(params, betas=cfg.betas)
-
-
-def lr_lambda(cfg: TrainConfig):
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    return f
-
-
-# ------------------------------------------------------------------ loss
-def count_targets(docs) -> int:
-    return sum(sum(d.targets[1:]) for d in docs)
-
-
-# ------------------------------------------------------------------ RNG
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def _tokenizer(cfg: TrainConfig, ckpt):
+def resolve_tokenizer(cfg: TrainConfig, ckpt):
     """The config's tokenizer directory, else the one saved in the checkpoint / `init`, else bytes."""
     from casa.pretrained.tokenizer import load_tokenizer
 
@@ -300,11 +113,68 @@ def _tokenizer(cfg: TrainConfig, ckpt):
     return ByteTokenizer()
 
 
+def count_targets(docs) -> int:
+    """Target tokens of a pack's documents, by `core.loss.target_mask` (text only: no image is read)."""
+    ids = torch.tensor([[i for d in docs for i in d.ids]], dtype=torch.long)
+    mask = torch.tensor([[t for d in docs for t in d.targets]], dtype=torch.bool)
+    return int(target_mask(Batch(ids, doc_lens=[[len(d.ids) for d in docs]], loss_mask=mask)).sum())
+
+
+def _check_device(cfg: TrainConfig) -> str:
+    """The device kind to train on; a ValueError naming train.device / train.backend if they cannot run here."""
+    from casa.core.attention import resolve_backend
+
+    kind = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    kind_name = kind.split(":")[0]
+    if kind_name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={cfg.device!r}: CUDA is not available on this machine")
+    if kind_name == "cuda" and ":" in kind and int(kind.split(":")[1]) >= torch.cuda.device_count():
+        raise ValueError(f"train.device={cfg.device!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if kind_name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"train.device={cfg.device!r}: MPS is not available on this machine")
+    try:
+        resolve_backend(cfg.backend, torch.device(kind))
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"train.backend={cfg.backend!r}: {e}") from None
+    return kind
+
+
+# ------------------------------------------------------------------ RNG
+def rng_state() -> dict:
+    """This process's RNG states (python, numpy, torch, CUDA) as lists of integers and tensors."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s: dict) -> None:
+    """Restore what `rng_state` returned (also the tuples of checkpoints written by older casa versions)."""
+    version, internal, gauss = s["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds + 0.5)
+    h, m = s // 3600, s // 60 % 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{s % 60:02d}s" if m else f"{s}s"
+
+
 # --------------------------------------------------------------- trainer
 class Trainer:
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, *, resume=None, quiet: bool = False):
+        """`resume`: True (the latest readable checkpoint of `cfg.out_dir`), a checkpoint path, or None."""
         self.cfg, self.quiet = cfg, quiet
-        kind = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.out = check_output_dir(cfg.out_dir, "train.out_dir")
+        build(Difficulty, cfg.difficulty, "train.difficulty")
+        kind = _check_device(cfg)
         self.dist = setup_distributed(torch.device(kind).type)
         self.device = torch.device(f"cuda:{self.dist.local_rank}" if kind == "cuda" else kind)
         if self.device.type == "cuda":
@@ -312,24 +182,20 @@ class Trainer:
         bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda"
                                            and torch.cuda.is_bf16_supported())
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
-        self.out = Path(cfg.out_dir)
         torch.manual_seed(cfg.seed)
 
-        ckpt = None
-        if resume:
-            ckpt = latest_checkpoint(self.out) if resume is True else Path(resume)
-            if ckpt is None:
-                raise FileNotFoundError(f"--resume: no checkpoint in {str(self.out / 'checkpoints')!r}")
-            cfg_init = dataclasses.replace(cfg, init=str(ckpt), lm_init=None)
-            self.model, _ = build_model(model_cfg, cfg_init)
+        ckpt = self._checkpoint_to_resume(resume)
+        if ckpt is not None:
             state = load_state(ckpt)
+            self.model, _ = build_model(model_cfg, dataclasses.replace(cfg, init=str(ckpt), lm_init=None))
             pretrained = set(state["pretrained"])
+            self.log(f"resuming from {ckpt} (step {state['step']})")
         else:
             self.model, pretrained = build_model(model_cfg, cfg)
             state = None
         self.model_cfg = self.model.config
         self.pretrained = pretrained
-        self.tokenizer = _tokenizer(cfg, ckpt)
+        self.tokenizer = resolve_tokenizer(cfg, ckpt)
         if self.tokenizer.vocab_size > self.model_cfg.lm.vocab_size:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but model.lm.vocab_size is "
                              f"{self.model_cfg.lm.vocab_size}")
@@ -345,17 +211,32 @@ class Trainer:
                              image_tokens=cfg.image_tokens, splice_images=self.model_cfg.fusion.variant == "insertion",
                              skip_bad=cfg.skip_bad_samples)
 
-        apply_freeze(self.model, *freeze_policy(cfg))
+        apply_freeze(self.model, resolve_policy(cfg.freeze_lm, cfg.vision_trainable_blocks, init=cfg.init))
         self.model.to(self.device).train()
         self.raw = self.model
         if self.dist.world > 1:
             self._wrap()
         self.optimizer = make_optimizer(self.raw, cfg, new_parameter_names(self.raw, pretrained))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.scheduler = make_scheduler(self.optimizer, cfg)
         self.step, self.position, self.history, self.evals = 0, 0, [], []
         if state is not None:
             self._restore(state)
         self._stop = None
+
+    def _checkpoint_to_resume(self, resume) -> Path | None:
+        if resume is True:
+            ckpt = latest_checkpoint(self.out)
+            if ckpt is None:
+                raise FileNotFoundError(f"--resume: no checkpoint in {str(self.out / 'checkpoints')!r}")
+            return ckpt
+        if resume:
+            check_checkpoint(resume)
+            return Path(resume)
+        found = list_checkpoints(self.out)
+        if found:
+            raise ValueError(f"train.out_dir {str(self.out)!r} already holds the checkpoints of a run (latest: "
+                             f"{found[-1][1].name}); pass --resume to continue it, or choose another out_dir")
+        return None
 
     # ----------------------------------------------------- distribution
     def _wrap(self):
@@ -401,11 +282,9 @@ class Trainer:
         set_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
 
     def save(self) -> Path | None:
+        """Write a checkpoint of the current step (rank 0 writes; every rank takes part). Returns its path."""
         model_state, optim_state = self._full_state()
-        rngs = [rng_state()]
-        if self.dist.world > 1:
-            rngs = [None] * self.dist.world
-            dist.all_gather_object(rngs, rng_state())
+        rngs = all_gather_objects(rng_state(), self.dist)
         path = None
         if self.dist.main:
             model = self.raw
@@ -420,19 +299,31 @@ class Trainer:
             path = save_checkpoint(self.out, self.step, model, state, tokenizer=self.tokenizer,
                                    processor=self.processor,
                                    keep_last=self.cfg.keep_last, extra={"train": dataclasses.asdict(self.cfg)})
-        if self.dist.world > 1:
-            dist.barrier()
+        barrier(self.dist)
         return path
+
+    def _save_or_report(self) -> Path | None:
+        """`save()`, saying which checkpoint is the latest if a second Ctrl-C abandons it."""
+        try:
+            return self.save()
+        except KeyboardInterrupt:
+            latest = list_checkpoints(self.out)
+            where = f"the latest checkpoint is {latest[-1][1]}" if latest else "no checkpoint was saved"
+            self.log(f"\ninterrupted again while saving step {self.step}: that checkpoint was abandoned whole "
+                     f"(nothing half-written); {where}")
+            raise
 
     # ---------------------------------------------------------- signals
     def _on_signal(self, signum, frame):
         if self._stop is not None:  # second signal: give up at once
             raise KeyboardInterrupt
         self._stop = signum
-        self.log(f"\ncaught {signal.Signals(signum).name}: finishing this step, then saving a checkpoint")
+        self.log(f"\ncaught {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                 "(press Ctrl-C again to stop at once)")
 
     # ---------------------------------------------------------- logging
     def log(self, text: str, *, end: str = "\n") -> None:
+        """Print on stderr from rank 0, unless quiet."""
         if self.dist.main and not self.quiet:
             print(text, end=end, file=sys.stderr, flush=True)
 
@@ -461,7 +352,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(_all_sum(total, self.dist)) / n_targets
+        return float(all_sum(total, self.dist)) / n_targets
 
     def fit(self, *, stop_after: int | None = None) -> dict:
         """Train to `cfg.steps` (or `stop_after` more steps); returns a summary."""
@@ -472,11 +363,11 @@ class Trainer:
                 handlers[sig] = signal.signal(sig, self._on_signal)
         self.out.mkdir(parents=True, exist_ok=True)
         if self.dist.main:
-            (self.out / "train_config.json").write_text(json.dumps(
-                {"model": self.model_cfg.to_dict(), "train": dataclasses.asdict(cfg)}, indent=2))
+            with atomic_file(self.out / "train_config.json") as f:
+                json.dump({"model": self.model_cfg.to_dict(), "train": dataclasses.asdict(cfg)}, f, indent=2)
         per_step = self.dist.world * cfg.grad_accum
         packs = self.packer.packs(self.position)
-        t0, tokens, interrupted, end = time.perf_counter(), 0, None, cfg.steps
+        t0, tokens, interrupted, end, first = time.perf_counter(), 0, None, cfg.steps, self.step
         if stop_after is not None:
             end = min(end, self.step + stop_after)
         try:
@@ -488,24 +379,24 @@ class Trainer:
                 tokens += sum(len(d.ids) for p in step_packs for d in p.docs)
                 self.history.append({"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]})
                 if self.step % cfg.log_every == 0 or self.step == end:
-                    rate = tokens / (time.perf_counter() - t0)
-                    self._progress(loss, rate)
+                    elapsed = time.perf_counter() - t0
+                    self._progress(loss, tokens / elapsed, (self.step - first) / elapsed)
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
                     self.evaluate()
                 stop = torch.tensor([1.0 if self._stop else 0.0], device=self.device)
-                if float(_all_sum(stop, self.dist)) > 0:
+                if float(all_sum(stop, self.dist)) > 0:
                     interrupted = self._stop or signal.SIGTERM
                     break
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < end:
-                    self.save()
-            path = self.save()
+                    self._save_or_report()
+            path = self._save_or_report()
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
         if sys.stderr.isatty():
             self.log("")
         if interrupted:
-            self.log(f"interrupted at step {self.step}; checkpoint saved, continue with --resume")
+            self.log(f"interrupted at step {self.step}; checkpoint saved: {path}; continue with --resume")
         return {"step": self.step, "checkpoint": str(path) if path else None,
                 "interrupted": signal.Signals(interrupted).name if interrupted else None,
                 "skipped": self.skipped, "seconds": time.perf_counter() - t0}
@@ -515,17 +406,19 @@ class Trainer:
         """Bad samples skipped so far: unreadable JSONL lines + samples the packer rejected."""
         return getattr(self.source, "skipped", 0) + self.packer.skipped
 
-    def _progress(self, loss: float, rate: float) -> None:
+    def _progress(self, loss: float, tok_rate: float, step_rate: float) -> None:
         cfg, width = self.cfg, 24
         done = int(width * self.step / cfg.steps)
         bar = "#" * done + "." * (width - done)
-        line = f"[{bar}] step {self.step}/{cfg.steps} | loss {loss:.4f} | {rate:,.0f} tok/s"
+        eta = _duration((cfg.steps - self.step) / step_rate) if step_rate > 0 else "?"
+        line = f"[{bar}] step {self.step}/{cfg.steps} | loss {loss:.4f} | {tok_rate:,.0f} tok/s | eta {eta}"
         if self.skipped:
             line += f" | skipped {self.skipped}"
         tty = sys.stderr.isatty()
         self.log(("\r" if tty else "") + line, end="" if tty else "\n")
 
     def evaluate(self) -> dict:
+        """Greedy evaluation on `eval_samples` held-out samples per task; appended to `self.evals`."""
         from casa.eval.synthetic import eval_samples_for, evaluate
 
         samples = eval_samples_for(self.cfg, n=self.cfg.eval_samples)
@@ -542,9 +435,9 @@ class Trainer:
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, *, resume=None, quiet: bool = False) -> dict:
+    """Build a Trainer and fit it; leaves the process group (if any) at the end. Returns `fit`'s summary."""
     trainer = Trainer(model_cfg, cfg, resume=resume, quiet=quiet)
     try:
         return trainer.fit()
     finally:
-        if trainer.dist.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown(trainer.dist)
