@@ -31,7 +31,8 @@ from casa.serve.engine import Engine
 from casa.serve.limits import Limits
 
 LIMITS = Limits(max_sessions=1, max_queue=1, queue_timeout=1.0, max_request_mb=1, max_upload_mb=0.05,
-                max_video_seconds=3, max_tokens=64, max_images=2, max_fps=5, connect_timeout=3.0)
+                max_video_seconds=3, max_tokens=64, max_prompt_tokens=2000, max_images=2, max_fps=5,
+                connect_timeout=3.0)
 
 
 def zero_frames(mp4: bytes) -> bytes:
@@ -122,6 +123,7 @@ CHAT_CASES = {
     "not an image": (image_message("data:image/png;base64,aGVsbG8="), 400, "cannot decode the image"),
     "too many images": (message([{"type": "image_url", "image_url": {"url": data_url(image_array(k))}}
                                  for k in range(3)]), 400, "3 images, at most 2"),
+    "long prompt": (message("y" * 2001), 400, "2001 tokens", "limit of 2000 (--max-prompt-tokens)"),
     "max_tokens 0": ({**GOOD, "max_tokens": 0}, 400, "max_tokens=0", "[1, 64]"),
     "max_tokens huge": ({**GOOD, "max_tokens": 10**9}, 400, "max_tokens=1000000000"),
     "max_tokens text": ({**GOOD, "max_tokens": "5"}, 400, "max_tokens='5'"),

@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queue", type=positive_int, default=8, help="chat requests waiting for a slot (beyond: 429)")
     g.add_argument("--queue-timeout", type=positive_float, default=60.0, help="seconds a request waits (beyond: 503)")
     g.add_argument("--max-tokens", type=positive_int, default=512, help="tokens per chat completion (and the default)")
+    g.add_argument("--max-prompt-tokens", type=positive_int, default=8192,
+                   help="text + image tokens of a chat request's conversation")
     g.add_argument("--max-images", type=positive_int, default=8, help="images per chat request")
     g.add_argument("--max-image-pixels", type=positive_int, default=4096 * 4096)
     g.add_argument("--max-request-mb", type=positive_float, default=16.0, help="a chat request's body")
@@ -50,7 +52,8 @@ def run(args) -> int:
 
     limits = Limits(max_sessions=args.max_sessions, max_queue=args.max_queue, queue_timeout=args.queue_timeout,
                     max_request_mb=args.max_request_mb, max_upload_mb=args.max_upload_mb,
-                    max_video_seconds=args.max_video_seconds, max_tokens=args.max_tokens, max_images=args.max_images,
+                    max_video_seconds=args.max_video_seconds, max_tokens=args.max_tokens,
+                    max_prompt_tokens=args.max_prompt_tokens, max_images=args.max_images,
                     max_image_pixels=args.max_image_pixels, max_fps=args.max_fps,
                     max_caption_tokens=args.max_caption_tokens, connect_timeout=args.connect_timeout)
     MediaDir(args.media_dir)  # refuse a bad --media-dir before loading the model

@@ -87,6 +87,11 @@ class Engine:
         return self.model.tokens_per_image
 
     # -------------------------------------------------------------- chat
+    def prompt_tokens(self, turns: list[Turn]) -> int:
+        """Text tokens of every turn plus image tokens: a conversation's size before it
+        is fed (the template's few markup tokens per turn aside)."""
+        return sum(len(self.tokenizer.encode(t.text)) + len(t.images) * self.tokens_per_image for t in turns)
+
     def chat(self, turns: list[Turn], *, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None, on_text: Callable[[str], bool] | None = None) -> ChatResult:
         """Reply to the last (user) turn of `turns`. `on_text(text_so_far)` is called

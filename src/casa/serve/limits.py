@@ -35,6 +35,7 @@ class Limits:
     max_upload_mb: float = 64.0  # an uploaded video
     max_video_seconds: float = 600.0  # a video's duration (declared, then as decoded)
     max_tokens: int = 512  # tokens generated per chat completion (also the default)
+    max_prompt_tokens: int = 8192  # text + image tokens of a chat request's conversation
     max_images: int = 8  # images per chat request
     max_image_pixels: int = 4096 * 4096  # width x height of one image (decompression bombs)
     max_fps: float = 10.0  # live-captioning frame rate

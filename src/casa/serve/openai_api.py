@@ -162,14 +162,19 @@ class ChatRequest:
                            param="messages")
         return turns, urls
 
-    def load_images(self, state: ServeState) -> None:
-        """Decode the images into their turns (raises ApiError naming the image)."""
+    def prepare(self, state: ServeState) -> None:
+        """Decode the images into their turns and check the conversation's size
+        (raises ApiError naming the image or the limit). CPU work: run off the loop."""
         for turn, url, where in self.image_urls:
             try:
                 image = load_image(url, state.media, max_pixels=state.limits.max_image_pixels, what=where)
             except MediaError as e:
                 raise ApiError(e.status, str(e), param=where) from None
             self.turns[turn].images.append(image)
+        size, limit = state.engine.prompt_tokens(self.turns), state.limits.max_prompt_tokens
+        if size > limit:
+            raise ApiError(400, f"messages: the conversation is {size} tokens (text and images), above the limit "
+                                f"of {limit} (--max-prompt-tokens)", param="messages")
 
 
 def parse_chat_request(body: dict, state: ServeState) -> ChatRequest:
@@ -243,7 +248,7 @@ def _usage(result: ChatResult) -> dict:
 async def chat_completions(request: Request):
     state = _state(request)
     req = parse_chat_request(await read_json(request, limit=state.limits.max_request_bytes), state)
-    await asyncio.to_thread(req.load_images, state)  # decoding is CPU work: off the event loop
+    await asyncio.to_thread(req.prepare, state)
     acquiring = asyncio.ensure_future(state.acquire_slot())
     try:
         await until_disconnect(request, acquiring)
