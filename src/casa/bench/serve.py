@@ -50,11 +50,9 @@ from dataclasses import asdict, dataclass
 from http.client import HTTPConnection
 from pathlib import Path
 
-import numpy as np
-
 from casa.files import atomic_file, check_output_file
 
-__all__ = ["ServeBench", "main", "run"]
+__all__ = ["ServeBench", "add_arguments", "main", "run", "run_from_args"]
 
 
 @dataclass
@@ -162,6 +160,7 @@ class _Server:
 
 # ----------------------------------------------------------------- clients
 def _payload(seed: int, cfg: ServeBench) -> bytes:
+    import numpy as np
     from PIL import Image
 
     image = np.random.default_rng(seed).integers(0, 256, (cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
@@ -194,6 +193,8 @@ def _one_request(server: _Server, body: bytes, timeout: float) -> tuple[int | No
 
 
 def _percentile(values: list[float], q: float) -> float | None:
+    import numpy as np
+
     return round(float(np.percentile(values, q)) * 1e3, 2) if values else None
 
 
@@ -267,9 +268,8 @@ def run(cfg: ServeBench, *, json_path=None) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m casa.bench.serve` (the same options as `casa bench serve`)."""
-    p = argparse.ArgumentParser(prog="casa bench serve", description="bounded load test of casa serve on loopback")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `casa bench serve` (and `python -m casa.bench.serve`)."""
     p.add_argument("--json", default="benchmarks/serve.json")
     p.add_argument("--checkpoint", default=None, help="a casa model directory (default: a random-init model)")
     defaults = ServeBench()
@@ -278,20 +278,30 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     p.add_argument("--deadline", type=float, default=defaults.deadline, help="seconds for the whole run")
     p.add_argument("--backoff", type=float, default=defaults.backoff, help="seconds a refused client waits")
-    args = p.parse_args(argv)
-    try:
-        cfg = ServeBench(checkpoint=args.checkpoint, **{k: v for k, v in vars(args).items()
-                                                        if k not in ("json", "checkpoint")})
-        result = run(cfg, json_path=args.json)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"casa: error: {e}", file=sys.stderr)
-        return 2
+
+
+def run_from_args(args) -> int:
+    """Run with parsed `add_arguments` options; print a summary per phase."""
+    options = {k: v for k, v in vars(args).items() if k in ServeBench.__dataclass_fields__}
+    result = run(ServeBench(**options), json_path=args.json)
     for name, phase in result["phases"].items():
         print(f"{name:6s} {phase['clients']:3d} clients: {phase['requests_per_s']:.2f} req/s, p50 "
               f"{phase['latency_p50_ms']} ms, p95 {phase['latency_p95_ms']} ms, statuses {phase['statuses']}, "
               f"errors {phase['errors']}, server RSS peak {phase['server_rss_peak_bytes'] / 2**20:.0f} MiB")
     print(f"wrote {args.json}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m casa.bench.serve`: the same as `casa bench serve`, with casa's error convention."""
+    p = argparse.ArgumentParser(prog="casa bench serve", description="bounded load test of casa serve on loopback")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run_from_args(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"casa: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
