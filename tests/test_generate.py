@@ -67,22 +67,34 @@ def test_greedy_chat_equals_uncached_argmax(variant):
     chat = Chat(s, TOK, sampling=Sampling(max_new_tokens=5))
     g = torch.Generator().manual_seed(0)
     img = lambda: torch.randn(4, 32, generator=g)  # noqa: E731
-    replies, starts = [], []
+    replies, starts, turns = [], [], []
     for text, images in [("hi", []),  # text before the first image
                          ("two", [img(), img()]),  # two images sharing a window
                          ("", [img()]), ("and?", [])]:
         replies.append(chat.ask(text, images=images))
         starts.append(len(s.ids) - len(replies[-1].tokens) + 1)  # its last token is still pending
-    chat.user("bye")
-    chat._flush()  # the last reply's closing tokens reach the cache
+        turns.append((text, images))
+    bye = chat.ask("bye")  # the last reply's closing markup reaches the cache
     checked = 0
+    end = TOK.token_id("<|end|>")
     for r, start in zip(replies, starts):
-        assert s.ids[start : start + len(r.tokens)] == r.tokens
+        stopped = r.generation.stop_reason == "stop_token"
+        ids = r.tokens[:-1] if stopped else r.tokens
+        assert s.ids[start : start + len(ids) + 1] == ids + [end]  # the reply, then the template's closing
         for j, tok in enumerate(r.tokens):
             assert uncached_next(m, s, start + j) == tok
             checked += 1
     assert checked == sum(len(r.tokens) for r in replies) >= 10  # a random model may stop early
-    # the stream follows the template, with images after <|user|>
+    # the stream is the processor's rendering of the whole conversation (replies as generated)
+    messages = []
+    for (text, images), r in zip(turns, replies):
+        ids = r.tokens[:-1] if r.generation.stop_reason == "stop_token" else r.tokens
+        content = [{"type": "image", "image": x} for x in images] + ([{"type": "text", "text": text}] if text else [])
+        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "ids", "ids": ids}]}]
+    messages.append({"role": "user", "content": [{"type": "text", "text": "bye"}]})
+    full = chat.processor.tokenize(chat.processor.render(messages, generation_prompt=True))
+    assert s.ids == full.ids + bye.tokens[:-1]
+    assert s.points == full.points
     assert s.ids[:2] == [TOK.token_id("<bos>"), TOK.token_id("<|user|>")]
     assert s.points[0] == s.points[1] and s.ids[s.points[0]] == TOK.token_id("<|gist|>")
 

@@ -1,10 +1,17 @@
-"""Windows and masks exactly as docs/design.md §2 and §4 define them."""
+"""Windows and masks exactly as docs/design.md §2 and §4 define them, for a
+batch and for one stream fed piece by piece (§5)."""
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from casa.core.layout import build_layout, build_splice
+from casa.core.layout import (
+    History,
+    StreamWindows,
+    build_layout,
+    build_splice,
+    cached_mask,
+)
 
 
 def test_windows_follow_insertion_points_and_documents():
@@ -114,3 +121,83 @@ def test_splice_places_images_before_their_insertion_point(spec):
         doc = torch.tensor([d for d, length in enumerate(doc_lens[b]) for _ in range(length)])
         spliced_doc = sp.layout.text_doc[b, sp.text_index[b]]
         assert torch.equal(spliced_doc - spliced_doc[0], doc)
+
+
+@st.composite
+def streams(draw, max_len=16, max_images=5):
+    """One document of T text tokens, sorted insertion points, and a split of
+    the text into chunks (how a stream receives it)."""
+    T = draw(st.integers(1, max_len))
+    points = sorted(draw(st.lists(st.integers(0, T - 1), max_size=max_images)))
+    cuts = sorted(draw(st.sets(st.integers(1, T - 1), max_size=4))) if T > 1 else []
+    return T, points, [b - a for a, b in zip([0, *cuts], [*cuts, T])]
+
+
+def feed(T, points, chunks):
+    """Drive a `StreamWindows` as a session does: images before the text token
+    they precede, text in `chunks` (cut again at insertion points). Returns the
+    window of each text token and of each image."""
+    sw, text_window, image_window, img = StreamWindows(), [], [], 0
+    for size in chunks:
+        end = sw.text_tokens + size
+        while sw.text_tokens < end:
+            while img < len(points) and points[img] == sw.text_tokens:
+                sw.add_images()
+                image_window.append(sw.window)
+                img += 1
+            nxt = [p for p in points[img:] if p > sw.text_tokens]
+            step = min(end, nxt[0] if nxt else end) - sw.text_tokens
+            text_window += [sw.window] * step
+            sw.add_text(step)
+    return text_window, image_window
+
+
+@settings(max_examples=80, deadline=None)
+@given(streams())
+def test_a_stream_fed_piece_by_piece_gets_the_batch_windows(spec):
+    T, points, chunks = spec
+    lay = build_layout(T, [[T]], torch.zeros(len(points), dtype=torch.long), torch.tensor(points, dtype=torch.long), 1)
+    text_window, image_window = feed(T, points, chunks)
+    assert text_window == lay.text_window[0].tolist()
+    assert image_window == lay.image_window.tolist()
+
+
+def test_stream_windows_examples():
+    # an image at the start opens no window; two images with no text between share one
+    assert feed(6, [0, 3, 3], [6]) == ([0, 0, 0, 1, 1, 1], [0, 1, 1])
+    assert feed(4, [2], [1, 1, 2]) == ([0, 0, 1, 1], [1])
+
+
+@settings(max_examples=80, deadline=None)
+@given(streams(), st.integers(1, 3))
+def test_cached_mask_is_the_dense_mask_of_the_window(spec, n):
+    """The mask of a window's queries, chunk by chunk, against [its image tokens ;
+    its text so far] equals the window's block of the batch's dense mask."""
+    T, points, chunks = spec
+    points = points or [0]
+    lay = build_layout(T, [[T]], torch.zeros(len(points), dtype=torch.long), torch.tensor(points, dtype=torch.long), n)
+    dense = lay.dense_mask(text_keys=True)[0, 0]  # [T, K + T]
+    K = len(points) * n
+    start = points[-1]  # the last window: its images, then its text
+    n_prefix = sum(p == start for p in points) * n
+    image_cols = list(range(K - n_prefix, K))
+    t = start
+    for size in chunks:
+        end = min(T, t + size)
+        if end <= t:
+            continue
+        q = torch.arange(t - start, end - start)
+        got = cached_mask(q, torch.arange(end - start), n_prefix=n_prefix, history=None)
+        want = dense[t:end][:, image_cols + list(range(K + start, K + end))]
+        assert torch.equal(got, want)
+        assert not dense[t:end, K + end:].any()  # no later key is visible anyway
+        t = end
+
+
+def test_history_sees_the_sink_and_the_window():
+    h = History(sink=2, window=3)
+    q = torch.tensor(9)
+    assert h.sees(torch.arange(10), q).tolist() == [True, True] + [False] * 5 + [True] * 3
+    mask = cached_mask(torch.tensor([8, 9]), torch.arange(10), n_prefix=1, history=h)
+    assert mask.tolist() == [[True, True, True] + [False] * 4 + [True] * 3 + [False],
+                             [True, True, True] + [False] * 5 + [True] * 3]

@@ -161,7 +161,7 @@ def test_fusion_layers_start_as_copies_of_self_attention():
         if b.fusion is not None:
             for name, p in b.attn.state_dict().items():
                 assert torch.equal(b.fusion.attn.state_dict()[name], p)
-            assert torch.equal(b.fusion.norm.weight, b.n1.weight)
+            assert torch.equal(b.fusion.norm.weight, b.input_layernorm.weight)
     m = CasaModel(tiny_config("ca", layers=[1]))
     assert [i for i, b in enumerate(m.blocks) if b.fusion is not None] == [1]
     with pytest.raises(ValueError, match=r"\[7\] out of range"):
@@ -175,7 +175,7 @@ def test_shared_variants_add_no_attention_parameters():
     assert counts["ca_shared"] == counts["casa_shared"] == 3 * 32  # one norm per fusion block
     assert counts["ca"] == counts["casa"] > counts["casa_shared"]
     replace = CasaModel(tiny_config("casa_shared", "replace"))
-    assert sum(p.numel() for p in replace.fusion_parameters()) == 0  # uses the block's n1 and SA
+    assert sum(p.numel() for p in replace.fusion_parameters()) == 0  # uses the block's input_layernorm and SA
 
 
 def test_every_variant_trains_one_step():

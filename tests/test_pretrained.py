@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import tiny_config
 from safetensors.torch import load_file, save_file, save_model
 
 from casa.config import FusionConfig, LMConfig, ModelConfig, VisionConfig
@@ -212,3 +213,18 @@ def test_truncated_shard_is_named(tmp_path):
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(DamagedFileError, match=rf"'{shard}' is damaged or incomplete"):
         from_pretrained(path)
+
+
+def test_directory_saved_with_earlier_parameter_names_still_loads(tmp_path):
+    """Blocks' norms were called n1/n2 before they took HF's names: such directories load unchanged."""
+    model = CasaModel(tiny_config()).eval()
+    save_pretrained(model, tmp_path / "m", tokenizer=ByteTokenizer())
+    file = tmp_path / "m" / "model.safetensors"
+    tensors = load_file(str(file))
+    renamed = {k.replace(".input_layernorm.", ".n1.").replace(".post_attention_layernorm.", ".n2."): v
+               for k, v in tensors.items()}
+    assert sum(".n1." in k or ".n2." in k for k in renamed) == 2 * model.config.lm.n_layers
+    save_file(renamed, str(file), metadata={"format": "pt"})
+    loaded = from_pretrained(tmp_path / "m")
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name

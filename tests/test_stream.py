@@ -1,5 +1,6 @@
-"""Streaming captioner on real video files (encoded here with PyAV), the
-`casa caption` command, bad input, and a smoke run of `casa bench stream`."""
+"""Streaming captioner on real video files (encoded here with PyAV): sampling,
+damaged videos, the `casa caption` command, its outputs, and a smoke run of
+`casa bench stream`. Bad command lines are in test_bad_input_caption.py."""
 
 import json
 
@@ -14,22 +15,15 @@ from casa.bench.stream import StreamBench
 from casa.bench.stream import run as bench_run
 from casa.cli import main
 from casa.core.model import CasaModel
+from casa.inference.captioner import Captioner
 from casa.inference.generate import Sampling
-from casa.inference.stream import (
-    open_frames,
-    Captioner,
-    JsonlWriter,
-    SrtWriter,
-    StreamError,
-    folder_frames,
-    parse_srt,
-    srt_time,
-    video_frames,
-)
+from casa.inference.sources import StreamError, folder_frames, open_frames, video_frames
+from casa.inference.writers import JsonlWriter, SrtWriter, parse_srt, srt_time
 from casa.pretrained.directory import from_pretrained, save_pretrained
 from casa.pretrained.tokenizer import ByteTokenizer, load_tokenizer
 
 TOK = ByteTokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def shapes_frame(i, h=48, w=64):
@@ -77,10 +71,13 @@ def video(tmp_path_factory):
     return encode_video(tmp_path_factory.mktemp("video") / "clip.mp4", 20)  # 2 s at 10 fps
 
 
-def read_outputs(srt, jsonl):
+def read_outputs(srt, jsonl, summary=False):
+    """SRT cues and JSONL caption lines (and the summary line, checked to be last and only)."""
     cues = parse_srt(srt.read_text(encoding="utf-8"))
     lines = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
-    return cues, lines
+    summaries = [i for i, line in enumerate(lines) if line.get("summary")]
+    assert summaries == ([len(lines) - 1] if lines and summary else [])
+    return (cues, lines[:-1], lines[-1]) if summary else (cues, lines)
 
 
 def test_srt_time():
@@ -94,21 +91,40 @@ def test_video_frames_at_requested_rate(video):
     all_frames = list(video_frames(video))
     assert len(all_frames) == 20 and all_frames[0].image.shape == (48, 64, 3)
     assert [round(f.time, 3) for f in all_frames[:3]] == [0.0, 0.1, 0.2]
+    assert [round(f.duration, 3) for f in all_frames] == [0.1] * 20  # the last one until the video's end
     two = list(video_frames(video, fps=2))
     assert [round(f.time, 3) for f in two] == [0.0, 0.5, 1.0, 1.5]
-    assert all(f.duration == 0.5 for f in two)
+    assert [round(f.duration, 3) for f in two] == [0.5] * 4
     # the decoded frames are the encoded ones (lossy codec: the closest synthetic frame is the right one)
     for f, k in zip(two, (0, 5, 10, 15)):
         errors = [float(np.abs(f.image.astype(int) - shapes_frame(j).astype(int)).mean()) for j in range(20)]
         assert int(np.argmin(errors)) == k
 
 
+@pytest.mark.parametrize("fps,times", [
+    (3, [0.0, 0.3, 0.7, 1.0, 1.3, 1.7]),  # grid 0, .333, .667, ...: the nearest frame of a 10 fps video
+    (4, [0.0, 0.2, 0.5, 0.7, 1.0, 1.2, 1.5, 1.7]),  # grid .25, .75, ...: a tie goes to the earlier frame
+    (7, [0.0, 0.1, 0.3, 0.4, 0.6, 0.7, 0.9, 1.0, 1.1, 1.3, 1.4, 1.6, 1.7, 1.9]),  # 1.857 < 2.0, the end
+])
+def test_sampling_is_even_by_timestamp_and_cues_have_no_gaps(video, fps, times):
+    frames = list(video_frames(video, fps=fps))
+    got = [round(f.time, 3) for f in frames]
+    assert got == times
+    grid = [i / fps for i in range(len(got))]
+    assert max(abs(t - g) for t, g in zip(got, grid)) <= 0.05 + 1e-9  # within half a source frame
+    ends = [f.time + f.duration for f in frames]
+    assert all(abs(end - nxt.time) < 1e-9 for end, nxt in zip(ends, frames[1:]))  # each cue ends at the next
+    assert abs(ends[-1] - 2.0) < 1e-9  # the last one at the end of the video
+
+
 def test_caption_cli_on_a_video(video, checkpoint, tmp_path, capsys):
     srt, jsonl = tmp_path / "out.srt", tmp_path / "out.jsonl"
     rc = main(["caption", str(video), "--checkpoint", str(checkpoint), "--fps", "2", "--srt", str(srt),
-               "--jsonl", str(jsonl), "--max-new-tokens", "5", "--min-new-tokens", "5"])
+               "--jsonl", str(jsonl), "--max-new-tokens", "5", "--min-new-tokens", "5", "--threads", "1"])
     assert rc == 0
-    cues, lines = read_outputs(srt, jsonl)
+    cues, lines, summary = read_outputs(srt, jsonl, summary=True)
+    assert summary == {"summary": True, "source": str(video), "frames": 4, "undecodable_frames": 0,
+                       "interrupted": False}
     assert [line["timestamp"] for line in lines] == ["00:00:00,000", "00:00:00,500", "00:00:01,000",
                                                       "00:00:01,500"]
     for line in lines:
@@ -119,6 +135,7 @@ def test_caption_cli_on_a_video(video, checkpoint, tmp_path, capsys):
     # casa state: one frame's images + the window's text; the SA cache grows by the text of a turn only
     sizes = [line["cache_bytes"] for line in lines]
     assert len({b - a for a, b in zip(sizes[1:], sizes[2:])}) == 1
+    assert not (tmp_path / "out.srt.partial").exists() and not (tmp_path / "out.jsonl.partial").exists()
     out = capsys.readouterr()
     assert "captioned 4 frames" in out.err and "[   0.000s]" in out.out
 
@@ -140,18 +157,18 @@ def test_captioner_api_any_iterator_and_bounded_history(checkpoint):
     assert [c.time for c in cap2([(1.5, shapes_frame(0)), (7.0, shapes_frame(1))])] == [1.5, 7.0]
 
 
-# ---------------------------------------------------------------------- bad input
+# ---------------------------------------------------------------------- damage
 def run_cli(src, checkpoint, tmp_path, *extra):
     srt, jsonl = tmp_path / "o.srt", tmp_path / "o.jsonl"
     rc = main(["caption", str(src), "--checkpoint", str(checkpoint), "--srt", str(srt), "--jsonl", str(jsonl),
-               "--max-new-tokens", "3", "--quiet", *extra])
+               "--max-new-tokens", "3", "--quiet", "--threads", "1", *extra])
     return rc, srt, jsonl
 
 
-def test_corrupt_truncated_missing_and_empty_videos(tmp_path, checkpoint, video, capsys):
+def test_unreadable_videos_are_named(tmp_path, video):
     bad = tmp_path / "noise.mp4"
     bad.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
-    truncated = tmp_path / "truncated.mp4"
+    truncated = tmp_path / "truncated.mp4"  # the index (at the end) is cut off
     data = video.read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
     empty = encode_video(tmp_path / "empty.mp4", 0)
@@ -160,43 +177,66 @@ def test_corrupt_truncated_missing_and_empty_videos(tmp_path, checkpoint, video,
     for path, why in [(bad, "cannot read video"), (truncated, "cannot read video|no video"), (empty, "no video"),
                       (blank, "cannot read video"), (tmp_path / "missing.mp4", "no such file")]:
         with pytest.raises(StreamError, match=why) as e:
-            list(video_frames(path)) if path.exists() else list(open_frames(path))
+            list(open_frames(path))
         assert str(path) in str(e.value)
-        rc, _, _ = run_cli(path, checkpoint, tmp_path)
-        err = capsys.readouterr().err
-        assert rc == 2 and str(path) in err and "casa: error" in err
 
 
-def test_truncated_video_mid_stream_leaves_valid_files(tmp_path, checkpoint, capsys):
-    """Index first (faststart), data cut at 60%: frames decode, then the stream
-    ends early; the captions so far are on disk, valid, and the error says why."""
+def png_movie(path, n=20, corrupt=()):
+    """A 10 fps PNG-in-MOV video (every frame its own packet); the packets of the
+    frames in `corrupt` overwritten with noise, as a damaged file would be."""
+    c = av.open(str(path), "w")
+    s = c.add_stream("png", rate=10)
+    s.height, s.width, s.pix_fmt = 48, 64, "rgb24"
+    for i in range(n):
+        for p in s.encode(av.VideoFrame.from_ndarray(shapes_frame(i), format="rgb24")):
+            c.mux(p)
+    for p in s.encode():
+        c.mux(p)
+    c.close()
+    data = bytearray(path.read_bytes())
+    with av.open(str(path)) as c:
+        packets = [(p.pos, p.size) for p in c.demux(c.streams.video[0]) if p.size]
+    for i in corrupt:
+        pos, size = packets[i]
+        data[pos : pos + size] = np.random.default_rng(i).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_corrupt_middle_is_skipped_counted_and_reported_once(tmp_path, checkpoint, capsys):
+    movie = png_movie(tmp_path / "damaged.mov", corrupt=(8, 9, 10))
+    warnings = []
+    frames = video_frames(movie, warn=warnings.append)
+    times = [round(f.time, 3) for f in frames]
+    assert times == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9]
+    assert frames.undecodable == 3
+    assert len(warnings) == 1 and str(movie) in warnings[0] and "undecodable" in warnings[0]
+    # the command: a warning naming the file, the count in the JSONL summary and the closing message
+    rc, srt, jsonl = run_cli(movie, checkpoint, tmp_path, "--fps", "5")
+    err = capsys.readouterr().err
+    assert rc == 0 and err.count("casa: warning") == 1 and str(movie) in err
+    assert "3 undecodable frames skipped" in err
+    cues, lines, summary = read_outputs(srt, jsonl, summary=True)
+    assert summary["undecodable_frames"] == 3 and summary["frames"] == len(lines) == 10
+    # the frames nearest to the 5 fps grid among those that exist (grid 0.8 -> 0.7, 1.0 -> 1.1), no gap
+    assert [round(line["time"], 3) for line in lines] == [0.0, 0.2, 0.4, 0.6, 0.7, 1.1, 1.2, 1.4, 1.6, 1.8]
+    assert all(a["end"] == b["time"] for a, b in zip(lines, lines[1:]))
+
+
+def test_truncated_video_is_captioned_as_far_as_it_goes(tmp_path, checkpoint, capsys):
+    """Index first (faststart), data cut at 60%: the frames that are there are
+    captioned, the missing ones counted, and the warning says why."""
     full = encode_video(tmp_path / "full.mp4", 20, faststart=True)
     cut = tmp_path / "cut.mp4"
     data = full.read_bytes()
     cut.write_bytes(data[: int(len(data) * 0.6)])
     rc, srt, jsonl = run_cli(cut, checkpoint, tmp_path, "--fps", "2", "--min-new-tokens", "3")
     err = capsys.readouterr().err
-    assert rc == 2 and str(cut) in err and "truncated or corrupt" in err and "of its 20 frames" in err
-    cues, lines = read_outputs(srt, jsonl)
-    assert len(lines) >= 1 and [line["frame"] for line in lines] == list(range(len(lines)))
+    assert rc == 0 and str(cut) in err and "truncated or corrupt" in err and "of its 20 frames" in err
+    cues, lines, summary = read_outputs(srt, jsonl, summary=True)
+    assert 1 <= len(lines) < 4 and [line["frame"] for line in lines] == list(range(len(lines)))
+    assert summary["undecodable_frames"] >= 2 and f"{summary['undecodable_frames']} undecodable" in err
     assert len(cues) == sum(bool(line["text"]) for line in lines)
-
-
-def test_fps_above_the_source(video, checkpoint, tmp_path, capsys):
-    with pytest.raises(StreamError, match="above the video's frame rate 10"):
-        video_frames(video, fps=25)
-    rc, _, _ = run_cli(video, checkpoint, tmp_path, "--fps", "30")
-    assert rc == 2 and "requested fps 30" in capsys.readouterr().err
-
-
-def test_not_a_casa_model(tmp_path, video, capsys):
-    (tmp_path / "notamodel").mkdir()
-    (tmp_path / "notamodel" / "config.json").write_text('{"model_type": "llama"}')
-    for ckpt in (tmp_path / "notamodel", tmp_path / "nothing"):
-        rc, srt, _ = run_cli(video, ckpt, tmp_path)
-        err = capsys.readouterr().err
-        assert rc == 2 and str(ckpt) in err and "not a casa model" in err
-        assert not srt.exists()  # nothing written before the model is known to be good
 
 
 def image_folder(path, sizes, bad_at=None):
@@ -212,16 +252,18 @@ def image_folder(path, sizes, bad_at=None):
 
 
 @pytest.mark.parametrize("case", ["size_change", "corrupt_image"])
-def test_errors_mid_stream_leave_valid_files(tmp_path, checkpoint, capsys, case):
+def test_errors_mid_stream_keep_the_old_outputs_and_the_partial_ones(tmp_path, checkpoint, capsys, case):
     sizes = [(48, 64)] * 5
     if case == "size_change":
         sizes[3] = (40, 40)
     folder = image_folder(tmp_path / "frames", sizes, bad_at=3 if case == "corrupt_image" else None)
+    (tmp_path / "o.srt").write_text("an earlier run's file\n")
     rc, srt, jsonl = run_cli(folder, checkpoint, tmp_path, "--fps", "4", "--min-new-tokens", "3")
     err = capsys.readouterr().err
-    assert rc == 2 and "003.png" in err
+    assert rc == 2 and "003.png" in err and "o.srt.partial" in err and "o.jsonl.partial" in err
     assert ("differs from the stream's 64x48" if case == "size_change" else "cannot read image") in err
-    cues, lines = read_outputs(srt, jsonl)  # valid, with the frames before the bad one
+    assert srt.read_text() == "an earlier run's file\n" and not jsonl.exists()  # destinations untouched
+    cues, lines = read_outputs(tmp_path / "o.srt.partial", tmp_path / "o.jsonl.partial")  # valid, frames 0-2
     assert [line["frame"] for line in lines] == [0, 1, 2]
     assert [line["timestamp"] for line in lines] == ["00:00:00,000", "00:00:00,250", "00:00:00,500"]
     assert len(cues) == sum(bool(line["text"]) for line in lines)
@@ -229,28 +271,39 @@ def test_errors_mid_stream_leave_valid_files(tmp_path, checkpoint, capsys, case)
         rc, srt, jsonl = run_cli(folder, checkpoint, tmp_path, "--fps", "4", "--allow-size-change",
                                  "--temperature", "0.8", "--top-k", "5", "--top-p", "0.9", "--repetition-penalty",
                                  "1.3", "--end-slope", "0.1", "--sink", "2", "--window", "6")
-        assert rc == 0 and len(read_outputs(srt, jsonl)[1]) == 5
+        assert rc == 0 and len(read_outputs(srt, jsonl, summary=True)[1]) == 5
 
 
 def test_writers_are_valid_after_every_entry(tmp_path, checkpoint):
-    """Read the files back after each frame, while the stream is still open."""
+    """Read the partial files back after each frame, while the stream is still
+    open; the destinations appear, complete, on commit."""
     model, tok = from_pretrained(checkpoint), load_tokenizer(checkpoint)
     cap = Captioner(model, tok, sampling=Sampling(max_new_tokens=3))
     srt, jsonl = tmp_path / "live.srt", tmp_path / "live.jsonl"
     with SrtWriter(srt) as sw, JsonlWriter(jsonl) as jw:
-        assert read_outputs(srt, jsonl) == ([], [])
+        assert read_outputs(sw.partial, jw.partial) == ([], [])
         for i, c in enumerate(cap(shapes_frame(k) for k in range(3))):
             c.text = f"caption {i}\n\nwith a blank line" if i != 1 else "   "  # an empty caption: no cue
             sw.write(c)
             jw.write(c)
-            cues, lines = read_outputs(srt, jsonl)
+            cues, lines = read_outputs(sw.partial, jw.partial)
             assert len(lines) == i + 1 and len(cues) == (1 if i < 2 else 2)
+            assert not srt.exists() and not jsonl.exists()
+    assert read_outputs(srt, jsonl) == (cues, lines) and not sw.partial.exists()
     assert cues[-1][3] == "caption 2\nwith a blank line"
     with pytest.raises(ValueError, match="invalid SRT"):
         parse_srt("1\n00:00:00,000 --> 00:00:01,000\n")  # a cue without text
+    # an error inside the block: the destination keeps its content, the partial file its entries
+    with pytest.raises(RuntimeError), SrtWriter(srt) as sw:
+        c.text = "a new caption"
+        sw.write(c)
+        raise RuntimeError("boom")
+    assert parse_srt(srt.read_text()) == cues and parse_srt(sw.partial.read_text())[0][3] == "a new caption"
 
 
-def test_folder_frames_checks(tmp_path):
+def test_folder_frames_checks(tmp_path, video):
+    with pytest.raises(StreamError, match="above the video's frame rate 10"):
+        video_frames(video, fps=25)
     with pytest.raises(StreamError, match="no image files"):
         folder_frames(tmp_path)
     with pytest.raises(StreamError, match="must be > 0"):

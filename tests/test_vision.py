@@ -81,6 +81,36 @@ def test_preprocess_errors(tmp_path):
         preprocess([], cfg)
 
 
+def test_high_bit_depth_images_are_scaled_to_8_bits(tmp_path):
+    """16-bit PNG (I;16), 32-bit integer TIFF (I) and float TIFF (F), written by
+    Pillow, give the pixels of the same picture stored in 8 bits."""
+    from casa.vision.preprocess import to_8bit
+
+    cfg = VisionConfig(**SMALL)
+    ramp = np.linspace(0, 65535, 40 * 50).reshape(40, 50).round().astype(np.uint16)
+    as8 = np.rint(ramp / 257.0).astype(np.uint8)  # 65535 / 255 = 257
+    ref = preprocess([np.repeat(as8[..., None], 3, axis=2)], cfg)
+    files = {"I;16": tmp_path / "ramp16.png", "I": tmp_path / "ramp32.tif", "F": tmp_path / "ramp.tif"}
+    Image.fromarray(ramp).save(files["I;16"])
+    Image.fromarray(ramp.astype(np.int32)).save(files["I"])
+    Image.fromarray((ramp / 65535.0).astype(np.float32)).save(files["F"])
+    for mode, path in files.items():
+        with Image.open(path) as img:
+            assert img.mode == mode
+        tol = 2 / 255 if mode == "F" else 0  # float32 rounding may move a value by one 8-bit level
+        torch.testing.assert_close(preprocess([path], cfg), ref, atol=tol, rtol=0)
+    # mid-grey 16-bit is mid-grey, not the white that Pillow's clipping conversion gives
+    grey = Image.fromarray(np.full((8, 8), 32768, np.uint16))
+    assert grey.convert("RGB").getpixel((0, 0)) == (255, 255, 255)
+    assert to_8bit(grey).getpixel((0, 0)) == 128
+    # floats outside [0, 1] and integers outside 16 bits are stretched from their min to their max
+    wide = np.linspace(-5, 5, 64, dtype=np.float32).reshape(8, 8)
+    assert to_8bit(Image.fromarray(wide)).getextrema() == (0, 255)
+    big = Image.fromarray(np.linspace(-70000, 70000, 64).astype(np.int32).reshape(8, 8))
+    assert to_8bit(big).getextrema() == (0, 255) and to_8bit(big).getpixel((0, 0)) == 0
+    assert to_8bit(Image.new("RGB", (4, 4))).mode == "RGB"  # 8-bit modes pass through
+
+
 # ----------------------------------------------------------------------------- ViT, reduction, tower
 
 

@@ -32,7 +32,7 @@ _EXPORTS = {
     "load": "casa.pretrained.directory", "from_hf_lm": "casa.pretrained.hf_lm",
     "load_tokenizer": "casa.pretrained.tokenizer",
     "Session": "casa.inference.session", "Chat": "casa.inference.generate", "Sampling": "casa.inference.generate",
-    "generate": "casa.inference.generate", "History": "casa.inference.cache",
+    "generate": "casa.inference.generate", "History": "casa.core.layout",
 }
 
 __all__ = sorted(_EXPORTS)

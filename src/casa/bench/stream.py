@@ -20,6 +20,16 @@ own cost, activations included).
 A variant stops, recorded not crashed, when it exceeds `max_seconds` of
 wall-clock time (`limit_hit: "time"`), `max_cache_bytes` of cache
 (`"memory"`), or fails to allocate (`oom: true`).
+
+Design decisions:
+- The session API is the one users call (`Session.add_image_embeds`,
+  `forward_text`), so the benchmark measures what streaming costs, not a
+  special path.
+- Image embeddings are precomputed: the vision tower's cost is the same for
+  every variant and would only blur the comparison of the LM side.
+- Two warm-up turns on a throwaway session keep first-call costs (thread
+  pools, kernel selection) out of turn 0.
+- The JSON report is written atomically (`casa.files.atomic_file`).
 """
 
 from __future__ import annotations
@@ -43,9 +53,12 @@ from casa.config import (
     ModelConfig,
     VisionConfig,
 )
+from casa.core.layout import History
 from casa.core.model import CasaModel
-from casa.inference.cache import History
+from casa.files import atomic_file
 from casa.inference.session import Session
+
+__all__ = ["FIELDS", "StreamBench", "compare", "plot", "run", "run_variant", "summarize"]
 
 FIELDS = ("ttft_ms", "decode_tok_s", "kv_tokens", "cache_bytes", "peak_mem_bytes", "session_mem_bytes")
 
@@ -327,8 +340,8 @@ def run(cfg: StreamBench, *, json_path=None, plot_path=None, isolate: bool = Tru
               "session_mem_bytes": "peak_mem_bytes minus what the process held before the session started"}
     result = {"config": config, "runs": runs, "compare": compare(runs)}
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=1))
+        with atomic_file(json_path) as f:
+            f.write(json.dumps(result, indent=1))
     if plot_path:
         plot(result, plot_path)
     return result

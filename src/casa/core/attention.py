@@ -1,12 +1,24 @@
 """The one place where the attention backend is chosen.
 
-Two entry points, both taking token-major tensors (`q: [B, T, H, D]`, text
-`k, v: [B, T, Hkv, D]`, flat image `k, v: [N_img_tokens, Hkv, D]`) and
-returning `[B, T, H, D]`:
+Shape letters (used in every docstring of core/ and inference/):
+
+    B    batch rows                      T    text tokens per row
+    H    query heads                     Hkv  key/value heads (H % Hkv == 0: grouped-query)
+    D    head dim                        d    model width (H * D for the LM)
+    n    tokens per image                N_tok image tokens of the batch, flat (N_img * n)
+    K    image-key slots per row         W    windows (or packed documents) folded into the batch
+    L    text tokens of the longest window (padded)
+    N    image tokens of the window with the most (padded)
+    t    new tokens fed to a stream      S    keys held in a stream's cache (prefix included)
+
+Entry points take token-major tensors (`q: [B, T, H, D]`, text
+`k, v: [B, T, Hkv, D]`, flat image `k, v: [N_tok, Hkv, D]`) and return
+`[B, T, H, D]` in the dtype of `q`:
 
 - `fusion_attend`: text queries against the image tokens of their window
   and, with `text_keys`, the window's text up to themselves (docs/design.md §4);
-- `causal_attend`: text self-attention, causal within each packed document.
+- `causal_attend`: text self-attention, causal within each packed document;
+- `cached_attend`: new tokens of one stream against cached keys (§5).
 
 Backends:
 - `reference`: one dense boolean mask + SDPA. Slow, obviously right: the
@@ -17,8 +29,13 @@ Backends:
   and cached per layout. Forward-only on CPU; training on GPU.
 - `flash`: `flash_attn_varlen_func` (bottom-right causal), CUDA + flash-attn.
 
-Queries that see no key at all (`ca` text in a window without an image) get
-a zero update; no backend produces NaN for them.
+Design decisions:
+- Every backend reads the mask rule from `core/layout.py` (dense mask,
+  folded windows, window ids, varlen offsets); none restates it.
+- Queries that see no key at all (`ca` text in a window without an image) get
+  a zero update; no backend produces NaN for them, forward or backward.
+- Incremental attention is SDPA on every backend: one query or a short chunk
+  has no window structure left for flex or flash to exploit.
 """
 
 from __future__ import annotations
@@ -31,6 +48,9 @@ from einops import rearrange
 from torch.nn.attention.bias import causal_lower_right
 
 from casa.core.layout import Layout
+
+__all__ = ["BACKENDS", "FLEX_BLOCK", "cached_attend", "causal_attend", "flash_available", "fusion_attend",
+           "resolve_backend"]
 
 BACKENDS = ("reference", "windowed", "flex", "flash")
 
@@ -58,18 +78,51 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def _sdpa(q, k, v, mask):
-    """SDPA on token-major tensors with grouped-query heads."""
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True
-    )
-    return out.transpose(1, 2)
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """Token-major `[B, T, H, D]` -> SDPA's head-major `[B, H, T, D]`."""
+    return rearrange(x, "b t h d -> b h t d")
+
+
+def _tokens_first(x: torch.Tensor) -> torch.Tensor:
+    """SDPA's head-major `[B, H, T, D]` -> token-major `[B, T, H, D]`."""
+    return rearrange(x, "b h t d -> b t h d")
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """Rows of text `[B, T, H, D]` -> flat text `[B * T, H, D]` (flat index `b * T + t`)."""
+    return rearrange(x, "b t h d -> (b t) h d")
+
+
+def _sdpa(q, k, v, mask, *, is_causal: bool = False):
+    """SDPA on token-major tensors with grouped-query heads.
+
+    Args:
+        q: `[B', Tq, H, D]`; k, v: `[B', Tk, Hkv, D]`.
+        mask: bool, broadcastable to `[B', H, Tq, Tk]` (True = attend), or None.
+    Returns:
+        `[B', Tq, H, D]`.
+    """
+    out = F.scaled_dot_product_attention(_heads_first(q), _heads_first(k), _heads_first(v), attn_mask=mask,
+                                         is_causal=is_causal, enable_gqa=True)
+    return _tokens_first(out)
 
 
 def _guard_empty_rows(mask: torch.Tensor):
-    """Let fully masked query rows see key 0 (their output is zeroed later) so
-    that neither forward nor backward produces NaN. Returns (mask, has_key)."""
-    has_key = mask.any(-1, keepdim=True)  # [., 1, L, 1]
+    """Make fully masked query rows finite.
+
+    Why: a query row whose keys are all masked is a softmax over only -inf,
+    which SDPA turns into NaN; zeroing that output afterwards does not help,
+    since the NaN reaches the gradients of every key (0 * NaN = NaN). So such
+    rows are allowed key 0 (any key would do), and the caller replaces their
+    output by zero, the defined update for a query with nothing to read.
+
+    Args:
+        mask: bool `[..., Tq, Tk]`.
+    Returns:
+        `(mask, has_key)`: the guarded mask, and bool `[..., Tq, 1]` telling the
+        rows that had a key (None when all had one: nothing to zero).
+    """
+    has_key = mask.any(-1, keepdim=True)
     if bool(has_key.all()):
         return mask, None
     first = torch.zeros_like(mask)
@@ -79,6 +132,19 @@ def _guard_empty_rows(mask: torch.Tensor):
 
 # ---------------------------------------------------------------- fusion
 def fusion_attend(q, k_txt, v_txt, k_img, v_img, layout: Layout, *, text_keys: bool, backend: str):
+    """Text queries against their window's image tokens (and, with `text_keys`,
+    the window's text up to themselves), in one softmax (docs/design.md §4).
+
+    Args:
+        q: `[B, T, H, D]` text queries (after RoPE for `casa`).
+        k_txt, v_txt: `[B, T, Hkv, D]` text keys/values, or None without `text_keys`.
+        k_img, v_img: `[N_tok, Hkv, D]` flat image keys/values, images in `layout` order.
+        layout: the batch's windows (`core.layout.Layout`).
+        text_keys: whether the window's text is among the keys (`casa`).
+        backend: `auto` or one of `BACKENDS`.
+    Returns:
+        `[B, T, H, D]`, dtype of `q`; zero for a query whose window has no key.
+    """
     backend = resolve_backend(backend, q.device)
     if backend == "reference":
         return _fusion_reference(q, k_txt, v_txt, k_img, v_img, layout, text_keys)
@@ -90,7 +156,8 @@ def fusion_attend(q, k_txt, v_txt, k_img, v_img, layout: Layout, *, text_keys: b
 
 
 def _row_keys(k_txt, v_txt, k_img, v_img, layout: Layout, text_keys: bool):
-    """Keys per row: `[images of the row (padded) ; text]` (see `Layout.dense_keys`)."""
+    """Keys per row: `[images of the row (padded) ; text]` (see `Layout.dense_keys`),
+    each `[B, K (+T), Hkv, D]`."""
     image_index = layout.dense_keys()[0]
     k = k_img[image_index]
     v = v_img[image_index]
@@ -105,8 +172,8 @@ def _fusion_reference(q, k_txt, v_txt, k_img, v_img, layout, text_keys):
         return torch.zeros_like(q)
     mask, has_key = _guard_empty_rows(layout.dense_mask(text_keys))
     out = _sdpa(q, k, v, mask)
-    if has_key is not None:
-        out = torch.where(has_key[:, 0, :, :, None], out, 0.0)
+    if has_key is not None:  # [B, 1, T, 1] -> [B, T, 1, 1]: zero the rows that had no key
+        out = torch.where(rearrange(has_key, "b one t k -> b t one k"), out, 0.0)
     return out
 
 
@@ -117,24 +184,26 @@ def _fusion_windowed(q, k_txt, v_txt, k_img, v_img, layout, text_keys):
     B, T, H, D = q.shape
     W, L = fw.text_index.shape
     if fw.uniform:
-        # Windows tile the text (and the image tokens) exactly, in order: folding
+        # Windows tile the flat text (and the image tokens) exactly, in order: folding
         # is a view, and the mask is bottom-right causal (all images, causal text).
-        fold = lambda x, n: x.reshape(W, n, *x.shape[-2:])  # noqa: E731
-        q_w, k, v = fold(q, L), fold(k_img, k_img.shape[0] // W), fold(v_img, v_img.shape[0] // W)
+        def fold(x):
+            return rearrange(x, "(w l) h d -> w l h d", w=W)
+
+        q_w, k, v = fold(_flat(q)), fold(k_img), fold(v_img)
         if text_keys:
-            k, v = torch.cat([k, fold(k_txt, L)], dim=1), torch.cat([v, fold(v_txt, L)], dim=1)
+            k, v = torch.cat([k, fold(_flat(k_txt))], dim=1), torch.cat([v, fold(_flat(v_txt))], dim=1)
         mask = causal_lower_right(L, k.shape[1]) if text_keys else None
-        return _sdpa(q_w, k, v, mask).reshape(B, T, H, D)
+        return rearrange(_sdpa(q_w, k, v, mask), "(b w) l h d -> b (w l) h d", b=B)
     k, v = k_img[fw.image_index], v_img[fw.image_index]  # [W, N, Hkv, D]
     if text_keys:
-        k = torch.cat([k, k_txt.reshape(B * T, *k_txt.shape[2:])[fw.text_index]], dim=1)
-        v = torch.cat([v, v_txt.reshape(B * T, *v_txt.shape[2:])[fw.text_index]], dim=1)
-    mask, has_key = _guard_empty_rows(fw.mask(text_keys))
-    out = _sdpa(q.reshape(B * T, H, D)[fw.text_index], k, v, mask)  # [W, L, H, D]
+        k = torch.cat([k, _flat(k_txt)[fw.text_index]], dim=1)  # [W, N + L, Hkv, D]
+        v = torch.cat([v, _flat(v_txt)[fw.text_index]], dim=1)
+    mask, has_key = _guard_empty_rows(fw.mask(text_keys))  # [W, 1, L, N (+L)]
+    out = _sdpa(_flat(q)[fw.text_index], k, v, mask)  # [W, L, H, D]
     if has_key is not None:
-        out = torch.where(has_key[:, 0, :, :, None], out, 0.0)
+        out = torch.where(rearrange(has_key, "w one l k -> w l one k"), out, 0.0)
     flat = out.new_zeros(B * T, H, D).index_put((fw.text_index[fw.text_valid],), out[fw.text_valid])
-    return flat.view(B, T, H, D)
+    return rearrange(flat, "(b t) h d -> b t h d", b=B)
 
 
 # FlexAttention works in blocks of 128 queries x 128 keys. Both sequence
@@ -162,7 +231,7 @@ def _compiled_flex():
 def _block_mask(layout: Layout, key: str, mask_mod, q_len: int, kv_len: int):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return layout._cached(
+    return layout.cached(
         ("block_mask", key),
         lambda: create_block_mask(mask_mod, layout.batch_size, None, q_len, kv_len, device=layout.device),
     )
@@ -185,9 +254,9 @@ def _fusion_flex(q, k_txt, v_txt, k_img, v_img, layout, text_keys):
 
     T = q.shape[1]
     bm = _block_mask(layout, f"fusion-{text_keys}", mask_mod, q_window.shape[1], k.shape[1])
-    out = _compiled_flex()(rearrange(_pad_seq(q), "b t h d -> b h t d"), rearrange(k, "b s h d -> b h s d"),
-                           rearrange(v, "b s h d -> b h s d"), block_mask=bm, enable_gqa=True)
-    return rearrange(out[:, :, :T], "b h t d -> b t h d")
+    out = _compiled_flex()(_heads_first(_pad_seq(q)), _heads_first(k), _heads_first(v), block_mask=bm,
+                           enable_gqa=True)
+    return _tokens_first(out[:, :, :T])
 
 
 def _fusion_flash(q, k_txt, v_txt, k_img, v_img, layout, text_keys):
@@ -197,20 +266,28 @@ def _fusion_flash(q, k_txt, v_txt, k_img, v_img, layout, text_keys):
     q_index, key_index, cu_q, cu_k, max_q, max_k = layout.varlen(text_keys)
     if len(q_index) == 0:
         return torch.zeros_like(q)
-    k_all, v_all = k_img, v_img
+    k_all, v_all = k_img, v_img  # key_index indexes [image tokens ; flat text]
     if text_keys:
-        k_all = torch.cat([k_img, k_txt.reshape(B * T, *k_txt.shape[2:])])
-        v_all = torch.cat([v_img, v_txt.reshape(B * T, *v_txt.shape[2:])])
+        k_all, v_all = torch.cat([k_img, _flat(k_txt)]), torch.cat([v_img, _flat(v_txt)])
     # causal=True is bottom-right aligned: query j of a window sees keys 0 .. N_w + j
-    out = flash_attn_varlen_func(q.reshape(B * T, H, D)[q_index], k_all[key_index], v_all[key_index],
+    out = flash_attn_varlen_func(_flat(q)[q_index], k_all[key_index], v_all[key_index],
                                  cu_q, cu_k, max_q, max_k, causal=text_keys)
-    if len(q_index) == B * T:  # every window kept: queries are the flat text, in order
-        return out.view(B, T, H, D)
-    return q.new_zeros(B * T, H, D).index_put((q_index,), out).view(B, T, H, D)
+    if len(q_index) != B * T:  # windows left out (no key): their queries get zero
+        out = q.new_zeros(B * T, H, D).index_put((q_index,), out)
+    return rearrange(out, "(b t) h d -> b t h d", b=B)
 
 
 # ------------------------------------------------------- self-attention
 def causal_attend(q, k, v, layout: Layout, *, backend: str):
+    """Text self-attention, causal within each packed document.
+
+    Args:
+        q: `[B, T, H, D]`; k, v: `[B, T, Hkv, D]` (after RoPE).
+        layout: the batch's documents.
+        backend: `auto` or one of `BACKENDS`.
+    Returns:
+        `[B, T, H, D]`, dtype of `q`.
+    """
     backend = resolve_backend(backend, q.device)
     if backend == "flex":
         return _causal_flex(q, k, v, layout)
@@ -218,12 +295,8 @@ def causal_attend(q, k, v, layout: Layout, *, backend: str):
         return _causal_flash(q, k, v, layout)
     if backend == "windowed" and not layout.single_doc_rows:
         return _causal_folded(q, k, v, layout)
-    mask = layout.causal_mask()
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=mask, is_causal=mask is None, enable_gqa=True,
-    )
-    return out.transpose(1, 2)
+    mask = layout.causal_mask()  # None: one document per row, plain `is_causal`
+    return _sdpa(q, k, v, mask, is_causal=mask is None)
 
 
 def _causal_folded(q, k, v, layout):
@@ -231,15 +304,12 @@ def _causal_folded(q, k, v, layout):
     plain `is_causal` is right for every real query (padded keys come after
     it) and no work is spent across documents."""
     B, T, H, D = q.shape
-    index, valid = layout.folded_documents()
-    flat = lambda x: x.reshape(B * T, *x.shape[2:])  # noqa: E731
-    out = F.scaled_dot_product_attention(
-        flat(q)[index].transpose(1, 2), flat(k)[index].transpose(1, 2), flat(v)[index].transpose(1, 2),
-        is_causal=True, enable_gqa=True,
-    ).transpose(1, 2)
+    index, valid = layout.folded_documents()  # [W, L]
+    out = _sdpa(_flat(q)[index], _flat(k)[index], _flat(v)[index], None, is_causal=True)  # [W, L, H, D]
     if bool(valid.all()):  # equal documents tile the text in order
-        return out.reshape(B, T, H, D)
-    return q.new_zeros(B * T, H, D).index_put((index[valid],), out[valid]).view(B, T, H, D)
+        return rearrange(out, "(b w) l h d -> b (w l) h d", b=B)
+    flat = q.new_zeros(B * T, H, D).index_put((index[valid],), out[valid])
+    return rearrange(flat, "(b t) h d -> b t h d", b=B)
 
 
 def _causal_flex(q, k, v, layout):
@@ -250,9 +320,9 @@ def _causal_flex(q, k, v, layout):
 
     T = q.shape[1]
     bm = _block_mask(layout, "causal", mask_mod, doc.shape[1], doc.shape[1])
-    q, k, v = (rearrange(_pad_seq(x), "b t h d -> b h t d") for x in (q, k, v))
+    q, k, v = (_heads_first(_pad_seq(x)) for x in (q, k, v))
     out = _compiled_flex()(q, k, v, block_mask=bm, enable_gqa=True)
-    return rearrange(out[:, :, :T], "b h t d -> b t h d")
+    return _tokens_first(out[:, :, :T])
 
 
 def _causal_flash(q, k, v, layout):
@@ -263,32 +333,35 @@ def _causal_flash(q, k, v, layout):
     lengths = torch.bincount(layout.text_doc.flatten())
     cu = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).int()
     m = int(lengths.max())
-    flat = lambda x: x.reshape(B * T, *x.shape[2:])  # noqa: E731
-    return flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, m, m, causal=True).view(B, T, H, D)
+    out = flash_attn_varlen_func(_flat(q), _flat(k), _flat(v), cu, cu, m, m, causal=True)
+    return rearrange(out, "(b t) h d -> b t h d", b=B)
 
 
 # ------------------------------------------------------- incremental
 def cached_attend(q, k, v, *, mask: torch.Tensor | None, backend: str):
-    """New queries `q: [1, t, H, D]` against cached, head-major keys/values
-    `k, v: [1, Hkv, S, D]` (cache.py); returns `[1, t, H, D]`. `mask` is a
-    boolean `[t, S]` built by the cache (True = attend), or None when every key
-    is visible (a single decoded token).
+    """New queries of one stream against its cached keys/values (docs/design.md §5).
 
-    SDPA on every backend: with one query or a short chunk there is no window
-    structure left for flex or flash to exploit. Without a mask (decode), the
-    query heads that share a key/value head are folded into the query length
-    (`[1, Hkv, group, D]`), so that grouped-query attention reads the cache
-    once, in place; SDPA's `enable_gqa` path is ~2x slower there on CPU. With
-    a mask (a chunk), `enable_gqa` and the `[t, S]` mask broadcast over heads
-    are the faster of the two.
+    Args:
+        q: `[1, t, H, D]` queries of the new tokens (token-major, as projected).
+        k, v: `[1, Hkv, S, D]` cached keys/values (head-major, as `KVCache` stores them).
+        mask: bool `[t, S]` from `core.layout.cached_mask` (True = attend), or
+            None when every key is visible to every query (one decoded token).
+        backend: validated like the other entry points; SDPA runs on every backend.
+    Returns:
+        `[1, t, H, D]`, dtype of `q`.
+
+    Without a mask (decode), the query heads that share a key/value head are
+    folded into the query length (`[1, Hkv, g * t, D]`), so that grouped-query
+    attention reads the cache once, in place; SDPA's `enable_gqa` path is ~2x
+    slower there on CPU. With a mask (a chunk), `enable_gqa` and the `[t, S]`
+    mask broadcast over heads are the faster of the two.
     """
     resolve_backend(backend, q.device)  # same validation as the other entry points
     if mask is not None:
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask[None, None], enable_gqa=True)
-        return out.transpose(1, 2)
-    B, t, H, D = q.shape
+        out = F.scaled_dot_product_attention(_heads_first(q), k, v, attn_mask=mask, enable_gqa=True)
+        return _tokens_first(out)
     Hkv = k.shape[1]
-    g = H // Hkv
-    qg = q.reshape(B, t, Hkv, g, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, g * t, D)
-    out = F.scaled_dot_product_attention(qg, k, v)
-    return out.reshape(B, Hkv, g, t, D).permute(0, 3, 1, 2, 4).reshape(B, t, H, D)
+    # query head h reads key/value head h // g (grouped-query), hence "(hkv g)"
+    grouped = rearrange(q, "b t (hkv g) d -> b hkv (g t) d", hkv=Hkv)
+    out = F.scaled_dot_product_attention(grouped, k, v)
+    return rearrange(out, "b hkv (g t) d -> b t (hkv g) d", t=q.shape[1])

@@ -5,9 +5,14 @@ Images occupy no text positions: image `i` sits before text index
 several documents; `doc_lens[b]` lists their lengths and must add up to the
 row length (padding, if any, is a document of its own whose loss is masked).
 
-`validate()` is called by the model before any work, so that a malformed
-batch fails with a message that names the field and the offending value
-instead of a shape error deep inside attention.
+Design decisions:
+- `validate()` is called by the model before any work, so that a malformed
+  batch fails with a message that names the field and the offending value
+  instead of a shape error deep inside attention (`BatchError`, a ValueError).
+- Defaults cover the common cases: one document per row, and for a one-row
+  batch every image in row 0.
+- The batch only describes; `layout()` / `splice()` turn it into the
+  windows of `core/layout.py`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import torch
 
 from casa.core.layout import Layout, Splice, build_layout, build_splice
 
+__all__ = ["Batch", "BatchError"]
+
 
 class BatchError(ValueError):
     """An interleaved batch that breaks the rules of docs/design.md §2."""
@@ -25,6 +32,8 @@ class BatchError(ValueError):
 
 @dataclass
 class Batch:
+    """Text, images and where the images go (see the module docstring)."""
+
     input_ids: torch.Tensor  # [B, T] long
     images: torch.Tensor | None = None  # [N, C, H, W] float pixels
     image_embeds: torch.Tensor | None = None  # [N, n, D] precomputed LM-width image tokens
@@ -110,10 +119,12 @@ class Batch:
         return self
 
     def layout(self, tokens_per_image: int) -> Layout:
+        """The windows of this batch (`core.layout.build_layout`)."""
         return build_layout(self.input_ids.shape[1], self.doc_lens, self.image_rows, self.insertion_points,
                             tokens_per_image, device=self.input_ids.device)
 
     def splice(self, tokens_per_image: int) -> Splice:
+        """Where tokens land when images are spliced into the text (`insertion`)."""
         return build_splice(self.input_ids.shape[1], self.doc_lens, self.image_rows, self.insertion_points,
                             tokens_per_image, device=self.input_ids.device)
 

@@ -1,9 +1,8 @@
 """From insertion points and documents to windows, and from windows to masks.
 
-This module is the single source of truth for the CASA mask (docs/design.md §4).
-`Layout` is computed once per batch and shared by every layer; each backend's
-view of it (dense mask, folded windows, FlexAttention BlockMask, varlen
-offsets) is built lazily on first use and cached.
+This module is the single source of truth for the CASA mask (docs/design.md
+§4), for a whole batch (`build_layout`, `Layout`) and for one stream fed
+incrementally (`StreamWindows`, `cached_mask`, `History`; docs/design.md §5).
 
 Conventions:
 - text is a `[B, T]` grid; "flat" text index is `b * T + t`;
@@ -14,7 +13,19 @@ Conventions:
 - every key carries an "order": its text index, or for an image token the
   insertion point of its image. A query at text index `t` sees a key of its
   own window iff `order <= t`. That one rule gives the bottom-right causal mask
-  of §4 for every backend.
+  of §4 for every backend, and the incremental mask of `cached_mask`.
+
+Design decisions:
+- `Layout` is computed once per batch and shared by every layer; each
+  backend's view of it (dense mask, folded windows, FlexAttention BlockMask,
+  varlen offsets) is built lazily on first use and cached.
+- A window starts at every document start and at every distinct insertion
+  point (`window_starts`). The batch builder and the streaming tracker
+  (`StreamWindows`) both apply that one function, and a test checks that a
+  stream fed piece by piece gets the windows of the batch.
+- The bounded history of a stream (`History`: attention sink + sliding window)
+  is a mask rule too, so it lives here (`History.keeps`); the KV cache only
+  decides where kept entries are stored.
 """
 
 from __future__ import annotations
@@ -22,6 +33,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from einops import rearrange
+
+__all__ = ["FoldedWindows", "History", "Layout", "Splice", "StreamWindows", "build_layout", "build_splice",
+           "cached_mask", "window_starts"]
 
 
 @dataclass
@@ -84,7 +99,8 @@ class Layout:
         """RoPE position of each image: that of the text token at its insertion point."""
         return self.text_pos[self.image_row, self.image_point]
 
-    def _cached(self, key, build):
+    def cached(self, key, build):
+        """`build()`, computed once per layout and key (backend views, block masks)."""
         if key not in self._cache:
             self._cache[key] = build()
         return self._cache[key]
@@ -114,7 +130,7 @@ class Layout:
             key_order = torch.cat([img_order, text_order], dim=1)
             return image_index, image_valid, key_window, key_order
 
-        return self._cached("dense_keys", build)
+        return self.cached("dense_keys", build)
 
     def dense_mask(self, text_keys: bool) -> torch.Tensor:
         """The reference CASA mask `[B, 1, T, K (+T)]` over `dense_keys`."""
@@ -128,7 +144,7 @@ class Layout:
             same = key_window[:, None, :] == self.text_window[:, :, None]
             return (same & (key_order[:, None, :] <= q_order[None, :, None]))[:, None]
 
-        return self._cached(("dense_mask", text_keys), build)
+        return self.cached(("dense_mask", text_keys), build)
 
     # ------------------------------------------------------ folded windows
     def folded(self) -> FoldedWindows:
@@ -144,11 +160,11 @@ class Layout:
             uniform = bool(text_valid.all()) and bool(image_valid.all())
             return FoldedWindows(text_index, text_valid, image_index, image_valid, img_per_window > 0, uniform)
 
-        return self._cached("folded", build)
+        return self.cached("folded", build)
 
     def folded_documents(self):
         """Documents folded into the batch: `(index [D, L], valid [D, L])` over the flat text."""
-        return self._cached("folded_documents", lambda: _fold_runs(self.text_doc))
+        return self.cached("folded_documents", lambda: _fold_runs(self.text_doc))
 
     # ------------------------------------------------------ varlen offsets
     def varlen(self, text_keys: bool):
@@ -178,7 +194,7 @@ class Layout:
             max_k = int(k_len.max()) if len(k_len) else 0
             return fw.text_index[q_valid], keys[keys >= 0], cu_q, cu_k, max_q, max_k
 
-        return self._cached(("varlen", text_keys), build)
+        return self.cached(("varlen", text_keys), build)
 
     # --------------------------------------------- text self-attention mask
     def causal_mask(self) -> torch.Tensor | None:
@@ -192,7 +208,7 @@ class Layout:
             same_doc = self.text_doc[:, :, None] == self.text_doc[:, None, :]
             return (same_doc & causal)[:, None]
 
-        return self._cached("causal_mask", build)
+        return self.cached("causal_mask", build)
 
     def to(self, device) -> "Layout":
         moved = {
@@ -213,6 +229,25 @@ def _fold_runs(group: torch.Tensor):
     return torch.where(valid, starts[:, None] + t[None], 0), valid
 
 
+def window_starts(doc_start: torch.Tensor, image_rows: torch.Tensor, insertion_points: torch.Tensor) -> torch.Tensor:
+    """Where windows start (docs/design.md §2): at every document start and at
+    every image insertion point.
+
+    Consecutive images (same insertion point) therefore share a window, and an
+    image at a document start opens no extra one. `StreamWindows` applies the
+    same rule to a stream fed piece by piece.
+
+    Args:
+        doc_start: `[B, T]` bool, True at the first text token of each document.
+        image_rows, insertion_points: `[N_img]` long, row and insertion point of each image.
+    Returns:
+        `[B, T]` bool, True at the first text token of each window.
+    """
+    start = doc_start.clone()
+    start[image_rows, insertion_points] = True
+    return start
+
+
 def build_layout(
     seq_len: int,
     doc_lens: list[list[int]],
@@ -223,10 +258,15 @@ def build_layout(
 ) -> Layout:
     """Windows of docs/design.md §2 from documents and insertion points.
 
-    A window starts at every document start and at every distinct insertion
-    point; so consecutive images (same insertion point) share a window, text
-    before a document's first image is a text-only window, and no window
-    crosses a document boundary. Inputs are assumed valid (see `batch.py`).
+    Windows start where `window_starts` says; so text before a document's first
+    image is a text-only window, and no window crosses a document boundary.
+    Inputs are assumed valid (see `batch.py`).
+
+    Args:
+        seq_len: T, text tokens per row.
+        doc_lens: per row, the lengths of its packed documents (adding up to T).
+        image_rows, insertion_points: `[N_img]` long, sorted by (row, point).
+        tokens_per_image: n, tokens of each image.
     """
     B, T = len(doc_lens), seq_len
     image_rows = image_rows.long().cpu()
@@ -243,9 +283,9 @@ def build_layout(
             text_pos[b, start : start + length] = torch.arange(length)
             doc_counter += 1
             start += length
-    window_start = doc_start.clone()
-    window_start[image_rows, insertion_points] = True
-    text_window = torch.cumsum(window_start.flatten().long(), 0).view(B, T) - 1
+    # window ids count window starts in flat text order (so windows are contiguous runs of flat text)
+    starts = window_starts(doc_start, image_rows, insertion_points)
+    text_window = rearrange(torch.cumsum(starts.flatten().long(), 0), "(b t) -> b t", b=B) - 1
     image_window = text_window[image_rows, insertion_points]
     layout = Layout(
         batch_size=B,
@@ -316,3 +356,90 @@ def build_splice(
         splice = Splice(splice.text_index.to(device), splice.image_row.to(device),
                         splice.image_index.to(device), layout.to(device))
     return splice
+
+
+# ----------------------------------------------------------- one stream, incrementally
+@dataclass(frozen=True)
+class History:
+    """Bounded history of a stream: an attention sink plus a sliding window.
+
+    A query at absolute index `q` (its index among the entries of one cache)
+    sees the first `sink` entries and the `window` most recent ones, itself
+    included; nothing else. Positions are not recycled (docs/design.md §5).
+    """
+
+    sink: int = 4
+    window: int = 1024
+
+    def __post_init__(self):
+        if self.sink < 0:
+            raise ValueError(f"History.sink={self.sink}: must be >= 0")
+        if self.window < 1:
+            raise ValueError(f"History.window={self.window}: must be >= 1")
+
+    def sees(self, key_index: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
+        """Whether a query sees an earlier key under this history (broadcasting long
+        tensors of absolute indices; the caller also requires `key <= query`).
+
+        A cache need hold only what its newest entry sees: the next entry then
+        overwrites the one entry it no longer sees (the oldest of the window).
+        """
+        return (key_index < self.sink) | (query_index - key_index < self.window)
+
+
+class StreamWindows:
+    """The window rule of `window_starts` for one stream (one document) fed
+    piece by piece: images and text arrive in order, images before the text
+    token they precede.
+
+    Since insertion points only grow, an image opens a new window unless its
+    insertion point (the number of text tokens so far) already starts one,
+    i.e. equals the current window's start.
+    """
+
+    def __init__(self) -> None:
+        self.text_tokens = 0  # text tokens fed so far: the insertion point of the next image
+        self.window_start = 0  # text index where the current window starts (the document start at first)
+        self.window = 0  # id of the current window, as `build_layout` numbers them
+
+    @property
+    def window_text(self) -> int:
+        """Text tokens in the current window so far."""
+        return self.text_tokens - self.window_start
+
+    def add_text(self, n: int) -> None:
+        self.text_tokens += n
+
+    def add_images(self) -> bool:
+        """Images arrive before the next text token; returns True if they open a new
+        window (the caller then starts a fresh fusion state)."""
+        opens = self.text_tokens != self.window_start
+        if opens:
+            self.window_start = self.text_tokens
+            self.window += 1
+        return opens
+
+
+def cached_mask(query_index: torch.Tensor, key_index: torch.Tensor, *, n_prefix: int,
+                history: History | None) -> torch.Tensor:
+    """Which cached keys new queries of one stream see (the §4 rule, incrementally).
+
+    Keys are `[prefix ; tokens]`: the prefix is a window's image tokens, whose
+    order (their insertion point) is at or before every query of the window,
+    so they are always visible; a token key is visible iff it is not after the
+    query (`order <= t`) and, with a bounded history, `history.sees` it.
+
+    Args:
+        query_index: `[t]` long, absolute index of each new query among the cache's tokens.
+        key_index: `[S]` long, absolute index of each token key (the new ones included).
+        n_prefix: P, always-visible entries before the token keys.
+        history: the bounded-history rule, or None for the whole history.
+    Returns:
+        `[t, P + S]` bool, True = attend.
+    """
+    q, k = query_index[:, None], key_index[None, :]
+    visible = k <= q
+    if history is not None:
+        visible = visible & history.sees(k, q)
+    prefix = torch.ones(len(query_index), n_prefix, dtype=torch.bool, device=query_index.device)
+    return torch.cat([prefix, visible], dim=1)

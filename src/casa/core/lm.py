@@ -1,9 +1,14 @@
 """Llama / Qwen2-family building blocks: RMSNorm, RoPE, attention, SwiGLU.
 
-Parameter names follow Hugging Face (`q_proj`, `gate_proj`, ...) so that
-checkpoint loading is a rename of prefixes, not of every tensor. RoPE uses
-the "rotate half" convention of those checkpoints and is computed from
-explicit positions, so text positions can skip image tokens.
+Design decisions:
+- Parameter names follow Hugging Face (`q_proj`, `gate_proj`, ...) so that
+  checkpoint loading is a rename of prefixes, not of every tensor.
+- RoPE uses the "rotate half" convention of those checkpoints and is computed
+  from explicit positions, so text positions can skip image tokens.
+- Projections return token-major heads (`[..., H, D]`): every attention entry
+  point of `core/attention.py` takes that layout.
+- RMSNorm computes in fp32 and casts back before the weight, as HF does, so
+  bf16 logits match transformers'.
 """
 
 from __future__ import annotations
@@ -18,9 +23,13 @@ from einops import rearrange
 from casa.core.attention import cached_attend, causal_attend
 from casa.core.layout import Layout
 
+__all__ = ["MLP", "Attention", "RMSNorm", "Rotary"]
+
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, *, eps: float = 1e-6):
+    """Root-mean-square norm over the last dim, with a learned scale; shape and dtype preserved."""
+
+    def __init__(self, *, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
@@ -70,24 +79,36 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
 
     def q(self, x):
+        """Queries `[..., d] -> [..., H, D]`."""
         return rearrange(self.q_proj(x), "... (h d) -> ... h d", h=self.n_heads)
 
     def kv(self, x):
+        """Keys and values `[..., d] -> 2 x [..., Hkv, D]`."""
         k = rearrange(self.k_proj(x), "... (h d) -> ... h d", h=self.n_kv_heads)
         v = rearrange(self.v_proj(x), "... (h d) -> ... h d", h=self.n_kv_heads)
         return k, v
 
     def out(self, o):
+        """Output projection of attended heads `[..., H, D] -> [..., d]`."""
         return self.o_proj(rearrange(o, "... h d -> ... (h d)"))
 
     def forward(self, x, *, rotary: Rotary, layout: Layout, backend: str):
+        """Causal SA within each packed document: normed states `x: [B, T, d]`
+        (RoPE at `[B, T]` positions) -> `[B, T, d]`."""
         q = rotary.apply(self.q(x))
         k, v = self.kv(x)
         k = rotary.apply(k)
         return self.out(causal_attend(q, k, v, layout, backend=backend))
 
     def step(self, x, *, rotary: Rotary, cache, backend: str):
-        """Causal SA of new tokens `x: [1, t, d]` against a `cache.KVCache`, which they join."""
+        """Causal SA of new tokens of one stream against its cache, which they join.
+
+        Args:
+            x: `[1, t, d]` normed states of the new tokens; `rotary` at `[1, t]` positions.
+            cache: an `inference.cache.KVCache` (the new keys/values are appended).
+        Returns:
+            `[1, t, d]`.
+        """
         q = rotary.apply(self.q(x))
         k, v = self.kv(x)
         keys, values, mask = cache.extend(rotary.apply(k), v)
@@ -95,7 +116,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward."""
+    """SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`, `[..., d] -> [..., d]`."""
 
     def __init__(self, *, d_model: int, d_ff: int):
         super().__init__()

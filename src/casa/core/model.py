@@ -7,14 +7,29 @@ per block and forward) that text queries read through `fusion_attend`.
 `ca_ffn` also updates the image tokens with every block's FFN. `insertion`
 splices image tokens into the stream and runs plain causal self-attention
 per document; positions then count image tokens too.
+
+Design decisions:
+- Where the fusion layer sits in its block (the placement of docs/design.md
+  §3) is decided in one method, `Block._mix`, used by the full forward and by
+  the incremental `step` alike; only the attention functions differ.
+- Inference (`inference/session.py`) talks to a block through a small public
+  API (`step`, `fusion_image_kv`, `update_image_tokens`) and never reaches
+  into its layers, so norms and placements stay this module's business.
+- Module names follow Hugging Face Llama (`input_layernorm`,
+  `post_attention_layernorm`, `mlp`, and the projections inside `attn`), so
+  that checkpoint mapping is a rename of prefixes (`pretrained/hf_lm.py`).
+- Positions (RoPE) are explicit tensors: text positions skip image tokens;
+  an image's keys take the position of its insertion point (`CasaModel.rotary`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
+from einops import rearrange
 
 from casa.config import FusionConfig, LMConfig, ModelConfig
 from casa.core.batch import Batch
@@ -23,82 +38,130 @@ from casa.core.layout import Layout
 from casa.core.lm import MLP, Attention, RMSNorm, Rotary
 from casa.vision.tower import VisionTower
 
+__all__ = ["Block", "CasaModel", "Context", "init_weights"]
+
+Sublayer = Callable[[torch.Tensor], torch.Tensor]  # normalised input -> residual update, same shape
+
 
 @dataclass
 class Context:
     """What every block needs for one forward, computed once."""
 
     layout: Layout
-    rotary: Rotary  # text positions
-    image_rotary: Rotary | None  # one position per image token (its insertion point)
+    rotary: Rotary  # text positions, [B, T]
+    image_rotary: Rotary | None  # one position per image token (its insertion point), [N_tok]
     backend: str
 
 
 class Block(nn.Module):
+    """A decoder block: self-attention, an optional fusion layer placed by
+    `fusion.placement`, then the SwiGLU FFN; pre-norm residuals throughout.
+
+    Shapes: text states `h: [B, T, d]` (`[1, t, d]` in `step`), flat image
+    tokens `[N_tok, d]`; any float dtype, the parameters'.
+    """
+
     def __init__(self, *, lm: LMConfig, fusion: FusionConfig | None):
         super().__init__()
-        self.n1 = RMSNorm(lm.d_model, eps=lm.norm_eps)
+        self.input_layernorm = RMSNorm(dim=lm.d_model, eps=lm.norm_eps)
         self.attn = Attention(d_model=lm.d_model, n_heads=lm.n_heads, n_kv_heads=lm.n_kv_heads,
                               head_dim=lm.head_dim, qkv_bias=lm.qkv_bias)
-        self.n2 = RMSNorm(lm.d_model, eps=lm.norm_eps)
+        self.post_attention_layernorm = RMSNorm(dim=lm.d_model, eps=lm.norm_eps)
         self.mlp = MLP(d_model=lm.d_model, d_ff=lm.d_ff)
         self.placement = fusion.placement if fusion is not None else None
         self.fusion = None
         if fusion is not None:
             self.fusion = FusionLayer(lm=lm, fusion=fusion, own_norm=fusion.placement != "replace")
 
-    def fusion_norm(self) -> nn.Module:
-        return self.n1 if self.placement == "replace" else self.fusion.norm
+    # ------------------------------------------------------------ public API
+    def fusion_image_kv(self, image_tokens: torch.Tensor, image_rotary: Rotary | None):
+        """The fusion layer's keys/values of image tokens (once per image and block).
 
-    def self_attention(self, h, ctx: Context):
-        return self.attn(self.n1(h), rotary=ctx.rotary, layout=ctx.layout, backend=ctx.backend)
+        Args:
+            image_tokens: `[N_tok, d]` LM-width image tokens (flat, all images).
+            image_rotary: RoPE at each token's position `[N_tok]` (used by `casa`).
+        Returns:
+            `(k, v)`, each `[N_tok, Hkv, D]`, the parameters' dtype.
+        """
+        return self.fusion.image_kv(image_tokens, norm=self._fusion_norm(), sa=self.attn, image_rotary=image_rotary)
 
-    def cross(self, h, image_kv, ctx: Context):
-        return self.fusion(h, image_kv, norm=self.fusion_norm(), sa=self.attn, rotary=ctx.rotary,
-                           layout=ctx.layout, backend=ctx.backend)
+    def update_image_tokens(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """`ca_ffn`: image tokens `[N_tok, d]` through this block's FFN (residual), same shape."""
+        return image_tokens + self.mlp(self.post_attention_layernorm(image_tokens))
 
-    def forward(self, h, image_tokens, ctx: Context, *, update_images: bool = False):
-        if self.fusion is None:
-            h = h + self.self_attention(h, ctx)
-        else:
-            kv = self.fusion.image_kv(image_tokens, norm=self.fusion_norm(), sa=self.attn,
-                                      image_rotary=ctx.image_rotary)
-            if self.placement == "parallel":
-                h = h + self.self_attention(h, ctx) + self.cross(h, kv, ctx)
-            elif self.placement == "before":
-                h = h + self.cross(h, kv, ctx)
-                h = h + self.self_attention(h, ctx)
-            else:  # replace
-                h = h + self.cross(h, kv, ctx)
-        h = h + self.mlp(self.n2(h))
+    def forward(self, h: torch.Tensor, image_tokens: torch.Tensor | None, ctx: Context, *,
+                update_images: bool = False):
+        """One block over a whole batch.
+
+        Args:
+            h: `[B, T, d]` text states (`[B, S, d]` spliced rows for `insertion`).
+            image_tokens: `[N_tok, d]` flat image tokens, or None (`insertion`).
+            ctx: the batch's layout, positions and backend.
+            update_images: run the image tokens through the FFN too (`ca_ffn`).
+        Returns:
+            `(h, image_tokens)` with the input shapes.
+        """
+        kv = self.fusion_image_kv(image_tokens, ctx.image_rotary) if self.fusion is not None else None
+
+        def self_attention(x):
+            return self.attn(self.input_layernorm(x), rotary=ctx.rotary, layout=ctx.layout, backend=ctx.backend)
+
+        def fusion(x):
+            return self.fusion(x, kv, norm=self._fusion_norm(), sa=self.attn, rotary=ctx.rotary,
+                               layout=ctx.layout, backend=ctx.backend)
+
+        h = self._mix(h, self_attention, fusion)
+        h = h + self.mlp(self.post_attention_layernorm(h))
         if update_images:
-            image_tokens = image_tokens + self.mlp(self.n2(image_tokens))
+            image_tokens = self.update_image_tokens(image_tokens)
         return h, image_tokens
 
-    def step(self, h, *, rotary: Rotary, sa_cache, window, backend: str):
-        """Incremental `forward` of new tokens `h: [1, t, d]` against this block's
-        SA cache and fusion window state (both `cache.KVCache`; see session.py)."""
+    def step(self, h: torch.Tensor, *, rotary: Rotary, sa_cache, window, backend: str) -> torch.Tensor:
+        """Incremental `forward` of new tokens of one stream.
 
-        def sa(x):
-            return self.attn.step(self.n1(x), rotary=rotary, cache=sa_cache, backend=backend)
+        Args:
+            h: `[1, t, d]` states of the new tokens.
+            rotary: RoPE at their positions, `[1, t]`.
+            sa_cache: this block's self-attention `KVCache` (the new tokens join it).
+            window: this block's fusion window state (a `KVCache` whose prefix is
+                the window's image K/V), or None without a fusion layer.
+        Returns:
+            `[1, t, d]`.
+        """
 
-        def cross(x):
-            return self.fusion.step(x, window, norm=self.fusion_norm(), sa=self.attn, rotary=rotary,
+        def self_attention(x):
+            return self.attn.step(self.input_layernorm(x), rotary=rotary, cache=sa_cache, backend=backend)
+
+        def fusion(x):
+            return self.fusion.step(x, window, norm=self._fusion_norm(), sa=self.attn, rotary=rotary,
                                     backend=backend)
 
+        h = self._mix(h, self_attention, fusion)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    # -------------------------------------------------------------- helpers
+    def _fusion_norm(self) -> nn.Module:
+        # `replace` has no SA beside the fusion layer, so it reads the block's own input norm
+        return self.input_layernorm if self.placement == "replace" else self.fusion.norm
+
+    def _mix(self, h: torch.Tensor, self_attention: Sublayer, fusion: Sublayer) -> torch.Tensor:
+        """The attention part of the block, by placement (docs/design.md §3):
+        `parallel` adds both updates to the same input, `before` runs fusion
+        first, `replace` runs fusion alone (for `casa` it attends to the
+        window's text as well)."""
         if self.fusion is None:
-            h = h + sa(h)
-        elif self.placement == "parallel":
-            h = h + sa(h) + cross(h)
-        elif self.placement == "before":
-            h = h + cross(h)
-            h = h + sa(h)
-        else:  # replace
-            h = h + cross(h)
-        return h + self.mlp(self.n2(h))
+            return h + self_attention(h)
+        if self.placement == "parallel":
+            return h + self_attention(h) + fusion(h)
+        if self.placement == "before":
+            h = h + fusion(h)
+            return h + self_attention(h)
+        return h + fusion(h)
 
 
 class CasaModel(nn.Module):
+    """Vision tower + decoder with fusion blocks; `forward(Batch) -> logits`."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -109,10 +172,10 @@ class CasaModel(nn.Module):
         self.blocks = nn.ModuleList(
             Block(lm=lm, fusion=fusion if i in fusion_layers else None) for i in range(lm.n_layers)
         )
-        self.norm = RMSNorm(lm.d_model, eps=lm.norm_eps)
+        self.norm = RMSNorm(dim=lm.d_model, eps=lm.norm_eps)
         self.lm_head = nn.Linear(lm.d_model, lm.vocab_size, bias=False)
         for module in (self.embed, self.blocks, self.lm_head):
-            module.apply(_init_weights)
+            module.apply(init_weights)
         if lm.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         if fusion.init_from_sa:
@@ -144,13 +207,23 @@ class CasaModel(nn.Module):
             return self.embed.weight.new_zeros(0, self.tokens_per_image, d)
         return self.vision(batch.images.to(self.embed.weight.dtype))
 
-    def _rotary(self, positions):
+    def rotary(self, positions: torch.Tensor) -> Rotary:
+        """RoPE tables at long `positions` of any shape (cos/sin `[*positions.shape, D]`, fp32)."""
         lm = self.config.lm
         return Rotary.at(positions, head_dim=lm.head_dim, theta=lm.rope_theta)
 
     # ------------------------------------------------------------ forward
     def forward(self, batch: Batch, *, backend: str = "auto", return_hidden: bool = False):
-        """Logits `[B, T, vocab]` of the text tokens (or hidden states)."""
+        """Logits of the text tokens.
+
+        Args:
+            batch: `input_ids [B, T]` long, images `[N, C, S, S]` float (or
+                `image_embeds [N, n, d]`), their rows and insertion points.
+            backend: attention backend (`core.attention.resolve_backend`).
+            return_hidden: return the final-normed hidden states instead.
+        Returns:
+            `[B, T, vocab]` logits (or `[B, T, d]` hidden states), the parameters' dtype.
+        """
         vc = self.config.vision
         batch.validate(image_size=vc.image_size if batch.images is not None else None, channels=vc.channels,
                        image_tokens=self.tokens_per_image, d_model=self.config.lm.d_model)
@@ -166,9 +239,9 @@ class CasaModel(nn.Module):
     def _forward_fused(self, batch, h, images, backend):
         layout = batch.layout(images.shape[1])
         has_fusion = any(b.fusion is not None for b in self.blocks)
-        image_rotary = self._rotary(layout.image_token_attr(layout.image_pos)) if has_fusion else None
-        ctx = Context(layout, self._rotary(layout.text_pos), image_rotary, backend)
-        image_tokens = images.reshape(-1, images.shape[-1])
+        image_rotary = self.rotary(layout.image_token_attr(layout.image_pos)) if has_fusion else None
+        ctx = Context(layout, self.rotary(layout.text_pos), image_rotary, backend)
+        image_tokens = rearrange(images, "img tok d -> (img tok) d")  # flat, image-major
         update = self.config.fusion.variant == "ca_ffn"
         for block in self.blocks:
             h, image_tokens = block(h, image_tokens, ctx, update_images=update)
@@ -182,15 +255,18 @@ class CasaModel(nn.Module):
         rows = torch.arange(B, device=text.device)[:, None].expand(B, T)
         h = h.index_put((rows, splice.text_index), text)
         if images.shape[0]:
-            h = h.index_put((splice.image_row, splice.image_index), images.reshape(-1, d))
-        ctx = Context(splice.layout, self._rotary(splice.layout.text_pos), None, backend)
+            h = h.index_put((splice.image_row, splice.image_index), rearrange(images, "img tok d -> (img tok) d"))
+        ctx = Context(splice.layout, self.rotary(splice.layout.text_pos), None, backend)
         for block in self.blocks:
             h, _ = block(h, None, ctx)
         return h[rows, splice.text_index]
 
 
-def _init_weights(module: nn.Module) -> None:
+def init_weights(module: nn.Module) -> None:
+    """The decoder's init: normal(0, 0.02) for linear and embedding weights, zero biases."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, std=0.02)
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
+
+

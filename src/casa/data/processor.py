@@ -1,4 +1,9 @@
-"""Sample -> token ids, loss targets, preprocessed images and insertion points.
+"""Conversation -> token ids, loss targets, preprocessed images and insertion points.
+
+The one home of the chat rendering rule: training and evaluation (`encode`)
+and live chat / captioning (`encode_continuation`, used by
+`inference.generate.Chat`) all render turns here, so a model sees at
+inference exactly the markup it was trained on.
 
 Design decisions:
 - The built-in chat template (byte tokenizer) is
@@ -13,9 +18,21 @@ Design decisions:
   token (`<|gist|>` by default) right after it. Consecutive images (several
   image parts in a row, or a video's frames) share one insertion point, so
   one window, with the prefix before and the gist token after the group.
-- Targets (the loss mask) are the assistant's tokens and its closing end
-  token only; `turns` records each assistant span so that evaluation can
-  prompt with everything before a turn and compare the decoded answer.
+- Targets (the loss mask) are the assistant's tokens and its closing markup
+  only; `turns` records each assistant span so that evaluation can prompt
+  with everything before a turn and compare the decoded answer.
+- A rendering is a list of segments `(kind, value, target)`, kind one of
+  `markup` (a string whose special-token names become their ids), `text`
+  (plain user text), `image` (any image object, kept as is) and `ids` (token
+  ids used verbatim: a reply the model generated, so a chat never re-tokenises
+  what it fed). Tokenisation of segments (`tokenize`) is shared by every path.
+- Live chat feeds a conversation turn by turn (`encode_continuation`): the
+  tokens that new messages add are the difference between two renderings of
+  a short context (the last exchange), not of the whole history, so the cost
+  of a turn does not grow with the stream. This is exact for any template
+  whose rendering of a message depends only on the message (and on whether
+  it is first); a template that renders a prefix differently once more
+  messages follow is refused, as in training.
 """
 
 from __future__ import annotations
@@ -28,14 +45,17 @@ from casa.config import VisionConfig
 from casa.data.sample import DataError, Sample, check_sample
 from casa.vision.preprocess import preprocess
 
+__all__ = ["Encoded", "Processor", "REPLY_SENTINEL", "SENTINEL"]
+
 SENTINEL = "\ue000"  # stands for an image inside a rendered HF chat template
+REPLY_SENTINEL = "\ue001"  # stands for a generated reply (`ids` part) inside a rendered HF chat template
 
 
 @dataclass
 class Encoded:
     ids: list[int]
     targets: list[bool]  # loss mask: True on assistant tokens
-    images: list = field(default_factory=list)  # PIL images / paths, in order (pixels made lazily)
+    images: list = field(default_factory=list)  # PIL images / paths / tensors, in order (pixels made lazily)
     points: list[int] = field(default_factory=list)  # insertion point of each image
     turns: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each assistant turn
     source: str = "<memory>"
@@ -59,7 +79,23 @@ def _images_of(part) -> list:
     return list(part["frames"])
 
 
+def _same_segment(a, b) -> bool:
+    """Two segments render the same tokens (images compared by identity)."""
+    if a[0] != b[0]:
+        return False
+    return a[1] is b[1] if a[0] == "image" else a[1] == b[1]
+
+
 class Processor:
+    """Renders conversations with a tokenizer's chat template (or the built-in one).
+
+    Args:
+        tokenizer: `ByteTokenizer` or `HFTokenizer`.
+        vision: the model's vision config (image preprocessing).
+        gist: put `gist_token` after each image group.
+        image_prefix: a token to put before each image group (e.g. `<|vision_start|>`).
+    """
+
     def __init__(self, tokenizer, vision: VisionConfig, *, gist: bool = True, gist_token: str = "<|gist|>",
                  image_prefix: str | None = None):
         self.tok = tokenizer
@@ -74,30 +110,31 @@ class Processor:
             self.stop_ids = {tokenizer.eos_id, *map(int, special)}
         else:
             self.stop_ids = {tokenizer.token_id("<|end|>"), tokenizer.eos_id}
+        self._end_of_turn: int | None = None
 
     @property
     def tokens_per_image(self) -> int:
         return self.vision.tokens_per_image
+
+    @property
+    def end_of_turn_id(self) -> int:
+        """The token that closes an assistant turn: the first one the template puts after a reply
+        (`<|end|>` for the built-in template, e.g. `<|im_end|>` for Qwen's)."""
+        if self._end_of_turn is None:
+            closing = self.encode_continuation([{"role": "user", "content": [{"type": "text", "text": "?"}]},
+                                                {"role": "assistant", "content": [{"type": "ids", "ids": []}]}],
+                                               [{"role": "user", "content": [{"type": "text", "text": "?"}]}])
+            if not closing.ids:
+                raise ValueError("the chat template puts nothing after an assistant reply")
+            self._end_of_turn = closing.ids[0]
+        return self._end_of_turn
 
     # ------------------------------------------------------------- encoding
     def encode(self, sample, *, pixels: bool = True) -> Encoded:
         """Tokenise a `Sample` (or a raw dict); with `pixels`, decode and preprocess its images."""
         if not isinstance(sample, Sample):
             sample = check_sample(sample)
-        enc = Encoded([], [], source=sample.source)
-        segments = self._render_template(sample) if self.templated else self._render_builtin(sample)
-        group = []  # consecutive images share one insertion point (one window)
-        for kind, value, target in segments + [("markup", "", False)]:
-            if kind == "image":
-                group.append(value)
-                continue
-            if group:
-                self._add_images(enc, group)
-                group = []
-            ids = self.tok.encode(value, specials=kind == "markup") if value else []
-            enc.ids.extend(ids)
-            enc.targets.extend([target] * len(ids))
-        self._find_turns(enc)
+        enc = self.tokenize(self.render(sample.messages, source=sample.source), source=sample.source)
         if not enc.turns:
             raise DataError(f"{sample.source}: sample has no assistant tokens to train on")
         if enc.points and enc.points[-1] >= len(enc.ids):
@@ -106,12 +143,59 @@ class Processor:
             self.pixels(enc)
         return enc
 
+    def encode_continuation(self, history: list[dict], new: list[dict]) -> Encoded:
+        """What `new` messages add to a conversation fed so far, then the
+        assistant's opening (the prompt of the next reply).
+
+        Args:
+            history: messages already fed: empty, or ending with an assistant
+                message whose content is one `{"type": "ids", "ids": [...]}` part,
+                fed up to its ids (not its closing markup).
+            new: user / system messages (parts: text, image with any image object).
+        Returns:
+            `Encoded` of the continuation alone: its ids, images and their
+            insertion points (relative to the continuation's first token).
+        """
+        context = history[_last_exchange(history):]
+        fed = []
+        if context:  # fed up to the last reply's ids: its closing markup belongs to the continuation
+            fed = self.render(context)
+            replies = [i for i, s in enumerate(fed) if s[0] == "ids"]
+            if history[-1]["role"] != "assistant" or not replies:
+                raise ValueError("encode_continuation: the history must end with a generated reply (an 'ids' part)")
+            fed = fed[: replies[-1] + 1]
+        full = self.render(context + new, generation_prompt=True)
+        if len(full) < len(fed) or not all(_same_segment(a, b) for a, b in zip(fed, full)):
+            raise ValueError(f"the chat template of {self._tokenizer_name()} does not render a conversation "
+                             "as a prefix of its continuation; cannot chat turn by turn")
+        return self.tokenize(full[len(fed):])
+
     def pixels(self, enc: Encoded) -> Encoded:
         if enc.pixels is None and enc.images:
             try:
                 enc.pixels = preprocess(enc.images, self.vision)
             except ValueError as e:
                 raise DataError(f"{enc.source}: {e}") from None
+        return enc
+
+    def tokenize(self, segments: list[tuple], *, source: str = "<memory>") -> Encoded:
+        """Segments -> ids, targets, images and insertion points (markers around image groups)."""
+        enc = Encoded([], [], source=source)
+        group = []  # consecutive images share one insertion point (one window)
+        for kind, value, target in [*segments, ("markup", "", False)]:
+            if kind == "image":
+                group.append(value)
+                continue
+            if group:
+                self._add_images(enc, group)
+                group = []
+            if kind == "ids":
+                ids = list(value)
+            else:
+                ids = self.tok.encode(value, specials=kind == "markup") if value else []
+            enc.ids.extend(ids)
+            enc.targets.extend([target] * len(ids))
+        self._find_turns(enc)
         return enc
 
     def _add_images(self, enc: Encoded, images: list) -> None:
@@ -138,50 +222,84 @@ class Processor:
             else:
                 i += 1
 
-    def _render_builtin(self, sample: Sample):
-        """Segments `(kind, value, target)` with kind in markup / text / image."""
+    # ------------------------------------------------------------ rendering
+    def render(self, messages: list[dict], *, generation_prompt: bool = False, source: str = "<memory>"):
+        """Segments `(kind, value, target)` of a conversation (see the module docstring);
+        with `generation_prompt`, followed by the assistant's opening."""
+        if self.templated:
+            return self._render_template(messages, generation_prompt, source)
+        return self._render_builtin(messages, generation_prompt)
+
+    @staticmethod
+    def _render_builtin(messages, generation_prompt: bool):
         out = [("markup", "<bos>", False)]
-        for m in sample.messages:
+        for m in messages:
             assistant = m["role"] == "assistant"
             out.append(("markup", "<|assistant|>" if assistant else "<|user|>", False))
             for part in m["content"]:
                 if part["type"] == "text":
                     out.append(("text", part["text"], assistant))
+                elif part["type"] == "ids":
+                    out.append(("ids", part["ids"], assistant))
                 else:
                     out.extend(("image", img, False) for img in _images_of(part))
             out.append(("markup", "<|end|>", assistant))
+        if generation_prompt:
+            out.append(("markup", "<|assistant|>", False))
         return out
 
-    def _render_template(self, sample: Sample):
-        msgs, images = [], []
-        for m in sample.messages:
+    def _render_template(self, messages, generation_prompt: bool, source: str):
+        msgs, images, replies = [], [], []
+        for m in messages:
             text = ""
             for part in m["content"]:
                 if part["type"] == "text":
                     text += part["text"]
+                elif part["type"] == "ids":
+                    replies.append(part["ids"])
+                    text += REPLY_SENTINEL
                 else:
                     new = _images_of(part)
                     images.extend(new)
                     text += SENTINEL * len(new)
             msgs.append({"role": m["role"], "content": text})
-        full = self.tok.render_chat(msgs)
-        target = [False] * len(full)
+        full = self.tok.render_chat(msgs, add_generation_prompt=generation_prompt)
+        target = [False] * (len(full) + 1)
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
             before = self.tok.render_chat(msgs[:i], add_generation_prompt=True)
             upto = self.tok.render_chat(msgs[: i + 1])
             if not (upto.startswith(before) and full.startswith(upto)):
-                raise DataError(f"{sample.source}: the tokenizer's chat template does not render "
+                raise DataError(f"{source}: the chat template of {self._tokenizer_name()} does not render "
                                 f"conversation prefixes as prefixes; cannot locate assistant turn {i}")
             target[len(before): len(upto)] = [True] * (len(upto) - len(before))
-        out, start, images = [], 0, iter(images)
+        out, start, images, replies = [], 0, iter(images), iter(replies)
         for i in range(1, len(full) + 1):
-            if i == len(full) or full[i] == SENTINEL or full[i - 1] == SENTINEL or target[i] != target[i - 1]:
+            if (i == len(full) or full[i] in (SENTINEL, REPLY_SENTINEL) or full[i - 1] in (SENTINEL, REPLY_SENTINEL)
+                    or target[i] != target[i - 1]):
                 piece = full[start:i]
                 if piece == SENTINEL:
                     out.append(("image", next(images), False))
+                elif piece == REPLY_SENTINEL:
+                    out.append(("ids", next(replies), target[start]))
                 elif piece:
                     out.append(("markup", piece, target[start]))
                 start = i
         return out
+
+    def _tokenizer_name(self) -> str:
+        path = getattr(self.tok, "path", None)
+        return repr(str(path)) if path is not None else type(self.tok).__name__
+
+
+def _last_exchange(history: list[dict]) -> int:
+    """Index where the last exchange starts: the first message after the
+    previous assistant turn, so that the context of a continuation starts
+    with a user (or system) message, as templates that check role order require."""
+    if not history:
+        return 0
+    i = len(history) - 1  # the last assistant message
+    while i > 0 and history[i - 1]["role"] != "assistant":
+        i -= 1
+    return i

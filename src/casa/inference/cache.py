@@ -8,50 +8,48 @@ One class, `KVCache`, serves every cache of a `Session`:
   *prefix* (written once, when the images arrive), then, for `casa`, the
   window's text K/V so far as tokens. `reset()` starts a new window.
 
-Keys are stored after RoPE, at their original positions, and never rotated
-again.
-
-Bounded history (`History(sink, window)`, an option): a token at absolute
-index `q` sees the prefix, the first `sink` tokens (the attention sink) and
-the `window` most recent tokens, itself included; nothing else is kept. The
-window part is a ring buffer, so memory is constant once it is full and no
-token is ever copied to evict another. The rule is exact whatever the chunk
-size: a chunk of `t` tokens is attended with an explicit mask over
-`[kept tokens ; chunk]` before the chunk is written, so chunked prefill and
-token-by-token decode give the same result. Positions are not recycled: a
-query far into a stream sees the sink at its true, large distance (unlike
-StreamingLLM, which re-numbers positions inside the cache); that keeps keys
-valid after eviction and costs nothing per step.
+Design decisions:
+- Which cached key a query sees is decided by `core.layout.cached_mask` (the
+  §4 rule, incrementally) and, with a bounded history, `History.sees`; this
+  module only stores entries and hands out views of them.
+- Keys are stored after RoPE, at their original positions, and never rotated
+  again.
+- Storage is head-major, `[1, Hkv, capacity, D]`, so that the keys of a step
+  are a strided view that SDPA reads in place (token-major storage would be
+  copied by every decode step). Capacity grows by doubling.
+- Bounded history (`History(sink, window)`, an option): the cache holds the
+  first `sink` tokens and a ring buffer of the `window` most recent ones, so
+  memory is constant once it is full and no token is ever copied to evict
+  another. The rule is exact whatever the chunk size: a chunk of `t` tokens
+  is attended with an explicit mask over `[held tokens ; chunk]` before the
+  chunk is written, so chunked prefill and token-by-token decode give the
+  same result. Positions are not recycled: a query far into a stream sees
+  the sink at its true, large distance (unlike StreamingLLM, which
+  re-numbers positions inside the cache); that keeps keys valid after
+  eviction and costs nothing per step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+from einops import rearrange
+
+from casa.core.layout import History, cached_mask
+
+__all__ = ["History", "KVCache"]  # History is defined with the other mask rules, in core.layout
 
 
-@dataclass(frozen=True)
-class History:
-    """Attention sink + sliding window over a text cache."""
-
-    sink: int = 4
-    window: int = 1024
-
-    def __post_init__(self):
-        if self.sink < 0:
-            raise ValueError(f"History.sink={self.sink}: must be >= 0")
-        if self.window < 1:
-            raise ValueError(f"History.window={self.window}: must be >= 1")
+def _head_major(x: torch.Tensor) -> torch.Tensor:
+    """Token-major `[1, t, Hkv, D]` (as projections give them) -> head-major `[1, Hkv, t, D]`."""
+    return rearrange(x, "b t h d -> b h t d")
 
 
 class KVCache:
-    """Keys/values of one attention layer: a prefix, then tokens.
+    """Keys/values of one attention layer of one stream: a prefix, then tokens.
 
-    Stored head-major, `[1, Hkv, capacity, D]`, so that the keys of a step are
-    a strided view that SDPA reads in place (token-major storage would be
-    copied by every decode step). `extend` and `add_prefix` take token-major
-    `[1, t, Hkv, D]`, as the projections produce them.
+    Shapes: stored `k, v: [1, Hkv, capacity, D]`; `extend` and `add_prefix`
+    take token-major `[1, t, Hkv, D]`; views handed out are head-major
+    `[1, Hkv, S, D]`, in the dtype of the entries written.
     """
 
     def __init__(self, *, history: History | None = None):
@@ -79,6 +77,7 @@ class KVCache:
 
     @property
     def allocated_bytes(self) -> int:
+        """Bytes of the buffers, spare capacity included."""
         return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
 
     # -------------------------------------------------------------- storage
@@ -97,32 +96,42 @@ class KVCache:
             new_v[:, :, : self.tokens] = self.v[:, :, : self.tokens]
         self.k, self.v = new_k, new_v
 
+    def _held(self):
+        """Head-major views `[1, Hkv, prefix + tokens, D]` of everything held."""
+        return self.k[:, :, : self.tokens], self.v[:, :, : self.tokens]
+
     def reset(self) -> None:
         """Forget everything (a new window); the buffer is kept for reuse."""
         self.n_prefix = self.n_slots = self.seen = 0
         self.slot_abs = None
 
     def add_prefix(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append always-visible entries (image K/V); only before any token."""
+        """Append always-visible entries (image K/V, `[1, n, Hkv, D]`); only before any token."""
         if self.seen:
             raise RuntimeError("KVCache.add_prefix: tokens were already appended; reset() first")
         n = k.shape[1]
         self._reserve(k, self.n_prefix + n)
-        self.k[:, :, self.n_prefix : self.n_prefix + n] = k.transpose(1, 2)
-        self.v[:, :, self.n_prefix : self.n_prefix + n] = v.transpose(1, 2)
+        self.k[:, :, self.n_prefix : self.n_prefix + n] = _head_major(k)
+        self.v[:, :, self.n_prefix : self.n_prefix + n] = _head_major(v)
         self.n_prefix += n
 
     def prefix(self):
-        """`(keys, values)` of the prefix alone, `[1, Hkv, P, D]` (None when empty)."""
+        """`(keys, values)` of the prefix alone, `[1, Hkv, P, D]` each (None, None when empty)."""
         if not self.n_prefix:
             return None, None
         return self.k[:, :, : self.n_prefix], self.v[:, :, : self.n_prefix]
 
     # --------------------------------------------------------------- append
     def extend(self, k: torch.Tensor, v: torch.Tensor):
-        """Append `t` tokens `[1, t, Hkv, D]`; return `(keys, values, mask)` for
-        their queries: keys/values `[1, Hkv, S, D]`; mask None when every key is
-        visible to every query, else a boolean `[t, S]` (True = attend)."""
+        """Append `t` tokens and return what their queries attend to.
+
+        Args:
+            k, v: `[1, t, Hkv, D]` keys (after RoPE) and values of the new tokens.
+        Returns:
+            `(keys, values, mask)`: keys/values `[1, Hkv, S, D]` (head-major views
+            or, for a bounded chunk, copies); mask None when every key is visible
+            to every query (one new token), else bool `[t, S]` (True = attend).
+        """
         if self.history is None:
             return self._extend_full(k, v)
         return self._extend_bounded(k, v)
@@ -130,29 +139,27 @@ class KVCache:
     def _extend_full(self, k, v):
         t, start = k.shape[1], self.tokens
         self._reserve(k, start + t)
-        self.k[:, :, start : start + t] = k.transpose(1, 2)
-        self.v[:, :, start : start + t] = v.transpose(1, 2)
-        before = self.n_slots
+        self.k[:, :, start : start + t] = _head_major(k)
+        self.v[:, :, start : start + t] = _head_major(v)
+        new = torch.arange(self.seen, self.seen + t, device=k.device)
         self.n_slots += t
         self.seen += t
-        keys, values = self.k[:, :, : self.tokens], self.v[:, :, : self.tokens]
-        if t == 1:
+        keys, values = self._held()
+        if t == 1:  # one query sees every key held (the rule's newest entry)
             return keys, values, None
-        col = torch.arange(self.n_slots, device=k.device)
-        row = torch.arange(t, device=k.device)
-        token_part = col[None, :] <= before + row[:, None]
-        prefix_part = torch.ones(t, self.n_prefix, dtype=torch.bool, device=k.device)
-        return keys, values, torch.cat([prefix_part, token_part], dim=1)
+        held = torch.arange(self.seen, device=k.device)
+        return keys, values, cached_mask(new, held, n_prefix=self.n_prefix, history=None)
 
     def _slot(self, a: torch.Tensor) -> torch.Tensor:
+        """Token slot of absolute index `a`: its own in the sink, else a place in the ring."""
         s, w = self.history.sink, self.history.window
         return torch.where(a < s, a, s + (a - s) % w)
 
     def _write(self, k, v, absolute: torch.Tensor) -> None:
-        """Write tokens at `absolute` indices into their slots (sink or ring)."""
+        """Write tokens `[1, t, Hkv, D]` at `absolute` indices into their slots (sink or ring)."""
         slots = self._slot(absolute)
-        self.k[:, :, self.n_prefix + slots] = k.transpose(1, 2)
-        self.v[:, :, self.n_prefix + slots] = v.transpose(1, 2)
+        self.k[:, :, self.n_prefix + slots] = _head_major(k)
+        self.v[:, :, self.n_prefix + slots] = _head_major(v)
         self.slot_abs[slots] = absolute
 
     def _extend_bounded(self, k, v):
@@ -162,24 +169,22 @@ class KVCache:
         if self.slot_abs is None:
             self.slot_abs = torch.full((s + w,), -1, dtype=torch.long, device=dev)
         absolute = torch.arange(self.seen, self.seen + t, device=dev)
-        if t == 1:
-            # the slot overwritten (if any) holds the one token this query no longer sees
-            self._write(k, v, absolute)
-            self.seen += 1
-            self.n_slots = min(self.seen, s + w)
-            return self.k[:, :, : self.tokens], self.v[:, :, : self.tokens], None
-        held_k, held_v = self.k[:, :, : self.tokens], self.v[:, :, : self.tokens]
-        keys = torch.cat([held_k, k.transpose(1, 2)], dim=2)
-        values = torch.cat([held_v, v.transpose(1, 2)], dim=2)
-        key_abs = torch.cat([self.slot_abs[: self.n_slots], absolute])
-        q = absolute[:, None]
-        b = key_abs[None, :]
-        token_part = (b <= q) & ((b < s) | (q - b < w))
-        prefix_part = torch.ones(t, self.n_prefix, dtype=torch.bool, device=dev)
-        mask = torch.cat([prefix_part, token_part], dim=1)
         last = self.seen + t
-        keep = (absolute < s) | (absolute >= last - w)  # survivors of this chunk
+        if t == 1:
+            # The slot this token overwrites (if any) holds the one entry it no
+            # longer sees, so afterwards it sees every entry held: no mask.
+            self._write(k, v, absolute)
+            self.seen, self.n_slots = last, min(last, s + w)
+            keys, values = self._held()
+            return keys, values, None
+        held_k, held_v = self._held()
+        keys = torch.cat([held_k, _head_major(k)], dim=2)
+        values = torch.cat([held_v, _head_major(v)], dim=2)
+        key_abs = torch.cat([self.slot_abs[: self.n_slots], absolute])
+        mask = cached_mask(absolute, key_abs, n_prefix=self.n_prefix, history=self.history)
+        # Keep rule: hold what the chunk's newest token sees (the sink and the
+        # last `window` tokens); each later token overwrites the one it no longer sees.
+        keep = self.history.sees(absolute, absolute[-1])
         self._write(k[:, keep], v[:, keep], absolute[keep])
-        self.seen = last
-        self.n_slots = min(last, s + w)
+        self.seen, self.n_slots = last, min(last, s + w)
         return keys, values, mask

@@ -12,20 +12,30 @@ Design decisions:
   current turn's.
 - Order: processors, then temperature, top-k, top-p (on the processed
   logits). `temperature=0` is greedy (argmax), without randomness.
-- The chat template is the built-in one of `data/processor.py`:
-  `<bos> <|user|> [images] <|gist|> text <|end|> <|assistant|> reply <|end|>`
-  (gist token after the images when `gist`); a turn's images share a window.
+- `Chat` renders turns with the model's own processor
+  (`data.Processor.encode_continuation`): the chat template of its tokenizer
+  (or the built-in one), with the image markers and gist token it was
+  trained with, exactly as training and evaluation render them. A turn's
+  images share a window. Generated replies are fed as generated (never
+  re-tokenised); a reply's stop token is not fed: the template's closing
+  markup is, as in training.
+- Chat stops at the processor's stop tokens (`Processor.stop_ids`), the
+  same set evaluation stops at.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from casa.data.processor import Processor
 from casa.inference.session import Session
+from casa.vision.preprocess import preprocess
+
+__all__ = ["Chat", "EndOfTurnBias", "Generation", "RepetitionPenalty", "Reply", "Sampling", "generate", "sample"]
 
 
 @dataclass
@@ -84,16 +94,18 @@ class RepetitionPenalty:
 
 class EndOfTurnBias:
     """Add `bias + slope * n` to the end token's logit, `n` tokens into the
-    turn (a stream wants short captions); before `min_tokens` the end token is
-    forbidden."""
+    turn (a stream wants short captions); before `min_tokens` the end token,
+    and every token of `stop_ids`, is forbidden."""
 
-    def __init__(self, *, token_id: int, bias: float = 0.0, slope: float = 0.0, min_tokens: int = 0):
+    def __init__(self, *, token_id: int, bias: float = 0.0, slope: float = 0.0, min_tokens: int = 0,
+                 stop_ids: tuple[int, ...] = ()):
         self.token_id, self.bias, self.slope, self.min_tokens = int(token_id), bias, slope, min_tokens
+        self.forbidden = sorted({self.token_id, *map(int, stop_ids)})
 
     def __call__(self, logits: torch.Tensor, generated: list[int]) -> torch.Tensor:
         logits = logits.clone()
         if len(generated) < self.min_tokens:
-            logits[self.token_id] = float("-inf")
+            logits[self.forbidden] = float("-inf")
         else:
             logits[self.token_id] += self.bias + self.slope * len(generated)
         return logits
@@ -175,74 +187,100 @@ class Reply:
     generation: Generation
 
 
-@dataclass
 class Chat:
-    """Multi-turn, multi-image chat with the built-in template over one session.
+    """Multi-turn, multi-image chat over one session, rendered with the model's processor.
 
-    Text is buffered and fed lazily, right before an image or a generation,
-    so that markup tokens never cost a forward of their own.
+    Args:
+        session: a fresh `Session` (the chat starts the conversation).
+        processor: the model's `data.Processor` (`casa.load(dir).processor`), or
+            a bare tokenizer for the built-in template with its default markup.
+        sampling: sampling settings; the processor's stop tokens are added.
+        processors: logits processors (`RepetitionPenalty`, `EndOfTurnBias`, ...).
+        generator: random generator for sampling.
+
+    `user()` only records a turn (its images are preprocessed at once, so a bad
+    image fails there); `reply()` feeds everything new (the last reply's
+    closing markup, the new turns, the assistant's opening) and generates:
+    markup never costs a forward of its own.
     """
 
-    session: Session
-    tokenizer: object
-    sampling: Sampling | None = None
-    processors: tuple = ()
-    gist: bool = True
-    generator: torch.Generator | None = None
-    pending: list[int] = field(default_factory=list)
-    turns: int = 0
-
-    def __post_init__(self):
-        tok = self.tokenizer
-        try:
-            self.ids = {name: tok.token_id(name) for name in ("<bos>", "<|user|>", "<|assistant|>", "<|end|>")}
-            self.gist_id = tok.token_id("<|gist|>") if self.gist else None
-        except KeyError as e:
-            raise ValueError(f"Chat: the tokenizer lacks the built-in chat markup: {e}") from None
-        base = self.sampling or Sampling()
-        stops = {*base.stop_tokens, self.ids["<|end|>"], tok.eos_id}
-        self.sampling = Sampling(base.max_new_tokens, base.temperature, base.top_k, base.top_p, tuple(stops))
-
-    def _flush(self) -> None:
-        if self.pending:
-            self.session.forward_text(self.pending)
-            self.pending = []
+    def __init__(self, session: Session, processor, *, sampling: Sampling | None = None, processors=(),
+                 generator: torch.Generator | None = None):
+        if not isinstance(processor, Processor):
+            try:
+                processor = Processor(processor, session.config.vision)
+            except KeyError as e:
+                raise ValueError(f"Chat: the tokenizer lacks the built-in chat markup ({e}); "
+                                 "give the model's processor (casa.load(dir).processor)") from None
+        self.session = session
+        self.processor = processor
+        self.tokenizer = processor.tok
+        self.processors = tuple(processors)
+        self.generator = generator
+        base = sampling or Sampling()
+        stops = {*base.stop_tokens, *processor.stop_ids}
+        self.sampling = Sampling(base.max_new_tokens, base.temperature, base.top_k, base.top_p, tuple(sorted(stops)))
+        # The last exchange fed (user turns, then the reply as its generated ids): all that the
+        # next continuation is rendered against, so memory does not grow with the conversation.
+        self.last_exchange: list[dict] = []
+        self.new: list[dict] = []  # messages recorded, not fed yet
+        self.unfed: list[int] = []  # the last reply's final token, when it was not a stop token
+        self.turns = 0
 
     def user(self, text: str = "", images=()) -> None:
-        """Add a user turn: its images (one window), then its text."""
-        if self.turns == 0 and not self.session.text_tokens:
-            self.pending.append(self.ids["<bos>"])
-        self.pending.append(self.ids["<|user|>"])
-        if torch.is_tensor(images) or len(images := list(images)):
-            self._flush()
-            self._add_images(images)
-            if self.gist_id is not None:
-                self.pending.append(self.gist_id)
-        self.pending.extend(self.tokenizer.encode(text))
-        self.pending.append(self.ids["<|end|>"])
+        """Add a user turn: its images (one window), then its text.
+
+        Args:
+            images: PIL images / uint8 arrays / paths (preprocessed now), float
+                pixels `[N, C, S, S]` or embeds `[N, n, d]` (a tensor or a list
+                of per-image tensors).
+        """
+        if torch.is_tensor(images):
+            images = list(images)
+        images = list(images)
+        if images and not all(torch.is_tensor(x) for x in images):
+            images = list(preprocess(images, self.session.config.vision))  # [C, S, S] each
+        parts = [{"type": "image", "image": img} for img in images]
+        if text:
+            parts.append({"type": "text", "text": text})
+        self.new.append({"role": "user", "content": parts})
         self.turns += 1
 
-    def _add_images(self, images) -> None:
-        """Pixels `[N, C, S, S]` or embeds `[N, n, d]` (a tensor or a list of
-        per-image tensors), else PIL images / arrays / paths."""
-        if not torch.is_tensor(images) and all(torch.is_tensor(x) for x in images):
-            images = torch.stack(images)
-        if torch.is_tensor(images) and images.dim() == 3:
-            self.session.add_image_embeds(images)
-        else:
-            self.session.add_images(images)
+    def _feed(self, enc) -> list[int]:
+        """Feed a continuation's ids with its images at their insertion points;
+        returns the ids after the last image (the caller's prompt)."""
+        ids, fed = self.unfed + enc.ids, 0
+        points = [p + len(self.unfed) for p in enc.points]
+        self.unfed = []
+        i = 0
+        while i < len(points):
+            j = i
+            while j < len(points) and points[j] == points[i]:
+                j += 1
+            if points[i] > fed:
+                self.session.forward_text(ids[fed : points[i]])
+                fed = points[i]
+            group = torch.stack(enc.images[i:j])
+            if group.dim() == 3:  # [N, n, d]: LM-width image tokens
+                self.session.add_image_embeds(group)
+            else:
+                self.session.add_images(group)
+            i = j
+        return ids[fed:]
 
     def reply(self, *, on_token=None) -> Reply:
-        """Generate the assistant's answer; its closing end token is fed with the next turn."""
-        self.pending.append(self.ids["<|assistant|>"])
-        prompt, self.pending = self.pending, []
+        """Generate the assistant's answer to the turns added since the last reply."""
+        if not self.new:
+            raise ValueError("Chat.reply: no new user turn")
+        prompt = self._feed(self.processor.encode_continuation(self.last_exchange, self.new))
         gen = generate(self.session, prompt, sampling=self.sampling, processors=self.processors,
                        generator=self.generator, commit=False, on_token=on_token)
-        self.pending.append(gen.tokens[-1])
-        if gen.stop_reason != "stop_token":  # cut short: close the turn as the template does
-            self.pending.append(self.ids["<|end|>"])
-        text_ids = [t for t in gen.tokens if t not in self.sampling.stop_tokens]
-        return Reply(self.tokenizer.decode(text_ids), gen.tokens, gen)
+        reply_ids = gen.tokens[:-1] if gen.stop_reason == "stop_token" else gen.tokens
+        if gen.stop_reason != "stop_token":  # cut short: its last token is not in the cache yet
+            self.unfed = [gen.tokens[-1]]
+        self.last_exchange = [*self.new, {"role": "assistant", "content": [{"type": "ids", "ids": reply_ids}]}]
+        self.new = []
+        return Reply(self.tokenizer.decode(reply_ids), gen.tokens, gen)
 
     def ask(self, text: str = "", images=(), **kw) -> Reply:
         self.user(text, images)

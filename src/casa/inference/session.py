@@ -1,39 +1,57 @@
 """Incremental inference for one stream: images and text arrive over time.
 
 `Session` holds the inference state of docs/design.md §5 and feeds a `CasaModel`
-through `Block.step`:
+through its blocks' public step API (`Block.step`, `Block.fusion_image_kv`,
+`Block.update_image_tokens`):
 
-- `add_images(...)` opens a new window, unless no text arrived since the
-  current window started (consecutive images share a window, as in a batch
-  whose images have the same insertion point). Each fusion layer computes the
-  images' K/V once, here, and keeps them as its window's prefix (for `ca_ffn`
-  from the image tokens as updated by the FFNs of the blocks below, as in the
-  uncached forward). `insertion` instead runs the image tokens through the blocks as
-  part of the stream: they take positions and enter the SA cache.
+- `add_images(...)` inserts images before the next text token. Whether they
+  open a new window is `core.layout.StreamWindows`' decision (the batch rule,
+  incrementally: consecutive images share a window). Each fusion layer
+  computes the images' K/V once, here, and keeps them as its window's prefix
+  (for `ca_ffn` from the image tokens as updated by the FFNs of the blocks
+  below, as in the uncached forward). `insertion` instead runs the image
+  tokens through the blocks as part of the stream: they take positions and
+  enter the SA cache.
 - `forward_text(ids)` runs any number of new text tokens (prefill or decode)
   and returns their logits. The SA cache holds text only (all variants but
   `insertion`); `casa` fusion layers add the text to their window state.
-- Positions count text tokens only (image keys take the position of the next
-  text token, their insertion point), except in `insertion`.
 
-One stream per session (batch size 1). With `history=History(sink, window)`
-every cache keeps an attention sink plus a sliding window (`cache.py`); for
-`insertion` the window counts image tokens too. The invariant, tested for
-every variant and placement: any split of a document into `add_images` and
-`forward_text` calls gives the logits of one uncached `CasaModel.forward`.
+Design decisions:
+- Positions count text tokens only (image keys take the position of the next
+  text token, their insertion point), except in `insertion`, as in the
+  uncached forward.
+- One stream per session (batch size 1): a stream's state is its caches, and
+  batching streams would pad them to the longest.
+- With `history=History(sink, window)` every cache keeps an attention sink
+  plus a sliding window (`cache.py`); for `insertion` the window counts image
+  tokens too.
+- The invariant, tested for every variant and placement: any split of a
+  document into `add_images` and `forward_text` calls gives the logits of one
+  uncached `CasaModel.forward`.
 """
 
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 
-from casa.core.lm import Rotary
+from casa.core.layout import History, StreamWindows
 from casa.core.model import CasaModel
-from casa.inference.cache import History, KVCache
+from casa.inference.cache import KVCache
 from casa.vision.preprocess import check_pixels, preprocess
+
+__all__ = ["Session"]
 
 
 class Session:
+    """The inference state of one stream over a `CasaModel` (see the module docstring).
+
+    Args:
+        model: the model (its parameters' device and dtype are used throughout).
+        history: bounded history for every cache, or None to keep everything.
+        backend: attention backend name, validated as in the forward.
+    """
+
     def __init__(self, model: CasaModel, *, history: History | None = None, backend: str = "auto"):
         self.model = model
         self.config = model.config
@@ -42,25 +60,26 @@ class Session:
         self.insertion = model.config.fusion.variant == "insertion"
         self.sa = [KVCache(history=history) for _ in model.blocks]
         self.windows = [KVCache(history=history) if b.fusion is not None else None for b in model.blocks]
+        self.stream = StreamWindows()  # where windows start, as the batch layout would say
         self.position = 0  # RoPE position of the next token
-        self.text_tokens = 0  # text tokens fed so far
-        self.window_text = 0  # text tokens in the current window
         self.images = 0  # images fed so far
-        self.last_logits: torch.Tensor | None = None  # logits of the last text token fed
+        self.last_logits: torch.Tensor | None = None  # [vocab], logits of the last text token fed
+
+    @property
+    def text_tokens(self) -> int:
+        """Text tokens fed so far."""
+        return self.stream.text_tokens
 
     # ------------------------------------------------------------- helpers
     @property
     def _param(self) -> torch.Tensor:
         return self.model.embed.weight
 
-    def _rotary(self, positions: torch.Tensor) -> Rotary:
-        lm = self.config.lm
-        return Rotary.at(positions, head_dim=lm.head_dim, theta=lm.rope_theta)
-
     def _run_blocks(self, h: torch.Tensor) -> torch.Tensor:
+        """New states `[1, t, d]` through every block, at the next `t` positions."""
         t = h.shape[1]
         positions = torch.arange(self.position, self.position + t, device=h.device)[None]
-        rotary = self._rotary(positions)
+        rotary = self.model.rotary(positions)
         for block, sa, window in zip(self.model.blocks, self.sa, self.windows):
             h = block.step(h, rotary=rotary, sa_cache=sa, window=window, backend=self.backend)
         self.position += t
@@ -69,8 +88,12 @@ class Session:
     # -------------------------------------------------------------- images
     @torch.inference_mode()
     def add_images(self, images) -> None:
-        """Images as PIL images, uint8 arrays or paths (preprocessed with the
-        model's vision config), or a float pixel tensor `[N, C, S, S]`."""
+        """Insert images before the next text token.
+
+        Args:
+            images: PIL images, uint8 `HxWx3` arrays or paths (preprocessed with
+                the model's vision config), or float pixels `[N, C, S, S]`.
+        """
         vc = self.config.vision
         if torch.is_tensor(images):
             check_pixels(images, vc, "Session.add_images")
@@ -82,7 +105,11 @@ class Session:
 
     @torch.inference_mode()
     def add_image_embeds(self, embeds: torch.Tensor) -> None:
-        """Precomputed LM-width image tokens `[N, n, d]` (or one image, `[n, d]`)."""
+        """Insert precomputed LM-width image tokens before the next text token.
+
+        Args:
+            embeds: float `[N, n, d]` (or one image, `[n, d]`); cast to the model's dtype.
+        """
         if embeds.dim() == 2:
             embeds = embeds[None]
         n, d = self.model.tokens_per_image, self.config.lm.d_model
@@ -93,30 +120,34 @@ class Session:
             return
         embeds = embeds.to(self._param.device, self._param.dtype)
         self.images += embeds.shape[0]
+        if self.stream.add_images():  # a new window: the fusion state starts over
+            for window in self.windows:
+                if window is not None:
+                    window.reset()
+        tokens = rearrange(embeds, "img tok d -> (img tok) d")  # flat, image-major, as the forward has them
         if self.insertion:
-            self._run_blocks(embeds.reshape(1, -1, d))
-            self.window_text = 0
+            self._run_blocks(tokens[None])
             return
-        if self.window_text:  # text since the window started: this image opens a new one
-            for w in self.windows:
-                if w is not None:
-                    w.reset()
-            self.window_text = 0
-        tokens = embeds.reshape(-1, d)
-        image_rotary = self._rotary(torch.full((tokens.shape[0],), self.position, device=tokens.device))
+        # every image token takes the position of its insertion point: the next text token's
+        image_rotary = self.model.rotary(torch.full((tokens.shape[0],), self.position, device=tokens.device))
         update = self.config.fusion.variant == "ca_ffn"
         for block, window in zip(self.model.blocks, self.windows):
             if window is not None:
-                k, v = block.fusion.image_kv(tokens, norm=block.fusion_norm(), sa=block.attn,
-                                             image_rotary=image_rotary)
+                k, v = block.fusion_image_kv(tokens, image_rotary)
                 window.add_prefix(k[None], v[None])
             if update:
-                tokens = tokens + block.mlp(block.n2(tokens))
+                tokens = block.update_image_tokens(tokens)
 
     # ---------------------------------------------------------------- text
     @torch.inference_mode()
     def forward_text(self, ids) -> torch.Tensor:
-        """Logits `[t, vocab]` of `t >= 1` new text tokens (a list or 1-D tensor of ids)."""
+        """Run `t >= 1` new text tokens.
+
+        Args:
+            ids: a list or 1-D tensor of token ids.
+        Returns:
+            `[t, vocab]` logits, the model's dtype.
+        """
         ids = torch.as_tensor(ids, dtype=torch.long, device=self._param.device).reshape(-1)
         if ids.numel() == 0:
             raise ValueError("Session.forward_text: no token ids")
@@ -124,8 +155,7 @@ class Session:
         if int(ids.min()) < 0 or int(ids.max()) >= vocab:
             raise ValueError(f"Session.forward_text: token ids out of range [0, {vocab}): {ids.tolist()[:10]}")
         h = self._run_blocks(self.model.embed(ids)[None])
-        self.text_tokens += ids.numel()
-        self.window_text += ids.numel()
+        self.stream.add_text(ids.numel())
         logits = self.model.lm_head(self.model.norm(h))[0]
         self.last_logits = logits[-1]
         return logits

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from casa.config import ModelConfig, VisionConfig
-from casa.core.model import CasaModel, _init_weights
+from casa.core.model import CasaModel, init_weights
 from casa.files import read_json
 from casa.pretrained.build_config import DTYPE_NAMES, BuildConfig
 from casa.pretrained.directory import empty_model, save_pretrained
@@ -173,7 +173,7 @@ def load_parts(config: ModelConfig, lm_dir, *, dtype: torch.dtype = torch.float3
             if block.fusion is not None:
                 block.fusion = FusionLayer(lm=config.lm, fusion=config.fusion,
                                            own_norm=config.fusion.placement != "replace")
-                block.fusion.apply(_init_weights)
+                block.fusion.apply(init_weights)
                 block.fusion.to(**to)
     left = meta_parameters(model)
     if left:

@@ -196,6 +196,17 @@ def empty_model(config: ModelConfig) -> CasaModel:
         return CasaModel(config)
 
 
+# Parameter names of earlier casa versions -> today's (directories stay loadable).
+RENAMED = ((".n1.", ".input_layernorm."), (".n2.", ".post_attention_layernorm."))
+
+
+def current_name(name: str) -> str:
+    """Today's name of a tensor stored under an earlier casa name (the name itself otherwise)."""
+    for old, new in RENAMED:
+        name = name.replace(old, new)
+    return name
+
+
 def from_pretrained(path, *, dtype: torch.dtype | None = None, device=None) -> CasaModel:
     """Load a casa model directory (dtype: the stored one unless given), in eval mode."""
     path = Path(path)
@@ -205,21 +216,22 @@ def from_pretrained(path, *, dtype: torch.dtype | None = None, device=None) -> C
     except FileNotFoundError as e:
         raise ValueError(f"{str(path)!r}: no model weights ({e})") from None
     where = f"from_pretrained({str(path)!r})"
+    source = {current_name(n): n for n in files}  # model's name -> name in the file
     groups: dict[int, list[str]] = {}  # one entry per tensor object: all its names (ties)
     tensors = {}
     for name, t in model.state_dict(keep_vars=True).items():
         groups.setdefault(id(t), []).append(name)
         tensors[id(t)] = t
-    missing = [names[0] for names in groups.values() if not any(n in files for n in names)]
-    unexpected = sorted(set(files) - {n for names in groups.values() for n in names})
+    missing = [names[0] for names in groups.values() if not any(n in source for n in names)]
+    unexpected = sorted(set(source) - {n for names in groups.values() for n in names})
     if missing or unexpected:
         raise ValueError(f"{where}: checkpoint does not match the config; missing tensors {missing[:10]} "
                          f"({len(missing)} in all), unexpected tensors {unexpected[:10]} ({len(unexpected)} in all)")
-    stored = {next(n for n in names if n in files): key for key, names in groups.items()}
-    check_shapes({n: tensors[k] for n, k in stored.items()}, files, where)
+    stored = {next(n for n in names if n in source): key for key, names in groups.items()}
+    check_shapes({source[n]: tensors[k] for n, k in stored.items()}, files, where)
     materialize(model, dtype=dtype or _stored_dtype(files), device=device)
     by_name = model.state_dict(keep_vars=True)
-    copy_safetensors({n: by_name[n] for n in stored}, files)
+    copy_safetensors({source[n]: by_name[n] for n in stored}, files)
     left = meta_parameters(model)
     if left:  # a bug, never the user's fault: every parameter has a stored tensor
         raise RuntimeError(f"{where}: parameters left unloaded: {left[:10]}")

@@ -149,8 +149,8 @@ def _lm_parameters(model: CasaModel, prefix: str = "model.") -> dict[str, nn.Par
     out = {prefix + "embed_tokens.weight": model.embed.weight, prefix + "norm.weight": model.norm.weight}
     for i, b in enumerate(model.blocks):
         p = f"{prefix}layers.{i}."
-        out[p + "input_layernorm.weight"] = b.n1.weight
-        out[p + "post_attention_layernorm.weight"] = b.n2.weight
+        out[p + "input_layernorm.weight"] = b.input_layernorm.weight
+        out[p + "post_attention_layernorm.weight"] = b.post_attention_layernorm.weight
         out.update({p + "self_attn." + n: t for n, t in b.attn.named_parameters()})
         out.update({p + "mlp." + n: t for n, t in b.mlp.named_parameters()})
     if model.lm_head.weight is not model.embed.weight:

@@ -1,8 +1,12 @@
 """The image side of casa: preprocessing, encoders (built-in ViT, transformers
 towers), token reduction and the projector into the language model's width.
 
-Depends only on `casa.config` and `casa.weights`; the core model imports it,
-never the reverse.
+Design decisions:
+- Depends only on `casa.config` and `casa.weights`; the core model imports
+  it, never the reverse.
+- Every encoder honours one contract, `pixels [N, C, S, S] -> [N, g*g, width]`
+  (see `tower.py`), so the tower, token reduction and projector do not care
+  which encoder runs.
 """
 
 from casa.vision.hf import (

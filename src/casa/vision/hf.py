@@ -44,6 +44,8 @@ from casa.weights import (
     weight_files,
 )
 
+__all__ = ["HF_MODEL_TYPES", "HFVisionEncoder", "MARKER", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "QWEN_DEFAULT_IMAGE_SIZE", "check_fit", "hf_vision_config", "load_vision_weights", "qwen_patchify", "structure_only", "vision_config_from_hf"]
+
 # config.json model_type -> (family, key of the nested vision config or None)
 HF_MODEL_TYPES = {
     "siglip_vision_model": ("siglip", None),

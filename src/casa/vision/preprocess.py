@@ -4,6 +4,14 @@ Design decisions:
 - Convert to RGB, one bicubic resize straight to `image_size` x `image_size`
   (no crop, the aspect ratio is not kept), scale to [0, 1], normalise with the
   config's mean / std.
+- High-bit-depth images are scaled to 8 bits before anything else
+  (`to_8bit`), since Pillow's own conversion clips them (a 16-bit PNG would
+  come out nearly all white): 16-bit modes (`I;16*`) by their full range
+  65535; 32-bit integer images (`I`) by that same range when their values fit
+  in it (the usual content: 16-bit data), else from their min to their max;
+  float images (`F`) as [0, 1] when their values lie there, else from their
+  min to their max (NaN as 0).
+- Arrays must be uint8 (an array carries no mode saying what its range is).
 - `check_pixels` is the one shape/dtype check every consumer of pixels calls.
 """
 
@@ -16,6 +24,8 @@ import torch
 from PIL import Image
 
 from casa.config import VisionConfig
+
+__all__ = ["check_pixels", "preprocess", "to_8bit"]
 
 
 def _load_image(item, where: str) -> Image.Image:
@@ -40,6 +50,29 @@ def _load_image(item, where: str) -> Image.Image:
     raise ValueError(f"preprocess: {where}: unsupported type {type(item).__name__}, expected PIL image, uint8 array or path")
 
 
+def _stretch(values: np.ndarray) -> np.ndarray:
+    """Min..max -> 0..255 (a constant image becomes 0)."""
+    lo, hi = float(values.min()), float(values.max())
+    return (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float image as an 8-bit greyscale one (`L`),
+    scaled as the module docstring says; other modes pass through unchanged."""
+    if not (img.mode.startswith("I") or img.mode == "F"):
+        return img
+    values = np.asarray(img).astype(np.float64)
+    if img.mode == "F":
+        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        in_unit = values.size and values.min() >= 0 and values.max() <= 1
+        values = values * 255.0 if in_unit else _stretch(values)
+    elif img.mode.startswith("I;16") or (values.size and values.min() >= 0 and values.max() <= 65535):
+        values = values * (255.0 / 65535.0)
+    else:
+        values = _stretch(values)
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
+
+
 def preprocess(images, cfg: VisionConfig) -> torch.Tensor:
     """Images (list of PIL images, uint8 HxWxC arrays or paths) -> float32 [N, C, S, S]."""
     if isinstance(images, (Image.Image, str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim < 4):
@@ -56,7 +89,7 @@ def preprocess(images, cfg: VisionConfig) -> torch.Tensor:
     out = np.empty((len(images), size, size, cfg.channels), dtype=np.float32)
     for i, item in enumerate(images):
         where = f"image {i}" + (f" ({str(item)!r})" if isinstance(item, (str, os.PathLike)) else "")
-        img = _load_image(item, where).convert(modes[cfg.channels])
+        img = to_8bit(_load_image(item, where)).convert(modes[cfg.channels])
         img = img.resize((size, size), Image.Resampling.BICUBIC)
         out[i] = np.asarray(img, dtype=np.float32).reshape(size, size, cfg.channels) / 255.0
     mean = np.asarray(cfg.image_mean, dtype=np.float32)

@@ -28,6 +28,8 @@ from einops import rearrange, reduce
 from casa.config import VisionConfig
 from casa.vision.vit import ViT
 
+__all__ = ["Projector", "VisionTower", "reduce_tokens", "reduced_width"]
+
 
 def reduce_tokens(x: torch.Tensor, mode: str, r: int) -> torch.Tensor:
     """[N, g*g, d] -> [N, (g/r)^2, d'] with d' = r*r*d ("unshuffle"), d ("pool") or unchanged ("none")."""

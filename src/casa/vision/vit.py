@@ -17,6 +17,8 @@ from einops import rearrange
 from casa.config import VisionConfig
 from casa.vision.preprocess import check_pixels
 
+__all__ = ["MLP", "Attention", "ViT", "ViTBlock", "sincos_positions"]
+
 
 class Attention(nn.Module):
     """Non-causal multi-head self-attention."""
