@@ -14,7 +14,7 @@ import torch
 from test_serve import MODEL, make_checkpoint, wait_for
 from test_stream import encode_video
 
-from casa.inference.stream import parse_srt
+from casa.inference.writers import parse_srt
 from casa.serve.app import ServerThread, create_app
 from casa.serve.engine import Engine
 from casa.serve.limits import Limits

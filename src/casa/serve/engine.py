@@ -1,18 +1,21 @@
 """The model behind the server, and the one place that drives casa's inference
-API (`Chat`, `Captioner`, frame sources, the SRT writer) for it.
+API (`Chat`, `Captioner`, the video frame source, the SRT writer) for it.
 
 Design decisions:
-- One model and tokenizer per server, loaded once; every session gets its own
-  `Session` (its own text-only KV cache, docs/design.md §5) over the shared,
-  read-only weights, so sessions run side by side on worker threads.
+- One model, tokenizer and processor per server, loaded once; every session
+  gets its own `Session` (its own text-only KV cache, docs/design.md §5) over
+  the shared, read-only weights, so sessions run side by side on worker
+  threads.
 - The chat API is stateless: each request brings the whole conversation, and
-  `Engine.chat` replays it into a fresh session (user turns with their images,
-  earlier assistant turns as text) before generating. A system message is
-  prepended to the first user turn: the built-in template has no system role.
+  `Engine.chat` replays it into a fresh session, rendered by the model's own
+  processor (`data.Processor`: the built-in template or the tokenizer's chat
+  template) exactly as a `Chat` that had lived through it would be. A user
+  message's images go before its text, one window, as in training.
 - Generation reports its text as it grows through `on_text(text) -> bool`;
   returning True stops it (stop strings), raising aborts it (a client gone).
 - Live captioning uses the same frame source and captioner as `casa caption`,
-  so a page shows exactly the captions the command would write.
+  so a page shows exactly the captions the command would write; the source's
+  warnings (undecodable frames skipped) are collected for the viewer.
 - Everything the server needs from `casa.inference` is imported here and
   nowhere else in `casa.serve`.
 """
@@ -27,12 +30,13 @@ from pathlib import Path
 
 import torch
 
+from casa.inference.captioner import Caption, Captioner
 from casa.inference.generate import Chat, Sampling
 from casa.inference.session import Session
-from casa.inference.stream import Caption, Captioner, Frame, SrtWriter, video_frames
-from casa.pretrained.directory import from_pretrained, processor_settings
+from casa.inference.sources import Frame, video_frames
+from casa.inference.writers import SrtWriter
+from casa.pretrained.directory import load
 from casa.pretrained.runs import resolve_model_dir
-from casa.pretrained.tokenizer import load_tokenizer
 
 __all__ = ["Caption", "ChatResult", "Engine", "Frame", "OpenVideo", "Turn"]
 
@@ -53,17 +57,29 @@ class ChatResult:
 
 
 class OpenVideo:
-    """A video being decoded: iterate for its `Frame`s; `close()` releases the file."""
+    """A video being decoded: iterate for its `Frame`s; `close()` releases the file.
+    `warnings` collects what the decoder reported (undecodable frames are skipped)."""
 
-    def __init__(self, first: Frame, rest: Iterator[Frame]):
-        self.first, self.rest = first, rest
+    def __init__(self, path: Path, *, fps: float):
+        self.warnings: list[str] = []
+        self.source = video_frames(path, fps=fps, warn=self.warnings.append)
+        try:  # decoded now: a file with no decodable frame fails here
+            self.first = next(self.source)
+        except BaseException:
+            self.source.close()
+            raise
 
     def __iter__(self) -> Iterator[Frame]:
         yield self.first
-        yield from self.rest
+        yield from self.source
+
+    @property
+    def undecodable(self) -> int:
+        """Source frames that could not be decoded so far."""
+        return self.source.undecodable
 
     def close(self) -> None:
-        self.rest.close()  # the decoder's generator closes its container
+        self.source.close()
 
 
 class _StopRequested(Exception):
@@ -76,9 +92,7 @@ class Engine:
     def __init__(self, checkpoint, *, name: str | None = None, device: str = "cpu"):
         path = resolve_model_dir(checkpoint)  # a training run: its latest checkpoint
         self.path = path
-        self.model = from_pretrained(path, device=device)
-        self.tokenizer = load_tokenizer(path)
-        self.gist = bool(processor_settings(path)["gist"])
+        self.model, self.tokenizer, self.processor = load(path, device=device)
         self.name = name or Path(checkpoint).resolve().name
         self.created = int((path / "config.json").stat().st_mtime)
 
@@ -96,20 +110,18 @@ class Engine:
              seed: int | None = None, on_text: Callable[[str], bool] | None = None) -> ChatResult:
         """Reply to the last (user) turn of `turns`. `on_text(text_so_far)` is called
         after every sampled token; True stops the generation there."""
-        turns = _merge_system(turns)
         if not turns or turns[-1].role != "user":
             raise ValueError("the last message must be a user message")
         generator = torch.Generator(self.model.embed.weight.device)
         generator.manual_seed(seed if seed is not None else random.getrandbits(63))
         session = Session(self.model)
-        chat = Chat(session, self.tokenizer, gist=self.gist, generator=generator,
+        chat = Chat(session, self.processor, generator=generator,
                     sampling=Sampling(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p))
-        for turn in turns[:-1]:
+        for turn in turns:
             if turn.role == "user":
-                chat.user(turn.text, turn.images)
-            else:
-                _add_assistant_turn(chat, turn.text)
-        chat.user(turns[-1].text, turns[-1].images)
+                chat.user(turn.text, turn.images)  # preprocesses the images now
+            else:  # earlier replies and system text, rendered with the rest by the processor
+                chat.new.append({"role": turn.role, "content": [{"type": "text", "text": turn.text}]})
 
         stops = chat.sampling.stop_tokens
         sampled: list[int] = []
@@ -131,16 +143,15 @@ class Engine:
 
     # ------------------------------------------------------- captioning
     def open_video(self, path: Path, *, fps: float) -> OpenVideo:
-        """Frames of a video at `fps`, the first one decoded now (so a corrupt or
-        empty file fails here, with a `ValueError` naming it)."""
-        frames = video_frames(path, fps=fps)
-        return OpenVideo(next(frames), frames)
+        """Frames of a video at `fps`, the first one decoded now (so a file that
+        cannot be read or decoded fails here, with a `ValueError` naming it)."""
+        return OpenVideo(path, fps=fps)
 
     def captioner(self, *, max_tokens: int, instruction: str | None = None, seed: int = 0) -> Captioner:
         """A streaming captioner: `.caption(frame) -> Caption`, one session for the whole stream;
         `instruction`: the user text with the first frame (None: the captioner's default)."""
         extra = {} if instruction is None else {"instruction": instruction}
-        return Captioner(self.model, self.tokenizer, sampling=Sampling(max_new_tokens=max_tokens), gist=self.gist,
+        return Captioner(self.model, self.processor, sampling=Sampling(max_new_tokens=max_tokens),
                          allow_size_change=False, generator=torch.Generator().manual_seed(seed), **extra)
 
     @staticmethod
@@ -152,24 +163,3 @@ class Engine:
                 for caption in captions:
                     writer.write(caption)
             return path.read_text(encoding="utf-8")
-
-
-def _merge_system(turns: list[Turn]) -> list[Turn]:
-    """System text joins the first user turn (the built-in template has no system role)."""
-    system = "\n\n".join(t.text for t in turns if t.role == "system" and t.text)
-    rest = [t for t in turns if t.role != "system"]
-    if system:
-        for i, t in enumerate(rest):
-            if t.role == "user":
-                rest[i] = Turn("user", f"{system}\n\n{t.text}" if t.text else system, t.images)
-                break
-    return rest
-
-
-def _add_assistant_turn(chat: Chat, text: str) -> None:
-    """An earlier assistant reply, as the built-in template renders one:
-    `<|assistant|> text <|end|>`, buffered like the rest of the chat's text
-    (`Chat` has no public way to add a given reply yet)."""
-    chat.pending.append(chat.ids["<|assistant|>"])
-    chat.pending.extend(chat.tokenizer.encode(text))
-    chat.pending.append(chat.ids["<|end|>"])

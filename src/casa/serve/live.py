@@ -6,7 +6,9 @@ bytes as the body), with its options (`fps`, `realtime`, `max_tokens`,
 `instruction`: the user text with the first frame), then opens its event stream
 (`GET /live/sessions/{id}/events`): `start`, then per frame a `frame` event
 (the frame as a JPEG data URL) and a `caption` event (text, time, TTFT,
-state and process memory), then `end` or `failure`. `POST
+state and process memory), a `warning` when the decoder skips undecodable
+frames, then `end` (with the count of undecodable source frames) or
+`failure`. `POST
 /live/sessions/{id}/stop` ends it; `GET /live/sessions/{id}/captions.srt`
 downloads its captions, during and after the session.
 
@@ -191,7 +193,7 @@ class LiveSessions:
         limit = self.state.limits.max_video_seconds
         try:
             captioner = self.state.engine.captioner(max_tokens=session.max_tokens, instruction=session.instruction)
-            started, first = time.monotonic(), None
+            started, first, warned = time.monotonic(), None, 0
             for frame in session.frames:
                 if session.stop.is_set():
                     break
@@ -202,6 +204,9 @@ class LiveSessions:
                 if session.realtime and session.stop.wait(max(0.0, started + frame.time - first - time.monotonic())):
                     break
                 index = len(session.captions)
+                for message in session.frames.warnings[warned:]:  # e.g. undecodable frames skipped
+                    emit("warning", {"message": message.replace(str(session.path), session.video)})
+                warned = len(session.frames.warnings)
                 emit("frame", {"index": index, "time": frame.time, "image": frame_jpeg(frame.image)})
                 cap = captioner.caption(frame)
                 session.captions.append(cap)
@@ -210,7 +215,10 @@ class LiveSessions:
                                  "kv_tokens": cap.kv_tokens, "cache_bytes": cap.cache_bytes,
                                  "rss_bytes": rss_bytes()})
             session.state = "stopped" if session.stop.is_set() else "finished"
-            emit("end", {"reason": session.state, "frames": len(session.captions)})
+            for message in session.frames.warnings[warned:]:
+                emit("warning", {"message": message.replace(str(session.path), session.video)})
+            emit("end", {"reason": session.state, "frames": len(session.captions),
+                         "undecodable": session.frames.undecodable})
         except ValueError as e:  # a frame that cannot be decoded or used: the captions so far stay
             session.state, session.message = "failed", str(e).replace(str(session.path), session.video)
             emit("failure", {"message": session.message, "frames": len(session.captions)})

@@ -110,9 +110,11 @@ function follow(session) {
       `${c.tokens} tokens · state ${(c.cache_bytes / 2 ** 10).toFixed(1)} KiB · RSS ${(c.rss_bytes / 2 ** 20).toFixed(0)} MiB`;
     drawCharts();
   });
+  source.addEventListener("warning", (e) => setStatus(`warning: ${JSON.parse(e.data).message}`, true));
   source.addEventListener("end", (e) => {
     const d = JSON.parse(e.data);
-    finish(`${d.reason}: ${d.frames} frames captioned`);
+    const skipped = d.undecodable ? ` (${d.undecodable} undecodable source frames skipped)` : "";
+    finish(`${d.reason}: ${d.frames} frames captioned${skipped}`, d.undecodable > 0);
   });
   source.addEventListener("failure", (e) => finish(JSON.parse(e.data).message, true));
   source.onerror = () => { if (live.source === source) finish("connection to the server lost", true); };
