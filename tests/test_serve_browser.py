@@ -2,8 +2,8 @@
 system's package (Debian's `chromium`), driven by playwright with
 `executable_path` (no browser is downloaded). It opens the page, captions a
 video from the media directory and an uploaded one, and saves a screenshot
-(`CASA_SERVE_SCREENSHOT=docs/serve.png` writes the README's). Skipped, with
-the reason, where no Chromium or no playwright is installed."""
+(to `$CASA_SERVE_SCREENSHOT` if set). Skipped, with the reason, where no
+Chromium or no playwright is installed."""
 
 import os
 import shutil
