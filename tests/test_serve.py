@@ -273,7 +273,7 @@ def test_live_captions_are_those_of_casa_caption(server, files, tmp_path):
     assert httpx.get(f"{url}/live/sessions/{sid}").json()["state"] == "finished"
 
 
-def test_upload_then_stop_frees_the_session(server, files):
+def test_upload_then_stop_frees_the_session(server, files, tmp_path):
     url, state = server
     video = (files["media"] / "clip.mp4").read_bytes()
     r = httpx.post(url + "/live/uploads", params={"fps": 2, "filename": "my clip.mp4"}, content=video)
@@ -284,8 +284,13 @@ def test_upload_then_stop_frees_the_session(server, files):
     stopped = httpx.post(f"{url}/live/sessions/{sid}/stop").json()
     assert stopped["state"] == "stopped" and 1 <= stopped["frames"] < 4
     assert health(url)["live_sessions"] == 0 and list(state.upload_dir.iterdir()) == []  # upload deleted
-    assert len(parse_srt(httpx.get(f"{url}/live/sessions/{sid}/captions.srt").text)) == stopped["frames"]
-    assert events[0][1]["video"] == "my clip.mp4"
+    cues = parse_srt(httpx.get(f"{url}/live/sessions/{sid}/captions.srt").text)
+    assert len(cues) == stopped["frames"] and events[0][1]["video"] == "my clip.mp4"
+    # no instruction given: the captioner's default, as `casa caption` uses it
+    srt = tmp_path / "ref.srt"
+    caption_file(files["media"] / "clip.mp4", checkpoint=files["checkpoint"], fps=2, srt=srt,
+                 sampling=Sampling(max_new_tokens=16))
+    assert cues == parse_srt(srt.read_text())[: len(cues)]
 
 
 def test_a_viewer_leaving_stops_its_session(server):

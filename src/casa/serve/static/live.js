@@ -123,7 +123,7 @@ function follow(session) {
 async function start() {
   const fps = parseFloat($("fps").value);
   const realtime = $("realtime").checked;
-  const instruction = $("instruction").value;
+  const instruction = $("instruction").value.trim(); // empty: the captioner's own default
   const file = $("file").files[0];
   reset();
   running(true);
@@ -135,13 +135,14 @@ async function start() {
           `${(live.config.max_upload_bytes / 2 ** 20).toFixed(1)} MiB at most`);
       }
       setStatus(`uploading ${file.name}…`);
-      const query = new URLSearchParams({ fps, realtime, instruction, filename: file.name });
+      const query = new URLSearchParams({ fps, realtime, filename: file.name });
+      if (instruction) query.set("instruction", instruction);
       session = await api(`/live/uploads?${query}`, { method: "POST", body: file,
         headers: { "Content-Type": "application/octet-stream" } });
     } else {
       if (!$("video").value) throw new Error("choose a video or upload one");
       session = await api("/live/sessions", { method: "POST", headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ video: $("video").value, fps, realtime, instruction }) });
+        body: JSON.stringify({ video: $("video").value, fps, realtime, instruction: instruction || null }) });
     }
     follow(session);
   } catch (error) {
