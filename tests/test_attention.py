@@ -135,6 +135,9 @@ def test_unknown_backend_is_named():
     lay = build_layout(4, [[4]], torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 1)
     with pytest.raises(ValueError, match="'dense'"):
         fusion_attend(*random_inputs(1, 4, 0, 2), lay, text_keys=True, backend="dense")
+    if not flash_available():  # a user error (the CLI prints one line), not an internal one
+        with pytest.raises(ValueError, match="flash-attn"):
+            fusion_attend(*random_inputs(1, 4, 0, 2), lay, text_keys=True, backend="flash")
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -17,8 +17,8 @@ def test_bench_attention_writes_the_report(tmp_path, capsys):
     for r in report["results"]:
         assert {"backend", "fwd_ms", "fwd_bwd_ms", "peak_mem_bytes", "max_abs_err", "gflops"} <= r.keys()
         assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["max_abs_err"] <= 1e-5
-    assert (tmp_path / "att.png").stat().st_size > 0
-    assert not list(out.parent.glob("*.tmp"))
+    assert (tmp_path / "att.png").read_bytes()[:4] == b"\x89PNG"
+    assert [p.name for p in out.parent.iterdir()] == ["attention.json"]  # no temporary file left
 
 
 def test_bench_attention_rejects_unknown_backend(tmp_path, capsys):

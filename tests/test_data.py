@@ -21,11 +21,9 @@ from casa.data import (
     make_sample,
     pack_row,
     read_jsonl,
-    score,
     stack_rows,
     write_jsonl,
 )
-from casa.data.metrics import anls, relaxed
 from casa.data.tasks import difficulty
 from casa.pretrained.tokenizer import ByteTokenizer
 
@@ -94,7 +92,8 @@ def test_tasks_are_deterministic_and_encode(task):
     assert imgs(a) == imgs(b) and imgs(a)
     assert imgs(make_sample(task, 4, 5)) != imgs(a)
     enc = processor().encode(a)
-    assert enc.turns and enc.pixels is not None
+    n_answers = sum(m["role"] == "assistant" for m in a.messages)
+    assert len(enc.turns) == n_answers and enc.pixels.shape == (len(imgs(a)), 3, 16, 16)
 
 
 def test_difficulty_knobs_and_unknown_key():
@@ -104,12 +103,13 @@ def test_difficulty_knobs_and_unknown_key():
     assert make_sample("count", 0, 1, difficulty({"max_shapes": 1})).messages[1]["content"][0]["text"] == "1"
     with pytest.raises(ValueError, match="unknown keys.*'shapes'"):
         difficulty({"shapes": 3})
-
-
-def test_metrics():
-    assert score("exact", " Red. ", "red") == 1.0 and score("exact", "blue", "red") == 0.0
-    assert anls("AB12", "AB12") == 1.0 and anls("AB13", "AB12") == pytest.approx(0.75) and anls("XY", "AB12") == 0
-    assert relaxed("104", "100") == 1.0 and relaxed("106", "100") == 0.0 and relaxed("0", "0") == 1.0
+    for knob, value, expected in (("bars", 0, "must be >= 1"), ("bars", 27, "must be <= 26"),
+                                  ("fields", 2.5, "expected a whole number"), ("noise", 1.5, "must be <= 1.0"),
+                                  ("relative", "no", "expected true or false"),
+                                  ("max_value", "9", "expected a whole number")):
+        with pytest.raises(ValueError, match=rf"^difficulty\.{knob}={value!r}: {expected}$"):
+            difficulty({knob: value})
+    assert make_sample("chartqa", 0, 0, difficulty({"bars": 26})).messages[1]["content"][0]["text"].isdigit()
 
 
 # ------------------------------------------------------------ JSONL
@@ -121,6 +121,25 @@ def test_export_roundtrip(tmp_path):
     a, b = processor().encode(samples[1]), processor().encode(back[1])
     assert a.ids == b.ids and a.points == b.points
     assert torch.allclose(a.pixels, b.pixels)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png"))[:2] == [
+        "images/data/000000_0.png", "images/data/000000_1.png"]
+
+
+def test_two_exports_into_one_directory_keep_each_other(tmp_path):
+    """A second export (another name) must not overwrite the first one's images."""
+    first = write_jsonl([make_sample("color", 0, i) for i in range(2)], tmp_path, name="color.jsonl")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    write_jsonl([make_sample("count", 0, i) for i in range(3)], tmp_path, name="count.jsonl")
+    assert all(p.read_bytes() == data for p, data in before.items())
+    colors, _ = read_jsonl(first)
+    again = [make_sample("color", 0, i) for i in range(2)]
+    for s, t in zip(colors, again):
+        assert torch.equal(processor().encode(s).pixels, processor().encode(t).pixels)
+    # exporting the same name again replaces that export only, and leaves no temporary file
+    write_jsonl([make_sample("count", 0, 0)], tmp_path, name="count.jsonl")
+    assert sorted(p.name for p in (tmp_path / "images" / "count").iterdir()) == ["000000_0.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["color.jsonl", "count.jsonl", "images"]
+    assert all(p.read_bytes() == data for p, data in before.items())
 
 
 def test_cli_data_export(tmp_path, capsys):
@@ -152,6 +171,25 @@ def test_bad_lines_name_file_and_line(tmp_path):
     assert len(samples) == 2 and skipped == 2
     with pytest.raises(DataError, match="unknown content part type 'audio'"):
         check_sample(chat({"type": "audio"}))
+    with pytest.raises(DataError, match=r"x.jsonl:3: unknown metric 'bleu' \(expected one of exact, anls, relaxed\)"):
+        check_sample({**chat({"type": "text", "text": "hi"}), "metric": "bleu"}, "x.jsonl:3")
+    assert check_sample({**chat({"type": "text", "text": "hi"}), "metric": "anls"}).meta == {"metric": "anls"}
+
+
+def test_files_without_samples_are_refused(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="empty.jsonl: the file holds no sample"):
+        read_jsonl(tmp_path / "empty.jsonl")
+    (tmp_path / "bad.jsonl").write_text("{no\n")
+    with pytest.raises(DataError, match=r"bad.jsonl: no usable sample \(1 bad line\(s\) skipped\)"):
+        read_jsonl(tmp_path / "bad.jsonl", skip_bad=True)
+    with pytest.raises(DataError, match="is a directory, not a JSONL data file"):
+        read_jsonl(tmp_path)
+    (tmp_path / "image.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(DataError, match=r"image.jsonl:1: not UTF-8 text \(invalid start byte at byte 0\)"):
+        read_jsonl(tmp_path / "image.jsonl")
+    with pytest.raises(FileNotFoundError, match="no such data file"):
+        read_jsonl(tmp_path / "absent.jsonl")
 
 
 def test_missing_and_corrupt_images(tmp_path):

@@ -4,6 +4,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json
 
+import pytest
 import torch
 
 from casa.study.demo import run
@@ -21,11 +22,14 @@ def test_demo_leaves_a_run_dir_and_reuses_it(tmp_path, capsys):
         out = capsys.readouterr().out
         assert "training a" in out and "CASA" in out and "blind" in out and "prior" in out
         d = tmp_path / "demo"
-        assert (d / "loss.png").stat().st_size > 0 and len(list((d / "examples").glob("*.png"))) == 6
+        assert (d / "loss.png").read_bytes()[:4] == b"\x89PNG" and len(list((d / "examples").glob("*.png"))) == 6
         saved = json.loads((d / "metrics.json").read_text())
         assert set(saved["tasks"]) == {"color", "count", "position"}
-        for r in saved["tasks"].values():
-            assert {"casa", "blind", "prior", "gain"} <= set(r)
+        for task, r in saved["tasks"].items():
+            assert r["casa"] == saved["casa"][task]["score"] and r["blind"] == saved["blind"][task]["score"]
+            assert r["prior"] == saved["prior"][task]["score"]
+            assert r["gain"] == pytest.approx(r["casa"] - max(r["blind"], r["prior"]))
+            assert saved["casa"][task]["n"] == 2  # eval_n
         assert saved["steps"] == 3 and metrics["wall_seconds"] > 0
         run(tmp_path / "demo", steps=3, eval_n=2, model=TINY_MODEL, train=train)
         assert "reusing the trained model" in capsys.readouterr().out

@@ -10,8 +10,15 @@ import torch
 from casa.cli import main
 from casa.config import ModelConfig
 from casa.core.model import CasaModel
-from casa.data import Processor, make_sample
-from casa.eval.synthetic import eval_samples, evaluate, greedy_decode, prior_answers
+from casa.data import Processor, Sample, make_sample
+from casa.eval.decode import greedy_decode
+from casa.eval.synthetic import (
+    answers,
+    eval_samples,
+    evaluate,
+    prior_answers,
+    question_text,
+)
 from casa.pretrained.tokenizer import ByteTokenizer
 from casa.training.trainer import Trainer, load_config
 
@@ -45,7 +52,30 @@ def test_evaluate_scores_every_turn_and_prior():
     assert result["tasks"]["color"]["metric"] == "exact"
     perfect = {r["question"]: r["answer"] for r in result["predictions"] if r["task"] == "color"}
     assert len(perfect) == 1  # the colour question is always the same text
-    assert all(0.0 <= r["score"] <= 1.0 for r in result["tasks"].values())
+    prior = prior_answers(train)
+    for task in ("color", "video"):
+        turns = [(question_text(s, k), gold) for s in samples if s.meta["task"] == task
+                 for k, gold in enumerate(answers(s))]
+        assert [r["prediction"] for r in result["predictions"] if r["task"] == task] == [prior[q] for q, _ in turns]
+        want = sum(prior[q] == gold for q, gold in turns) / len(turns)
+        assert result["tasks"][task]["score"] == result["tasks"][task]["exact"] == pytest.approx(want)
+
+
+def _qa(question: str, answer: str) -> Sample:
+    return Sample([{"role": "user", "content": [{"type": "text", "text": question}]},
+                   {"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+                  meta={"task": "t", "metric": "exact"})
+
+
+def test_prior_and_scores_by_hand():
+    train = [_qa("Q?", "red")] * 3 + [_qa("Q?", "blue"), _qa("R?", "left")]
+    assert prior_answers(train) == {"Q?": "red", "R?": "left"}
+    proc = Processor(ByteTokenizer(), CasaModel(ModelConfig.from_dict(MODEL)).config.vision)
+    samples = [_qa("Q?", "red"), _qa("Q?", "Blue."), _qa("R?", "right"), _qa("S?", "x")]
+    result = evaluate(None, proc, samples, prior={"Q?": "blue", "R?": "right"})
+    assert [r["prediction"] for r in result["predictions"]] == ["blue", "blue", "right", ""]
+    assert [r["score"] for r in result["predictions"]] == [0.0, 1.0, 1.0, 0.0]  # case and full stop ignored
+    assert result["tasks"] == {"t": {"metric": "exact", "score": 0.5, "exact": 0.5, "n": 4}}
 
 
 def test_cli_eval_writes_json(tmp_path, capsys):

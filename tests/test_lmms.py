@@ -58,10 +58,11 @@ def test_plugin_generates_and_scores(model_dir):
 
     [text] = plugin.generate_until([request("What colour?", {"max_new_tokens": 3, "until": []}, to_visual, 0,
                                             "chartqa", "test")])
-    from casa.eval.synthetic import greedy_decode
+    from casa.eval.decode import greedy_decode
 
     enc = plugin.processor.encode({"messages": [
-        {"role": "user", "content": [{"type": "image", "image": doc["image"]}, {"type": "text", "text": "What colour?"}]},
+        {"role": "user", "content": [{"type": "image", "image": doc["image"]},
+                                     {"type": "text", "text": "What colour?"}]},
         {"role": "assistant", "content": "-"}]})
     prompt = enc.prefix(enc.turns[0][0])
     ids = greedy_decode(plugin.model, [prompt], plugin.processor, max_new_tokens=3)[0]

@@ -129,7 +129,7 @@ def test_caption_cli_on_a_video(video, checkpoint, tmp_path, capsys):
                                                       "00:00:01,500"]
     for line in lines:
         assert {"time", "text", "ttft_ms", "decode_ms", "cache_bytes", "kv_tokens", "tokens"} <= set(line)
-        assert line["ttft_ms"] > 0 and line["decode_ms"] >= 0 and line["tokens"] == 5
+        assert line["ttft_ms"] > 0 and line["decode_ms"] > 0 and line["tokens"] == 5  # 4 decoded tokens take time
     assert len(cues) == sum(bool(line["text"]) for line in lines) >= 1
     assert cues[0][1:3] == ("00:00:00,000", "00:00:00,500")
     # casa state: one frame's images + the window's text; the SA cache grows by the text of a turn only

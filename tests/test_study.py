@@ -33,11 +33,17 @@ def test_quick_study_writes_results_for_every_variant(quick):
     res = json.loads((out / "results.json").read_text())
     assert set(res["accuracy"]) == set(VARIANTS)
     assert len(res["runs"]) == len(VARIANTS)  # one seed
+    from casa.study.run import CATEGORIES
+
     for name, r in res["accuracy"].items():
         assert set(r["tasks"]) == set(TASKS)
         assert set(r["categories"]) == {"coarse", "fine-grained", "multi-image"}
-        for c in r["categories"].values():
-            assert 0.0 <= c["mean"] <= 1.0 and c["std"] == 0.0 and c["n"] == 1
+        [run] = [x for x in res["runs"] if x["variant"] == name]  # one seed: the category is that run's mean
+        for cat, c in r["categories"].items():
+            want = sum(run["tasks"][t]["score"] for t in CATEGORIES[cat]) / len(CATEGORIES[cat])
+            assert c["mean"] == pytest.approx(want) and c["std"] == 0.0 and c["n"] == 1
+            blind = sum(run["tasks"][t]["blind"] for t in CATEGORIES[cat]) / len(CATEGORIES[cat])
+            assert r["blind_categories"][cat]["mean"] == pytest.approx(blind)
         assert set(r["blind_tasks"]) == set(TASKS)
     assert set(res["prior"]) == set(TASKS)
     for name in VARIANTS:
@@ -133,19 +139,81 @@ def test_attention_shares_match_the_model_and_do_not_change_it():
     assert all(abs(v["image"] - 1) < 1e-5 and v["self"] == 0 for v in shares.values())
 
 
-def test_attention_shares_follow_the_keys():
-    """Scaling the image keys up pulls the mass onto the images: the share is a real measurement."""
+def test_attention_shares_equal_an_explicit_softmax():
+    """Shares recomputed here from the model's own q/k, one query, head and key at a time:
+    scale 1/sqrt(head_dim), query head h reads kv head h // (n_heads / n_kv_heads)."""
+    import math
+
+    from conftest import make_batch
+
     model = _tiny_model("casa").eval()
-    batch = _batch(model, ("color",))
-    base = attention_shares(model, batch)
+    lm = model.config.lm
+    assert lm.n_kv_heads < lm.n_heads
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # random, non-zero projections: peaked, head-dependent scores
+        for block in model.blocks:
+            for proj in (block.fusion.attn.q_proj, block.fusion.attn.k_proj):
+                proj.weight.copy_(torch.randn(proj.weight.shape, generator=g) * 0.6)
+    T, points = 10, [3, 7]  # windows [0, 3) without an image, [3, 7) image 0, [7, 10) image 1
+    batch = make_batch(torch.randint(0, 200, (1, T), generator=g), points, image_size=32)
+    batch.loss_mask = torch.zeros(1, T, dtype=torch.bool)
+    batch.loss_mask[0, [1, 5, 8, 9]] = True  # token 1 has no image in its window: never counted
+    captured = {}
+    for i, block in enumerate(model.blocks):
+        block.fusion.probe = lambda q, k_txt, k_img, layout, text_keys, i=i: captured.setdefault(i, (q, k_txt, k_img))
+    with torch.no_grad():
+        model(batch)
+    for block in model.blocks:
+        block.fusion.probe = None
+    shares = attention_shares(model, batch)
+
+    n, H, group = model.config.vision.tokens_per_image, lm.n_heads, lm.n_heads // lm.n_kv_heads
+    for layer, (q, k_txt, k_img) in captured.items():
+        per_query = {}
+        for t in range(points[0], T):
+            j = 0 if t < points[1] else 1
+            start = points[j]
+            image, text, own = 0.0, 0.0, 0.0
+            for h in range(H):
+                kv = h // group
+                keys = [k_img[j * n + m, kv] for m in range(n)] + [k_txt[0, s, kv] for s in range(start, t + 1)]
+                scores = torch.stack([q[0, t, h] @ k for k in keys]).double() / math.sqrt(lm.head_dim)
+                p = torch.softmax(scores, dim=0)
+                image += float(p[:n].sum()) / H
+                text += float(p[n:].sum()) / H
+                own += float(p[-1]) / H
+            per_query[t] = (image, text, own)
+        got = shares[layer]
+        assert got["queries"] == T - points[0]
+        for k, name in enumerate(("image", "text", "self")):
+            want = sum(v[k] for v in per_query.values()) / len(per_query)
+            assert got[name] == pytest.approx(want, abs=1e-5), (layer, name)
+            answer = [per_query[t][k] for t in (5, 8, 9)]
+            assert got[f"answer_{name}"] == pytest.approx(sum(answer) / 3, abs=1e-5), (layer, name)
+        assert 0.05 < got["image"] < 0.95  # a real mix: a wrong scale or head would move it
+
+
+def test_attention_shares_follow_the_keys():
+    """With every key zeroed, each query spreads its mass evenly over the keys it sees:
+    the share is a measurement of the keys, not a constant."""
+    from conftest import make_batch
+
+    model = _tiny_model("casa").eval()
+    T, points = 10, [3, 7]
+    batch = make_batch(torch.arange(T) + 40, points, image_size=32)
     with torch.no_grad():
         for block in model.blocks:
             block.fusion.attn.k_proj.weight.zero_()
     flat = attention_shares(model, batch)  # all scores 0: uniform over visible keys
-    assert flat[0]["image"] != pytest.approx(base[0]["image"], abs=1e-4)
-    n_img = model.config.vision.tokens_per_image
-    # each query sees n_img image keys and j+1 text keys: image share = n_img / (n_img + j + 1) < 1
-    assert 0.5 < flat[0]["image"] < 1
+    n = model.config.vision.tokens_per_image
+    # the query j tokens into its window sees n image keys and j + 1 text keys
+    js = [t - (points[0] if t < points[1] else points[1]) for t in range(points[0], T)]
+    want = {"image": sum(n / (n + j + 1) for j in js) / len(js),
+            "self": sum(1 / (n + j + 1) for j in js) / len(js)}
+    for layer in (0, 1):
+        assert flat[layer]["image"] == pytest.approx(want["image"], abs=1e-6)
+        assert flat[layer]["text"] == pytest.approx(1 - want["image"], abs=1e-6)
+        assert flat[layer]["self"] == pytest.approx(want["self"], abs=1e-6)
 
 
 def test_gate_values_only_for_gated_ca():

@@ -38,7 +38,10 @@ def test_preprocess_shapes_and_inputs(tmp_path):
     images = [Image.fromarray(rand_uint8(20, 30)), rand_uint8(64, 48, 4), str(path), path, rand_uint8(10, 10, 1)]
     x = preprocess(images, cfg)
     assert x.shape == (5, 3, 32, 32) and x.dtype == torch.float32
-    assert x.min() >= -1.0 and x.max() <= 1.0  # mean=std=0.5 maps [0, 1] to [-1, 1]
+    # an image already at the model's size is not resampled: mean=std=0.5 maps byte v to v/127.5 - 1
+    exact = rand_uint8(32, 32, seed=3)
+    want = torch.from_numpy(exact).permute(2, 0, 1).float() / 127.5 - 1
+    torch.testing.assert_close(preprocess([exact], cfg)[0], want, atol=1e-6, rtol=0)
 
 
 def test_preprocess_normalisation():

@@ -1,11 +1,13 @@
 """How many CPU threads torch should use.
 
-Design decision: by default casa uses the cores that are *free* (all cores
-minus the 1-minute load average), not torch's default of all cores. OpenMP
-threads that share a core with another busy process spin at barriers: on a
-busy 2-core machine that made time to first token go from ~10 ms to ~1.8 s
-per frame and training 6x slower. Every long-running command takes
-`--threads N` to override it.
+Design decisions:
+- By default casa uses the cores that are *free* (all cores minus the
+  1-minute load average), not torch's default of all cores. OpenMP threads
+  that share a core with another busy process spin at barriers: on a busy
+  2-core machine that made time to first token go from ~10 ms to ~1.8 s per
+  frame and training 6x slower.
+- Every long-running command takes `--threads N` to override it, and calls
+  `set_threads` once, at start-up, before any tensor work.
 """
 
 from __future__ import annotations

@@ -1,12 +1,16 @@
-"""Peak-memory measurement shared by the benchmarks.
+"""Peak-memory measurement shared by the benchmarks (`PeakMemory`).
 
-CUDA: the caching allocator's peak (`max_memory_allocated`) above what was
-allocated on entry. CPU: the process's resident-set high-water mark
-(`VmHWM`), reset on entry through `/proc/self/clear_refs`, above the resident
-set on entry. Freed heap memory is handed back to the system first
-(`malloc_trim`), so that new allocations that reuse it still count. The CPU
-figure counts everything the process touched (allocator slack included),
-which is what a user's machine pays.
+Design decisions:
+- CUDA: the caching allocator's peak (`max_memory_allocated`) above what was
+  allocated on entry.
+- CPU: the process's resident-set high-water mark (`VmHWM`), reset on entry
+  through `/proc/self/clear_refs`, above the resident set on entry. Freed
+  heap memory is handed back to the system first (`malloc_trim`), so that
+  new allocations that reuse it still count. The figure counts everything
+  the process touched (allocator slack included), which is what a user's
+  machine pays.
+- Where neither is available (no `/proc`), the figure is None, never a
+  made-up number; reports print "n/a".
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import gc
 import re
 
 import torch
+
+__all__ = ["PeakMemory"]
 
 
 def _trim_heap() -> None:

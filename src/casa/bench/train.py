@@ -15,7 +15,9 @@ Design decisions:
   peak memory of a step (`PeakMemory`: CUDA allocator peak, or the RSS
   high-water mark on CPU).
 - Every variant runs in a fresh subprocess, so memory freed by one variant
-  can never hide the next one's peak.
+  can never hide the next one's peak. Sizes and variant names are checked
+  before the first one starts (`bench_config`, `check_variants`).
+- The JSON report is written atomically (`casa.files.atomic_file`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ from pathlib import Path
 
 import torch
 
+from casa.config import FUSION_VARIANTS
+from casa.files import atomic_file
+
+__all__ = ["bench_config", "check_variants", "measure", "packed_batch", "run"]
+
 
 def _cpu_name() -> str:
     try:
@@ -45,13 +52,33 @@ def _cpu_name() -> str:
 def bench_config(*, text_tokens: int = 512, image_ratio: int = 10, tokens_per_image: int = 256,
                  d_model: int = 256, n_layers: int = 4, repeats: int = 3, seed: int = 0,
                  threads: int | None = None, layout: str = "packed") -> dict:
+    """The benchmark's settings (model size, token budgets, repeats) as a JSON-able dict."""
     if layout not in ("packed", "interleaved"):
         raise ValueError(f"bench train: layout={layout!r}, expected 'packed' or 'interleaved'")
+    if d_model < 16:
+        raise ValueError(f"bench train: --d-model {d_model}: expected at least 16")
+    if text_tokens * image_ratio < tokens_per_image:
+        raise ValueError(f"bench train: --text-tokens {text_tokens} x --image-ratio {image_ratio} is less than one "
+                         f"image ({tokens_per_image} tokens)")
+    n_images = text_tokens * image_ratio // tokens_per_image
+    if text_tokens < 2 * n_images:  # each document: its image, then at least two text tokens
+        raise ValueError(f"bench train: --text-tokens {text_tokens} is too few for {n_images} images "
+                         f"(at least 2 text tokens per image); lower --image-ratio or raise --text-tokens")
     return {"threads": threads or torch.get_num_threads(), "layout": layout, "text_tokens": text_tokens,
             "image_ratio": image_ratio, "tokens_per_image": tokens_per_image,
             "image_tokens": text_tokens * image_ratio, "d_model": d_model, "n_layers": n_layers,
             "n_heads": max(1, d_model // 64), "d_ff": int(d_model * 8 / 3) // 16 * 16, "vocab_size": 264,
             "repeats": repeats, "seed": seed, "images": "precomputed embeddings (frozen encoder)"}
+
+
+def check_variants(variants) -> list[str]:
+    """`variants` as a list, or a ValueError naming the unknown ones."""
+    variants = list(variants)
+    bad = [v for v in variants if v not in FUSION_VARIANTS]
+    if bad or not variants:
+        raise ValueError(f"bench train: unknown variant(s) {bad or variants}; expected names from "
+                         f"{', '.join(FUSION_VARIANTS)}")
+    return variants
 
 
 def _model_config(cfg: dict, variant: str, fusion: dict | None = None):
@@ -70,7 +97,12 @@ def _model_config(cfg: dict, variant: str, fusion: dict | None = None):
 
 
 def packed_batch(cfg: dict, device):
-    """One row of documents `[image ; text]`, image tokens = image_ratio x text tokens."""
+    """One row of documents `[image ; text]`, image tokens = image_ratio x text tokens.
+
+    Returns:
+        a `Batch` on `device`: `input_ids [1, T]` long, `image_embeds [N, n, d_model]`
+        float32 (precomputed, LM width), `insertion_points [N]` long, `loss_mask [1, T]` bool.
+    """
     from casa.core.batch import Batch
 
     g = torch.Generator().manual_seed(cfg["seed"])
@@ -88,7 +120,8 @@ def packed_batch(cfg: dict, device):
 
 
 def measure(cfg: dict, variant: str, device: str = "auto", fusion: dict | None = None) -> dict:
-    """Time and peak memory of training steps of one variant (in this process)."""
+    """Time and peak memory of training steps of one variant (in this process): text tokens/s
+    (median over `repeats`), seconds per step, peak bytes (None where unmeasurable), parameters."""
     from casa.bench.memory import PeakMemory
     from casa.core.loss import lm_loss
     from casa.core.model import CasaModel
@@ -127,6 +160,8 @@ def measure(cfg: dict, variant: str, device: str = "auto", fusion: dict | None =
 def run(json_path="benchmarks/train.json", *, variants=("insertion", "ca", "casa"), text_tokens: int = 512,
         image_ratio: int = 10, repeats: int = 3, d_model: int = 256, n_layers: int = 4,
         tokens_per_image: int = 256, threads: int | None = None, layout: str = "packed") -> dict:
+    """Measure every variant in its own process; print a line each, write the JSON report; returns it."""
+    variants = check_variants(variants)
     cfg = bench_config(text_tokens=text_tokens, image_ratio=image_ratio, tokens_per_image=tokens_per_image,
                        d_model=d_model, n_layers=n_layers, repeats=repeats, threads=threads, layout=layout)
     results = []
@@ -151,8 +186,8 @@ def run(json_path="benchmarks/train.json", *, variants=("insertion", "ca", "casa
     cfg["torch"] = torch.__version__
     report = {"config": cfg, "results": results}
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(report, indent=2))
+        with atomic_file(Path(json_path)) as f:
+            f.write(json.dumps(report, indent=2))
         print(f"wrote {json_path}")
     return report
 

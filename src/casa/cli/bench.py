@@ -1,8 +1,20 @@
-"""`casa bench attention | train | stream`: the benchmarks, JSON + plot each."""
+"""`casa bench attention | train | stream`: the benchmarks, JSON + plot each.
+
+Design decisions:
+- Sizes and counts are checked by argparse (`positive_int`, ...), the
+  output files (`--json`, `--plot`) before anything is measured, so a typo
+  never costs a benchmark run.
+- The benchmarks themselves live in `casa.bench`; this module only maps
+  flags onto them.
+"""
 
 from __future__ import annotations
 
 import argparse
+
+from casa.cli.values import non_negative_int, positive_float, positive_int
+
+__all__ = ["attention", "register", "stream", "train"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -10,46 +22,48 @@ def register(sub: argparse._SubParsersAction) -> None:
     att = bench.add_parser("attention", help="time every attention backend on one packed batch")
     att.add_argument("--json", default="benchmarks/attention.json", help="where to write the results")
     att.add_argument("--plot", default=None, help="optional PNG of the timings")
-    att.add_argument("--windows", type=int, default=16)
-    att.add_argument("--image-tokens", type=int, default=256)
-    att.add_argument("--text-tokens", type=int, default=256)
-    att.add_argument("--heads", type=int, default=8)
-    att.add_argument("--head-dim", type=int, default=64)
+    att.add_argument("--windows", type=positive_int, default=16)
+    att.add_argument("--image-tokens", type=positive_int, default=256)
+    att.add_argument("--text-tokens", type=positive_int, default=256)
+    att.add_argument("--heads", type=positive_int, default=8)
+    att.add_argument("--head-dim", type=positive_int, default=64)
     att.add_argument("--backends", default=None, help="comma-separated subset (default: all available)")
-    att.add_argument("--repeats", type=int, default=5)
+    att.add_argument("--repeats", type=positive_int, default=5)
     att.set_defaults(func=attention)
 
     bt = bench.add_parser("train", help="training step: text tokens/s and peak memory per fusion variant")
     bt.add_argument("--json", default="benchmarks/train.json")
     bt.add_argument("--variants", default="insertion,ca,casa")
-    bt.add_argument("--text-tokens", type=int, default=512)
-    bt.add_argument("--image-ratio", type=int, default=10, help="image tokens per text token")
-    bt.add_argument("--d-model", type=int, default=256)
-    bt.add_argument("--n-layers", type=int, default=4)
-    bt.add_argument("--repeats", type=int, default=3)
-    bt.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    bt.add_argument("--text-tokens", type=positive_int, default=512)
+    bt.add_argument("--image-ratio", type=positive_int, default=10, help="image tokens per text token")
+    bt.add_argument("--d-model", type=positive_int, default=256)
+    bt.add_argument("--n-layers", type=positive_int, default=4)
+    bt.add_argument("--repeats", type=positive_int, default=3)
+    bt.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
     bt.add_argument("--layout", default="packed", choices=("packed", "interleaved"),
                     help="one document per image (packed samples) or one long document")
     bt.set_defaults(func=train)
 
     bs = bench.add_parser("stream", help="streaming session: TTFT, decode speed, cache and memory per turn")
     bs.add_argument("--variants", default="casa,ca,insertion")
-    bs.add_argument("--turns", type=int, default=1000)
+    bs.add_argument("--turns", type=positive_int, default=1000)
     bs.add_argument("--json", default="benchmarks/stream.json")
     bs.add_argument("--plot", default=None, help="PNG of TTFT, cache and memory vs turn")
-    bs.add_argument("--image-tokens", type=int, default=256)
-    bs.add_argument("--new-tokens", type=int, default=8)
-    bs.add_argument("--prompt-tokens", type=int, default=1)
-    bs.add_argument("--d-model", type=int, default=512)
-    bs.add_argument("--layers", type=int, default=8)
-    bs.add_argument("--heads", type=int, default=8)
-    bs.add_argument("--kv-heads", type=int, default=2)
-    bs.add_argument("--d-ff", type=int, default=1408)
-    bs.add_argument("--max-seconds", type=float, default=300.0, help="per variant; beyond it the variant stops")
-    bs.add_argument("--max-cache-bytes", type=float, default=4 * 2**30, help="per variant; beyond it it stops")
-    bs.add_argument("--sink", type=int, default=None, help="bounded history: attention-sink tokens")
-    bs.add_argument("--window", type=int, default=None, help="bounded history: sliding-window tokens")
-    bs.add_argument("--threads", type=int, default=1,
+    bs.add_argument("--image-tokens", type=positive_int, default=256)
+    bs.add_argument("--new-tokens", type=positive_int, default=8)
+    bs.add_argument("--prompt-tokens", type=positive_int, default=1)
+    bs.add_argument("--d-model", type=positive_int, default=512)
+    bs.add_argument("--layers", type=positive_int, default=8)
+    bs.add_argument("--heads", type=positive_int, default=8)
+    bs.add_argument("--kv-heads", type=positive_int, default=2)
+    bs.add_argument("--d-ff", type=positive_int, default=1408)
+    bs.add_argument("--max-seconds", type=positive_float, default=300.0,
+                    help="per variant; beyond it the variant stops")
+    bs.add_argument("--max-cache-bytes", type=positive_float, default=4 * 2**30,
+                    help="per variant; beyond it it stops")
+    bs.add_argument("--sink", type=non_negative_int, default=None, help="bounded history: attention-sink tokens")
+    bs.add_argument("--window", type=positive_int, default=None, help="bounded history: sliding-window tokens")
+    bs.add_argument("--threads", type=non_negative_int, default=1,
                     help="torch CPU threads (0 = torch's default); 1 keeps timings stable on a shared machine")
     bs.add_argument("--device", default="cpu")
     bs.add_argument("--seed", type=int, default=0)
@@ -57,9 +71,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     bs.set_defaults(func=stream)
 
 
+def _check_outputs(args) -> None:
+    from casa.files import check_distinct, check_output_file
+
+    check_output_file(args.json, "--json")
+    check_output_file(getattr(args, "plot", None), "--plot")
+    check_distinct(**{"--json": args.json, "--plot": getattr(args, "plot", None)})
+
+
 def attention(args) -> int:
     from casa.bench.attention import run
 
+    _check_outputs(args)
     run(json_path=args.json, windows=args.windows, image_tokens=args.image_tokens,
         text_tokens=args.text_tokens, heads=args.heads, head_dim=args.head_dim,
         backends=args.backends.split(",") if args.backends else None, repeats=args.repeats,
@@ -70,7 +93,8 @@ def attention(args) -> int:
 def train(args) -> int:
     from casa.bench.train import run
 
-    run(json_path=args.json, variants=args.variants.split(","), text_tokens=args.text_tokens,
+    _check_outputs(args)
+    run(json_path=args.json, variants=[v.strip() for v in args.variants.split(",")], text_tokens=args.text_tokens,
         image_ratio=args.image_ratio, repeats=args.repeats, d_model=args.d_model, n_layers=args.n_layers,
         threads=args.threads, layout=args.layout)
     return 0
@@ -79,8 +103,10 @@ def train(args) -> int:
 def stream(args) -> int:
     from casa.bench.stream import StreamBench, run
 
-    cfg = StreamBench(variants=args.variants.split(","), turns=args.turns, image_tokens=args.image_tokens,
-                      new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens, d_model=args.d_model,
+    _check_outputs(args)
+    cfg = StreamBench(variants=[v.strip() for v in args.variants.split(",")], turns=args.turns,
+                      image_tokens=args.image_tokens, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
+                      d_model=args.d_model,
                       layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, d_ff=args.d_ff,
                       max_seconds=args.max_seconds, max_cache_bytes=int(args.max_cache_bytes), sink=args.sink,
                       window=args.window, seed=args.seed, threads=args.threads or None, device=args.device)

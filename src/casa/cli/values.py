@@ -1,8 +1,10 @@
 """Command-line values: KEY=VALUE items (`--set`, `--difficulty`) and the
 argparse types that refuse out-of-range numbers before any work starts.
 
-Design decision: a bad value is refused by argparse itself (exit code 2, a
-one-line message naming the flag and the value), never deep inside a command.
+Design decisions:
+- A bad value is refused by argparse itself (exit code 2, a one-line
+  message naming the flag and the value), never deep inside a command.
+- Non-finite floats (nan, inf) are refused wherever a number is expected.
 """
 
 from __future__ import annotations
@@ -37,16 +39,20 @@ def _number(kind, text: str, test, expected: str):
 
 
 def positive_int(text: str) -> int:
+    """argparse type: a whole number > 0."""
     return _number(int, text, lambda v: v > 0, "a whole number > 0")
 
 
 def non_negative_int(text: str) -> int:
+    """argparse type: a whole number >= 0."""
     return _number(int, text, lambda v: v >= 0, "a whole number >= 0")
 
 
 def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
     return _number(float, text, lambda v: v > 0, "a finite number > 0")
 
 
 def probability(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
     return _number(float, text, lambda v: 0 < v <= 1, "a number in (0, 1]")

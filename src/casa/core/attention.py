@@ -74,7 +74,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r}: expected 'auto' or one of {BACKENDS}")
     if backend == "flash" and not flash_available():
-        raise RuntimeError("attention backend 'flash' needs CUDA and the flash-attn package")
+        raise ValueError("attention backend 'flash' needs CUDA and the flash-attn package (pip install flash-attn)")
     return backend
 
 

@@ -8,10 +8,17 @@ the next sample would exceed the text-token budget or the image-token budget
 (the `insertion` variant), image tokens sit in the sequence, so they count
 against the text budget too. Packs never pad: one row needs no padding.
 
-The stream is deterministic from a sample position, so a trainer resumes
-from one integer. A sample that alone exceeds a budget, or whose image
-cannot be read, is a `DataError` naming it, or a counted skip with
-`skip_bad`.
+Design decisions:
+- The stream is deterministic from a sample position, so a trainer resumes
+  from one integer.
+- A sample that alone exceeds a budget, or whose image cannot be read, is a
+  `DataError` naming it, or a counted skip with `skip_bad`.
+- How many sequence tokens a sample costs (`sequence_tokens`) is one rule,
+  shared with evaluation, which refuses a prompt longer than the budget the
+  model was trained with (`casa.eval.decode.check_lengths`).
+- `stack_rows` (one document per row, right-padded) serves batched
+  evaluation; the padding is a document of its own, outside the loss, so it
+  can never be attended to by a real token.
 """
 
 from __future__ import annotations
@@ -24,16 +31,32 @@ from casa.core.batch import Batch
 from casa.data.processor import Encoded, Processor
 from casa.data.sample import DataError
 
+__all__ = ["Pack", "Packer", "pack_row", "sequence_tokens", "stack_rows"]
+
 
 @dataclass
 class Pack:
+    """One packed row's documents and the sample positions it covers."""
+
     docs: list[Encoded]
     start: int  # position of its first sample
     end: int  # position after its last sample (where the next pack starts)
 
 
+def sequence_tokens(enc: Encoded, tokens_per_image: int, *, splice_images: bool) -> int:
+    """Positions a sample occupies in the LM's sequence: its text tokens, plus
+    its image tokens when they are spliced into the stream (`insertion`)."""
+    return len(enc.ids) + (enc.n_images * tokens_per_image if splice_images else 0)
+
+
 def pack_row(docs: list[Encoded]) -> Batch:
-    """Documents back to back in one row: `[1, sum(len)]`, `doc_lens` per document."""
+    """Documents back to back in one row.
+
+    Returns:
+        a `Batch` with `input_ids [1, T]` long (T = the documents' total length),
+        `loss_mask [1, T]` bool, `images [N, C, H, W]` float (None without images),
+        `insertion_points [N]` long shifted to the row, and `doc_lens [[len, ...]]`.
+    """
     ids, mask, points, pixels = [], [], [], []
     for d in docs:
         points += [len(ids) + p for p in d.points]
@@ -53,8 +76,14 @@ def pack_row(docs: list[Encoded]) -> Batch:
 
 
 def stack_rows(docs: list[Encoded], pad_id: int, *, extra: int = 0) -> Batch:
-    """One document per row, right-padded (padding is a document of its own,
-    outside the loss) to the longest row plus `extra` slots."""
+    """One document per row, right-padded with `pad_id` to the longest row plus
+    `extra` slots (the padding is a document of its own, outside the loss).
+
+    Returns:
+        a `Batch` with `input_ids [B, T]` long, `loss_mask [B, T]` bool (False on
+        padding), `images [N, C, H, W]` float, `image_rows [N]` and
+        `insertion_points [N]` long, `doc_lens [[len, pad], ...]`.
+    """
     T = max(len(d.ids) for d in docs) + extra
     ids = torch.full((len(docs), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(docs), T, dtype=torch.bool)
@@ -74,6 +103,8 @@ def stack_rows(docs: list[Encoded], pad_id: int, *, extra: int = 0) -> Batch:
 
 
 class Packer:
+    """Samples of a source, encoded and packed into rows within the text and image token budgets."""
+
     def __init__(self, source, processor: Processor, *, text_tokens: int = 2048, image_tokens: int = 20480,
                  splice_images: bool = False, skip_bad: bool = False):
         self.source, self.processor = source, processor
@@ -83,8 +114,8 @@ class Packer:
 
     def cost(self, enc: Encoded) -> tuple[int, int]:
         """(sequence tokens, image tokens) of one sample."""
-        img = enc.n_images * self.processor.tokens_per_image
-        return len(enc.ids) + (img if self.splice_images else 0), img
+        tpi = self.processor.tokens_per_image
+        return sequence_tokens(enc, tpi, splice_images=self.splice_images), enc.n_images * tpi
 
     def _encode(self, i: int) -> Encoded | None:
         sample = self.source[i]

@@ -7,10 +7,20 @@ One sample is `{"messages": [...]}` (other top-level keys, e.g. "task" or
 to the JSONL file) or `{"type": "video", "frames": [path, ...]}`. In memory an
 image part may hold a PIL image under "image" instead of a path.
 
-Design decisions: structure is checked when a line is read, so a bad line is
-reported with its file and line number before any training starts; images are
-decoded lazily by the processor, whose errors carry the same `file:line`
-(`Sample.source`). `skip_bad=True` turns errors into a counted skip.
+Design decisions:
+- Structure is checked when a line is read, so a bad line is reported with
+  its file and line number before any training or evaluation starts (a
+  "metric" key must name one of `casa.data.metrics.METRICS`); images are
+  decoded lazily by the processor, whose errors carry the same `file:line`
+  (`Sample.source`). `skip_bad=True` turns errors into a counted skip.
+- A file with no usable sample is an error, never an empty dataset.
+- `write_jsonl` never leaves a half-written file or image folder: the images
+  go to `images/<name>/` (one folder per JSONL file, so two exports into one
+  directory cannot overwrite each other's images), built under a temporary
+  name and swapped in whole, then the JSONL file is replaced atomically. An
+  error or Ctrl-C before the swap leaves an earlier export untouched; only a
+  crash between the two renames could pair the earlier JSONL with the new
+  images.
 """
 
 from __future__ import annotations
@@ -19,6 +29,11 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from casa.data.metrics import METRICS
+from casa.files import atomic_directory, atomic_file
+
+__all__ = ["ROLES", "DataError", "Sample", "check_sample", "read_jsonl", "write_jsonl"]
 
 ROLES = ("system", "user", "assistant")
 
@@ -29,6 +44,8 @@ class DataError(ValueError):
 
 @dataclass
 class Sample:
+    """One chat: `messages` as in the module docstring, where it came from, and its other keys."""
+
     messages: list[dict]
     source: str = "<memory>"  # "file:line", for error messages
     meta: dict = field(default_factory=dict)  # other top-level keys (task, metric, ...)
@@ -82,23 +99,31 @@ def check_sample(obj, where: str = "<memory>", base: Path | None = None) -> Samp
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: sample has no assistant turn (nothing to train on or to evaluate)")
     meta = {k: v for k, v in obj.items() if k != "messages"}
+    if "metric" in meta and meta["metric"] not in METRICS:
+        raise DataError(f"{where}: unknown metric {meta['metric']!r} (expected one of {', '.join(METRICS)})")
     return Sample(messages, where, meta)
 
 
 def read_jsonl(path, *, skip_bad: bool = False) -> tuple[list[Sample], int]:
-    """(samples, number skipped). Blank lines are ignored."""
+    """(samples, number skipped). Blank lines are ignored; a file without a
+    usable sample is a DataError (FileNotFoundError for a missing file)."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{str(path)!r} is a directory, not a JSONL data file")
     if not path.is_file():
         raise FileNotFoundError(f"{str(path)!r}: no such data file")
     samples, skipped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:  # decoded line by line, so that a bad byte is reported with its line
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             where = f"{path}:{n}"
             try:
                 try:
-                    obj = json.loads(line)
+                    obj = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                                    "a JSONL file is UTF-8 text, one JSON sample per line") from None
                 except ValueError as e:
                     raise DataError(f"{where}: malformed JSON ({e})") from None
                 samples.append(check_sample(obj, where, path.parent))
@@ -106,24 +131,29 @@ def read_jsonl(path, *, skip_bad: bool = False) -> tuple[list[Sample], int]:
                 if not skip_bad:
                     raise
                 skipped += 1
+    if not samples:
+        raise DataError(f"{path}: no usable sample ({skipped} bad line(s) skipped)" if skipped
+                        else f"{path}: the file holds no sample (it is empty)")
     return samples, skipped
 
 
 def write_jsonl(samples, directory, *, name: str = "data.jsonl") -> Path:
-    """Write in-memory samples (PIL images) as `directory/name` + PNG files."""
+    """Write in-memory samples (PIL images) as `directory/name` + PNG files
+    under `directory/images/<name without suffix>/`; returns the JSONL path."""
     directory = Path(directory)
-    (directory / "images").mkdir(parents=True, exist_ok=True)
     out = directory / name
-    with open(out, "w", encoding="utf-8") as f:
+    images = Path("images") / Path(name).stem
+    lines = []
+    with atomic_directory(directory / images) as tmp:
         for i, s in enumerate(samples):
             n_img = 0
 
             def save(img):
                 nonlocal n_img
-                rel = f"images/{i:06d}_{n_img}.png"
-                img.save(directory / rel)
+                file = f"{i:06d}_{n_img}.png"
+                img.save(tmp / file)
                 n_img += 1
-                return rel
+                return (images / file).as_posix()
 
             messages = []
             for m in s.messages:
@@ -135,5 +165,7 @@ def write_jsonl(samples, directory, *, name: str = "data.jsonl") -> Path:
                         p = {"type": "video", "frames": [save(x) if not isinstance(x, str) else x for x in p["frames"]]}
                     parts.append(p)
                 messages.append({"role": m["role"], "content": parts})
-            f.write(json.dumps({"messages": messages, **s.meta}) + "\n")
+            lines.append(json.dumps({"messages": messages, **s.meta}) + "\n")
+    with atomic_file(out, encoding="utf-8") as f:
+        f.writelines(lines)
     return out

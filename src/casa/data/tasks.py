@@ -12,6 +12,19 @@ visual detail: `docvqa` (read a field of a rendered document; ANLS and exact
 match) and `chartqa` (read a bar off a chart; relaxed accuracy). `video` is a
 clip of a moving shape with one caption per frame, as alternating
 user(frame) / assistant(caption) turns: the streaming-captioning format.
+
+Design decisions:
+- Samples are pure functions of `(seed, task, index, Difficulty)`: nothing is
+  stored, a data position is an integer, and evaluation draws from
+  `seed + EVAL_SEED_OFFSET` (`casa.eval.synthetic`) so it never sees a
+  training sample.
+- Every knob of `Difficulty` declares its range (`casa.config.setting`),
+  checked by the one validation layer (`casa.config.check_fields`) when it is
+  built, so `--difficulty bars=0` is refused with the knob and its range
+  instead of failing deep inside a renderer.
+- Each task names its metric (`TASKS[name][1]`, one of
+  `casa.data.metrics.METRICS`); the sample carries it in `meta`, and so does
+  its JSONL export.
 """
 
 from __future__ import annotations
@@ -23,8 +36,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from casa.config import build
+from casa.config import build, check_fields, setting
 from casa.data.sample import Sample
+
+__all__ = ["COARSE", "COLORS", "FIELDS", "KINDS", "TASKS", "Difficulty", "chartqa", "check_tasks", "color",
+           "compare", "count", "difficulty", "docvqa", "make_sample", "position", "video"]
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
           "purple": (140, 60, 180), "orange": (240, 130, 20)}
@@ -34,30 +50,29 @@ FIELDS = ("Name", "Date", "Total", "Code", "City", "Ref", "Phone", "Room", "Item
 
 @dataclass
 class Difficulty:
-    """Knobs of the suite. Images are rendered at `image_size` (the processor
-    resizes them to the model's input size)."""
+    """Knobs of the suite, each with the range its renderer supports. Images
+    are rendered at `image_size` (the processor resizes them to the model's
+    input size)."""
 
-    image_size: int = 64
-    colors: int = 4  # palette size for the shape tasks (<= 6)
-    max_shapes: int = 4  # count / compare
-    distractors: int = 0  # extra shapes in color / position
-    noise: float = 0.0  # amplitude of random pixel noise, 0..1
-    fields: int = 4  # docvqa: lines on the document
-    text_len: int = 4  # docvqa: characters in a value
-    font_size: int = 12
-    bars: int = 4  # chartqa
-    max_value: int = 9  # chartqa
-    frames: int = 4  # video
+    image_size: int = setting(64, ge=8, le=4096)
+    colors: int = setting(4, ge=2, le=len(COLORS))  # palette size for the shape tasks
+    max_shapes: int = setting(4, ge=1, le=9)  # count / compare (a 3 x 3 grid)
+    distractors: int = setting(0, ge=0, le=6)  # extra shapes in color / position
+    noise: float = setting(0.0, ge=0.0, le=1.0)  # amplitude of random pixel noise
+    fields: int = setting(4, ge=1, le=len(FIELDS))  # docvqa: lines on the document
+    text_len: int = setting(4, ge=1, le=64)  # docvqa: characters in a value
+    font_size: int = setting(12, ge=1, le=256)
+    bars: int = setting(4, ge=1, le=26)  # chartqa: one letter per bar
+    max_value: int = setting(9, ge=1, le=10**6)  # chartqa
+    frames: int = setting(4, ge=1, le=1000)  # video
     relative: bool = True  # position: two shapes, one relative to the other (else one shape, absolute)
 
     def __post_init__(self):
-        if not 2 <= self.colors <= len(COLORS):
-            raise ValueError(f"Difficulty.colors={self.colors}: expected 2..{len(COLORS)}")
-        if not 1 <= self.max_shapes <= 9 or not 0 <= self.distractors <= 6:
-            raise ValueError("Difficulty: max_shapes must be 1..9 and distractors 0..6")
+        check_fields(self, "difficulty")
 
 
 def difficulty(values: dict | None = None) -> Difficulty:
+    """A `Difficulty` from `{knob: value}` (unknown knobs and out-of-range values are a ValueError)."""
     return build(Difficulty, dict(values or {}), "difficulty")
 
 
@@ -243,6 +258,7 @@ COARSE = ("color", "count", "position", "compare")
 
 
 def check_tasks(names) -> list[str]:
+    """`names` as a list, or a ValueError naming the unknown ones and listing the tasks."""
     names = list(names)
     bad = [n for n in names if n not in TASKS]
     if bad or not names:

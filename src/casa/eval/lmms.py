@@ -9,8 +9,8 @@ Design decisions:
 - A "simple" lmms-eval model (`is_simple = True`): each request carries the
   task's prompt text and a `doc_to_visual` callable; the images come first in
   the user turn, then the prompt, through the model's own processor and chat
-  template (as `casa.stdbench` does).
-- `generate_until` decodes greedily (`evaluate.greedy_decode`), honouring
+  template (as `casa.eval.stdbench` does).
+- `generate_until` decodes greedily (`casa.eval.decode.greedy_decode`), honouring
   `max_new_tokens` and cutting at the first `until` string;
   `loglikelihood` sums the log-probabilities of the continuation tokens after
   the prompt and reports whether each was the argmax.
@@ -27,6 +27,8 @@ try:  # pragma: no cover - depends on the environment
 except Exception:  # noqa: BLE001 - lmms-eval absent or broken (it needs torchvision)
     _Base = object
 
+__all__ = ["MODEL_ID", "Casa", "manifest"]
+
 MODEL_ID = "casa"
 
 
@@ -38,6 +40,8 @@ def manifest():
 
 
 class Casa(_Base):
+    """The lmms-eval model `casa`: a casa model directory (`pretrained=DIR`) answering lmms-eval requests."""
+
     is_simple = True
 
     def __init__(self, pretrained: str, device: str = "cpu", dtype: str | None = None, batch_size: int = 1,
@@ -79,7 +83,8 @@ class Casa(_Base):
         return enc
 
     def generate_until(self, requests) -> list[str]:
-        from casa.eval.synthetic import greedy_decode
+        """Greedy answers, one per request, each cut at its first `until` string."""
+        from casa.eval.decode import greedy_decode
 
         out = []
         for req in requests:
@@ -99,6 +104,7 @@ class Casa(_Base):
 
     @torch.no_grad()
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        """Per request: (sum of the continuation's token log-probabilities, whether each was the argmax)."""
         from dataclasses import replace
 
         from casa.data import stack_rows

@@ -57,8 +57,9 @@ from casa.weights import (
 )
 
 # read_config lives in pretrained.model_dir; re-exported here for existing callers
-__all__ = ["DEFAULT_SHARD", "PROCESSOR_DEFAULTS", "Loaded", "empty_model", "from_pretrained", "load", "model_config",
-           "parse_size", "processor_config", "processor_settings", "read_config", "save_pretrained", "write_model"]
+__all__ = ["DEFAULT_SHARD", "PROCESSOR_DEFAULTS", "Loaded", "empty_model", "from_pretrained", "load",
+           "load_processor", "model_config", "parse_size", "processor_config", "processor_settings", "read_config",
+           "save_pretrained", "write_model"]
 
 DEFAULT_SHARD = "2GB"
 PROCESSOR_DEFAULTS = {"gist": True, "gist_token": "<|gist|>", "image_prefix": None}
@@ -240,14 +241,19 @@ def from_pretrained(path, *, dtype: torch.dtype | None = None, device=None) -> C
     return model.eval()
 
 
-def load(path, *, dtype: torch.dtype | None = None, device=None) -> Loaded:
-    """(model, tokenizer, processor) of a model directory, ready for generation."""
+def load_processor(path):
+    """The processor (tokenizer, chat template, image markers, preprocessing) of a
+    model directory, without loading its weights."""
     from casa.data import Processor
     from casa.pretrained.tokenizer import load_tokenizer
 
-    model = from_pretrained(path, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(path)
     settings = processor_settings(path)
-    processor = Processor(tokenizer, model.config.vision, gist=settings["gist"], gist_token=settings["gist_token"],
-                          image_prefix=settings["image_prefix"])
-    return Loaded(model, tokenizer, processor)
+    return Processor(load_tokenizer(path), model_config(path).vision, gist=settings["gist"],
+                     gist_token=settings["gist_token"], image_prefix=settings["image_prefix"])
+
+
+def load(path, *, dtype: torch.dtype | None = None, device=None) -> Loaded:
+    """(model, tokenizer, processor) of a model directory, ready for generation."""
+    processor = load_processor(path)
+    model = from_pretrained(path, dtype=dtype, device=device)
+    return Loaded(model, processor.tok, processor)

@@ -21,6 +21,8 @@ Design decisions:
   top/bottom). They are learned within the budget; relative position and the
   two-image comparison need far longer from scratch and stay out of the demo
   (`casa train` on the full suite).
+- Threads: the free cores by default (`casa.threads`), `threads` otherwise.
+- `metrics.json` is written atomically: a rerun never finds half of one.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ from pathlib import Path
 
 import torch
 
+from casa.files import atomic_file
 from casa.threads import set_threads
+
+__all__ = ["DEMO_MODEL", "DEMO_TRAIN", "plot_loss", "run", "summary_table"]
 
 DEMO_MODEL = {
     "lm": {"vocab_size": 264, "d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "d_ff": 352},
@@ -53,6 +58,7 @@ def _say(text: str = "") -> None:
 
 
 def plot_loss(history: list[dict], path: Path) -> Path | None:
+    """The loss curve (per step and a running mean) as a PNG; None without matplotlib."""
     try:
         import matplotlib
 
@@ -80,6 +86,7 @@ def plot_loss(history: list[dict], path: Path) -> Path | None:
 
 
 def summary_table(rows: dict) -> str:
+    """The demo's table: per task, CASA vs blind vs prior, and the gain from seeing."""
     head = f"{'task':<10} {'metric':<7} {'CASA':>6} {'blind':>6} {'prior':>6} {'gain':>6}"
     lines = [head, "-" * len(head)]
     for task, r in rows.items():
@@ -89,11 +96,14 @@ def summary_table(rows: dict) -> str:
 
 
 def run(out="runs/demo", *, retrain: bool = False, steps: int | None = None, eval_n: int | None = None,
-        seed: int = 0, model: dict | None = None, train: dict | None = None) -> dict:
+        seed: int = 0, model: dict | None = None, train: dict | None = None, threads: int | None = None) -> dict:
+    """Train (or reuse) the demo model in `out`, evaluate it, show answers; returns metrics.json's content
+    (or `{"interrupted": True}` when training was interrupted)."""
     from casa.core.model import CasaModel
     from casa.data import SyntheticSource, make_sample
     from casa.data.tasks import difficulty as make_difficulty
-    from casa.eval.synthetic import eval_samples, evaluate, greedy_decode, prior_answers
+    from casa.eval.decode import greedy_decode
+    from casa.eval.synthetic import eval_samples, evaluate, prior_answers
     from casa.pretrained.directory import load
     from casa.pretrained.runs import latest_checkpoint
     from casa.training.checkpoint import load_state
@@ -102,7 +112,7 @@ def run(out="runs/demo", *, retrain: bool = False, steps: int | None = None, eva
 
     t0 = time.perf_counter()
     out = Path(out)
-    set_threads()
+    set_threads(threads)
     overrides = {**DEMO_TRAIN, **(train or {}), "out_dir": str(out), "seed": seed}
     if steps is not None:
         overrides["steps"] = steps
@@ -176,7 +186,8 @@ def run(out="runs/demo", *, retrain: bool = False, steps: int | None = None, eva
                "examples": shown, "wall_seconds": wall, "train_seconds": train_seconds,
                "threads": torch.get_num_threads(), "model": model.config.to_dict(),
                "train": state["train_config"]}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with atomic_file(out / "metrics.json") as f:
+        f.write(json.dumps(metrics, indent=2))
     mean = {k: sum(r[k] for r in rows.values()) / len(rows) for k in ("casa", "blind", "prior", "gain")}
     _say("\n" + summary_table(rows))
     _say(f"{'mean':<10} {'':<7} {mean['casa']:>6.2f} {mean['blind']:>6.2f} {mean['prior']:>6.2f} "

@@ -13,8 +13,16 @@ keys acts as an input-dependent gate (docs/design.md §1). This module measures 
 - `gate_values(model)`: `tanh(alpha)` of each gated_ca layer (attention and
   FFN gates), the explicit gates CASA's softmax replaces.
 
-The model's outputs are untouched: each fusion layer's `probe` sees its
-queries and keys just before attention, and is removed afterwards.
+Design decisions:
+- The model's outputs are untouched: each fusion layer's `probe` sees its
+  queries and keys just before attention, and is removed afterwards.
+- The shares are recomputed densely from q/k and the layout's reference mask
+  (scale `1/sqrt(head_dim)`, query head `h` reading kv head
+  `h // (n_heads / n_kv_heads)`, as every attention backend does), not read
+  from a backend, so one definition serves every backend.
+- Shares are averaged over heads, then over queries; a query with no key
+  (a window without image and without text keys) counts zero everywhere and
+  is left out by the has-image selection.
 """
 
 from __future__ import annotations
@@ -24,9 +32,16 @@ import math
 
 import torch
 
+__all__ = ["attention_shares", "gate_values"]
+
 
 def _shares(q, k_txt, k_img, layout, text_keys: bool):
-    """Per query `[B, T]`: mass on image keys, on text keys, on itself (head mean), and has-image."""
+    """Per query `[B, T]` float: mass on image keys, on text keys, on itself (head mean); and has-image (bool).
+
+    Args:
+        q: `[B, T, H, D]` queries; k_txt: `[B, T, Hkv, D]` text keys (None without text keys);
+        k_img: `[N_img * n, Hkv, D]` flat image keys.
+    """
     image_index, image_valid, _, _ = layout.dense_keys()
     K = image_index.shape[1]
     k = k_img[image_index] if K else q.new_zeros(q.shape[0], 0, k_img.shape[-2], q.shape[-1])

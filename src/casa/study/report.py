@@ -1,15 +1,26 @@
 """`casa study` report: claims checked against the paper, tables, plots.
 
-Every verdict is computed from the numbers by a rule written next to it
-(`CLAIMS`); nothing is hard-coded. A claim whose precondition fails (e.g. no
-variant learned the fine-grained tasks, so their ranking is noise) is
-reported as "not testable here", with the reason.
+Design decisions:
+- Every verdict is computed from the numbers by a rule written next to it
+  (`claims`); nothing is hard-coded.
+- A claim whose precondition fails (e.g. no variant learned the fine-grained
+  tasks, so their ranking is noise) is reported as "not testable here", with
+  the reason, never as holding or failing.
+- Scores are compared in percentage points with declared tolerances
+  (`TOL_INSERTION`, `TOL_CA`, `LEARNED`), taken from the gaps the paper
+  reports.
+- Files are written atomically (`casa.files.atomic_file`); plots need
+  matplotlib and are skipped without it.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from casa.files import atomic_file
+
+__all__ = ["LEARNED", "TOL_CA", "TOL_INSERTION", "claims", "markdown", "plot", "write_report"]
 
 # points are percentage points of the task score (0..100)
 TOL_INSERTION = 5.0  # paper: CASA 2.1-4.7 points under insertion on ChartQA/DocVQA/InfoVQA
@@ -356,13 +367,17 @@ def write_report(results: dict, out: Path, docs: Path | None = None) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results["claims"] = claims(results)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    _write(out / "results.json", json.dumps(results, indent=1))
     pngs = plot(results, out)
-    (out / "report.md").write_text(markdown(results))
+    _write(out / "report.md", markdown(results))
     if docs is not None:
         docs = Path(docs)
-        docs.mkdir(parents=True, exist_ok=True)
         for p in pngs:
-            (docs / f"study_{p.name}").write_bytes(p.read_bytes())
-        (docs / "study.md").write_text(markdown(results, image_prefix="study_"))
+            _write(docs / f"study_{p.name}", p.read_bytes())
+        _write(docs / "study.md", markdown(results, image_prefix="study_"))
     return results
+
+
+def _write(path: Path, content: str | bytes) -> None:
+    with atomic_file(path, "wb" if isinstance(content, bytes) else "w") as f:
+        f.write(content)

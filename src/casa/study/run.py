@@ -5,8 +5,8 @@ Every variant of docs/design.md §3 (plus the placements of `casa` and the
 suite with the same model size, data, token budget and seeds, evaluated on
 every task next to blind baselines, benchmarked for training speed/memory
 (`bench/train.py`) and streaming (`bench/stream.py`), and CASA's implicit
-gate is measured (`gating.py`). `study_report.py` turns the numbers into
-`report.md`, plots and a claim-by-claim comparison with the paper (§7).
+gate is measured (`gating.py`). `report.py` turns the numbers into
+`report.md`, plots and a claim-by-claim comparison with the paper (docs/design.md §7).
 
 Design decisions:
 - Two sizes: `quick` (tiny model, one seed, a few dozen steps: CI, a few
@@ -18,7 +18,8 @@ Design decisions:
 - Baselines: "blind" is each trained model with its images withheld;
   "prior" is the most frequent training answer to the question.
 - Each (variant, seed) result is written to `DIR/runs/NAME_sSEED.json` as it
-  is done; a rerun reuses them (delete the file to redo one).
+  is done, atomically (a crash never leaves a half-written one for a rerun to
+  trust); a rerun reuses them (delete the file to redo one).
 - Benchmarks run in-process for `quick` and in a fresh process per variant
   for `full`, so that one variant's memory cannot hide another's peak.
 """
@@ -38,7 +39,11 @@ from pathlib import Path
 import torch
 
 from casa.bench.stream import StreamBench
-from casa.threads import free_cores
+from casa.files import atomic_file
+from casa.threads import set_threads
+
+__all__ = ["CATEGORIES", "DIFFICULTY", "SIZES", "TASKS", "VARIANTS", "StudyConfig", "StudyStream", "aggregate",
+           "benchmarks", "command_line", "gating_summary", "prior_scores", "run", "train_and_evaluate"]
 
 TASKS = ("color", "count", "position", "compare", "docvqa", "chartqa", "video")
 CATEGORIES = {"coarse": ("color", "count", "position"), "fine-grained": ("docvqa", "chartqa"),
@@ -91,6 +96,8 @@ SIZES = {
 
 @dataclass
 class StudyConfig:
+    """What `casa study` runs: size, seeds, steps, threads, variants, tasks, where to write."""
+
     out: str = "runs/study"
     size: str = "full"
     seeds: int | None = None
@@ -127,7 +134,7 @@ def _say(text: str = "") -> None:
 def train_and_evaluate(name: str, seed: int, spec: dict, tasks: list[str], run_dir: Path) -> dict:
     """Train one variant with one seed; scores (seen, blind) per task, gating, gates."""
     from casa.data.tasks import difficulty as make_difficulty
-    from casa.eval.synthetic import _answers, eval_samples, evaluate
+    from casa.eval.synthetic import answers, eval_samples, evaluate
     from casa.study.gating import attention_shares, gate_values
     from casa.training.trainer import Trainer, load_config
 
@@ -145,7 +152,7 @@ def train_and_evaluate(name: str, seed: int, spec: dict, tasks: list[str], run_d
     seen, blind = {}, {}
     for t in tasks:  # per task, decoding no further than its longest answer allows
         samples = eval_samples([t], spec["eval_n"], seed=seed, difficulty=spec["difficulty"])
-        longest = max(len(processor.tok.encode(a)) for s in samples for a in _answers(s))
+        longest = max(len(processor.tok.encode(a)) for s in samples for a in answers(s))
         seen.update(evaluate(model, processor, samples, max_new_tokens=longest + 2)["tasks"])
         blind.update(evaluate(model, processor, samples, blind=True, max_new_tokens=longest + 2)["tasks"])
     gating = {}
@@ -319,8 +326,7 @@ def run(cfg: StudyConfig) -> dict:
     out = Path(cfg.out)
     run_dir = out / "runs"
     run_dir.mkdir(parents=True, exist_ok=True)
-    threads = cfg.threads or free_cores()
-    torch.set_num_threads(threads)
+    threads = set_threads(cfg.threads)
     seeds = list(range(spec["seeds"]))
     _say(f"casa study ({cfg.size}): {len(cfg.variants)} variants x {len(seeds)} seed(s), "
          f"{spec['train']['steps']} steps each, tasks {', '.join(cfg.tasks)}, {threads} thread(s)")
@@ -333,7 +339,8 @@ def run(cfg: StudyConfig) -> dict:
                 _say(f"  reuse {path}")
             else:
                 r = train_and_evaluate(name, seed, spec, cfg.tasks, run_dir)
-                path.write_text(json.dumps(r, indent=1))
+                with atomic_file(path) as f:
+                    f.write(json.dumps(r, indent=1))
             runs.append(r)
             mean = sum(v["score"] for v in r["tasks"].values()) / len(r["tasks"])
             blind = sum(v["blind"] for v in r["tasks"].values()) / len(r["tasks"])

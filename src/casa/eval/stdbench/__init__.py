@@ -2,7 +2,9 @@
 
 `run_standard_benchmark(model, tokenizer, name, root)` evaluates a casa model
 on a local copy (`datasets` reads the usual layouts) with the paper's
-prompts and each benchmark's standard metric (`metrics`).
+prompts and each benchmark's standard metric (ANLS and relaxed correctness
+from `casa.data.metrics`, the others from `metrics`). `casa eval --bench`
+is `casa.eval.run.run_benchmark`.
 
 Design decisions:
 - Prompts are the CASA release's (`format_question`): the image first, then
@@ -10,8 +12,10 @@ Design decisions:
   lists lettered choices and asks "Answer with the letter.". They go through
   the model's own processor, so a Qwen model gets its chat template with
   `<|vision_start|>` [image] `<|vision_end|>` around the image.
-- Answers are decoded greedily (`evaluate.greedy_decode`, batched, exact for
-  every fusion variant) up to `max_new_tokens` (the release uses 128).
+- Answers are decoded greedily (`casa.eval.decode.greedy_decode`, batched,
+  exact for every fusion variant) up to `max_new_tokens` (the release uses
+  128). With `max_tokens`, each batch's prompts are checked against the
+  model's token limit before it is decoded.
 - Scoring follows the release: a trailing full stop is removed before relaxed
   accuracy and ANLS; "Answer: " before an AI2D letter.
 - The score is a fraction in [0, 1] (the paper prints it x100); ChartQA also
@@ -20,29 +24,34 @@ Design decisions:
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from itertools import islice
-from pathlib import Path
 
+from casa.data.metrics import anls, relaxed_correctness
 from casa.eval.stdbench import metrics
 from casa.eval.stdbench.datasets import DEFAULT_SPLITS, Item, load_items
+
+__all__ = ["BENCHMARKS", "SHORT_ANSWER", "Benchmark", "Item", "format_question", "format_result", "load_items",
+           "metrics", "run_standard_benchmark"]
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 
 
 @dataclass(frozen=True)
 class Benchmark:
+    """A benchmark's name and the metric it is scored with."""
+
     name: str
     metric: str
 
     def score(self, prediction: str, item: Item) -> float:
+        """The score in [0, 1] of one decoded prediction against `item`'s gold answers."""
         pred = prediction.strip()
         if self.metric == "relaxed_accuracy":
-            return metrics.relaxed_correctness(pred.rstrip("."), item.answers[0])
+            return relaxed_correctness(pred.rstrip("."), item.answers[0])
         if self.metric == "anls":
-            return metrics.anls(pred.rstrip(".").strip(), item.answers)
+            return anls(pred.rstrip(".").strip(), item.answers)
         if self.metric == "vqa_accuracy":
             return metrics.vqa_accuracy(pred, item.answers)
         if self.metric == "multiple_choice":
@@ -82,10 +91,16 @@ def _sample(name: str, item: Item, system_prompt: str | None) -> dict:
 
 def run_standard_benchmark(model, tokenizer, name: str, root, *, processor=None, split: str | None = None,
                            limit: int | None = None, batch_size: int = 8, max_new_tokens: int = 32,
-                           backend: str = "auto", system_prompt: str | None = None) -> dict:
-    """Evaluate `model` on benchmark `name` stored under `root`; returns score, n and predictions."""
+                           backend: str = "auto", system_prompt: str | None = None, max_tokens: int | None = None,
+                           max_tokens_source: str = "max_tokens", items=None) -> dict:
+    """Evaluate `model` on benchmark `name` stored under `root`; returns score, n and predictions.
+
+    `items` (default: `load_items(name, root, split=split)`) are the
+    questions; `max_tokens`, when given, is the model's token limit that
+    every prompt plus `max_new_tokens` must fit (`decode.check_lengths`).
+    """
     from casa.data import Processor
-    from casa.eval.synthetic import greedy_decode
+    from casa.eval import decode
     from casa.pretrained.directory import PROCESSOR_DEFAULTS
 
     if name not in BENCHMARKS:
@@ -94,7 +109,8 @@ def run_standard_benchmark(model, tokenizer, name: str, root, *, processor=None,
     if processor is None:
         processor = Processor(tokenizer, model.config.vision, gist=PROCESSOR_DEFAULTS["gist"],
                               gist_token=PROCESSOR_DEFAULTS["gist_token"])
-    items = load_items(name, root, split=split)
+    items = iter(items) if items is not None else load_items(name, root, split=split)
+    splice = model.config.fusion.variant == "insertion"
     if limit is not None:
         items = islice(items, limit)
     was_training = model.training
@@ -109,7 +125,10 @@ def run_standard_benchmark(model, tokenizer, name: str, root, *, processor=None,
             for item in chunk:
                 enc = processor.encode(_sample(name, item, system_prompt))
                 prompts.append(enc.prefix(enc.turns[0][0]))
-            outs = greedy_decode(model, prompts, processor, max_new_tokens=max_new_tokens, backend=backend)
+            if max_tokens is not None:
+                decode.check_lengths(prompts, processor, max_new_tokens=max_new_tokens, limit=max_tokens,
+                                     splice_images=splice, limit_source=max_tokens_source)
+            outs = decode.greedy_decode(model, prompts, processor, max_new_tokens=max_new_tokens, backend=backend)
             for item, ids in zip(chunk, outs):
                 pred = processor.tok.decode(ids).strip()
                 records.append({"id": item.qid, "question": item.question, "answers": item.answers,
@@ -129,31 +148,8 @@ def run_standard_benchmark(model, tokenizer, name: str, root, *, processor=None,
 
 
 def format_result(result: dict) -> str:
+    """One line: benchmark, metric, score x 100, n (and ChartQA's groups)."""
     line = f"{result['benchmark']:<8} {result['metric']:<17} {100 * result['score']:6.2f}  n={result['n']}"
     for g, s in result.get("groups", {}).items():
         line += f"  {g} {100 * s:.2f}"
     return line
-
-
-def run(checkpoint, name: str, root, *, split: str | None = None, limit: int | None = None, json_path=None,
-        batch_size: int = 8, max_new_tokens: int = 32, backend: str = "auto", dtype=None, device=None) -> dict:
-    """`casa eval --bench NAME --root DIR`: load a model directory, evaluate, print, write JSON."""
-    from casa.pretrained.directory import load
-    from casa.pretrained.runs import resolve_model_dir
-
-    model_dir = resolve_model_dir(checkpoint)
-    loaded = load(model_dir, dtype=dtype, device=device)
-    result = run_standard_benchmark(loaded.model, loaded.tokenizer, name, root, processor=loaded.processor,
-                                    split=split, limit=limit, batch_size=batch_size,
-                                    max_new_tokens=max_new_tokens, backend=backend)
-    result["checkpoint"] = str(model_dir)
-    print(format_result(result))
-    path = Path(json_path) if json_path else Path(model_dir) / f"eval_{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, default=str))
-    print(f"wrote {path}")
-    return result
-
-
-__all__ = ["BENCHMARKS", "Benchmark", "Item", "format_question", "format_result", "load_items", "metrics", "run",
-           "run_standard_benchmark"]

@@ -13,24 +13,39 @@ Two layouts per benchmark, found automatically under the root directory:
   `TextVQA_0.5.1_val.json` + `train_images/`, AI2D `questions/*.json` +
   `images/` (+ `ai2d_test_ids.csv` for the test split), GQA
   `testdev_balanced_questions.json` + `images/`.
-Parquet files are read batch by batch and images decoded only when used, so
-a benchmark never sits in memory whole. Parquet needs `pyarrow` (extra
-`casa[bench]`).
+
+Design decisions:
+- Parquet files are read batch by batch and images decoded only when used,
+  so a benchmark never sits in memory whole. Parquet needs `pyarrow` (extra
+  `casa[bench]`).
+- A layout is recognised by its file names, parquet first; nothing is
+  configured. A root with no question of the split is a FileNotFoundError
+  that lists what was looked for.
+- Damaged inputs are named, never a library's traceback: a parquet or JSON
+  file that cannot be read is a `casa.files.DamagedFileError` naming the
+  file, a record without an expected field a `DataError` naming the
+  benchmark and root, an undecodable image a `DataError` naming the question.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
+from casa.data.sample import DataError
+from casa.files import DamagedFileError, read_json
+
+__all__ = ["DEFAULT_SPLITS", "LOADERS", "Item", "load_items"]
+
 
 @dataclass
 class Item:
+    """One benchmark question: its id, text, gold answers, image and (AI2D) options."""
+
     qid: str
     question: str
     answers: list[str]
@@ -40,15 +55,23 @@ class Item:
     meta: dict = field(default_factory=dict)
 
     def pil(self) -> Image.Image:
+        """The question's image as RGB."""
         img = self.image
-        if isinstance(img, (bytes, bytearray)):
-            img = Image.open(io.BytesIO(img))
-        elif not isinstance(img, Image.Image):
-            path = Path(img)
-            if not path.is_file():
-                raise FileNotFoundError(f"question {self.qid}: image {str(path)!r} does not exist")
-            img = Image.open(path)
-        img.load()
+        where = "its embedded image"
+        try:
+            if isinstance(img, (bytes, bytearray)):
+                img = Image.open(io.BytesIO(img))
+            elif not isinstance(img, Image.Image):
+                path = Path(img)
+                where = f"image {str(path)!r}"
+                if not path.is_file():
+                    raise FileNotFoundError(f"question {self.qid}: image {str(path)!r} does not exist")
+                img = Image.open(path)
+            img.load()
+        except (OSError, Image.DecompressionBombError) as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise DataError(f"question {self.qid}: cannot read {where} ({e})") from None
         return img.convert("RGB")
 
 
@@ -69,10 +92,18 @@ def _rows(files, columns=None):
     except ImportError as e:
         raise ImportError("reading benchmark parquet files needs pyarrow (pip install 'casa[bench]')") from e
     for f in files:
-        pf = pq.ParquetFile(f)
-        cols = [c for c in columns if c in pf.schema_arrow.names] if columns else None
-        for batch in pf.iter_batches(batch_size=32, columns=cols):
-            yield from batch.to_pylist()
+        try:  # pyarrow's errors (ArrowInvalid, ArrowIOError) do not name the file
+            pf = pq.ParquetFile(f)
+            cols = [c for c in columns if c in pf.schema_arrow.names] if columns else None
+            batches = pf.iter_batches(batch_size=32, columns=cols)
+            while True:
+                try:
+                    rows = next(batches).to_pylist()
+                except StopIteration:
+                    break
+                yield from rows
+        except (OSError, ValueError) as e:
+            raise DamagedFileError(f, f"not a readable parquet file: {e}") from None
 
 
 def _image(value, base: Path):
@@ -104,7 +135,7 @@ def _find(root: Path, patterns) -> list[Path]:
 
 
 def _records(file: Path):
-    data = json.loads(file.read_text())
+    data = read_json(file)
     return data["data"] if isinstance(data, dict) and "data" in data else data
 
 
@@ -157,7 +188,8 @@ def _textvqa(root, split):
     files = _parquet_files(root, split)
     if files:
         for r in _rows(files, ["question_id", "question", "answers", "image"]):
-            yield Item(str(r["question_id"]), r["question"], _answers(r["answers"]), _image(r["image"], files[0].parent))
+            yield Item(str(r["question_id"]), r["question"], _answers(r["answers"]),
+                       _image(r["image"], files[0].parent))
         return
     short = {"validation": "val"}.get(split, split)
     for file in _find(root, [f"TextVQA_0.5.1_{short}.json", f"TextVQA_*_{short}.json"]):
@@ -177,7 +209,7 @@ def _ai2d(root, split):
     ids_file = _find(root, [f"ai2d_{split}_ids.csv"])
     keep = {line.strip() for line in ids_file[0].read_text().split() if line.strip()} if ids_file else None
     for file in sorted(qdir.glob("*.json")):
-        data = json.loads(file.read_text())
+        data = read_json(file)
         name = data.get("imageName", file.name.removesuffix(".json"))
         if keep is not None and name.split(".")[0] not in keep:
             continue
@@ -196,10 +228,11 @@ def _gqa(root, split):
             raise FileNotFoundError(f"{str(root)!r}: GQA questions found but no {split}_balanced_images parquet")
         by_id = {r["id"]: r["image"] for r in _rows(images, ["id", "image"])}  # encoded bytes, ~400 images
         for r in _rows(questions, ["id", "imageId", "question", "answer"]):
-            yield Item(str(r["id"]), r["question"], _answers(r["answer"]), _image(by_id[r["imageId"]], images[0].parent))
+            yield Item(str(r["id"]), r["question"], _answers(r["answer"]),
+                       _image(by_id[r["imageId"]], images[0].parent))
         return
     for file in _find(root, [f"{split}_balanced_questions.json"]):
-        for qid, r in json.loads(file.read_text()).items():
+        for qid, r in read_json(file).items():
             image = _first_existing(file.parent / "images" / f"{r['imageId']}.jpg", file.parent / f"{r['imageId']}.jpg")
             yield Item(str(qid), r["question"], _answers(r["answer"]), image)
 
@@ -209,17 +242,28 @@ LOADERS = {"chartqa": _chartqa, "docvqa": _docvqa, "infovqa": _infovqa, "textvqa
 
 
 def load_items(name: str, root, *, split: str | None = None):
-    """Iterate over the questions of benchmark `name` stored under `root`."""
+    """Iterate over the questions (`Item`s) of benchmark `name` stored under `root`."""
     if name not in LOADERS:
         raise ValueError(f"unknown benchmark {name!r}; expected one of {sorted(LOADERS)}")
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{name}: benchmark root {str(root)!r} is a file, not a directory")
     if not root.is_dir():
         raise FileNotFoundError(f"{name}: benchmark directory {str(root)!r} does not exist")
     split = split or DEFAULT_SPLITS[name]
     found = False
-    for item in LOADERS[name](root, split):
+    items = LOADERS[name](root, split)
+    while True:
+        try:
+            item = next(items)
+        except StopIteration:
+            break
+        except (KeyError, TypeError, IndexError, AttributeError) as e:  # a record without an expected field
+            raise DataError(f"{name}: a record under {str(root)!r} does not have the expected layout "
+                            f"({type(e).__name__}: {e}); expected the lmms-lab parquet files or the original "
+                            "JSON layout (see casa.eval.stdbench.datasets)") from None
         found = True
         yield item
     if not found:
         raise FileNotFoundError(f"{name}: no {split} questions under {str(root)!r} (expected the lmms-lab parquet "
-                                "files or the original JSON layout; see casa.stdbench.datasets)")
+                                "files or the original JSON layout; see casa.eval.stdbench.datasets)")

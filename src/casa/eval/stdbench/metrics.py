@@ -1,16 +1,5 @@
-"""The standard metrics of the paper's benchmarks, as published.
+"""The benchmark-specific metrics of the paper's benchmarks, as published.
 
-- `relaxed_correctness` (ChartQA; Methani et al. 2020, as implemented in
-  pix2struct and lmms-eval): a prediction is right if both it and the target
-  parse as numbers ("12%" is 0.12) and differ by at most 5 % of the target,
-  otherwise if the strings are equal ignoring case. A target of 0 falls back
-  to the string comparison (the reference code's `and target_float`).
-- `anls` (DocVQA / InfographicVQA; Biten et al. 2019): per question, the best
-  over the gold answers of `1 - NL` when the normalised Levenshtein distance
-  `NL = lev(a, p) / max(|a|, |p|)` is below tau = 0.5, else 0; strings are
-  lower-cased and stripped (and inner whitespace runs collapsed). Note: the
-  published definition gives 0 at NL = 0.5 exactly; the official script's
-  `>= 0.5` on the similarity would give 0.5 there.
 - `vqa_accuracy` (TextVQA; Antol et al. 2015, EvalAI): answers go through the
   official VQA normalisation (`EvalAIAnswerProcessor`: lower case, punctuation,
   number words to digits, articles dropped, contractions), then the
@@ -20,7 +9,16 @@
   names ("B", "(B)", "B. ...", "Answer: B", or an option's exact text),
   matched against the gold letter.
 - `exact_match` (GQA, as lmms-eval): equality after lower-casing and removing
-  punctuation.
+  every punctuation character.
+
+Design decisions:
+- ANLS (DocVQA, InfographicVQA) and relaxed correctness (ChartQA) are shared
+  with the synthetic tasks, so they live once in `casa.data.metrics` (with the
+  one answer normalisation and the one number parser); this module holds
+  only the rules that exist for one benchmark.
+- Each rule reproduces its reference implementation, quirks included (the
+  VQA period pattern keeps the official typo), so scores compare with
+  published ones.
 """
 
 from __future__ import annotations
@@ -28,47 +26,8 @@ from __future__ import annotations
 import re
 import string
 
-from casa.data.metrics import levenshtein
-
-# ----------------------------------------------------------------------------- ChartQA
-
-
-def _to_float(text: str) -> float | None:
-    try:
-        if text.endswith("%"):
-            return float(text.rstrip("%")) / 100.0
-        return float(text)
-    except ValueError:
-        return None
-
-
-def relaxed_correctness(prediction: str, target: str, max_relative_change: float = 0.05) -> float:
-    p, t = _to_float(prediction), _to_float(target)
-    if p is not None and t:
-        return float(abs(p - t) / abs(t) <= max_relative_change)
-    return float(prediction.lower() == target.lower())
-
-
-# ----------------------------------------------------------------------------- ANLS
-
-
-def _anls_norm(s: str) -> str:
-    return " ".join(s.strip().lower().split())
-
-
-def anls(prediction: str, answers, tau: float = 0.5) -> float:
-    """Average-Normalised-Levenshtein-Similarity score of one question (max over gold answers)."""
-    if isinstance(answers, str):
-        answers = [answers]
-    p = _anls_norm(prediction)
-    best = 0.0
-    for a in map(_anls_norm, answers):
-        if not a and not p:
-            return 1.0
-        nl = levenshtein(a, p) / max(len(a), len(p))
-        best = max(best, 1.0 - nl if nl < tau else 0.0)
-    return best
-
+__all__ = ["ARTICLES", "CONTRACTIONS", "NUMBER_WORDS", "EvalAIAnswerProcessor", "choice_letter", "exact_match",
+           "multiple_choice", "vqa_accuracy"]
 
 # ----------------------------------------------------------------------------- VQA accuracy
 
