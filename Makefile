@@ -12,11 +12,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --progress-bar off "$(TORCH)" -e ".[dev]" | grep -E "^(Collecting|Successfully installed)" | cut -c1-100
 	touch $@
 
-.PHONY: install test demo bench
+.PHONY: install test test-gpu demo bench
 install: $(VENV)/.installed
 
 test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
+
+# On a machine with a CUDA GPU: the `gpu` tests (backends, bf16 training, cached decode on CUDA).
+# flash-attn is installed only where a prebuilt wheel exists; otherwise its tests skip and flex is used.
+test-gpu: install
+	$(PY) -m pip install -q --only-binary=:all: flash-attn || echo "casa: no flash-attn wheel here; flash tests will skip (FlexAttention covers CUDA)"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -m gpu
 
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/casa demo

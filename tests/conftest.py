@@ -77,3 +77,17 @@ def assert_user_error(result, *names, before: dict | None = None, after: dict | 
     if before is not None:
         for path, data in before.items():
             assert (after or {}).get(path) == data, f"{path} was changed or removed"
+
+
+def byte_model_dir(path, *, extra: dict | None = None):
+    """A tiny random `casa` model directory with the byte tokenizer (vocab 264),
+    saved at `path`: what the CLI tests open."""
+    from casa.core.model import CasaModel
+    from casa.pretrained.directory import save_pretrained
+    from casa.pretrained.tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(lm=LMConfig(vocab_size=264, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64),
+                      vision=VisionConfig(image_size=16, patch_size=8, d_model=16, n_layers=1, n_heads=2, d_ff=32),
+                      fusion=FusionConfig(variant="casa"))
+    return save_pretrained(CasaModel(cfg), path, tokenizer=ByteTokenizer(), extra=extra)

@@ -5,25 +5,15 @@ naming the input, no traceback, and every file that existed before unchanged
 import json
 
 import pytest
-import torch
-from conftest import assert_user_error, run_casa, snapshot
-
-from casa.config import FusionConfig, LMConfig, ModelConfig, VisionConfig
-from casa.core.model import CasaModel
-from casa.pretrained.directory import save_pretrained
-from casa.pretrained.tokenizer import ByteTokenizer
+from conftest import assert_user_error, byte_model_dir, run_casa, snapshot
 
 TEXT_TOKENS = 512  # the training budget recorded in the model directory: the eval token limit
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = ModelConfig(lm=LMConfig(vocab_size=264, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64),
-                      vision=VisionConfig(image_size=16, patch_size=8, d_model=16, n_layers=1, n_heads=2, d_ff=32),
-                      fusion=FusionConfig(variant="casa"))
-    path = save_pretrained(CasaModel(cfg), tmp_path_factory.mktemp("bad_eval") / "m", tokenizer=ByteTokenizer(),
-                           extra={"train": {"text_tokens": TEXT_TOKENS, "data": "color"}})
+    path = byte_model_dir(tmp_path_factory.mktemp("bad_eval") / "m",
+                          extra={"train": {"text_tokens": TEXT_TOKENS, "data": "color"}})
     (path / "eval.json").write_text('{"earlier": "result"}')  # a good earlier result, never to be lost
     return path
 

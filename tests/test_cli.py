@@ -11,22 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import run_casa, snapshot
-
-from casa.config import FusionConfig, LMConfig, ModelConfig, VisionConfig
-from casa.core.model import CasaModel
-from casa.pretrained.directory import save_pretrained
-from casa.pretrained.tokenizer import ByteTokenizer
+from conftest import byte_model_dir, run_casa, snapshot
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = ModelConfig(lm=LMConfig(vocab_size=264, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64),
-                      vision=VisionConfig(image_size=16, patch_size=8, d_model=16, n_layers=1, n_heads=2, d_ff=32),
-                      fusion=FusionConfig(variant="casa"))
-    return save_pretrained(CasaModel(cfg), tmp_path_factory.mktemp("cli") / "m", tokenizer=ByteTokenizer())
+    return byte_model_dir(tmp_path_factory.mktemp("cli") / "m")
 
 
 def test_user_errors_are_one_line_and_exit_2(tmp_path):

@@ -36,10 +36,10 @@ import torch
 from casa.config import FUSION_VARIANTS
 from casa.files import atomic_file
 
-__all__ = ["bench_config", "check_variants", "measure", "packed_batch", "run"]
+__all__ = ["bench_config", "check_variants", "cpu_name", "measure", "measure_or_oom", "packed_batch", "run"]
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
@@ -51,8 +51,15 @@ def _cpu_name() -> str:
 
 def bench_config(*, text_tokens: int = 512, image_ratio: int = 10, tokens_per_image: int = 256,
                  d_model: int = 256, n_layers: int = 4, repeats: int = 3, seed: int = 0,
-                 threads: int | None = None, layout: str = "packed") -> dict:
-    """The benchmark's settings (model size, token budgets, repeats) as a JSON-able dict."""
+                 threads: int | None = None, layout: str = "packed", lm: dict | None = None,
+                 precision: str = "fp32") -> dict:
+    """The benchmark's settings (model size, token budgets, repeats) as a JSON-able dict.
+
+    `lm` overrides the LM's shape derived from `d_model` (n_heads, n_kv_heads, d_ff,
+    vocab_size, tie_embeddings, ...: `LMConfig` fields), for the paper's model shapes;
+    `precision="bf16"` runs the step under bf16 autocast."""
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"bench train: precision={precision!r}, expected 'fp32' or 'bf16'")
     if layout not in ("packed", "interleaved"):
         raise ValueError(f"bench train: layout={layout!r}, expected 'packed' or 'interleaved'")
     if d_model < 16:
@@ -68,7 +75,8 @@ def bench_config(*, text_tokens: int = 512, image_ratio: int = 10, tokens_per_im
             "image_ratio": image_ratio, "tokens_per_image": tokens_per_image,
             "image_tokens": text_tokens * image_ratio, "d_model": d_model, "n_layers": n_layers,
             "n_heads": max(1, d_model // 64), "d_ff": int(d_model * 8 / 3) // 16 * 16, "vocab_size": 264,
-            "repeats": repeats, "seed": seed, "images": "precomputed embeddings (frozen encoder)"}
+            "repeats": repeats, "seed": seed, "images": "precomputed embeddings (frozen encoder)",
+            "lm": dict(lm or {}), "precision": precision}
 
 
 def check_variants(variants) -> list[str]:
@@ -88,7 +96,7 @@ def _model_config(cfg: dict, variant: str, fusion: dict | None = None):
     heads = cfg["n_heads"]
     return ModelConfig.from_dict({
         "lm": {"vocab_size": cfg["vocab_size"], "d_model": cfg["d_model"], "n_layers": cfg["n_layers"],
-               "n_heads": heads, "n_kv_heads": heads, "d_ff": cfg["d_ff"]},
+               "n_heads": heads, "n_kv_heads": heads, "d_ff": cfg["d_ff"], **cfg.get("lm", {})},
         # 16 x 16 patches: tokens_per_image = 256 with the default
         "vision": {"image_size": 8 * int(cfg["tokens_per_image"] ** 0.5), "patch_size": 8, "d_model": 32,
                    "n_layers": 1, "n_heads": 1, "d_ff": 32},
@@ -135,7 +143,8 @@ def measure(cfg: dict, variant: str, device: str = "auto", fusion: dict | None =
     batch = packed_batch(cfg, device)
 
     def step():
-        loss = lm_loss(model(batch), batch)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.get("precision") == "bf16"):
+            loss = lm_loss(model(batch), batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -153,17 +162,20 @@ def measure(cfg: dict, variant: str, device: str = "auto", fusion: dict | None =
         times.append(time.perf_counter() - t)
     sec = statistics.median(times)
     seq = cfg["text_tokens"] + (cfg["image_tokens"] if variant == "insertion" else 0)
-    return {"variant": variant, "text_tok_s": cfg["text_tokens"] / sec, "step_s": sec, "peak_mem_bytes": pm.bytes,
-            "sequence_tokens": seq, "params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    return {"variant": variant, "oom": False, "text_tok_s": cfg["text_tokens"] / sec, "step_s": sec,
+            "peak_mem_bytes": pm.bytes, "sequence_tokens": seq, "params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
 def run(json_path="benchmarks/train.json", *, variants=("insertion", "ca", "casa"), text_tokens: int = 512,
         image_ratio: int = 10, repeats: int = 3, d_model: int = 256, n_layers: int = 4,
-        tokens_per_image: int = 256, threads: int | None = None, layout: str = "packed") -> dict:
+        tokens_per_image: int = 256, threads: int | None = None, layout: str = "packed", lm: dict | None = None,
+        precision: str = "fp32", extra: dict | None = None) -> dict:
     """Measure every variant in its own process; print a line each, write the JSON report; returns it."""
     variants = check_variants(variants)
     cfg = bench_config(text_tokens=text_tokens, image_ratio=image_ratio, tokens_per_image=tokens_per_image,
-                       d_model=d_model, n_layers=n_layers, repeats=repeats, threads=threads, layout=layout)
+                       d_model=d_model, n_layers=n_layers, repeats=repeats, threads=threads, layout=layout,
+                       lm=lm, precision=precision)
+    cfg.update(extra or {})
     results = []
     for v in variants:
         out = subprocess.run([sys.executable, "-m", "casa.bench.train", json.dumps(cfg), v],
@@ -172,9 +184,12 @@ def run(json_path="benchmarks/train.json", *, variants=("insertion", "ca", "casa
             raise RuntimeError(f"bench train: variant {v} failed:\n{out.stderr[-2000:]}")
         r = json.loads(out.stdout.strip().splitlines()[-1])
         results.append(r)
+        if r.get("oom"):
+            print(f"{v:<10} out of memory")
+            continue
         mem = f"{r['peak_mem_bytes'] / 2**20:,.0f} MiB" if r["peak_mem_bytes"] is not None else "n/a"
         print(f"{v:<10} {r['text_tok_s']:>10,.0f} text tok/s  peak {mem:>10}  ({r['step_s'] * 1000:.0f} ms/step)")
-    by = {r["variant"]: r for r in results}
+    by = {r["variant"]: r for r in results if not r.get("oom")}
     if "insertion" in by and "casa" in by:
         ins, casa = by["insertion"], by["casa"]
         cfg["casa_vs_insertion"] = {
@@ -182,8 +197,9 @@ def run(json_path="benchmarks/train.json", *, variants=("insertion", "ca", "casa
             "memory_x": (casa["peak_mem_bytes"] / ins["peak_mem_bytes"]) if ins["peak_mem_bytes"] else None}
         print(f"casa vs insertion: {cfg['casa_vs_insertion']['throughput_x']:.2f}x throughput, "
               f"{cfg['casa_vs_insertion']['memory_x'] or float('nan'):.2f}x peak memory")
-    cfg["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name()
+    cfg["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
     cfg["torch"] = torch.__version__
+    cfg["cuda"] = torch.version.cuda
     report = {"config": cfg, "results": results}
     if json_path:
         with atomic_file(Path(json_path)) as f:
@@ -192,5 +208,15 @@ def run(json_path="benchmarks/train.json", *, variants=("insertion", "ca", "casa
     return report
 
 
+def measure_or_oom(cfg: dict, variant: str) -> dict:
+    """`measure`, with running out of accelerator memory recorded as a result (the
+    paper's insertion runs out too), not raised."""
+    try:
+        return measure(cfg, variant)
+    except torch.OutOfMemoryError:
+        return {"variant": variant, "oom": True, "text_tok_s": None, "step_s": None, "peak_mem_bytes": None,
+                "sequence_tokens": None, "params": None}
+
+
 if __name__ == "__main__":  # one variant, in a fresh process: python -m casa.bench.train CONFIG_JSON VARIANT
-    print(json.dumps(measure(json.loads(sys.argv[1]), sys.argv[2])))
+    print(json.dumps(measure_or_oom(json.loads(sys.argv[1]), sys.argv[2])))

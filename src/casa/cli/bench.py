@@ -14,7 +14,7 @@ import argparse
 
 from casa.cli.values import non_negative_int, positive_float, positive_int
 
-__all__ = ["attention", "register", "stream", "train"]
+__all__ = ["attention", "paper", "register", "stream", "train"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -70,6 +70,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     bs.add_argument("--no-isolate", action="store_true", help="run every variant in this process")
     bs.set_defaults(func=stream)
 
+    bp = bench.add_parser("paper", help="the paper's cost table at its model shapes (random weights; GPU)")
+    bp.add_argument("--preset", default="qwen2.5-vl-3b", choices=("qwen2.5-vl-3b", "helium-1-2b", "tiny"),
+                    help="LM shape: Qwen2.5-VL-3B's or Helium-1-2B's (tiny: a toy shape for CPU)")
+    bp.add_argument("--out-dir", default="benchmarks/gpu", help="where the JSON and plots go")
+    bp.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    bp.add_argument("--parts", default="train,stream", help="train, stream or both")
+    bp.add_argument("--variants", default="insertion,ca,casa")
+    bp.add_argument("--repeats", type=positive_int, default=3)
+    bp.add_argument("--max-seconds", type=positive_float, default=1800.0, help="per streaming variant")
+    bp.set_defaults(func=paper)
+
 
 def _check_outputs(args) -> None:
     from casa.files import check_distinct, check_output_file
@@ -111,4 +122,18 @@ def stream(args) -> int:
                       max_seconds=args.max_seconds, max_cache_bytes=int(args.max_cache_bytes), sink=args.sink,
                       window=args.window, seed=args.seed, threads=args.threads or None, device=args.device)
     run(cfg, json_path=args.json, plot_path=args.plot, isolate=not args.no_isolate)
+    return 0
+
+
+def paper(args) -> int:
+    from casa.files import check_output_dir
+
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if not parts or set(parts) - {"train", "stream"}:
+        raise ValueError(f"--parts {args.parts!r}: expected train, stream or train,stream")
+    check_output_dir(args.out_dir, "--out-dir")
+    from casa.bench.paper import run
+
+    run(args.preset, out_dir=args.out_dir, device=args.device, parts=parts, repeats=args.repeats,
+        variants=[v.strip() for v in args.variants.split(",")], max_seconds=args.max_seconds)
     return 0
