@@ -25,7 +25,7 @@ from test_serve import (
 )
 from test_stream import encode_video
 
-from casa.cli.serve import main as serve_main
+from casa.cli import main as casa_main
 from casa.serve.app import ServerThread, create_app
 from casa.serve.engine import Engine
 from casa.serve.limits import Limits
@@ -272,7 +272,7 @@ def test_a_session_nobody_watches_expires(server):
 def run_serve(capsys, *args):
     """`casa serve ARGS` in this process, as a CompletedProcess for assert_user_error."""
     try:
-        code = serve_main([*map(str, args)])
+        code = casa_main(["serve", *map(str, args)])
     except SystemExit as e:  # argparse
         code = e.code
     out = capsys.readouterr()

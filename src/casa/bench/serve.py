@@ -19,7 +19,7 @@ malformed answer), and the server's resident memory before, at its peak
 and after the phase (once idle).
 
 Design decisions:
-- The server is its own process (`python -m casa.cli.serve --port 0`), so its
+- The server is its own process (`python -m casa.cli serve --port 0`), so its
   memory is measured alone (`/proc/PID/status`: VmRSS, VmHWM reset through
   `clear_refs` before each phase) and the clients do not share its
   interpreter lock. It is stopped at the end, whatever happens.
@@ -116,7 +116,7 @@ class _Server:
     """`casa serve` in a subprocess on a free loopback port."""
 
     def __init__(self, checkpoint: Path, cfg: ServeBench):
-        cmd = [sys.executable, "-m", "casa.cli.serve", "--checkpoint", str(checkpoint), "--port", "0",
+        cmd = [sys.executable, "-m", "casa.cli", "serve", "--checkpoint", str(checkpoint), "--port", "0",
                "--model-name", "bench", "--max-sessions", str(cfg.max_sessions), "--max-queue", str(cfg.max_queue),
                "--max-tokens", str(cfg.max_tokens), "--threads", str(cfg.threads), "--log-level", "warning",
                "--queue-timeout", str(cfg.request_timeout)]

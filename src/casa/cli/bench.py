@@ -1,4 +1,4 @@
-"""`casa bench attention | train | stream`: the benchmarks, JSON + plot each.
+"""`casa bench attention | train | stream | serve | paper`: the benchmarks, JSON + plot each.
 
 Design decisions:
 - Sizes and counts are checked by argparse (`positive_int`, ...), the
@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 
+from casa.bench.serve import add_arguments as add_serve_arguments
 from casa.cli.values import non_negative_int, positive_float, positive_int
 
-__all__ = ["attention", "paper", "register", "stream", "train"]
+__all__ = ["attention", "paper", "register", "serve", "stream", "train"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -69,6 +70,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     bs.add_argument("--seed", type=int, default=0)
     bs.add_argument("--no-isolate", action="store_true", help="run every variant in this process")
     bs.set_defaults(func=stream)
+
+    bv = bench.add_parser("serve", help="bounded load test of casa serve on loopback: req/s, latency, 429s, memory")
+    add_serve_arguments(bv)
+    bv.set_defaults(func=serve)
 
     bp = bench.add_parser("paper", help="the paper's cost table at its model shapes (random weights; GPU)")
     bp.add_argument("--preset", default="qwen2.5-vl-3b", choices=("qwen2.5-vl-3b", "helium-1-2b", "tiny"),
@@ -137,3 +142,9 @@ def paper(args) -> int:
     run(args.preset, out_dir=args.out_dir, device=args.device, parts=parts, repeats=args.repeats,
         variants=[v.strip() for v in args.variants.split(",")], max_seconds=args.max_seconds)
     return 0
+
+
+def serve(args) -> int:
+    from casa.bench.serve import run_from_args
+
+    return run_from_args(args)

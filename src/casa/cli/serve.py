@@ -1,11 +1,18 @@
-"""`casa serve`: an OpenAI-compatible endpoint and a live-captioning page for one model."""
+"""`casa serve`: an OpenAI-compatible endpoint and a live-captioning page for one model.
+
+Design decisions:
+- Flags are checked by argparse (ranged types) and the checkpoint and media
+  directory before the server binds, so a typo is a one-line error (exit 2).
+- The server itself lives in `casa.serve`; this module maps flags onto it.
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 from casa.cli.values import non_negative_int, positive_float, positive_int
+
+__all__ = ["add_arguments", "register", "run"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -71,20 +78,3 @@ def run(args) -> int:
     finally:
         sock.close()
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m casa.cli.serve ARGS`: the same command on its own parser, with
-    `casa`'s error convention (one line, exit 2)."""
-    parser = argparse.ArgumentParser(prog="casa serve", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"casa: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
