@@ -1,12 +1,13 @@
 """Every attention backend equals the dense reference (fp32, 1e-5) on random
-layouts, forward and, where it has one, backward; and the reference equals a
-per-query loop written straight from docs/design.md §4."""
+layouts (images with one token count or each its own), forward and, where it
+has one, backward; and the reference equals a per-query loop written straight
+from docs/design.md §4."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_layout import brute_force_mask, layouts
+from test_layout import brute_force_mask, layouts, n_tokens
 
 from casa.core.attention import causal_attend, flash_available, fusion_attend
 from casa.core.layout import build_layout
@@ -47,7 +48,7 @@ def test_reference_equals_per_query_loop(spec, text_keys):
     T, doc_lens, rows, points, n = spec
     B = len(doc_lens)
     lay = build_layout(T, doc_lens, rows, points, n)
-    q, kt, vt, ki, vi = random_inputs(B, T, len(points) * n, 2)
+    q, kt, vt, ki, vi = random_inputs(B, T, n_tokens(points, n), 2)
     mask = brute_force_mask(T, doc_lens, rows, points, n, text_keys)
     index = lay.dense_keys()[0]  # the row's image tokens, padding masked out
     if not text_keys:
@@ -62,7 +63,7 @@ def test_reference_equals_per_query_loop(spec, text_keys):
 def test_windowed_equals_reference_forward_and_backward(spec, text_keys, kv_heads):
     T, doc_lens, rows, points, n = spec
     lay = build_layout(T, doc_lens, rows, points, n)
-    inputs = random_inputs(len(doc_lens), T, len(points) * n, kv_heads)
+    inputs = random_inputs(len(doc_lens), T, n_tokens(points, n), kv_heads)
     grads = {}
     for backend in ("reference", "windowed"):
         leaves = [x.clone().requires_grad_(True) for x in inputs]
@@ -121,7 +122,7 @@ def test_causal_attend_masks_documents(spec, kv_heads):
 def test_flex_equals_reference_forward(spec, text_keys):
     T, doc_lens, rows, points, n = spec
     lay = build_layout(T, doc_lens, rows, points, n)
-    inputs = random_inputs(len(doc_lens), T, len(points) * n, 2)
+    inputs = random_inputs(len(doc_lens), T, n_tokens(points, n), 2)
     with torch.no_grad():
         ref = fusion_attend(*inputs, lay, text_keys=text_keys, backend="reference")
         got = fusion_attend(*inputs, lay, text_keys=text_keys, backend="flex")
@@ -153,7 +154,7 @@ def test_gpu_backends_equal_reference(backend, spec, text_keys):
         pytest.skip("flash-attn not installed")
     T, doc_lens, rows, points, n = spec
     lay = build_layout(T, doc_lens, rows, points, n, device="cuda")
-    inputs = [x.cuda() for x in random_inputs(len(doc_lens), T, len(points) * n, 2)]
+    inputs = [x.cuda() for x in random_inputs(len(doc_lens), T, n_tokens(points, n), 2)]
     dtype = torch.bfloat16 if backend == "flash" else torch.float32
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     outs = {}
@@ -194,7 +195,7 @@ def test_flash_offsets_equal_reference_under_emulation(spec, text_keys):
 
     T, doc_lens, rows, points, n = spec
     lay = build_layout(T, doc_lens, rows, points, n)
-    inputs = random_inputs(len(doc_lens), T, len(points) * n, 2)
+    inputs = random_inputs(len(doc_lens), T, n_tokens(points, n), 2)
     fake = types.ModuleType("flash_attn")
     fake.flash_attn_varlen_func = varlen_emulation
     saved = sys.modules.get("flash_attn")

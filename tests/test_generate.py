@@ -110,7 +110,7 @@ def test_generate_stop_tokens_max_tokens_and_commit():
     stop = gen.tokens[-1]
     gen2 = generate(Session(m), [1, 2, 3], sampling=Sampling(max_new_tokens=4, stop_tokens=(stop,)))
     assert gen2.tokens == gen.tokens[: gen.tokens.index(stop) + 1] and gen2.stop_reason == "stop_token"
-    assert gen2.ttft_ms > 0 and (gen2.decode_ms > 0) == (len(gen2.tokens) > 1) and gen2.committed
+    assert gen2.ttft_ms > 0 and gen2.decode_ms > 0 and gen2.committed  # decode time includes the commit forward
     with pytest.raises(ValueError, match="nothing fed"):
         generate(Session(m))
 

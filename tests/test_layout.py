@@ -47,29 +47,44 @@ def layouts(draw, max_rows=2, max_len=16, max_images=5, min_len=1):
                                  min_size=n_img, max_size=n_img)))
     rows = torch.tensor([r for r, _ in pairs], dtype=torch.long)
     points = torch.tensor([p for _, p in pairs], dtype=torch.long)
-    n = draw(st.integers(1, 3))
+    # one token count for every image, or each its own (images of different sizes)
+    n = draw(st.one_of(st.integers(1, 3), st.lists(st.integers(1, 3), min_size=n_img, max_size=n_img)
+                       .map(lambda c: torch.tensor(c, dtype=torch.long))))
     return T, doc_lens, rows, points, n
+
+
+def counts(points, n) -> list[int]:
+    """Tokens of each image: `n` is one count for all, or a per-image tensor."""
+    return n.tolist() if isinstance(n, torch.Tensor) else [n] * len(points)
+
+
+def n_tokens(points, n) -> int:
+    """N_tok, the image tokens of a layout."""
+    return sum(counts(points, n))
 
 
 def brute_force_mask(T, doc_lens, rows, points, n, text_keys):
     """docs/design.md §4 spelled out: per row, keys = [row's image tokens ; text]."""
     B = len(doc_lens)
+    sizes = counts(points, n)
     masks = []
     for b in range(B):
         doc = [d for d, length in enumerate(doc_lens[b]) for _ in range(length)]
         starts = {sum(doc_lens[b][:d]) for d in range(len(doc_lens[b]))}
         img_points = [int(p) for r, p in zip(rows.tolist(), points.tolist()) if r == b]
+        img_sizes = [c for r, c in zip(rows.tolist(), sizes) if r == b]
+        offsets = [sum(img_sizes[:i]) for i in range(len(img_sizes))]
         bounds = sorted(starts | set(img_points))
 
         def window(t):
             return max(s for s in bounds if s <= t)
 
-        K = max([sum(1 for r in rows.tolist() if r == bb) for bb in range(B)] + [0]) * n
+        K = max([sum(c for r, c in zip(rows.tolist(), sizes) if r == bb) for bb in range(B)] + [0])
         m = torch.zeros(T, K + (T if text_keys else 0), dtype=torch.bool)
         for q in range(T):
             for i, p in enumerate(img_points):  # an image belongs to the window of its insertion point
                 if window(p) == window(q) and doc[p] == doc[q]:
-                    m[q, i * n:(i + 1) * n] = True
+                    m[q, offsets[i]:offsets[i] + img_sizes[i]] = True
             if text_keys:
                 for k in range(q + 1):
                     m[q, K + k] = window(k) == window(q) and doc[k] == doc[q]
@@ -96,7 +111,7 @@ def test_folded_windows_cover_every_token_once(spec):
     assert torch.equal(lay.text_window.flatten()[fw.text_index[fw.text_valid]],
                        torch.arange(fw.text_index.shape[0]).repeat_interleave(fw.text_valid.sum(1)))
     img = fw.image_index[fw.image_valid].sort().values
-    assert torch.equal(img, torch.arange(len(points) * n))
+    assert torch.equal(img, torch.arange(n_tokens(points, n)))
 
 
 @settings(max_examples=60, deadline=None)

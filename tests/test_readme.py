@@ -1,4 +1,5 @@
-"""The README's Python examples run as written."""
+"""The README's Python examples run as written (the OpenAI-client example
+needs a running server: tests/test_serve.py makes the same calls against one)."""
 
 import re
 from pathlib import Path
@@ -8,8 +9,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_readme_python_blocks_run():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert blocks
-    for code in blocks:
+    local = [code for code in blocks if "OpenAI(" not in code]
+    assert len(local) >= 1 and len(blocks) - len(local) == 1
+    for code in local:
         namespace = {}
         exec(compile(code, str(README), "exec"), namespace)
         if "logits" in namespace:  # the quick-start example states the shape it returns

@@ -38,13 +38,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["FUSION_VARIANTS", "PLACEMENTS", "TOKEN_REDUCTIONS", "VISION_KINDS", "ConfigError", "FusionConfig",
-           "LMConfig", "ModelConfig", "VisionConfig", "build", "check_fields", "check_value", "parse_value",
+           "LMConfig", "ModelConfig", "PROJECTORS", "VisionConfig", "build", "check_fields", "check_value", "parse_value",
            "setting"]
 
 FUSION_VARIANTS = ("insertion", "ca", "ca_shared", "casa", "casa_shared", "ca_ffn", "gated_ca")
 PLACEMENTS = ("parallel", "before", "replace")
 TOKEN_REDUCTIONS = ("none", "unshuffle", "pool")
 VISION_KINDS = ("vit", "hf")
+PROJECTORS = ("mlp", "identity")
 
 
 class ConfigError(ValueError):
@@ -208,13 +209,20 @@ class LMConfig:
     norm_eps: float = setting(1e-6, gt=0)
     qkv_bias: bool = False
     tie_embeddings: bool = True
+    # Qwen2.5-VL's multimodal RoPE: frequencies per (t, h, w) component; None = 1-D RoPE
+    mrope_section: list[int] | None = setting(None, ge=1)
 
     def __post_init__(self):
         check_fields(self)
+        if self.mrope_section is not None and len(self.mrope_section) != 3:
+            raise ConfigError(f"LMConfig: mrope_section={self.mrope_section}: expected 3 counts (t, h, w)")
         if self.head_dim is None:
             if self.d_model % self.n_heads:
                 raise ConfigError(f"LMConfig: d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
             self.head_dim = self.d_model // self.n_heads
+        if self.mrope_section is not None and 2 * sum(self.mrope_section) != self.head_dim:
+            raise ConfigError(f"LMConfig: mrope_section={self.mrope_section} adds up to {sum(self.mrope_section)}, "
+                              f"expected head_dim / 2 = {self.head_dim // 2}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"LMConfig: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
 
@@ -240,13 +248,28 @@ class VisionConfig:
     reduction_factor: int = _positive(2, help="side of the square of patches merged into one token")
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = setting((0.5, 0.5, 0.5), gt=0)
+    # Qwen2.5-VL's dynamic resolution (vision/dynamic.py): each image keeps its aspect ratio, resized to
+    # multiples of patch_size with min_pixels..max_pixels pixels; None: every image at image_size x image_size
+    min_pixels: int | None = _positive(None)
+    max_pixels: int | None = _positive(None)
+    projector: str = setting("mlp", choices=PROJECTORS, help="encoder output to LM width: a fresh MLP, or "
+                                                             "identity (an encoder made for this LM)")
 
     def __post_init__(self):
         check_fields(self)
+        if (self.min_pixels is None) != (self.max_pixels is None):
+            raise ConfigError("VisionConfig: min_pixels and max_pixels go together (dynamic resolution)")
+        if self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ConfigError(f"VisionConfig: min_pixels={self.min_pixels} > max_pixels={self.max_pixels}")
         if self.kind == "vit" and self.image_size % self.patch_size:
             raise ConfigError(
                 f"VisionConfig: image_size={self.image_size} is not divisible by patch_size={self.patch_size}"
             )
+
+    @property
+    def dynamic(self) -> bool:
+        """Images keep their own size (Qwen2.5-VL's rule) instead of image_size x image_size."""
+        return self.max_pixels is not None
 
     @property
     def grid(self) -> int:

@@ -35,12 +35,17 @@ class Batch:
     """Text, images and where the images go (see the module docstring)."""
 
     input_ids: torch.Tensor  # [B, T] long
-    images: torch.Tensor | None = None  # [N, C, H, W] float pixels
-    image_embeds: torch.Tensor | None = None  # [N, n, D] precomputed LM-width image tokens
+    # [N, C, H, W] float pixels, or (dynamic resolution) a list of N items, [C, H, W] images / [F, C, H, W] videos
+    images: torch.Tensor | list[torch.Tensor] | None = None
+    # [N, n, D] precomputed LM-width image tokens, or a list of N [n_i, D] (images of their own sizes)
+    image_embeds: torch.Tensor | list[torch.Tensor] | None = None
+    image_grids: torch.Tensor | None = None  # [N, 3] long (gt, gh, gw) in LM tokens, for M-RoPE (core/positions.py)
     image_rows: torch.Tensor | None = None  # [N] long, row of each image
     insertion_points: torch.Tensor | None = None  # [N] long, text index before which it sits
     doc_lens: list[list[int]] | None = None  # per row, lengths of packed documents
     loss_mask: torch.Tensor | None = None  # [B, T] bool, True where the token is a training target
+    # [N] float, M-RoPE temporal step between a video's temporal tokens (1 for images; core/positions.py)
+    time_steps: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.doc_lens is None and isinstance(self.input_ids, torch.Tensor) and self.input_ids.dim() == 2:
@@ -58,7 +63,7 @@ class Batch:
     def n_images(self) -> int:
         for x in (self.image_embeds, self.images):
             if x is not None:
-                return int(x.shape[0])
+                return len(x) if isinstance(x, (list, tuple)) else int(x.shape[0])
         return 0 if self.insertion_points is None else int(self.insertion_points.numel())
 
     def validate(self, *, image_size: int | None = None, channels: int | None = None,
@@ -99,14 +104,25 @@ class Batch:
                     "insertion_points: images must be sorted by (row, insertion point); "
                     f"got rows {rows.tolist()}, points {pts.tolist()}"
                 )
-        if self.images is not None:
+        if isinstance(self.images, (list, tuple)):
+            for i, x in enumerate(self.images):
+                if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4) or not x.is_floating_point() \
+                        or (channels is not None and x.shape[-3] != channels):
+                    raise BatchError(f"images[{i}]: expected [C, H, W] or [F, C, H, W] floating pixels with "
+                                     f"C={channels}, got {_describe(x)}")
+        elif self.images is not None:
             x = self.images
             if x.dim() != 4 or not x.is_floating_point():
                 raise BatchError(f"images: expected [N, C, H, W] floating pixels, got {_describe(x)}")
             want = (channels, image_size, image_size)
             if image_size is not None and tuple(x.shape[1:]) != want:
                 raise BatchError(f"images: shape {tuple(x.shape)}, expected [N, {want[0]}, {want[1]}, {want[2]}]")
-        if self.image_embeds is not None:
+        if isinstance(self.image_embeds, (list, tuple)):
+            for i, x in enumerate(self.image_embeds):
+                if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point() \
+                        or (d_model is not None and x.shape[1] != d_model):
+                    raise BatchError(f"image_embeds[{i}]: expected [tokens, {d_model}] floats, got {_describe(x)}")
+        elif self.image_embeds is not None:
             x = self.image_embeds
             if x.dim() != 3 or not x.is_floating_point():
                 raise BatchError(f"image_embeds: expected [N, tokens, d_model] floats, got {_describe(x)}")
@@ -114,24 +130,33 @@ class Batch:
                 raise BatchError(f"image_embeds: {x.shape[1]} tokens per image, the model expects {image_tokens}")
             if d_model is not None and x.shape[2] != d_model:
                 raise BatchError(f"image_embeds: width {x.shape[2]}, the model's d_model is {d_model}")
+        if self.image_grids is not None and (not isinstance(self.image_grids, torch.Tensor)
+                                             or tuple(self.image_grids.shape) != (n, 3)):
+            raise BatchError(f"image_grids: expected a [{n}, 3] long tensor, got {_describe(self.image_grids)}")
+        if self.time_steps is not None and (not isinstance(self.time_steps, torch.Tensor)
+                                            or tuple(self.time_steps.shape) != (n,)):
+            raise BatchError(f"time_steps: expected a [{n}] tensor (one per image), got {_describe(self.time_steps)}")
         if self.loss_mask is not None and tuple(self.loss_mask.shape) != (B, T):
             raise BatchError(f"loss_mask: shape {tuple(self.loss_mask.shape)}, expected {(B, T)}")
         return self
 
-    def layout(self, tokens_per_image: int) -> Layout:
+    def layout(self, tokens_per_image: int | torch.Tensor) -> Layout:
         """The windows of this batch (`core.layout.build_layout`)."""
         return build_layout(self.input_ids.shape[1], self.doc_lens, self.image_rows, self.insertion_points,
                             tokens_per_image, device=self.input_ids.device)
 
-    def splice(self, tokens_per_image: int) -> Splice:
+    def splice(self, tokens_per_image: int | torch.Tensor) -> Splice:
         """Where tokens land when images are spliced into the text (`insertion`)."""
         return build_splice(self.input_ids.shape[1], self.doc_lens, self.image_rows, self.insertion_points,
                             tokens_per_image, device=self.input_ids.device)
 
     def to(self, device) -> "Batch":
         move = {k: getattr(self, k).to(device) for k in
-                ("input_ids", "images", "image_embeds", "image_rows", "insertion_points", "loss_mask")
-                if getattr(self, k) is not None}
+                ("input_ids", "images", "image_embeds", "image_rows", "insertion_points", "loss_mask", "time_steps")
+                if isinstance(getattr(self, k), torch.Tensor)}
+        for k in ("images", "image_embeds"):
+            if isinstance(getattr(self, k), (list, tuple)):
+                move[k] = [x.to(device) for x in getattr(self, k)]
         return replace(self, **move)
 
 

@@ -67,7 +67,7 @@ class FusionLayer(nn.Module):
             self.ffn = MLP(d_model=lm.d_model, d_ff=lm.d_ff)
 
     def init_from_block(self, block) -> None:
-        """Start as a copy of the block's SA (and norms, and FFN for gated_ca)."""
+        """Start as a copy of the block's SA (and norms, and FFN with closed gates for gated_ca)."""
         if self.attn is not None:
             self.attn.load_state_dict(block.attn.state_dict())
         if self.norm is not None:
@@ -75,6 +75,9 @@ class FusionLayer(nn.Module):
         if self.variant == "gated_ca":
             self.ffn.load_state_dict(block.mlp.state_dict())
             self.ffn_norm.load_state_dict(block.post_attention_layernorm.state_dict())
+            # closed gates are part of the construction (a model built on the meta device has no init yet)
+            self.attn_gate.zero_()
+            self.ffn_gate.zero_()
 
     def image_kv(self, image_tokens, *, norm: nn.Module, sa: Attention, image_rotary: Rotary | None):
         """Keys/values of flat image tokens.

@@ -6,8 +6,10 @@ incrementally (`StreamWindows`, `cached_mask`, `History`; docs/design.md §5).
 
 Conventions:
 - text is a `[B, T]` grid; "flat" text index is `b * T + t`;
-- image tokens are flat `[N_img * n, ...]`, images sorted by (row, insertion
-  point), so the image tokens of one window are contiguous;
+- image tokens are flat `[N_tok, ...]` (N_tok = sum of each image's token
+  count; images may differ, e.g. Qwen2.5-VL's dynamic resolution), images
+  sorted by (row, insertion point), so the image tokens of one window are
+  contiguous;
 - windows get global ids in flat text order, so a window is a contiguous run
   of flat text indices;
 - every key carries an "order": its text index, or for an image token the
@@ -36,7 +38,7 @@ import torch
 from einops import rearrange
 
 __all__ = ["FoldedWindows", "History", "Layout", "Splice", "StreamWindows", "build_layout", "build_splice",
-           "cached_mask", "window_starts"]
+           "cached_mask", "image_token_counts", "window_starts"]
 
 
 @dataclass
@@ -67,7 +69,7 @@ class Layout:
 
     batch_size: int
     seq_len: int
-    tokens_per_image: int
+    image_tokens: torch.Tensor  # [N_img] long, tokens of each image
     text_window: torch.Tensor  # [B, T] global window id
     text_doc: torch.Tensor  # [B, T] global document id
     text_pos: torch.Tensor  # [B, T] position within the document (text tokens only)
@@ -90,9 +92,18 @@ class Layout:
     def n_images(self) -> int:
         return self.image_row.numel()
 
+    @property
+    def n_image_tokens(self) -> int:
+        """N_tok, image tokens of the batch."""
+        return int(self.image_tokens.sum())
+
     def image_token_attr(self, per_image: torch.Tensor) -> torch.Tensor:
-        """Repeat a per-image attribute for each of its tokens: `[N_img] -> [N_img * n]`."""
-        return per_image.repeat_interleave(self.tokens_per_image)
+        """Repeat a per-image attribute for each of its tokens: `[N_img] -> [N_tok]`."""
+        return per_image.repeat_interleave(self.image_tokens)
+
+    def tokens_per(self, group: torch.Tensor, size: int) -> torch.Tensor:
+        """Image tokens per group: `group [N_img]` ids in `[0, size)` -> `[size]` long counts."""
+        return torch.zeros(size, dtype=torch.long, device=self.device).index_add_(0, group, self.image_tokens)
 
     @property
     def image_pos(self) -> torch.Tensor:
@@ -114,8 +125,8 @@ class Layout:
         """
 
         def build():
-            B, T, n, dev = self.batch_size, self.seq_len, self.tokens_per_image, self.device
-            per_row = torch.bincount(self.image_row, minlength=B) * n
+            B, T, dev = self.batch_size, self.seq_len, self.device
+            per_row = self.tokens_per(self.image_row, B)
             K = int(per_row.max()) if self.n_images else 0
             first = torch.cumsum(per_row, 0) - per_row  # first image token of each row
             slot = torch.arange(K, device=dev)
@@ -149,9 +160,8 @@ class Layout:
     # ------------------------------------------------------ folded windows
     def folded(self) -> FoldedWindows:
         def build():
-            n = self.tokens_per_image
             text_index, text_valid = _fold_runs(self.text_window)
-            img_per_window = torch.bincount(self.image_window, minlength=text_index.shape[0]) * n
+            img_per_window = self.tokens_per(self.image_window, text_index.shape[0])
             img_starts = torch.cumsum(img_per_window, 0) - img_per_window
             N = int(img_per_window.max()) if self.n_images else 0
             i = torch.arange(N, device=self.device)
@@ -183,7 +193,7 @@ class Layout:
             q_valid = fw.text_valid & keep[:, None]
             parts = [torch.where(fw.image_valid & keep[:, None], fw.image_index, -1)]
             if text_keys:
-                parts.append(torch.where(q_valid, fw.text_index + self.n_images * self.tokens_per_image, -1))
+                parts.append(torch.where(q_valid, fw.text_index + self.n_image_tokens, -1))
             keys = torch.cat(parts, dim=1).flatten()
             q_len = q_valid.sum(1)[keep]
             k_len = fw.image_valid.sum(1)[keep] + (q_len if text_keys else 0)
@@ -213,10 +223,27 @@ class Layout:
     def to(self, device) -> "Layout":
         moved = {
             k: getattr(self, k).to(device)
-            for k in ("text_window", "text_doc", "text_pos", "image_row", "image_point", "image_window")
+            for k in ("image_tokens", "text_window", "text_doc", "text_pos", "image_row", "image_point",
+                      "image_window")
         }
-        return Layout(self.batch_size, self.seq_len, self.tokens_per_image, **moved,
+        return Layout(self.batch_size, self.seq_len, **moved,
                       single_doc_rows=self.single_doc_rows)
+
+
+def image_token_counts(tokens_per_image: int | torch.Tensor, n_images: int) -> torch.Tensor:
+    """`[N_img]` long token counts from one count for all images or a per-image tensor (on the CPU)."""
+    if isinstance(tokens_per_image, torch.Tensor):
+        counts = tokens_per_image.long().cpu().reshape(-1)
+        if counts.numel() != n_images:
+            raise ValueError(f"image token counts: {counts.numel()} entries for {n_images} images")
+        return counts
+    return torch.full((n_images,), int(tokens_per_image), dtype=torch.long)
+
+
+def _ranks(counts: torch.Tensor) -> torch.Tensor:
+    """`[0..c0-1, 0..c1-1, ...]` for long `counts [N]` -> `[sum(counts)]`."""
+    starts = torch.cumsum(counts, 0) - counts
+    return torch.arange(int(counts.sum())) - starts.repeat_interleave(counts)
 
 
 def _fold_runs(group: torch.Tensor):
@@ -253,7 +280,7 @@ def build_layout(
     doc_lens: list[list[int]],
     image_rows: torch.Tensor,
     insertion_points: torch.Tensor,
-    tokens_per_image: int,
+    tokens_per_image: int | torch.Tensor,
     device=None,
 ) -> Layout:
     """Windows of docs/design.md §2 from documents and insertion points.
@@ -266,11 +293,12 @@ def build_layout(
         seq_len: T, text tokens per row.
         doc_lens: per row, the lengths of its packed documents (adding up to T).
         image_rows, insertion_points: `[N_img]` long, sorted by (row, point).
-        tokens_per_image: n, tokens of each image.
+        tokens_per_image: n, tokens of every image, or `[N_img]` long, each image's own count.
     """
     B, T = len(doc_lens), seq_len
     image_rows = image_rows.long().cpu()
     insertion_points = insertion_points.long().cpu()
+    image_tokens = image_token_counts(tokens_per_image, len(image_rows))
     doc_start = torch.zeros(B, T, dtype=torch.bool)
     text_doc = torch.zeros(B, T, dtype=torch.long)
     text_pos = torch.zeros(B, T, dtype=torch.long)
@@ -290,7 +318,7 @@ def build_layout(
     layout = Layout(
         batch_size=B,
         seq_len=T,
-        tokens_per_image=tokens_per_image,
+        image_tokens=image_tokens,
         text_window=text_window,
         text_doc=text_doc,
         text_pos=text_pos,
@@ -307,8 +335,8 @@ class Splice:
     """Where text and image tokens land in the `insertion` variant's spliced rows."""
 
     text_index: torch.Tensor  # [B, T] position of each text token in its spliced row
-    image_row: torch.Tensor  # [N_img * n] spliced row of each image token
-    image_index: torch.Tensor  # [N_img * n] position of each image token in that row
+    image_row: torch.Tensor  # [N_tok] spliced row of each image token
+    image_index: torch.Tensor  # [N_tok] position of each image token in that row
     layout: Layout  # text-only layout of the spliced rows (documents, positions)
 
 
@@ -317,41 +345,43 @@ def build_splice(
     doc_lens: list[list[int]],
     image_rows: torch.Tensor,
     insertion_points: torch.Tensor,
-    tokens_per_image: int,
+    tokens_per_image: int | torch.Tensor,
     device=None,
 ) -> Splice:
     """Image tokens spliced before their insertion point; documents grow by
     the image tokens they hold; spliced rows are padded at the end with one
-    padding document."""
-    B, T, n = len(doc_lens), seq_len, tokens_per_image
+    padding document. `tokens_per_image` is one count for all images or `[N_img]` long."""
+    B, T = len(doc_lens), seq_len
     image_rows = image_rows.long().cpu()
     points = insertion_points.long().cpu()
-    before = torch.zeros(B, T + 1, dtype=torch.long)  # images inserted at each point
-    before.index_put_((image_rows, points), torch.ones_like(points), accumulate=True)
-    shift = torch.cumsum(before[:, :T], dim=1) * n  # image tokens at or before each text token
+    counts = image_token_counts(tokens_per_image, len(points))
+    before = torch.zeros(B, T + 1, dtype=torch.long)  # image tokens inserted at each point
+    before.index_put_((image_rows, points), counts, accumulate=True)
+    shift = torch.cumsum(before[:, :T], dim=1)  # image tokens at or before each text token
     text_index = torch.arange(T)[None] + shift
-    rank = torch.zeros_like(points)  # index of each image within its row
+    earlier = torch.zeros_like(points)  # image tokens of the same row before each image
     for b in range(B):
         sel = image_rows == b
-        rank[sel] = torch.arange(int(sel.sum()))
-    first = points + rank * n
-    image_index = (first[:, None] + torch.arange(n)[None]).flatten()
-    lengths = T + torch.bincount(image_rows, minlength=B) * n
+        row_counts = counts[sel]
+        earlier[sel] = torch.cumsum(row_counts, 0) - row_counts
+    first = points + earlier
+    image_index = first.repeat_interleave(counts) + _ranks(counts)
+    lengths = T + torch.zeros(B, dtype=torch.long).index_add_(0, image_rows, counts)
     S = int(lengths.max())
     spliced_docs = []
     for b, lens in enumerate(doc_lens):
-        row_pts = points[image_rows == b]
+        row_pts, row_counts = points[image_rows == b], counts[image_rows == b]
         docs, start = [], 0
         for length in lens:
-            in_doc = int(((row_pts >= start) & (row_pts < start + length)).sum())
-            docs.append(length + in_doc * n)
+            in_doc = int(row_counts[(row_pts >= start) & (row_pts < start + length)].sum())
+            docs.append(length + in_doc)
             start += length
         if S > int(lengths[b]):
             docs.append(S - int(lengths[b]))
         spliced_docs.append(docs)
     empty = torch.zeros(0, dtype=torch.long)
-    layout = build_layout(S, spliced_docs, empty, empty, n)
-    splice = Splice(text_index, image_rows.repeat_interleave(n), image_index, layout)
+    layout = build_layout(S, spliced_docs, empty, empty, 1)
+    splice = Splice(text_index, image_rows.repeat_interleave(counts), image_index, layout)
     if device is not None:
         splice = Splice(splice.text_index.to(device), splice.image_row.to(device),
                         splice.image_index.to(device), layout.to(device))

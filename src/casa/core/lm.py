@@ -7,6 +7,10 @@ Design decisions:
   from explicit positions, so text positions can skip image tokens.
 - Projections return token-major heads (`[..., H, D]`): every attention entry
   point of `core/attention.py` takes that layout.
+- Multimodal RoPE (Qwen2.5-VL's M-RoPE, docs/design.md §5) is the same
+  rotation with 3-component positions `(t, h, w)`: `mrope_section` splits the
+  frequencies into three runs, each rotated by one component. With equal
+  components (text) it is exactly 1-D RoPE.
 - RMSNorm computes in fp32 and casts back before the weight, as HF does, so
   bf16 logits match transformers'.
 """
@@ -24,7 +28,7 @@ from casa.core.attention import cached_attend, causal_attend
 from casa.core.decode import packed_linear, use_packed
 from casa.core.layout import Layout
 
-__all__ = ["MLP", "Attention", "RMSNorm", "Rotary"]
+__all__ = ["MLP", "Attention", "RMSNorm", "Rotary", "mrope_angles"]
 
 
 class RMSNorm(nn.Module):
@@ -50,9 +54,15 @@ class Rotary:
     sin: torch.Tensor
 
     @classmethod
-    def at(cls, positions: torch.Tensor, *, head_dim: int, theta: float, dtype=torch.float32) -> "Rotary":
+    def at(cls, positions: torch.Tensor, *, head_dim: int, theta: float, dtype=torch.float32,
+           mrope_section: tuple[int, ...] | list[int] | None = None) -> "Rotary":
+        """RoPE at long `positions`: any shape `[...]`, or `[..., 3]` (t, h, w) with `mrope_section`
+        (frequency counts per component, adding up to head_dim / 2); cos/sin `[..., head_dim]`."""
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-        angles = positions.float()[..., None] * inv_freq
+        if mrope_section is None:
+            angles = positions.float()[..., None] * inv_freq
+        else:
+            angles = mrope_angles(positions, inv_freq, mrope_section)
         angles = torch.cat([angles, angles], dim=-1)
         return cls(angles.cos().to(dtype), angles.sin().to(dtype))
 
@@ -61,6 +71,25 @@ class Rotary:
         cos, sin = self.cos[..., None, :].to(x.dtype), self.sin[..., None, :].to(x.dtype)  # as HF does
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def mrope_angles(positions: torch.Tensor, inv_freq: torch.Tensor, mrope_section) -> torch.Tensor:
+    """M-RoPE angles: frequency j turns with component `c(j)` of the position, where the
+    components own consecutive runs of frequencies (`mrope_section`, e.g. t 16, h 24, w 24).
+
+    Args:
+        positions: `[..., 3]` long (t, h, w).
+        inv_freq: `[head_dim / 2]` float.
+    Returns:
+        `[..., head_dim / 2]` fp32.
+    """
+    if positions.shape[-1] != 3:
+        raise ValueError(f"M-RoPE: positions of shape {tuple(positions.shape)}, expected [..., 3] (t, h, w)")
+    if sum(mrope_section) != inv_freq.numel():
+        raise ValueError(f"M-RoPE: mrope_section {list(mrope_section)} does not add up to {inv_freq.numel()}")
+    component = torch.repeat_interleave(torch.arange(len(mrope_section), device=inv_freq.device) % 3,
+                                        torch.tensor(list(mrope_section), device=inv_freq.device))
+    return positions.float()[..., component] * inv_freq
 
 
 class Attention(nn.Module):

@@ -20,6 +20,10 @@ Design decisions:
   that checkpoint mapping is a rename of prefixes (`pretrained/hf_lm.py`).
 - Positions (RoPE) are explicit tensors: text positions skip image tokens;
   an image's keys take the position of its insertion point (`CasaModel.rotary`).
+  A Qwen2.5-VL LM (`LMConfig.mrope_section`) gets 3-component positions from
+  `core/positions.py` instead (M-RoPE, as transformers for `insertion`).
+- Images may differ in size (dynamic resolution): they travel as flat tokens
+  `[N_tok, d]` with a count per image, never padded.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from casa.core.batch import Batch
 from casa.core.fusion import FusionLayer
 from casa.core.layout import Layout
 from casa.core.lm import MLP, Attention, RMSNorm, Rotary
+from casa.core.positions import fused_image_positions, spliced_positions, text_positions
+from casa.vision.dynamic import grid_of
 from casa.vision.tower import VisionTower
 
 __all__ = ["Block", "CasaModel", "Context", "init_weights"]
@@ -198,19 +204,71 @@ class CasaModel(nn.Module):
         """Parameters that exist only because of fusion (the 'new' ones)."""
         return [p for b in self.blocks if b.fusion is not None for p in b.fusion.parameters()]
 
-    def encode_images(self, batch: Batch) -> torch.Tensor:
-        """`[N, n, d]` LM-width image tokens (precomputed ones pass through)."""
+    @property
+    def mrope(self) -> bool:
+        """Qwen2.5-VL's multimodal RoPE: positions are `[..., 3]` (core/positions.py)."""
+        return self.config.lm.mrope_section is not None
+
+    def image_grids(self, images, counts: torch.Tensor | None) -> torch.Tensor:
+        """`[N, 3]` long `(gt, gh, gw)` of each image in LM tokens (the M-RoPE grid).
+
+        Dynamic items and fixed-size Qwen2.5-VL pixels give theirs; other fixed-size
+        images (and precomputed tokens) form a square grid of their token count.
+        """
+        side = self.config.vision.patch_size
+        if isinstance(images, (list, tuple)):
+            return torch.tensor([grid_of(x, merge_side=side) for x in images], dtype=torch.long).reshape(-1, 3)
+        if images is not None and self.config.vision.kind == "hf" and self.config.vision.token_reduction == "none":
+            n, _, h, w = images.shape
+            return torch.tensor([[1, h // side, w // side]] * n, dtype=torch.long).reshape(-1, 3)
+        sides = counts.double().sqrt().round().long()
+        if not torch.equal(sides * sides, counts.cpu()):
+            raise ValueError(f"image token counts {counts.tolist()} are not square grids; M-RoPE needs each "
+                             "image's grid (give the images, not their tokens)")
+        return torch.stack([torch.ones_like(sides), sides, sides], dim=-1)
+
+    def encode_batch_images(self, batch: Batch):
+        """All images of a batch as flat LM-width tokens.
+
+        Returns:
+            `(tokens [N_tok, d], counts [N] long, grids [N, 3] long or None without M-RoPE)`,
+            image-major, the parameters' dtype.
+        """
+        images = self.encode_images(batch)
+        if isinstance(images, list):
+            d = self.config.lm.d_model
+            tokens = torch.cat(images) if images else self.embed.weight.new_zeros(0, d)
+            counts = torch.tensor([len(x) for x in images], dtype=torch.long)
+        else:
+            counts = torch.full((images.shape[0],), images.shape[1], dtype=torch.long)
+            tokens = rearrange(images, "img tok d -> (img tok) d")
+        grids = None
+        if self.mrope:
+            grids = batch.image_grids.cpu() if batch.image_grids is not None else self.image_grids(batch.images, counts)
+        return tokens, counts, grids
+
+    def encode_images(self, batch: Batch):
+        """LM-width image tokens (precomputed ones pass through): `[N, n, d]`, or a list of
+        `[n_i, d]` for images of their own sizes (a list of items, dynamic resolution)."""
         if batch.image_embeds is not None:
-            return batch.image_embeds
+            return list(batch.image_embeds) if isinstance(batch.image_embeds, tuple) else batch.image_embeds
+        if isinstance(batch.images, (list, tuple)):
+            dtype = self.embed.weight.dtype
+            return self.vision.encode_items([x.to(dtype) for x in batch.images]) if batch.images else []
         if batch.images is None or batch.images.shape[0] == 0:
             d = self.config.lm.d_model
             return self.embed.weight.new_zeros(0, self.tokens_per_image, d)
         return self.vision(batch.images.to(self.embed.weight.dtype))
 
     def rotary(self, positions: torch.Tensor) -> Rotary:
-        """RoPE tables at long `positions` of any shape (cos/sin `[*positions.shape, D]`, fp32)."""
+        """RoPE tables at long `positions` of any shape, `[..., 3]` (t, h, w) for an M-RoPE model
+        (cos/sin `[*positions.shape[:-1], D]` then), fp32."""
         lm = self.config.lm
-        return Rotary.at(positions, head_dim=lm.head_dim, theta=lm.rope_theta)
+        return Rotary.at(positions, head_dim=lm.head_dim, theta=lm.rope_theta, mrope_section=lm.mrope_section)
+
+    def text_rotary(self, positions: torch.Tensor) -> Rotary:
+        """RoPE at 1-D text `positions` (any shape), whatever the model's RoPE."""
+        return self.rotary(text_positions(positions) if self.mrope else positions)
 
     # ------------------------------------------------------------ forward
     def forward(self, batch: Batch, *, backend: str = "auto", return_hidden: bool = False):
@@ -225,38 +283,45 @@ class CasaModel(nn.Module):
             `[B, T, vocab]` logits (or `[B, T, d]` hidden states), the parameters' dtype.
         """
         vc = self.config.vision
-        batch.validate(image_size=vc.image_size if batch.images is not None else None, channels=vc.channels,
-                       image_tokens=self.tokens_per_image, d_model=self.config.lm.d_model)
-        images = self.encode_images(batch)
+        fixed = batch.images is not None and not isinstance(batch.images, (list, tuple))
+        batch.validate(image_size=vc.image_size if fixed and not vc.dynamic else None, channels=vc.channels,
+                       image_tokens=None if vc.dynamic else self.tokens_per_image, d_model=self.config.lm.d_model)
+        images, counts, grids = self.encode_batch_images(batch)
         text = self.embed(batch.input_ids)
         if self.config.fusion.variant == "insertion":
-            h = self._forward_spliced(batch, text, images, backend)
+            h = self._forward_spliced(batch, text, images, counts, grids, backend)
         else:
-            h = self._forward_fused(batch, text, images, backend)
+            h = self._forward_fused(batch, text, images, counts, grids, backend)
         h = self.norm(h)
         return h if return_hidden else self.lm_head(h)
 
-    def _forward_fused(self, batch, h, images, backend):
-        layout = batch.layout(images.shape[1])
-        has_fusion = any(b.fusion is not None for b in self.blocks)
-        image_rotary = self.rotary(layout.image_token_attr(layout.image_pos)) if has_fusion else None
-        ctx = Context(layout, self.rotary(layout.text_pos), image_rotary, backend)
-        image_tokens = rearrange(images, "img tok d -> (img tok) d")  # flat, image-major
+    def _forward_fused(self, batch, h, image_tokens, counts, grids, backend):
+        layout = batch.layout(counts)
+        image_rotary = None
+        if any(b.fusion is not None for b in self.blocks):
+            image_pos = fused_image_positions(layout, grids) if self.mrope else layout.image_token_attr(layout.image_pos)
+            image_rotary = self.rotary(image_pos)
+        ctx = Context(layout, self.text_rotary(layout.text_pos), image_rotary, backend)
         update = self.config.fusion.variant == "ca_ffn"
         for block in self.blocks:
             h, image_tokens = block(h, image_tokens, ctx, update_images=update)
         return h
 
-    def _forward_spliced(self, batch, text, images, backend):
+    def _forward_spliced(self, batch, text, image_tokens, counts, grids, backend):
         B, T, d = text.shape
-        splice = batch.splice(images.shape[1])
+        splice = batch.splice(counts)
         S = splice.layout.seq_len
         h = text.new_zeros(B, S, d)
         rows = torch.arange(B, device=text.device)[:, None].expand(B, T)
         h = h.index_put((rows, splice.text_index), text)
-        if images.shape[0]:
-            h = h.index_put((splice.image_row, splice.image_index), rearrange(images, "img tok d -> (img tok) d"))
-        ctx = Context(splice.layout, self.rotary(splice.layout.text_pos), None, backend)
+        if image_tokens.shape[0]:
+            h = h.index_put((splice.image_row, splice.image_index), image_tokens)
+        if self.mrope:
+            steps = batch.time_steps if batch.time_steps is not None else torch.ones(len(counts))
+            rotary = self.rotary(spliced_positions(splice, grids, steps.cpu()))
+        else:
+            rotary = self.rotary(splice.layout.text_pos)
+        ctx = Context(splice.layout, rotary, None, backend)
         for block in self.blocks:
             h, _ = block(h, None, ctx)
         return h[rows, splice.text_index]

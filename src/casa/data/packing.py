@@ -45,8 +45,23 @@ class Pack:
 
 def sequence_tokens(enc: Encoded, tokens_per_image: int, *, splice_images: bool) -> int:
     """Positions a sample occupies in the LM's sequence: its text tokens, plus
-    its image tokens when they are spliced into the stream (`insertion`)."""
-    return len(enc.ids) + (enc.n_images * tokens_per_image if splice_images else 0)
+    its image tokens when they are spliced into the stream (`insertion`); an
+    image's own count where its grid is known (dynamic resolution), else
+    `tokens_per_image`."""
+    images = enc.image_tokens if enc.image_tokens is not None else enc.n_images * tokens_per_image
+    return len(enc.ids) + (images if splice_images else 0)
+
+
+def _images(docs: list[Encoded]) -> dict:
+    """The documents' pixels as Batch fields: one `[N, C, S, S]` tensor, or (dynamic resolution)
+    the list of items and their grids."""
+    pixels = [d.pixels for d in docs if d.pixels is not None]
+    if not pixels:
+        return {"images": None}
+    if isinstance(pixels[0], list):
+        grids = [g for d in docs if d.grids is not None for g in d.grids]
+        return {"images": [x for p in pixels for x in p], "image_grids": torch.tensor(grids, dtype=torch.long)}
+    return {"images": torch.cat(pixels)}
 
 
 def pack_row(docs: list[Encoded]) -> Batch:
@@ -54,20 +69,19 @@ def pack_row(docs: list[Encoded]) -> Batch:
 
     Returns:
         a `Batch` with `input_ids [1, T]` long (T = the documents' total length),
-        `loss_mask [1, T]` bool, `images [N, C, H, W]` float (None without images),
+        `loss_mask [1, T]` bool, `images [N, C, H, W]` float (None without images;
+        with dynamic resolution a list of items and `image_grids [N, 3]`),
         `insertion_points [N]` long shifted to the row, and `doc_lens [[len, ...]]`.
     """
-    ids, mask, points, pixels = [], [], [], []
+    ids, mask, points = [], [], []
     for d in docs:
         points += [len(ids) + p for p in d.points]
         ids += d.ids
         mask += d.targets
-        if d.pixels is not None:
-            pixels.append(d.pixels)
     n = len(points)
     return Batch(
         input_ids=torch.tensor([ids], dtype=torch.long),
-        images=torch.cat(pixels) if pixels else None,
+        **_images(docs),
         image_rows=torch.zeros(n, dtype=torch.long),
         insertion_points=torch.tensor(points, dtype=torch.long),
         doc_lens=[[len(d.ids) for d in docs]],
@@ -87,16 +101,14 @@ def stack_rows(docs: list[Encoded], pad_id: int, *, extra: int = 0) -> Batch:
     T = max(len(d.ids) for d in docs) + extra
     ids = torch.full((len(docs), T), pad_id, dtype=torch.long)
     mask = torch.zeros(len(docs), T, dtype=torch.bool)
-    rows, points, pixels, doc_lens = [], [], [], []
+    rows, points, doc_lens = [], [], []
     for b, d in enumerate(docs):
         ids[b, : len(d.ids)] = torch.tensor(d.ids)
         mask[b, : len(d.ids)] = torch.tensor(d.targets, dtype=torch.bool)
         rows += [b] * d.n_images
         points += d.points
-        if d.pixels is not None:
-            pixels.append(d.pixels)
         doc_lens.append([len(d.ids)] + ([T - len(d.ids)] if T > len(d.ids) else []))
-    return Batch(input_ids=ids, images=torch.cat(pixels) if pixels else None,
+    return Batch(input_ids=ids, **_images(docs),
                  image_rows=torch.tensor(rows, dtype=torch.long),
                  insertion_points=torch.tensor(points, dtype=torch.long),
                  doc_lens=doc_lens, loss_mask=mask)
@@ -114,8 +126,8 @@ class Packer:
 
     def cost(self, enc: Encoded) -> tuple[int, int]:
         """(sequence tokens, image tokens) of one sample."""
-        tpi = self.processor.tokens_per_image
-        return sequence_tokens(enc, tpi, splice_images=self.splice_images), enc.n_images * tpi
+        img = self.processor.image_tokens(enc)
+        return sequence_tokens(enc, self.processor.tokens_per_image, splice_images=self.splice_images), img
 
     def _encode(self, i: int) -> Encoded | None:
         sample = self.source[i]

@@ -43,7 +43,7 @@ import torch
 
 from casa.config import VisionConfig
 from casa.data.sample import DataError, Sample, check_sample
-from casa.vision.preprocess import preprocess
+from casa.vision.dynamic import grid_of, preprocess_images
 
 __all__ = ["Encoded", "Processor", "REPLY_SENTINEL", "SENTINEL"]
 
@@ -59,7 +59,9 @@ class Encoded:
     points: list[int] = field(default_factory=list)  # insertion point of each image
     turns: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each assistant turn
     source: str = "<memory>"
-    pixels: torch.Tensor | None = None  # [n, C, H, W], filled by Processor.pixels
+    # [n, C, H, W], or (dynamic resolution) a list of n [C, H, W] items; filled by Processor.pixels
+    pixels: torch.Tensor | list[torch.Tensor] | None = None
+    grids: list[tuple[int, int, int]] | None = None  # (gt, gh, gw) per image in LM tokens, with the pixels
 
     @property
     def n_images(self) -> int:
@@ -68,9 +70,19 @@ class Encoded:
     def prefix(self, end: int) -> "Encoded":
         """The first `end` tokens and the images inserted before them (an evaluation prompt)."""
         keep = [i for i, p in enumerate(self.points) if p < end]
-        pixels = self.pixels[keep] if self.pixels is not None else None
+        pixels = self.pixels
+        if isinstance(pixels, list):
+            pixels = [pixels[i] for i in keep]
+        elif pixels is not None:
+            pixels = pixels[keep]
+        grids = [self.grids[i] for i in keep] if self.grids is not None else None
         return Encoded(self.ids[:end], self.targets[:end], [self.images[i] for i in keep],
-                       [self.points[i] for i in keep], [], self.source, pixels)
+                       [self.points[i] for i in keep], [], self.source, pixels, grids)
+
+    @property
+    def image_tokens(self) -> int | None:
+        """Image tokens of all its images, when known from their grids (dynamic resolution)."""
+        return None if self.grids is None else sum(t * h * w for t, h, w in self.grids)
 
 
 def _images_of(part) -> list:
@@ -171,12 +183,22 @@ class Processor:
         return self.tokenize(full[len(fed):])
 
     def pixels(self, enc: Encoded) -> Encoded:
+        """Preprocess `enc`'s images (once): fixed-size pixels, or items of their own sizes and
+        their grids with dynamic resolution."""
         if enc.pixels is None and enc.images:
             try:
-                enc.pixels = preprocess(enc.images, self.vision)
+                enc.pixels = preprocess_images(enc.images, self.vision)
             except ValueError as e:
                 raise DataError(f"{enc.source}: {e}") from None
+            if isinstance(enc.pixels, list):
+                enc.grids = [grid_of(x, merge_side=self.vision.patch_size) for x in enc.pixels]
         return enc
+
+    def image_tokens(self, enc: Encoded) -> int:
+        """Image tokens of `enc`'s images (their pixels are made to count them with dynamic resolution)."""
+        if not self.vision.dynamic:
+            return enc.n_images * self.tokens_per_image
+        return self.pixels(enc).image_tokens or 0
 
     def tokenize(self, segments: list[tuple], *, source: str = "<memory>") -> Encoded:
         """Segments -> ids, targets, images and insertion points (markers around image groups)."""

@@ -80,12 +80,14 @@ def greedy_decode(model, prompts: list[Encoded], processor: Processor, *, max_ne
         return [[] for _ in prompts]
     device = next(model.parameters()).device
     batch = stack_rows(prompts, processor.tok.pad_id).to(device)
-    embeds = model.encode_images(batch)  # [N, n, d], every prompt's images in order
+    embeds = model.encode_images(batch)  # [N, n, d] or a list of [n_i, d]: every prompt's images in order
+    grids = batch.image_grids  # [N, 3] for images of their own sizes (M-RoPE), else None
     sessions, first = [], 0
     for p in prompts:
         session = Session(model, backend=backend)
-        _prefill(session, p, embeds[first: first + p.n_images])
-        first += p.n_images
+        last = first + p.n_images
+        _prefill(session, p, embeds[first:last], None if grids is None else grids[first:last])
+        first = last
         sessions.append(session)
     logits = torch.stack([s.last_logits for s in sessions])  # [B, vocab]
     decoder = None
@@ -109,9 +111,10 @@ def greedy_decode(model, prompts: list[Encoded], processor: Processor, *, max_ne
     return out
 
 
-def _prefill(session: Session, prompt: Encoded, embeds: torch.Tensor) -> None:
+def _prefill(session: Session, prompt: Encoded, embeds, grids: torch.Tensor | None) -> None:
     """Feed one prompt: each image before the text token at its insertion point
-    (`[n_images, n, d]` precomputed `embeds`), the text in chunks between them."""
+    (precomputed `embeds`, `[n_images, n, d]` or a list of `[n_i, d]`, with their
+    `[n_images, 3]` grids or None), the text in chunks between them."""
     fed = 0
     i = 0
     while i < prompt.n_images:
@@ -122,7 +125,7 @@ def _prefill(session: Session, prompt: Encoded, embeds: torch.Tensor) -> None:
         if point > fed:
             session.forward_text(prompt.ids[fed:point])
             fed = point
-        session.add_image_embeds(embeds[i:j])
+        session.add_image_embeds(embeds[i:j], grids=None if grids is None else grids[i:j])
         i = j
     if fed < len(prompt.ids):
         session.forward_text(prompt.ids[fed:])

@@ -33,7 +33,7 @@ import torch
 
 from casa.data.processor import Processor
 from casa.inference.session import Session
-from casa.vision.preprocess import preprocess
+from casa.vision.dynamic import preprocess_images
 
 __all__ = ["Chat", "EndOfTurnBias", "Generation", "RepetitionPenalty", "Reply", "Sampling", "generate", "sample"]
 
@@ -233,13 +233,14 @@ class Chat:
         Args:
             images: PIL images / uint8 arrays / paths (preprocessed now), float
                 pixels `[N, C, S, S]` or embeds `[N, n, d]` (a tensor or a list
-                of per-image tensors).
+                of per-image tensors; with dynamic resolution, `[C, H, W]` items
+                of their own sizes).
         """
         if torch.is_tensor(images):
             images = list(images)
         images = list(images)
         if images and not all(torch.is_tensor(x) for x in images):
-            images = list(preprocess(images, self.session.config.vision))  # [C, S, S] each
+            images = list(preprocess_images(images, self.session.config.vision))  # [C, H, W] each
         parts = [{"type": "image", "image": img} for img in images]
         if text:
             parts.append({"type": "text", "text": text})
@@ -260,11 +261,14 @@ class Chat:
             if points[i] > fed:
                 self.session.forward_text(ids[fed : points[i]])
                 fed = points[i]
-            group = torch.stack(enc.images[i:j])
-            if group.dim() == 3:  # [N, n, d]: LM-width image tokens
-                self.session.add_image_embeds(group)
+            group = enc.images[i:j]
+            if group[0].dim() == 2:  # [n, d] each: LM-width image tokens
+                same = all(x.shape == group[0].shape for x in group)
+                self.session.add_image_embeds(torch.stack(group) if same else list(group))
+            elif self.session.config.vision.dynamic:  # items of their own sizes
+                self.session.add_images(list(group))
             else:
-                self.session.add_images(group)
+                self.session.add_images(torch.stack(group))
             i = j
         return ids[fed:]
 

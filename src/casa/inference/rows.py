@@ -133,7 +133,7 @@ class RowDecoder:
             `[B, vocab]` logits, the model's dtype.
         """
         h = self.model.embed(ids.to(self.positions.device))[:, None]  # [B, 1, d]
-        rotary = self.model.rotary(self.positions[:, None])  # [B, 1]
+        rotary = self.model.text_rotary(self.positions[:, None])  # [B, 1]
         with decoding():  # packed weight layouts (core/decode.py)
             for block, sa, window in zip(self.model.blocks, self.sa, self.windows):
                 h = block.step(h, rotary=rotary, sa_cache=sa, window=window, backend=self.backend)

@@ -19,7 +19,9 @@ through its blocks' public step API (`Block.step`, `Block.fusion_image_kv`,
 Design decisions:
 - Positions count text tokens only (image keys take the position of the next
   text token, their insertion point), except in `insertion`, as in the
-  uncached forward.
+  uncached forward. An M-RoPE model (Qwen2.5-VL) gets the 3-component
+  positions of `core/positions.py`: the session keeps the running 1-D
+  position, from which each image's grid positions start.
 - One stream per session (batch size 1): a stream's state is its caches, and
   batching streams would pad them to the longest.
 - With `history=History(sink, window)` every cache keeps an attention sink
@@ -33,12 +35,13 @@ Design decisions:
 from __future__ import annotations
 
 import torch
-from einops import rearrange
 
 from casa.core.decode import decoding
 from casa.core.layout import History, StreamWindows
 from casa.core.model import CasaModel
+from casa.core.positions import grid_positions
 from casa.inference.cache import KVCache
+from casa.vision.dynamic import preprocess_dynamic
 from casa.vision.preprocess import check_pixels, preprocess
 
 __all__ = ["Session"]
@@ -76,62 +79,115 @@ class Session:
     def _param(self) -> torch.Tensor:
         return self.model.embed.weight
 
-    def _run_blocks(self, h: torch.Tensor) -> torch.Tensor:
-        """New states `[1, t, d]` through every block, at the next `t` positions."""
+    def _run_blocks(self, h: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """New states `[1, t, d]` through every block: text at the next `t` positions, or
+        (M-RoPE image tokens of `insertion`) at the given `[t, 3]` positions, which the caller accounts for."""
         t = h.shape[1]
-        positions = torch.arange(self.position, self.position + t, device=h.device)[None]
-        rotary = self.model.rotary(positions)
+        if positions is None:
+            rotary = self.model.text_rotary(torch.arange(self.position, self.position + t, device=h.device)[None])
+            self.position += t
+        else:
+            rotary = self.model.rotary(positions[None])
         with decoding():  # packed weight layouts for the few-token projections (core/decode.py)
             for block, sa, window in zip(self.model.blocks, self.sa, self.windows):
                 h = block.step(h, rotary=rotary, sa_cache=sa, window=window, backend=self.backend)
-        self.position += t
         return h
+
+    def _image_positions(self, grids: torch.Tensor, time_steps: torch.Tensor, device) -> torch.Tensor:
+        """M-RoPE positions `[N_tok, 3]` of images inserted now (core/positions.py); for `insertion`
+        they take positions in the stream, so the next text position moves past them."""
+        parts = []
+        for g, step in zip(grids.tolist(), time_steps.tolist()):
+            parts.append(grid_positions(self.position, g, interval=step, pin_time=not self.insertion))
+            if self.insertion:
+                self.position += max(g[1], g[2])
+        return torch.cat(parts).to(device)
 
     # -------------------------------------------------------------- images
     @torch.inference_mode()
-    def add_images(self, images) -> None:
+    def add_images(self, images, *, time_steps: torch.Tensor | None = None) -> None:
         """Insert images before the next text token.
 
         Args:
             images: PIL images, uint8 `HxWx3` arrays or paths (preprocessed with
-                the model's vision config), or float pixels `[N, C, S, S]`.
+                the model's vision config), or float pixels `[N, C, S, S]`; with
+                dynamic resolution also videos (lists of frames) and float items
+                `[C, H, W]` / `[F, C, H, W]`.
+            time_steps: `[N]` float M-RoPE temporal step per item (videos; default 1).
         """
         vc = self.config.vision
+        if vc.dynamic and not torch.is_tensor(images):
+            items = images if isinstance(images, (list, tuple)) and all(torch.is_tensor(x) for x in images) \
+                else preprocess_dynamic(list(images) if isinstance(images, (list, tuple)) else [images], vc)
+            items = [x.to(self._param.device, self._param.dtype) for x in items]
+            grids = self.model.image_grids(items, None) if self.model.mrope else None
+            self._add_embeds(self.model.vision.encode_items(items), grids, time_steps)
+            return
         if torch.is_tensor(images):
-            check_pixels(images, vc, "Session.add_images")
+            if not vc.dynamic:
+                check_pixels(images, vc, "Session.add_images")
             pixels = images
         else:
             pixels = preprocess(images, vc)
         pixels = pixels.to(self._param.device, self._param.dtype)
-        self.add_image_embeds(self.model.vision(pixels))
+        embeds = self.model.vision(pixels)
+        grids = self.model.image_grids(pixels, torch.full((len(embeds),), embeds.shape[1])) if self.model.mrope \
+            else None
+        self._add_embeds(embeds, grids, time_steps)
+
+    def _add_embeds(self, embeds, grids, time_steps) -> None:
+        # through the public method (a subclass may observe it); M-RoPE details only where there are some
+        extra = {k: v for k, v in dict(grids=grids, time_steps=time_steps).items() if v is not None}
+        self.add_image_embeds(embeds, **extra)
 
     @torch.inference_mode()
-    def add_image_embeds(self, embeds: torch.Tensor) -> None:
+    def add_image_embeds(self, embeds, *, grids: torch.Tensor | None = None,
+                         time_steps: torch.Tensor | None = None) -> None:
         """Insert precomputed LM-width image tokens before the next text token.
 
         Args:
-            embeds: float `[N, n, d]` (or one image, `[n, d]`); cast to the model's dtype.
+            embeds: float `[N, n, d]` (or one image, `[n, d]`), or a list of `[n_i, d]` (images of
+                their own sizes); cast to the model's dtype.
+            grids: `[N, 3]` long `(gt, gh, gw)` per image, for an M-RoPE model (default: square grids).
+            time_steps: `[N]` float M-RoPE temporal step of each (videos; default 1).
         """
-        if embeds.dim() == 2:
-            embeds = embeds[None]
-        n, d = self.model.tokens_per_image, self.config.lm.d_model
-        if embeds.dim() != 3 or tuple(embeds.shape[1:]) != (n, d) or not embeds.is_floating_point():
-            raise ValueError(f"Session.add_image_embeds: got shape {tuple(embeds.shape)} "
-                             f"({embeds.dtype}), expected floats [N, {n}, {d}]")
-        if embeds.shape[0] == 0:
+        d = self.config.lm.d_model
+        if isinstance(embeds, (list, tuple)):
+            parts = list(embeds)
+        else:
+            if embeds.dim() == 2:
+                embeds = embeds[None]
+            n = None if self.config.vision.dynamic else self.model.tokens_per_image
+            if embeds.dim() != 3 or (n is not None and embeds.shape[1] != n):
+                raise ValueError(f"Session.add_image_embeds: got shape {tuple(embeds.shape)} "
+                                 f"({embeds.dtype}), expected floats [N, {n or 'n'}, {d}]")
+            parts = list(embeds)
+        for x in parts:
+            if x.dim() != 2 or x.shape[1] != d or not x.is_floating_point():
+                raise ValueError(f"Session.add_image_embeds: got an image of shape {tuple(x.shape)} "
+                                 f"({x.dtype}), expected floats [n, {d}]")
+        if not parts:
             return
-        embeds = embeds.to(self._param.device, self._param.dtype)
-        self.images += embeds.shape[0]
+        counts = torch.tensor([len(x) for x in parts], dtype=torch.long)
+        tokens = torch.cat(parts).to(self._param.device, self._param.dtype)  # flat, image-major, as the forward
+        self.images += len(parts)
         if self.stream.add_images():  # a new window: the fusion state starts over
             for window in self.windows:
                 if window is not None:
                     window.reset()
-        tokens = rearrange(embeds, "img tok d -> (img tok) d")  # flat, image-major, as the forward has them
+        positions = None
+        if self.model.mrope:
+            grids = grids if grids is not None else self.model.image_grids(None, counts)
+            steps = time_steps if time_steps is not None else torch.ones(len(parts))
+            positions = self._image_positions(grids.cpu(), steps.cpu(), tokens.device)
         if self.insertion:
-            self._run_blocks(tokens[None])
+            self._run_blocks(tokens[None], positions)  # 1-D: image tokens take the next positions
             return
-        # every image token takes the position of its insertion point: the next text token's
-        image_rotary = self.model.rotary(torch.full((tokens.shape[0],), self.position, device=tokens.device))
+        # every image token takes the position of its insertion point (the next text token's);
+        # M-RoPE spreads its spatial components over the image's grid
+        if positions is None:
+            positions = torch.full((tokens.shape[0],), self.position, device=tokens.device)
+        image_rotary = self.model.rotary(positions)
         update = self.config.fusion.variant == "ca_ffn"
         for block, window in zip(self.model.blocks, self.windows):
             if window is not None:

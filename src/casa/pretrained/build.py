@@ -41,13 +41,13 @@ from casa.core.model import CasaModel, init_weights
 from casa.files import read_json
 from casa.pretrained.build_config import DTYPE_NAMES, BuildConfig
 from casa.pretrained.directory import empty_model, save_pretrained
-from casa.pretrained.freeze import FreezePolicy, apply_freeze
+from casa.pretrained.freeze import FreezePolicy, apply_freeze, trainable_summary
 from casa.pretrained.hf_lm import lm_config_from_hf, load_lm_weights
 from casa.pretrained.model_dir import check_model_output
 from casa.weights import materialize, meta_parameters
 
 __all__ = ["DTYPES", "KNOWN_IMAGE_TOKENS", "Built", "build", "image_tokens_from_template",
-           "load_parts", "model_config", "resolve_tokenizer", "run", "save_built"]
+           "load_parts", "model_config", "qwen_own_vision", "resolve_tokenizer", "run", "save_built"]
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 # (prefix, gist) pairs tried when the chat template renders no image tokens
@@ -135,6 +135,12 @@ def _dtype(cfg: BuildConfig) -> torch.dtype:
     return DTYPES[name]
 
 
+def qwen_own_vision(lm_dir, vision_dir) -> bool:
+    """The paper's Qwen recipe: LM and vision tower from the same Qwen2.5-VL directory."""
+    same = Path(lm_dir).resolve() == Path(vision_dir).resolve()
+    return same and read_json(Path(lm_dir) / "config.json").get("model_type") == "qwen2_5_vl"
+
+
 def model_config(cfg: BuildConfig) -> ModelConfig:
     from casa.vision.hf import vision_config_from_hf
 
@@ -142,6 +148,8 @@ def model_config(cfg: BuildConfig) -> ModelConfig:
     reduction = dict(token_reduction=cfg.token_reduction, reduction_factor=cfg.reduction_factor)
     if cfg.vision:
         size = {"image_size": cfg.image_size} if cfg.image_size else {}
+        if qwen_own_vision(cfg.lm, cfg.vision):  # the merger already feeds this LM: no new projector
+            size["projector"] = "identity"
         vision = vision_config_from_hf(cfg.vision, **reduction, **size)
     else:
         vision = VisionConfig(**reduction, **({"image_size": cfg.image_size} if cfg.image_size else {}))
@@ -155,7 +163,7 @@ def load_parts(config: ModelConfig, lm_dir, *, dtype: torch.dtype = torch.float3
     """
     from casa.core.fusion import FusionLayer
     from casa.vision.hf import load_vision_weights
-    from casa.vision.tower import Projector
+    from casa.vision.tower import make_projector
     from casa.vision.vit import ViT
 
     model = empty_model(config)
@@ -167,7 +175,7 @@ def load_parts(config: ModelConfig, lm_dir, *, dtype: torch.dtype = torch.float3
         load_vision_weights(vision.encoder, config.vision.path)
     else:
         vision.encoder = ViT(config.vision).to(**to)
-    vision.projector = Projector(in_dim=vision.reduced_width, out_dim=config.lm.d_model).to(**to)
+    vision.projector = make_projector(config.vision, in_dim=vision.reduced_width, out_dim=config.lm.d_model).to(**to)
     if not config.fusion.init_from_sa:  # fresh fusion layers, initialised as CasaModel does
         for block in model.blocks:
             if block.fusion is not None:
@@ -209,14 +217,19 @@ def run(cfg: BuildConfig, out, *, max_shard_size="2GB", overwrite: bool = False,
     path = save_built(built, out, max_shard_size=max_shard_size, overwrite=overwrite)
     if not quiet:
         m = built.model
-        counts = {"trainable": sum(p.numel() for p in m.parameters() if p.requires_grad),
-                  "total": sum(p.numel() for p in m.parameters())}
+        vc = m.config.vision
+        rows = trainable_summary(m)
         fused = [i for i, b in enumerate(m.blocks) if b.fusion is not None]
+        size = (f"dynamic resolution ({vc.min_pixels:,}..{vc.max_pixels:,} pixels, {vc.patch_size}px per token)"
+                if vc.dynamic else f"{vc.image_size}px -> {m.tokens_per_image} tokens")
         print(f"built {cfg.fusion.variant} ({cfg.fusion.placement}) on blocks {fused} of {len(m.blocks)}; "
-              f"vision {m.config.vision.kind} {m.config.vision.image_size}px -> {m.tokens_per_image} tokens; "
-              f"{counts['trainable']:,} of {counts['total']:,} parameters trainable "
+              f"vision {vc.kind} {size}; projector {vc.projector}; "
+              f"{rows[-1][1]:,} of {rows[-1][2]:,} parameters trainable "
               f"(LM {'frozen' if cfg.freeze_lm else 'trainable'}, last {cfg.vision_trainable_blocks} vision blocks); "
               f"image prefix {built.processor['image_prefix']!r}, gist {built.processor['gist_token']!r}",
               file=sys.stderr)
+        width = max(len(f"{r[2]:,}") for r in rows)
+        for part, trainable, total in rows:
+            print(f"  {part:<15} {trainable:>{width},} of {total:>{width},} trainable", file=sys.stderr)
         print(f"wrote {path}")
     return path

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from casa.core.model import CasaModel
 from casa.pretrained.model_dir import read_config
 
-__all__ = ["FreezePolicy", "apply_freeze", "read_policy", "resolve_policy"]
+__all__ = ["FreezePolicy", "apply_freeze", "read_policy", "resolve_policy", "trainable_summary"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,22 @@ def apply_freeze(model: CasaModel, policy: FreezePolicy) -> dict:
     model.vision.projector.requires_grad_(True)
     params = list(model.parameters())
     return {"trainable": sum(p.numel() for p in params if p.requires_grad), "total": sum(p.numel() for p in params)}
+
+
+def trainable_summary(model: CasaModel) -> list[tuple[str, int, int]]:
+    """`(part, trainable, total)` parameter counts for the fusion layers, the vision encoder,
+    the projector, the rest of the LM, and all of them (`casa build` prints it)."""
+    fusion = {id(p) for p in model.fusion_parameters()}
+    encoder = {id(p) for p in model.vision.encoder.parameters()}
+    projector = {id(p) for p in model.vision.projector.parameters()}
+    parts = {"fusion layers": [], "vision encoder": [], "projector": [], "language model": []}
+    for p in model.parameters():  # shared parameters are listed once
+        part = ("fusion layers" if id(p) in fusion else "vision encoder" if id(p) in encoder
+                else "projector" if id(p) in projector else "language model")
+        parts[part].append(p)
+    rows = [(name, sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps))
+            for name, ps in parts.items()]
+    return rows + [("total", sum(r[1] for r in rows), sum(r[2] for r in rows))]
 
 
 def read_policy(path) -> dict:

@@ -15,8 +15,8 @@ Design decisions:
   not in a text checkpoint. Fusion layers are re-initialised from the loaded
   SA when `fusion.init_from_sa` is set.
 - A Qwen2.5-VL directory also serves as an LM: its text model is a Qwen2
-  decoder whose M-RoPE, with the 1-D text positions CASA gives it (images
-  take no positions), is exactly the standard RoPE. Its `visual.` tensors are
+  decoder with M-RoPE, whose `mrope_section` the LMConfig keeps (positions
+  are `core/positions.py`'s business). Its `visual.` tensors are
   skipped here (`hf_vision` reads them); both tensor namings are accepted
   (`model.layers.` as on the hub, `model.language_model.layers.`).
 - Every safetensors file is opened through `casa.weights.open_safetensors`,
@@ -71,7 +71,7 @@ def _read_config(path) -> dict:
 
 def _rope_theta(hf: dict, where: str, *, mrope_ok: bool = False) -> float:
     """transformers 5 writes `rope_parameters`; older files `rope_theta` + `rope_scaling`.
-    `mrope_ok`: M-RoPE is accepted (1-D positions make it standard RoPE)."""
+    `mrope_ok`: M-RoPE is accepted (its sections are read by `_mrope_section`)."""
     params = hf.get("rope_parameters")
     if isinstance(params, dict) and "full_attention" in params:  # per-layer-type layout
         params = params["full_attention"]
@@ -84,6 +84,17 @@ def _rope_theta(hf: dict, where: str, *, mrope_ok: bool = False) -> float:
         raise ValueError(f"{where}: rope type {rope_type!r} is not supported (only default RoPE)")
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     return float(theta)
+
+
+def _mrope_section(hf: dict, where: str) -> list[int]:
+    """Qwen2.5-VL's frequencies per (t, h, w) position component (transformers' default [16, 24, 24])."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if isinstance(params, dict) and "full_attention" in params:
+        params = params["full_attention"]
+    section = params.get("mrope_section", [16, 24, 24]) if isinstance(params, dict) else [16, 24, 24]
+    if not (isinstance(section, list) and len(section) == 3 and all(isinstance(x, int) for x in section)):
+        raise ValueError(f"{where}: mrope_section={section!r}: expected 3 whole numbers")
+    return section
 
 
 def lm_config_from_hf(path) -> LMConfig:
@@ -125,6 +136,7 @@ def lm_config_from_hf(path) -> LMConfig:
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         qkv_bias=arch in ("Qwen2ForCausalLM", _VL),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        mrope_section=_mrope_section(hf, where) if arch == _VL else None,
     )
 
 

@@ -19,6 +19,9 @@ Design decisions:
   image from `vision.preprocess` is cut into 14 x 14 patches, repeated over the
   temporal patch of 2 and laid out merge-group by merge-group, exactly as
   transformers' Qwen2-VL image processor does (tested against its PIL backend).
+- Dynamic resolution (`encode_items`, Qwen2.5-VL only): images and videos
+  of their own sizes go through the encoder in one call, patchified by
+  `vision.dynamic.patchify`; the fixed-size `forward` stays for the rest.
 - A casa model directory keeps the encoder's config (not its weights, which
   are in the model's own safetensors) in `vision/` with a `casa_vision.json`
   marker; an encoder built from such a directory is structure only.
@@ -44,7 +47,7 @@ from casa.weights import (
     weight_files,
 )
 
-__all__ = ["HF_MODEL_TYPES", "HFVisionEncoder", "MARKER", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "QWEN_DEFAULT_IMAGE_SIZE", "check_fit", "hf_vision_config", "load_vision_weights", "qwen_patchify", "structure_only", "vision_config_from_hf"]
+__all__ = ["HF_MODEL_TYPES", "HFVisionEncoder", "MARKER", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "QWEN_DEFAULT_IMAGE_SIZE", "QWEN_MAX_PIXELS", "QWEN_MIN_PIXELS", "check_fit", "hf_vision_config", "load_vision_weights", "qwen_patchify", "structure_only", "vision_config_from_hf"]
 
 # config.json model_type -> (family, key of the nested vision config or None)
 HF_MODEL_TYPES = {
@@ -57,6 +60,7 @@ HF_MODEL_TYPES = {
 }
 MARKER = "casa_vision.json"
 QWEN_DEFAULT_IMAGE_SIZE = 448
+QWEN_MIN_PIXELS, QWEN_MAX_PIXELS = 56 * 56, 28 * 28 * 1280  # transformers' Qwen2-VL image processor defaults
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -129,8 +133,10 @@ def _native(family: str, hf) -> dict:
 def vision_config_from_hf(path, **overrides) -> VisionConfig:
     """A VisionConfig(kind="hf") filled from `path`/config.json (+ preprocessor_config.json).
 
-    For Qwen2.5-VL, whose resolution is free, `image_size` defaults to
-    QWEN_DEFAULT_IMAGE_SIZE and must be a multiple of patch x merge (28).
+    For Qwen2.5-VL, whose resolution is free, images keep their own size
+    (dynamic resolution: `min_pixels` / `max_pixels` from the processor
+    config, `vision/dynamic.py`) unless `image_size` is given, which must be a
+    multiple of patch x merge (28) and fixes every image at that square size.
     """
     path = str(path)
     family, hf = hf_vision_config(path)
@@ -157,8 +163,19 @@ def vision_config_from_hf(path, **overrides) -> VisionConfig:
             if isinstance(size, int) and size != hf.image_size:
                 raise ValueError(f"vision_config_from_hf: {str(pre_file)!r} resizes to {size} but the model in "
                                  f"{path!r} expects image_size={hf.image_size}")
+    if family == "qwen2_5_vl" and "image_size" not in overrides:  # Qwen's own dynamic resolution
+        values.update(_qwen_pixels(Path(path) / "preprocessor_config.json"))
     values.update(overrides)
     return build(VisionConfig, values, "vision_config_from_hf")
+
+
+def _qwen_pixels(pre_file: Path) -> dict:
+    """min_pixels / max_pixels of a Qwen2-VL image processor config (transformers' defaults without one)."""
+    pre = _read_json(pre_file, "vision_config_from_hf") if pre_file.exists() else {}
+    size = pre.get("size") if isinstance(pre.get("size"), dict) else {}
+    lo = pre.get("min_pixels", size.get("shortest_edge", QWEN_MIN_PIXELS))
+    hi = pre.get("max_pixels", size.get("longest_edge", QWEN_MAX_PIXELS))
+    return {"min_pixels": lo, "max_pixels": hi}
 
 
 def check_fit(cfg: VisionConfig, family: str, hf, where: str) -> None:
@@ -279,6 +296,33 @@ class HFVisionEncoder(nn.Module):
                              f"missing tensors: {missing[:10]} ({len(missing)} in all); "
                              f"unexpected tensors: {unexpected[:10]} ({len(unexpected)} in all)")
         return targets
+
+    def encode_items(self, items: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Qwen2.5-VL at dynamic resolution (`vision.dynamic`): images `[C, H, W]` and videos
+        `[F, C, H, W]` (H, W multiples of patch x merge) in one call of the encoder.
+
+        Returns:
+            per item, `[gt * gh * gw, width]` tokens in the merger's order (frame, row, column).
+        """
+        from casa.vision.dynamic import patchify
+
+        if self.family != "qwen2_5_vl":
+            raise ValueError(f"HFVisionEncoder: {self.family} has a fixed input size; dynamic resolution is "
+                             "Qwen2.5-VL's")
+        hf, side = self.hf_config, self.cfg.patch_size
+        dtype = self.model.patch_embed.proj.weight.dtype
+        for i, item in enumerate(items):
+            if item.dim() not in (3, 4) or item.shape[-3] != self.cfg.channels or item.shape[-1] % side \
+                    or item.shape[-2] % side or not item.is_floating_point():
+                raise ValueError(f"HFVisionEncoder: item {i} has shape {tuple(item.shape)} ({item.dtype}), expected "
+                                 f"floats [C={self.cfg.channels}, H, W] or [F, C, H, W], H and W multiples of {side}")
+        parts = [patchify(x.to(dtype), patch=hf.patch_size, merge=hf.spatial_merge_size,
+                          temporal=hf.temporal_patch_size) for x in items]
+        flat = torch.cat([p for p, _ in parts])
+        grid = torch.stack([g for _, g in parts]).to(flat.device)
+        out = self.model(hidden_states=flat, grid_thw=grid).pooler_output
+        counts = (grid.prod(-1) // hf.spatial_merge_size ** 2).tolist()
+        return list(out.split(counts))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """[N, C, S, S] -> [N, grid*grid, width]."""

@@ -25,7 +25,7 @@ from PIL import Image
 
 from casa.config import VisionConfig
 
-__all__ = ["check_pixels", "preprocess", "to_8bit"]
+__all__ = ["check_pixels", "load_rgb", "preprocess", "to_8bit"]
 
 
 def _load_image(item, where: str) -> Image.Image:
@@ -73,6 +73,17 @@ def to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
 
 
+_MODES = {3: "RGB", 1: "L"}
+
+
+def load_rgb(item, cfg: VisionConfig, where: str) -> Image.Image:
+    """One input (PIL image, uint8 array or path) decoded, scaled to 8 bits and converted to the
+    config's channels (RGB or L); ValueError naming `where` otherwise."""
+    if cfg.channels not in _MODES:
+        raise ValueError(f"preprocess: channels={cfg.channels} is not supported, expected 1 or 3")
+    return to_8bit(_load_image(item, where)).convert(_MODES[cfg.channels])
+
+
 def preprocess(images, cfg: VisionConfig) -> torch.Tensor:
     """Images (list of PIL images, uint8 HxWxC arrays or paths) -> float32 [N, C, S, S]."""
     if isinstance(images, (Image.Image, str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim < 4):
@@ -80,8 +91,7 @@ def preprocess(images, cfg: VisionConfig) -> torch.Tensor:
     images = list(images)
     if not images:
         raise ValueError("preprocess: got no images")
-    modes = {3: "RGB", 1: "L"}
-    if cfg.channels not in modes:
+    if cfg.channels not in _MODES:
         raise ValueError(f"preprocess: channels={cfg.channels} is not supported, expected 1 or 3")
     if len(cfg.image_mean) != cfg.channels or len(cfg.image_std) != cfg.channels:
         raise ValueError(f"preprocess: image_mean / image_std must have {cfg.channels} entries")
@@ -89,7 +99,7 @@ def preprocess(images, cfg: VisionConfig) -> torch.Tensor:
     out = np.empty((len(images), size, size, cfg.channels), dtype=np.float32)
     for i, item in enumerate(images):
         where = f"image {i}" + (f" ({str(item)!r})" if isinstance(item, (str, os.PathLike)) else "")
-        img = to_8bit(_load_image(item, where)).convert(modes[cfg.channels])
+        img = load_rgb(item, cfg, where)
         img = img.resize((size, size), Image.Resampling.BICUBIC)
         out[i] = np.asarray(img, dtype=np.float32).reshape(size, size, cfg.channels) / 255.0
     mean = np.asarray(cfg.image_mean, dtype=np.float32)

@@ -28,7 +28,7 @@ from einops import rearrange, reduce
 from casa.config import VisionConfig
 from casa.vision.vit import ViT
 
-__all__ = ["Projector", "VisionTower", "reduce_tokens", "reduced_width"]
+__all__ = ["Projector", "VisionTower", "make_projector", "reduce_tokens", "reduced_width"]
 
 
 def reduce_tokens(x: torch.Tensor, mode: str, r: int) -> torch.Tensor:
@@ -66,6 +66,16 @@ class Projector(nn.Module):
         return self.proj(F.gelu(self.fc(x)))
 
 
+def make_projector(cfg: VisionConfig, *, in_dim: int, out_dim: int) -> nn.Module:
+    """The config's projector: a fresh `Projector`, or identity for an encoder whose output already
+    is the LM's input (Qwen2.5-VL's merger with its own LM; ValueError if the widths differ)."""
+    if cfg.projector == "identity":
+        if in_dim != out_dim:
+            raise ValueError(f"VisionConfig.projector='identity': encoder width {in_dim} != LM width {out_dim}")
+        return nn.Identity()
+    return Projector(in_dim=in_dim, out_dim=out_dim)
+
+
 class VisionTower(nn.Module):
     """Encoder + token reduction + projector: pixels [N, C, S, S] -> [N, tokens_per_image, lm_d_model]."""
 
@@ -80,7 +90,7 @@ class VisionTower(nn.Module):
 
             self.encoder = HFVisionEncoder(cfg)
         self.reduced_width = reduced_width(self.encoder.out_width, cfg.token_reduction, cfg.reduction_factor)
-        self.projector = Projector(in_dim=self.reduced_width, out_dim=lm_d_model)
+        self.projector = make_projector(cfg, in_dim=self.reduced_width, out_dim=lm_d_model)
 
     @property
     def out_width(self) -> int:
@@ -106,6 +116,16 @@ class VisionTower(nn.Module):
         self.encoder.requires_grad_(False)
         for module in self.trainable_tail(k):
             module.requires_grad_(True)
+
+    def encode_items(self, items: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Dynamic resolution: images `[C, H, W]` / videos `[F, C, H, W]` -> per item `[n_i, lm_d_model]`
+        (n_i = gt * gh * gw, `vision.dynamic.grid_of`)."""
+        if self.cfg.token_reduction != "none":
+            raise ValueError("VisionTower: token_reduction needs fixed-size images (no dynamic resolution)")
+        if not hasattr(self.encoder, "encode_items"):
+            raise ValueError("VisionTower: the built-in ViT takes fixed-size images only")
+        parts = self.encoder.encode_items(items)
+        return list(self.projector(torch.cat(parts)).split([len(p) for p in parts]))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.encoder(pixels)

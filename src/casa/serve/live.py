@@ -1,0 +1,378 @@
+"""Live captioning: the page at `/`, and one streaming session per viewer.
+
+A viewer creates a session from a video in the media directory
+(`POST /live/sessions`) or from an upload (`POST /live/uploads`, the file's
+bytes as the body), with its options (`fps`, `realtime`, `max_tokens`,
+`instruction`: the user text with the first frame), then opens its event stream
+(`GET /live/sessions/{id}/events`): `start`, then per frame a `frame` event
+(the frame as a JPEG data URL) and a `caption` event (text, time, TTFT,
+state and process memory), a `warning` when the decoder skips undecodable
+frames, then `end` (with the count of undecodable source frames) or
+`failure`. `POST
+/live/sessions/{id}/stop` ends it; `GET /live/sessions/{id}/captions.srt`
+downloads its captions, during and after the session.
+
+Design decisions:
+- A session is checked completely before it exists: the path (inside the
+  media directory), the container (a video, within the duration limit) and
+  its first frame (decodable) - a bad file is an HTTP error, not a failed
+  stream.
+- It holds an admission slot from creation (never queued) and starts
+  decoding when its viewer connects; a session nobody connects to within
+  `connect_timeout` is closed. One viewer per session.
+- Frames are decoded at the chosen rate and, with `realtime` (the default),
+  captioned at their moment in the video (never waiting when captioning
+  falls behind, never skipping a frame).
+- The viewer leaving (its event stream closing), the stop button and server
+  shutdown all set the same stop flag, checked before every frame; the worker
+  then releases the captioner (the model state), the decoder and the
+  uploaded file, and the slot is freed.
+- Finished sessions keep only their captions (for the SRT download); the
+  `keep` most recent are remembered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from casa.serve.engine import Caption, OpenVideo
+from casa.serve.http import ApiError, EventStream, read_json, receive_upload, sse
+from casa.serve.media import MediaError, probe_video
+from casa.serve.memory import rss_bytes
+from casa.serve.state import ServeState
+
+__all__ = ["LiveSession", "LiveSessions", "frame_jpeg", "routes"]
+
+STATIC = Path(__file__).parent / "static"
+MAX_INSTRUCTION = 1000  # characters
+log = logging.getLogger("casa.serve")
+
+
+@dataclass
+class LiveSession:
+    id: str
+    video: str  # what the viewer chose: a media-directory path or the uploaded file's name
+    path: Path  # the file read
+    fps: float
+    realtime: bool
+    max_tokens: int
+    instruction: str | None  # the user text with the first frame (None: the captioner's default)
+    frames: OpenVideo | None  # None once released
+    upload: Path | None  # an uploaded file, deleted when the session ends
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    stop: threading.Event = field(default_factory=threading.Event)
+    state: str = "waiting"  # waiting -> running -> finished | stopped | failed | expired
+    captions: list[Caption] = field(default_factory=list)
+    done: asyncio.Future | None = None  # the worker, once started
+    viewer_gone: bool = False  # its event stream has closed: nobody reads `events` any more
+    message: str = ""  # why it failed
+
+    def summary(self) -> dict:
+        return {"id": self.id, "video": self.video, "fps": self.fps, "state": self.state,
+                "frames": len(self.captions), "message": self.message}
+
+
+def _drain(queue: asyncio.Queue) -> None:
+    while not queue.empty():
+        queue.get_nowait()
+
+
+def frame_jpeg(image, *, max_side: int = 360) -> str:
+    """A frame (uint8 `[H, W, 3]` array or PIL image) as a JPEG data URL, at most `max_side` pixels wide/high."""
+    img = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    img = img.convert("RGB")
+    img.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+class LiveSessions:
+    """The live-captioning sessions of one server (see the module doc)."""
+
+    def __init__(self, state: ServeState, *, keep: int = 64):
+        self.state = state
+        self.keep = keep
+        self.sessions: dict[str, LiveSession] = {}
+
+    def running(self) -> int:
+        return sum(s.state in ("waiting", "running") for s in self.sessions.values())
+
+    def get(self, ident: str) -> LiveSession:
+        if ident not in self.sessions:
+            raise ApiError(404, f"live session {ident!r} does not exist (or has been forgotten)")
+        return self.sessions[ident]
+
+    async def create(self, path: Path, *, video: str, options: dict, upload: Path | None = None) -> LiveSession:
+        """Check the video and open it; holds a slot from here on (429 when none is free)."""
+        state = self.state
+        try:
+            await state.acquire_slot(queue=False)
+        except ApiError:
+            if upload is not None:
+                upload.unlink(missing_ok=True)
+            raise
+
+        def check_and_open() -> OpenVideo:
+            probe_video(path, max_seconds=state.limits.max_video_seconds, what=video)
+            return state.engine.open_video(path, fps=options["fps"])
+
+        try:
+            frames = await asyncio.to_thread(check_and_open)
+        except (MediaError, ValueError) as e:
+            state.release()
+            if upload is not None:
+                upload.unlink(missing_ok=True)
+            status = e.status if isinstance(e, MediaError) else 400
+            message = str(e).replace(str(path), video)  # name the file as the viewer knows it
+            raise ApiError(status, message, param="video") from None
+        session = LiveSession(uuid.uuid4().hex[:16], video, path, frames=frames, upload=upload, **options)
+        self.sessions[session.id] = session
+        asyncio.get_running_loop().call_later(state.limits.connect_timeout, self._expire, session)
+        self._forget_old()
+        return session
+
+    def _forget_old(self) -> None:
+        ended = [k for k, s in self.sessions.items() if s.state not in ("waiting", "running")]
+        for k in ended[: max(0, len(ended) - self.keep)]:
+            del self.sessions[k]
+
+    def _close_unstarted(self, session: LiveSession, state: str) -> None:
+        session.state = state
+        session.frames.close()
+        session.frames = None
+        if session.upload is not None:
+            session.upload.unlink(missing_ok=True)
+        self.state.release()
+
+    def _expire(self, session: LiveSession) -> None:
+        if session.state == "waiting":
+            self._close_unstarted(session, "expired")
+
+    def start(self, session: LiveSession) -> None:
+        """Start captioning on a worker thread (the viewer is connected)."""
+        session.state = "running"
+        loop = asyncio.get_running_loop()
+        session.done = self.state.run_session(self._run, session, loop)
+        session.done.add_done_callback(lambda f: self._ended(session, f))
+
+    def _ended(self, session: LiveSession, future: asyncio.Future) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            session.state, session.message = "failed", f"internal error: {future.exception()!r}"
+        self.state.counts[f"live_{session.state}"] += 1
+        if session.viewer_gone:
+            _drain(session.events)
+
+    def viewer_left(self, session: LiveSession) -> None:
+        """The viewer's event stream closed (read to its end, or dropped): stop, and
+        drop the events nobody will read (frames are kept as JPEGs in them)."""
+        session.stop.set()
+        session.viewer_gone = True
+        _drain(session.events)
+
+    def _run(self, session: LiveSession, loop: asyncio.AbstractEventLoop) -> None:
+        """The worker: caption frame after frame until the end, a stop or an error."""
+
+        def emit(kind: str, data: dict) -> None:
+            loop.call_soon_threadsafe(session.events.put_nowait, (kind, data))
+
+        limit = self.state.limits.max_video_seconds
+        try:
+            captioner = self.state.engine.captioner(max_tokens=session.max_tokens, instruction=session.instruction)
+            started, first, warned = time.monotonic(), None, 0
+            for frame in session.frames:
+                if session.stop.is_set():
+                    break
+                if frame.time > limit:
+                    raise ValueError(f"{session.video}: longer than {limit:g} s (--max-video-seconds); "
+                                     f"stopped at {frame.time:.1f} s")
+                first = frame.time if first is None else first
+                if session.realtime and session.stop.wait(max(0.0, started + frame.time - first - time.monotonic())):
+                    break
+                index = len(session.captions)
+                for message in session.frames.warnings[warned:]:  # e.g. undecodable frames skipped
+                    emit("warning", {"message": message.replace(str(session.path), session.video)})
+                warned = len(session.frames.warnings)
+                emit("frame", {"index": index, "time": frame.time, "image": frame_jpeg(frame.image)})
+                cap = captioner.caption(frame)
+                session.captions.append(cap)
+                emit("caption", {"index": index, "time": cap.time, "end": cap.end, "text": cap.text,
+                                 "tokens": cap.tokens, "ttft_ms": cap.ttft_ms, "decode_ms": cap.decode_ms,
+                                 "kv_tokens": cap.kv_tokens, "cache_bytes": cap.cache_bytes,
+                                 "rss_bytes": rss_bytes()})
+            session.state = "stopped" if session.stop.is_set() else "finished"
+            for message in session.frames.warnings[warned:]:
+                emit("warning", {"message": message.replace(str(session.path), session.video)})
+            emit("end", {"reason": session.state, "frames": len(session.captions),
+                         "undecodable": session.frames.undecodable})
+        except ValueError as e:  # a frame that cannot be decoded or used: the captions so far stay
+            session.state, session.message = "failed", str(e).replace(str(session.path), session.video)
+            emit("failure", {"message": session.message, "frames": len(session.captions)})
+        except Exception as e:
+            log.exception("live session %s failed", session.id)
+            session.state, session.message = "failed", f"internal error: {type(e).__name__}: {e}"
+            emit("failure", {"message": session.message, "frames": len(session.captions)})
+        finally:
+            captioner = None  # the session's model state goes with it
+            session.frames.close()
+            session.frames = None
+            if session.upload is not None:
+                session.upload.unlink(missing_ok=True)
+
+    async def stop(self, session: LiveSession) -> None:
+        """Stop a session and wait (up to 30 s) until its state is released."""
+        session.stop.set()
+        if session.state == "waiting":
+            self._close_unstarted(session, "stopped")
+        elif session.done is not None:
+            await asyncio.wait([session.done], timeout=30)
+
+    async def shutdown(self) -> None:
+        for session in list(self.sessions.values()):
+            session.stop.set()
+            if session.state == "waiting":
+                self._close_unstarted(session, "stopped")
+        running = [s.done for s in self.sessions.values() if s.done is not None and not s.done.done()]
+        if running:
+            await asyncio.wait(running, timeout=30)
+
+
+# ----------------------------------------------------------------- routes
+def _live(request: Request) -> LiveSessions:
+    return request.app.state.casa.live
+
+
+def _options(values, limits) -> dict:
+    """fps, realtime, max_tokens, instruction from a JSON body or query parameters."""
+    fps = values.get("fps", 1.0)
+    try:
+        fps = float(fps)
+    except (TypeError, ValueError):
+        raise ApiError(400, f"fps={fps!r}: expected a number", param="fps") from None
+    if not 0 < fps <= limits.max_fps:
+        raise ApiError(400, f"fps={fps:g}: must be in (0, {limits.max_fps:g}] (--max-fps)", param="fps")
+    realtime = values.get("realtime", True)
+    if isinstance(realtime, str):
+        realtime = realtime.lower() not in ("0", "false", "no", "off")
+    default_tokens = min(16, limits.max_caption_tokens)
+    tokens = values.get("max_tokens", default_tokens)
+    try:
+        tokens = int(tokens)
+    except (TypeError, ValueError):
+        raise ApiError(400, f"max_tokens={tokens!r}: expected an integer", param="max_tokens") from None
+    if not 1 <= tokens <= limits.max_caption_tokens:
+        raise ApiError(400, f"max_tokens={tokens}: must be in [1, {limits.max_caption_tokens}] "
+                            "(--max-caption-tokens)", param="max_tokens")
+    instruction = values.get("instruction")
+    if instruction is not None and (not isinstance(instruction, str) or len(instruction) > MAX_INSTRUCTION):
+        raise ApiError(400, f"instruction: expected a string of at most {MAX_INSTRUCTION} characters",
+                       param="instruction")
+    return {"fps": fps, "realtime": bool(realtime), "max_tokens": tokens, "instruction": instruction}
+
+
+async def page(request: Request) -> FileResponse:
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+async def config(request: Request) -> JSONResponse:
+    state: ServeState = request.app.state.casa
+    lim = state.limits
+    return JSONResponse({"model": state.engine.name, "videos": await asyncio.to_thread(state.media.videos),
+                         "media_dir": state.media.root is not None, "max_fps": lim.max_fps,
+                         "max_upload_bytes": lim.max_upload_bytes, "max_video_seconds": lim.max_video_seconds,
+                         "max_caption_tokens": lim.max_caption_tokens})
+
+
+async def create_session(request: Request) -> JSONResponse:
+    state: ServeState = request.app.state.casa
+    body = await read_json(request, limit=64 * 1024, flag="a live session's options")
+    options = _options(body, state.limits)
+    video = body.get("video")
+    if not isinstance(video, str):
+        raise ApiError(400, "video: required, a file name in the media directory", param="video")
+    try:
+        path = state.media.resolve(video, "video")
+    except MediaError as e:
+        raise ApiError(e.status, str(e), param="video") from None
+    session = await _live(request).create(path, video=video, options=options)
+    return JSONResponse(session.summary(), status_code=201)
+
+
+async def upload_session(request: Request) -> JSONResponse:
+    state: ServeState = request.app.state.casa
+    options = _options(request.query_params, state.limits)
+    name = request.query_params.get("filename", "upload")[:200]
+    suffix = Path(name).suffix.lower()
+    suffix = suffix if re.fullmatch(r"\.[a-z0-9]{1,5}", suffix) else ""  # a hint for the demuxer only
+    path = state.upload_dir / f"{uuid.uuid4().hex}{suffix}"
+    await receive_upload(request, path, limit=state.limits.max_upload_bytes)
+    session = await _live(request).create(path, video=name, options=options, upload=path)
+    return JSONResponse(session.summary(), status_code=201)
+
+
+async def session_events(request: Request) -> EventStream:
+    live = _live(request)
+    session = live.get(request.path_params["id"])
+    if session.state != "waiting":
+        raise ApiError(409, f"live session {session.id}: already {session.state} (one viewer per session)")
+    live.start(session)
+
+    async def events():
+        yield sse({"id": session.id, "video": session.video, "fps": session.fps}, "start")
+        while True:
+            try:
+                kind, data = await asyncio.wait_for(session.events.get(), 15)
+            except asyncio.TimeoutError:
+                yield ": keep-alive\n\n"
+                continue
+            yield sse(data, kind)
+            if kind in ("end", "failure"):
+                return
+
+    return EventStream(events(), on_close=lambda: live.viewer_left(session))
+
+
+async def session_info(request: Request) -> JSONResponse:
+    return JSONResponse(_live(request).get(request.path_params["id"]).summary())
+
+
+async def stop_session(request: Request) -> JSONResponse:
+    live = _live(request)
+    session = live.get(request.path_params["id"])
+    await live.stop(session)
+    return JSONResponse(session.summary())
+
+
+async def session_srt(request: Request) -> Response:
+    state: ServeState = request.app.state.casa
+    session = _live(request).get(request.path_params["id"])
+    text = await asyncio.to_thread(state.engine.srt, list(session.captions))
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(session.video).stem) or "captions"
+    return Response(text, media_type="application/x-subrip",
+                    headers={"Content-Disposition": f'attachment; filename="{stem}.srt"'})
+
+
+routes = [
+    Route("/", page, methods=["GET"]),
+    Route("/live/config", config, methods=["GET"]),
+    Route("/live/sessions", create_session, methods=["POST"]),
+    Route("/live/uploads", upload_session, methods=["POST"]),
+    Route("/live/sessions/{id}", session_info, methods=["GET"]),
+    Route("/live/sessions/{id}/events", session_events, methods=["GET"]),
+    Route("/live/sessions/{id}/stop", stop_session, methods=["POST"]),
+    Route("/live/sessions/{id}/captions.srt", session_srt, methods=["GET"]),
+]

@@ -1,0 +1,105 @@
+"""The live-captioning page in a real browser: headless Chromium from the
+system's package (Debian's `chromium`), driven by playwright with
+`executable_path` (no browser is downloaded). It opens the page, captions a
+video from the media directory and an uploaded one, and saves a screenshot
+(to `$CASA_SERVE_SCREENSHOT` if set). Skipped, with the reason, where no
+Chromium or no playwright is installed."""
+
+import os
+import shutil
+
+import httpx2 as httpx
+import pytest
+import torch
+from test_serve import MODEL, make_checkpoint, wait_for
+from test_stream import encode_video
+
+from casa.inference.writers import parse_srt
+from casa.serve.app import ServerThread, create_app
+from casa.serve.engine import Engine
+from casa.serve.limits import Limits
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium installed (apt-get install chromium)")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve_browser")
+    media = root / "media"
+    media.mkdir()
+    encode_video(media / "shapes.mp4", 30, size=(96, 128))  # 3 s at 10 fps
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    app = create_app(Engine(make_checkpoint(root / MODEL)), limits=Limits(max_sessions=2), media_dir=media)
+    with ServerThread(app) as url:
+        yield url, app.state.casa, media
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 860})
+        yield page
+        browser.close()
+
+
+def painted_pixels(page, canvas_id: str) -> int:
+    """Pixels of a chart canvas that are neither blank nor grey (the plotted line and points)."""
+    return page.evaluate("""(id) => {
+        const c = document.getElementById(id);
+        const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+        let n = 0;
+        for (let i = 0; i < d.length; i += 4) {
+            const [r, g, b, a] = [d[i], d[i + 1], d[i + 2], d[i + 3]];
+            if (a > 0 && Math.max(r, g, b) - Math.min(r, g, b) > 60) n++;
+        }
+        return n;
+    }""", canvas_id)
+
+
+def test_captioning_a_video_in_the_browser(server, page, tmp_path):
+    url, state, media = server
+    requested = []
+    page.on("request", lambda r: requested.append(r.url))
+    page.goto(url + "/")
+    page.wait_for_function("document.getElementById('status').textContent === 'ready'")
+    assert page.text_content("#model") == f"model {MODEL}"
+    page.select_option("#video", "shapes.mp4")
+    page.fill("#fps", "2")
+    page.click("#start")
+    page.wait_for_function("document.querySelectorAll('#captions li').length === 6", timeout=30_000)
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('finished')")
+    assert page.text_content("#status") == "finished: 6 frames captioned"
+    assert page.get_attribute("#frame", "src").startswith("data:image/jpeg;base64,")
+    times = page.eval_on_selector_all("#captions time", "els => els.map(e => e.textContent)")
+    assert times == ["00:00.00", "00:00.50", "00:01.00", "00:01.50", "00:02.00", "00:02.50"]
+    series = page.evaluate("window.casaLive.series")
+    assert [len(v) for v in series.values()] == [6, 6, 6] and all(v > 0 for v in series["ttft"])
+    for chart in ("chart-ttft", "chart-rss", "chart-state"):
+        assert painted_pixels(page, chart) > 50, f"{chart} has no plotted line"
+    srt = httpx.get(url + page.get_attribute("#srt", "href")).text
+    shown = page.eval_on_selector_all("#captions li span", "els => els.map(e => e.textContent)")
+    assert [cue[3] for cue in parse_srt(srt)] == [t for t in shown if t != "…"]
+    assert all(u.startswith(url) or u.startswith("data:") for u in requested), requested  # nothing from outside
+    shot = os.environ.get("CASA_SERVE_SCREENSHOT") or str(tmp_path / "serve.png")
+    page.screenshot(path=shot, full_page=True)
+    assert os.path.getsize(shot) > 10_000
+
+
+def test_uploading_then_stopping_in_the_browser(server, page):
+    url, state, media = server
+    page.goto(url + "/")
+    page.wait_for_function("document.getElementById('status').textContent === 'ready'")
+    page.set_input_files("#file", str(media / "shapes.mp4"))
+    page.fill("#fps", "1")
+    page.click("#start")
+    page.wait_for_function("document.querySelectorAll('#captions li').length >= 1", timeout=30_000)
+    page.click("#stop")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('stopped')")
+    assert page.is_enabled("#start") and not page.is_enabled("#stop")
+    wait_for(lambda: httpx.get(url + "/health").json()["live_sessions"] == 0, "the session to be freed")
+    assert list(state.upload_dir.iterdir()) == []
