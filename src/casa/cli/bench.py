@@ -1,8 +1,4 @@
-<<<<<<< HEAD
-"""`casa bench attention | train | stream | eval-decode | paper`: the benchmarks, JSON + plot each.
-=======
-"""`casa bench attention | train | stream | serve | paper`: the benchmarks, JSON + plot each.
->>>>>>> main
+"""`casa bench attention | train | stream | eval-decode | serve | paper`: the benchmarks, JSON + plot each.
 
 Design decisions:
 - Sizes and counts are checked by argparse (`positive_int`, ...), the
@@ -19,11 +15,7 @@ import argparse
 from casa.bench.serve import add_arguments as add_serve_arguments
 from casa.cli.values import non_negative_int, positive_float, positive_int
 
-<<<<<<< HEAD
-__all__ = ["attention", "eval_decode", "paper", "register", "stream", "train"]
-=======
-__all__ = ["attention", "paper", "register", "serve", "stream", "train"]
->>>>>>> main
+__all__ = ["attention", "eval_decode", "paper", "register", "serve", "stream", "train"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -81,7 +73,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     bs.add_argument("--no-isolate", action="store_true", help="run every variant in this process")
     bs.set_defaults(func=stream)
 
-<<<<<<< HEAD
     be = bench.add_parser("eval-decode", help="evaluation decoding: cached batched vs the uncached loop")
     be.add_argument("--variants", default="casa,insertion")
     be.add_argument("--samples", type=positive_int, default=64)
@@ -93,11 +84,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     be.add_argument("--json", default="benchmarks/eval_decode.json")
     be.add_argument("--plot", default=None, help="PNG of the timings")
     be.set_defaults(func=eval_decode)
-=======
+
     bv = bench.add_parser("serve", help="bounded load test of casa serve on loopback: req/s, latency, 429s, memory")
     add_serve_arguments(bv)
     bv.set_defaults(func=serve)
->>>>>>> main
 
     bp = bench.add_parser("paper", help="the paper's cost table at its model shapes (random weights; GPU)")
     bp.add_argument("--preset", default="qwen2.5-vl-3b", choices=("qwen2.5-vl-3b", "helium-1-2b", "tiny"),
