@@ -22,16 +22,15 @@ Design decisions:
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from casa.bench.memory import PeakMemory
+from casa.bench.report import write_report
 from casa.core.attention import BACKENDS, flash_available, fusion_attend
 from casa.core.layout import build_layout
-from casa.files import atomic_file
 
 __all__ = ["available_backends", "gemm_gflops", "run"]
 
@@ -147,12 +146,7 @@ def run(*, json_path: str | None, windows: int = 16, image_tokens: int = 256, te
                  "(forward only where no backward) above the memory in use before it.",
     }
     print(f"dense GEMM: {gemm:.1f} GFLOP/s; speed-up vs reference: {report['ratios_vs_reference']}")
-    if json_path:
-        with atomic_file(json_path) as f:
-            f.write(json.dumps(report, indent=2))
-        print(f"wrote {json_path}")
-    if plot_path:
-        _plot(report, plot_path)
+    write_report(report, json_path, plot=_plot, plot_path=plot_path)
     return report
 
 

@@ -22,7 +22,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,12 +29,12 @@ from pathlib import Path
 
 import torch
 
+from casa.bench.report import write_report
 from casa.config import FUSION_VARIANTS, ModelConfig
 from casa.core.model import CasaModel
 from casa.data import Processor
 from casa.eval.decode import greedy_decode, greedy_decode_uncached
 from casa.eval.synthetic import eval_samples, questions
-from casa.files import atomic_file
 from casa.pretrained.tokenizer import ByteTokenizer
 
 __all__ = ["EvalDecodeBench", "plot", "run"]
@@ -134,9 +133,5 @@ def run(cfg: EvalDecodeBench, *, json_path=None, plot_path=None, log=print) -> d
         torch.set_num_threads(threads)
     result = {"config": {**asdict(cfg), "torch": torch.__version__, "cpu_count": os.cpu_count(),
                          "loadavg_start": load_start, "loadavg_end": os.getloadavg()}, "runs": runs}
-    if json_path:
-        with atomic_file(json_path) as f:
-            f.write(json.dumps(result, indent=1))
-    if plot_path:
-        plot(result, plot_path)
+    write_report(result, json_path, plot=plot, plot_path=plot_path, indent=1, quiet=True)
     return result

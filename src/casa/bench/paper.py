@@ -50,6 +50,7 @@ def run(preset: str, *, out_dir="benchmarks/gpu", device: str | None = None, var
     """Run the preset's training and streaming benchmarks; write their JSON (+ plot); return both reports."""
     from casa.bench import stream as stream_bench
     from casa.bench import train as train_bench
+    from casa.bench.report import write_report
 
     if preset not in PRESETS:
         raise ValueError(f"bench paper: unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
@@ -75,8 +76,8 @@ def run(preset: str, *, out_dir="benchmarks/gpu", device: str | None = None, var
         report = stream_bench.run(cfg, json_path=None, isolate=True)
         report.setdefault("config", {}).update({**extra, "device_name": _device_name(device),
                                                 "torch": torch.__version__, "cuda": torch.version.cuda})
-        _write_json(report, out_dir / f"paper_{preset}_stream.json")
-        stream_bench.plot(report, out_dir / f"paper_{preset}_stream.png")
+        write_report(report, out_dir / f"paper_{preset}_stream.json", plot=stream_bench.plot,
+                     plot_path=out_dir / f"paper_{preset}_stream.png")
         reports["stream"] = report
     return reports
 
@@ -87,13 +88,3 @@ def _device_name(device: str) -> str:
     from casa.bench.train import cpu_name
 
     return cpu_name()
-
-
-def _write_json(report: dict, path: Path) -> None:
-    import json
-
-    from casa.files import atomic_file
-
-    with atomic_file(path) as f:
-        f.write(json.dumps(report, indent=2, default=str))
-    print(f"wrote {path}")

@@ -50,7 +50,8 @@ from dataclasses import asdict, dataclass
 from http.client import HTTPConnection
 from pathlib import Path
 
-from casa.files import atomic_file, check_output_file
+from casa.bench.report import write_report
+from casa.files import check_output_file
 
 __all__ = ["ServeBench", "add_arguments", "main", "run", "run_from_args"]
 
@@ -261,10 +262,7 @@ def run(cfg: ServeBench, *, json_path=None) -> dict:
     result = {"bench": "serve", "config": asdict(cfg), "server_rss_idle_bytes": idle, "phases": phases,
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "load_1min": round(os.getloadavg()[0], 2)}}
-    if json_path:
-        with atomic_file(json_path) as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
+    write_report(result, json_path, quiet=True)
     return result
 
 

@@ -40,7 +40,6 @@ Design decisions:
 from __future__ import annotations
 
 import gc
-import json
 import multiprocessing as mp
 import os
 import time
@@ -52,6 +51,7 @@ import torch
 
 from casa.bench.bandwidth import decode_weight_bytes, read_bandwidth
 from casa.bench.memory import PeakMemory
+from casa.bench.report import write_report
 from casa.config import (
     FUSION_VARIANTS,
     FusionConfig,
@@ -61,7 +61,6 @@ from casa.config import (
 )
 from casa.core.layout import History
 from casa.core.model import CasaModel
-from casa.files import atomic_file
 from casa.inference.session import Session
 
 __all__ = ["DTYPES", "FIELDS", "StreamBench", "compare", "plot", "run", "run_variant", "summarize"]
@@ -374,9 +373,5 @@ def run(cfg: StreamBench, *, json_path=None, plot_path=None, isolate: bool = Tru
               "peak_mem_bytes": "process peak RSS during the turn (CUDA: allocator peak)",
               "session_mem_bytes": "peak_mem_bytes minus what the process held before the session started"}
     result = {"config": config, "runs": runs, "compare": compare(runs)}
-    if json_path:
-        with atomic_file(json_path) as f:
-            f.write(json.dumps(result, indent=1))
-    if plot_path:
-        plot(result, plot_path)
+    write_report(result, json_path, plot=plot, plot_path=plot_path, indent=1, quiet=True)
     return result

@@ -29,12 +29,11 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from casa.bench.report import write_report
 from casa.config import FUSION_VARIANTS
-from casa.files import atomic_file
 
 __all__ = ["bench_config", "check_variants", "cpu_name", "measure", "measure_or_oom", "packed_batch", "run"]
 
@@ -201,10 +200,7 @@ def run(json_path="benchmarks/train.json", *, variants=("insertion", "ca", "casa
     cfg["torch"] = torch.__version__
     cfg["cuda"] = torch.version.cuda
     report = {"config": cfg, "results": results}
-    if json_path:
-        with atomic_file(Path(json_path)) as f:
-            f.write(json.dumps(report, indent=2))
-        print(f"wrote {json_path}")
+    write_report(report, json_path)
     return report
 
 
