@@ -15,8 +15,9 @@ $(VENV)/.installed: pyproject.toml
 .PHONY: install test test-gpu demo bench
 install: $(VENV)/.installed
 
+# Tests run in one worker per core (pytest-xdist): about 5 minutes on 2 cores, 8 in one process.
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -n auto
 
 # On a machine with a CUDA GPU: the `gpu` tests (backends, bf16 training, cached decode on CUDA).
 # flash-attn is installed only where a prebuilt wheel exists; otherwise its tests skip and flex is used.
