@@ -4,10 +4,9 @@ placement, with rows of different lengths, image counts and window layouts."""
 
 import pytest
 import torch
-from conftest import tiny_config
+from test_cache import model_for
 
 from casa.config import FUSION_VARIANTS, PLACEMENTS
-from casa.core.model import CasaModel
 from casa.inference.cache import KVCache
 from casa.inference.rows import RowCache, RowDecoder
 from casa.inference.session import Session
@@ -19,20 +18,6 @@ N_TOK = 4  # tokens per image in the tiny config
 # per row: (text length, insertion points); the last row has no image at all (a `ca`
 # window without keys), the second text before its first image and two windows
 ROWS = [(5, [0]), (11, [3, 3, 8]), (2, [])]
-
-
-def model_for(variant, placement):
-    torch.manual_seed(0)
-    m = CasaModel(tiny_config(variant, placement)).eval()
-    with torch.no_grad():  # larger weights than the init, so that every path matters in the logits
-        for name, p in m.named_parameters():
-            if p.dim() == 2 and "vision" not in name:
-                p.normal_(0, 0.2)
-        for b in m.blocks:
-            if b.fusion is not None and variant == "gated_ca":
-                b.fusion.attn_gate.fill_(0.7)
-                b.fusion.ffn_gate.fill_(-0.4)
-    return m
 
 
 def prefilled(model, seed):
