@@ -35,7 +35,8 @@ MODEL = "tiny"
 
 def make_checkpoint(path):
     """A tiny untrained casa model whose output head knows only lowercase letters: its
-    replies are readable, never end early, and change with the text and the images."""
+    replies are readable, do not end early under greedy decoding (sampling can still
+    pick a zero-logit token, the end token included), and change with the text and the images."""
     torch.manual_seed(0)
     cfg = tiny_config("casa")
     cfg.lm.vocab_size, cfg.lm.tie_embeddings = TOK.vocab_size, False
@@ -144,7 +145,8 @@ def test_streaming_gives_the_same_reply_in_openai_chunks(server, client, model):
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
     # the wire format itself: `data: {...}` events, then `data: [DONE]`
     with httpx.stream("POST", server[0] + "/v1/chat/completions",
-                      json={"model": MODEL, "messages": messages, "max_tokens": 3, "stream": True}) as r:
+                      json={"model": MODEL, "messages": messages, "max_tokens": 3, "stream": True,
+                            "temperature": 0}) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line]
     assert all(line.startswith("data: ") for line in events) and events[-1] == "data: [DONE]"
@@ -203,7 +205,8 @@ def test_stop_text_holds_back_a_possible_stop_string():
 
 def test_a_dropped_client_frees_its_session(server):
     url, state = server
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 4000}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 4000,
+            "temperature": 0}  # greedy: a sampled end token could finish the reply before we leave
     before = state.counts["chat_cancelled"]
     with httpx.stream("POST", url + "/v1/chat/completions", json={**body, "stream": True}) as r:
         for line in r.iter_lines():
