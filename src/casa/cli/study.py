@@ -19,11 +19,13 @@ __all__ = ["register", "run"]
 def register(sub: argparse._SubParsersAction) -> None:
     st = sub.add_parser("study", help="train and compare every fusion variant (the paper's comparison, small)")
     st.add_argument("--out", default="runs/study", help="directory for results.json, report.md and plots")
-    st.add_argument("--quick", action="store_true", help="tiny model, 1 seed, a few minutes (CI)")
+    st.add_argument("--quick", action="store_true", help="tiny model, 1 seed, both stages and regimes, ~2 min (CI)")
     st.add_argument("--seeds", type=positive_int, default=None, help="seeds per variant (full: 3)")
     st.add_argument("--steps", type=positive_int, default=None, help="training steps per run")
     st.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: free cores)")
     st.add_argument("--variants", default=None, help="comma-separated subset of the study's variants")
+    st.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="cuda: a larger model, more data and steps (the full size only)")
     st.add_argument("--docs", default=None, help="also write DOCS/study.md and DOCS/study_*.png")
     st.set_defaults(func=run)
 
@@ -33,7 +35,7 @@ def run(args) -> int:
     from casa.study.run import StudyConfig, run
 
     cfg = StudyConfig(out=args.out, size="quick" if args.quick else "full", seeds=args.seeds, steps=args.steps,
-                      threads=args.threads, docs=args.docs,
+                      threads=args.threads, docs=args.docs, device=args.device,
                       **({"variants": [v.strip() for v in args.variants.split(",")]} if args.variants else {}))
     check_output_dir(args.out, "--out")
     if args.docs:

@@ -16,7 +16,7 @@ user(frame) / assistant(caption) turns: the streaming-captioning format;
 question on the direction the shape moves.
 
 The fine-grained ladder (`digits`, `bars`, `table`) has one difficulty knob,
-`level` (1..3; 0 draws a level per sample): a number of `level + 1` digits to
+`level` (1..3; 0 draws a level per sample): a number of `level` digits to
 read; a chart of `level + 1` bars whose value is asked; a table of
 `(level + 1)^2` digits of which one cell is asked. The sample's `meta["level"]`
 says which level it drew, so a score can be split by difficulty.
@@ -272,9 +272,9 @@ def _level(rng: random.Random, d: Difficulty) -> int:
 
 
 def digits(rng: random.Random, d: Difficulty) -> Sample:
-    """Read a number of `level + 1` digits written somewhere on the image."""
+    """Read a number of `level` digits written somewhere on the image."""
     level = _level(rng, d)
-    number = "".join(rng.choice(string.digits) for _ in range(level + 1))
+    number = "".join(rng.choice(string.digits) for _ in range(level))
     img = _canvas(d)
     draw, font = ImageDraw.Draw(img), _font(d.font_size)
     x0, y0, x1, y1 = draw.textbbox((0, 0), number, font=font)
