@@ -224,7 +224,7 @@ def render(results: dict, tolerance: float) -> dict[str, bytes] | None:
         if fig is None:
             continue
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        fig.savefig(buf, format="png", dpi=100)
         plt.close(fig)
         out[name] = buf.getvalue()
     return out
