@@ -263,6 +263,16 @@ def test_reasons_point_at_the_ablation_that_explains_the_gap():
     assert c["interval"][0] < -5 < c["interval"][1]
 
 
+def test_one_seed_gives_no_interval_and_says_so():
+    res = make_results({"casa": {"fine-grained": 0.55}, "casa_no_text_keys": {"fine-grained": 0.40}})
+    res["runs"] = [r for r in res["runs"] if r["seed"] == 0]
+    c = claim(res, "CASA at least matches CA (fine-grained, frozen")
+    assert c["measured"] == "casa - ca = -13.0 (n=1, no interval) points" and c["interval"] is None
+    assert "clearly_beats" not in c
+    assert c["reason"].startswith("one seed: the gap (-13.0 < -1) has no interval, so it may be seed noise")
+    assert derive(res)["accuracy"]["casa"]["categories"]["coarse"]["half"] is None
+
+
 def test_claims_need_their_arms():
     res = make_results()
     res["runs"] = [r for r in res["runs"] if r["arm"] not in ("ca", "insertion@flops")]

@@ -55,7 +55,7 @@ REASON_RULES = (
     "extra FLOPs",
     "does not hold for casa, and casa - casa_no_text_keys contains 0: CASA's text keys change nothing here",
     "does not hold for casa, and casa - casa_no_text_keys lies below 0: CASA's text keys cost accuracy here",
-    "otherwise: which part of the rule failed, with its numbers",
+    "otherwise: which part of the rule failed, with its numbers (one seed: no interval, so it may be noise)",
 )
 
 
@@ -188,6 +188,9 @@ def _why_comparison_fails(results: dict, a_var: str, b_var: str, b_matching: str
                 return (f"CASA's text keys cost accuracy here: without them it scores higher ({a} - {nk} = "
                         f"{points_interval(d4)})")
     found = "; ".join(tried) if tried else "none in this run"
+    if ci["half"] is None:
+        return (f"one seed: the gap ({points(ci['mean'])} < {threshold:+g}) has no interval, so it may be seed "
+                f"noise; no ablation explains it ({found})")
     return (f"the gap ({points(ci['mean'])} < {threshold:+g}) is outside seed noise and persists in the "
             f"ablations ({found})")
 
@@ -218,7 +221,7 @@ def claims(results: dict) -> list[dict]:
         if ci is None:
             add(claim, paper, rule, "-", False, f"{category} not evaluated for both {a} and {b}")
             return None
-        measured = f"{a} - {b} = {points_interval(ci)} points (n={ci['n']})"
+        measured = f"{a} - {b} = {points_interval(ci)} points" + (f" (n={ci['n']})" if ci["half"] is not None else "")
         ok = _holds(ci, threshold)
         nt = None if learned(results, category, regime)["learned"] else _why_not_learned(results, category, regime)
         why = None if ok or nt else _why_comparison_fails(results, a_var, b_var, b_matching, category, regime,
