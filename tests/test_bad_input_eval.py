@@ -126,3 +126,27 @@ def test_limits_and_backend_are_checked_before_the_model_loads(model_dir, tmp_pa
     assert check_backend("windowed") == "windowed"
     with pytest.raises(ValueError, match="--backend 'dense': expected auto or one of reference"):
         check_backend("dense")
+
+
+def test_a_video_part_for_a_model_without_gist_token_is_refused(tmp_path, capsys):
+    """A model whose processor puts no gist token after images cannot give each video frame its own
+    window: `casa eval` names the sample and says why, before the model loads (in-process: the
+    command's own error path, without a subprocess)."""
+    from PIL import Image
+
+    from casa.cli import main
+
+    no_gist = byte_model_dir(tmp_path / "m", extra={"processor": {"gist": False}})
+    for i in range(2):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / f"f{i}.png")
+    data = tmp_path / "clips.jsonl"
+    data.write_text(chat("What colour?") + "\n" + json.dumps(
+        {"messages": [{"role": "user", "content": [{"type": "video", "frames": ["f0.png", "f1.png"]}, "Colour?"]},
+                      {"role": "assistant", "content": "red"}]}) + "\n")
+    before = snapshot(tmp_path)
+    for blind in ([], ["--blind"]):
+        assert main(["eval", "--checkpoint", str(no_gist), "--data", str(data), *blind]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"casa: error: {data}:2: message 0: a video part needs a gist token") and \
+            "gist=False" in err and err.count("\n") == 1, err
+    assert snapshot(tmp_path) == before  # no eval.json written

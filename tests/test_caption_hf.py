@@ -163,3 +163,24 @@ def test_caption_a_video_with_the_hf_model(qwen_vlm, tmp_path, capsys):
     cues = parse_srt(srt.read_text(encoding="utf-8"))
     assert len(cues) == sum(bool(c["text"]) for c in captions) >= 1
     assert "captioned 5 frames" in capsys.readouterr().err
+
+
+def test_a_video_part_is_one_window_per_frame_with_the_qwen_template(qwen_vlm):
+    """With Qwen's chat template (frames as sentinels in the rendered string), a video part is
+    `<|vision_start|> frame <|vision_end|>` per frame, as transformers' rendering gives with one
+    placeholder per frame: in live chat (`Chat.user(video=...)`) and in training / evaluation."""
+    model, tok, proc = load(qwen_vlm)
+    clip = [shapes_frame(i) for i in range(3)]
+    s = Recorder(model)
+    Chat(s, proc, sampling=Sampling(max_new_tokens=2)).ask("Where is it?", video=clip)
+    want_ids, want_points = oracle_stream(tok, [{"role": "user", "text": IMG * 3 + "Where is it?"}],
+                                          proc.image_prefix, proc.gist)
+    assert s.ids[: len(want_ids)] == want_ids and s.points == want_points
+    start, end = tok.token_id("<|vision_start|>"), tok.token_id("<|vision_end|>")
+    assert len(set(s.points)) == 3 and [(s.ids[p - 1], s.ids[p]) for p in s.points] == [(start, end)] * 3
+    sample = Sample([{"role": "user", "content": [{"type": "video", "frames": clip},
+                                                  {"type": "text", "text": "Where is it?"}]},
+                     {"role": "assistant", "content": [{"type": "text", "text": "left"}]}])
+    enc = proc.encode(sample, pixels=False)
+    prompt = enc.prefix(enc.turns[0][0])
+    assert (prompt.ids, prompt.points) == (want_ids, want_points)

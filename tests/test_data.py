@@ -75,7 +75,7 @@ def test_video_frames_and_multi_turn():
     assert len(enc.turns) == 3 and enc.n_images == 3
     assert len(set(enc.points)) == 3  # one window per frame
     video = chat({"type": "video", "frames": [Image.new("RGB", (8, 8))] * 4}, {"type": "text", "text": "?"})
-    assert processor().encode(video).points == [2] * 4
+    assert processor().encode(video).points == [2, 3, 4, 5]  # a video part too (tests/test_video_windows.py)
 
 
 def test_literal_special_text_in_user_content_stays_bytes():

@@ -232,6 +232,29 @@ def test_cached_session_equals_uncached_forward(qwen, fused, variant, case):
     assert (got - want).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("variant", ["insertion", "casa"])
+def test_processor_video_part_is_a_window_per_frame_cached_equals_uncached(fused, variant):
+    """A video part through the processor at dynamic resolution: each frame its own `[C, H, W]` item
+    (grid gt = 1, never merged in temporal pairs) at its own insertion point, the gist after it; the
+    Session fed frame by frame gives the uncached forward's logits (M-RoPE positions included)."""
+    from casa.data import Processor, check_sample, pack_row
+    from casa.inference.session import Session
+    from casa.pretrained.tokenizer import ByteTokenizer
+
+    model = fused(variant)
+    sample = check_sample({"messages": [
+        {"role": "user", "content": [{"type": "video", "frames": _video_frames(3, 60, 100)}, "Where?"]},
+        {"role": "assistant", "content": "left"}]})
+    enc = Processor(ByteTokenizer(), model.config.vision).encode(sample)
+    assert [tuple(x.shape) for x in enc.pixels] == [(3, 56, 112)] * 3 and enc.grids == [(1, 2, 4)] * 3
+    assert enc.points == [2, 3, 4]
+    batch = pack_row([enc])
+    with torch.no_grad():
+        want = model(batch, backend="reference")[0]
+    got = _feed(Session(model, backend="reference"), batch)
+    assert (got - want).abs().max() < 1e-4
+
+
 def test_fusion_from_sa_zero_output_where_the_construction_gives_one(qwen, fused):
     """Built from SA, `gated_ca` adds nothing at init (tanh gates at 0): the model is Qwen's LM on the
     text alone. CASA `replace` is the LM exactly on the text before the first image (its window is

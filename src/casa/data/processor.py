@@ -15,17 +15,29 @@ Design decisions:
   render prefixes as prefixes; an error says so otherwise).
 - An image sits before the next text token (its insertion point, docs/design.md
   §2). An optional `image_prefix` token goes before it, and an optional gist
-  token (`<|gist|>` by default) right after it. Consecutive images (several
-  image parts in a row, or a video's frames) share one insertion point, so
-  one window, with the prefix before and the gist token after the group.
+  token (`<|gist|>` by default) right after it. Consecutive image parts share
+  one insertion point, so one window, with the prefix before and the gist
+  token after the group.
+- A video part is one image group per frame (the LLaVA-Video convention the
+  paper follows): `[prefix] frame_1 <gist> [prefix] frame_2 <gist> ...`. The
+  gist token is text, so each frame starts a window of its own and its gist
+  token is the first text that reads it. Without a gist token nothing would
+  separate the frames (they would share one window, or with a prefix only,
+  a frame's window would be the next frame's prefix), so a processor with
+  `gist=False` refuses video parts (`check_video`), naming the sample. A
+  video's frames are separate images everywhere after this: each its own
+  `[C, H, W]` item with dynamic resolution (never one `[F, C, H, W]` clip
+  whose frames the Qwen2.5-VL tower would merge in temporal pairs).
 - Targets (the loss mask) are the assistant's tokens and its closing markup
   only; `turns` records each assistant span so that evaluation can prompt
   with everything before a turn and compare the decoded answer.
 - A rendering is a list of segments `(kind, value, target)`, kind one of
   `markup` (a string whose special-token names become their ids), `text`
-  (plain user text), `image` (any image object, kept as is) and `ids` (token
-  ids used verbatim: a reply the model generated, so a chat never re-tokenises
-  what it fed). Tokenisation of segments (`tokenize`) is shared by every path.
+  (plain user text), `image` (any image object, kept as is; consecutive ones
+  form one group), `frame` (a video frame: a group of its own) and `ids`
+  (token ids used verbatim: a reply the model generated, so a chat never
+  re-tokenises what it fed). Tokenisation of segments (`tokenize`) is shared
+  by every path, so the built-in and the HF chat templates place markers alike.
 - Live chat feeds a conversation turn by turn (`encode_continuation`): the
   tokens that new messages add are the difference between two renderings of
   a short context (the last exchange), not of the whole history, so the cost
@@ -85,17 +97,14 @@ class Encoded:
         return None if self.grids is None else sum(t * h * w for t, h, w in self.grids)
 
 
-def _images_of(part) -> list:
-    if part["type"] == "image":
-        return [part.get("image", part.get("path"))]
-    return list(part["frames"])
+_VISUAL = ("image", "frame")  # segment kinds that hold an image
 
 
 def _same_segment(a, b) -> bool:
     """Two segments render the same tokens (images compared by identity)."""
     if a[0] != b[0]:
         return False
-    return a[1] is b[1] if a[0] == "image" else a[1] == b[1]
+    return a[1] is b[1] if a[0] in _VISUAL else a[1] == b[1]
 
 
 class Processor:
@@ -142,10 +151,15 @@ class Processor:
         return self._end_of_turn
 
     # ------------------------------------------------------------- encoding
-    def encode(self, sample, *, pixels: bool = True) -> Encoded:
-        """Tokenise a `Sample` (or a raw dict); with `pixels`, decode and preprocess its images."""
+    def encode(self, sample, *, pixels: bool = True, blind: bool = False) -> Encoded:
+        """Tokenise a `Sample` (or a raw dict); with `pixels`, decode and preprocess its images.
+        `blind` renders it without its image and video parts, so without their markers
+        (prefix and gist tokens) too: the text a model that sees nothing is given."""
         if not isinstance(sample, Sample):
             sample = check_sample(sample)
+        if blind:
+            sample = Sample([{**m, "content": [p for p in m["content"] if p["type"] not in ("image", "video")]}
+                             for m in sample.messages], sample.source, sample.meta)
         enc = self.tokenize(self.render(sample.messages, source=sample.source), source=sample.source)
         if not enc.turns:
             raise DataError(f"{sample.source}: sample has no assistant tokens to train on")
@@ -211,6 +225,9 @@ class Processor:
             if group:
                 self._add_images(enc, group)
                 group = []
+            if kind == "frame":  # a video frame is a group of its own
+                self._add_images(enc, [value])
+                continue
             if kind == "ids":
                 ids = list(value)
             else:
@@ -245,17 +262,30 @@ class Processor:
                 i += 1
 
     # ------------------------------------------------------------ rendering
+    def check_video(self, where: str = "<memory>") -> None:
+        """Refuse a video part unless a gist token closes each frame's window (module docstring)."""
+        if self.gist is None:
+            raise DataError(f"{where}: a video part needs a gist token after each frame to give every frame "
+                            "its own window (docs/design.md §2), and this processor has none (gist=False); "
+                            "give the frames as image parts of separate turns, or use a processor with a gist token")
+
+    def _visuals(self, part, where: str) -> list[tuple]:
+        """The image segments of an image or video part."""
+        if part["type"] == "image":
+            return [("image", part.get("image", part.get("path")), False)]
+        self.check_video(where)
+        return [("frame", frame, False) for frame in part["frames"]]
+
     def render(self, messages: list[dict], *, generation_prompt: bool = False, source: str = "<memory>"):
         """Segments `(kind, value, target)` of a conversation (see the module docstring);
         with `generation_prompt`, followed by the assistant's opening."""
         if self.templated:
             return self._render_template(messages, generation_prompt, source)
-        return self._render_builtin(messages, generation_prompt)
+        return self._render_builtin(messages, generation_prompt, source)
 
-    @staticmethod
-    def _render_builtin(messages, generation_prompt: bool):
+    def _render_builtin(self, messages, generation_prompt: bool, source: str):
         out = [("markup", "<bos>", False)]
-        for m in messages:
+        for i, m in enumerate(messages):
             assistant = m["role"] == "assistant"
             out.append(("markup", "<|assistant|>" if assistant else "<|user|>", False))
             for part in m["content"]:
@@ -264,15 +294,16 @@ class Processor:
                 elif part["type"] == "ids":
                     out.append(("ids", part["ids"], assistant))
                 else:
-                    out.extend(("image", img, False) for img in _images_of(part))
+                    out.extend(self._visuals(part, f"{source}: message {i}"))
             out.append(("markup", "<|end|>", assistant))
         if generation_prompt:
             out.append(("markup", "<|assistant|>", False))
         return out
 
     def _render_template(self, messages, generation_prompt: bool, source: str):
-        msgs, images, replies = [], [], []
-        for m in messages:
+        # every image or frame is one SENTINEL; `visuals` keeps their segments (image or frame) in order
+        msgs, visuals, replies = [], [], []
+        for i, m in enumerate(messages):
             text = ""
             for part in m["content"]:
                 if part["type"] == "text":
@@ -281,8 +312,8 @@ class Processor:
                     replies.append(part["ids"])
                     text += REPLY_SENTINEL
                 else:
-                    new = _images_of(part)
-                    images.extend(new)
+                    new = self._visuals(part, f"{source}: message {i}")
+                    visuals.extend(new)
                     text += SENTINEL * len(new)
             msgs.append({"role": m["role"], "content": text})
         full = self.tok.render_chat(msgs, add_generation_prompt=generation_prompt)
@@ -296,13 +327,13 @@ class Processor:
                 raise DataError(f"{source}: the chat template of {self._tokenizer_name()} does not render "
                                 f"conversation prefixes as prefixes; cannot locate assistant turn {i}")
             target[len(before): len(upto)] = [True] * (len(upto) - len(before))
-        out, start, images, replies = [], 0, iter(images), iter(replies)
+        out, start, visuals, replies = [], 0, iter(visuals), iter(replies)
         for i in range(1, len(full) + 1):
             if (i == len(full) or full[i] in (SENTINEL, REPLY_SENTINEL) or full[i - 1] in (SENTINEL, REPLY_SENTINEL)
                     or target[i] != target[i - 1]):
                 piece = full[start:i]
                 if piece == SENTINEL:
-                    out.append(("image", next(images), False))
+                    out.append(next(visuals))
                 elif piece == REPLY_SENTINEL:
                     out.append(("ids", next(replies), target[start]))
                 elif piece:

@@ -4,8 +4,9 @@ One sample is `{"messages": [...]}` (other top-level keys, e.g. "task" or
 "metric", ride along). A message is `{"role": "system"|"user"|"assistant",
 "content": str | [part, ...]}` and a part is one of
 `{"type": "text", "text": str}`, `{"type": "image", "path": str}` (relative
-to the JSONL file) or `{"type": "video", "frames": [path, ...]}`. In memory an
-image part may hold a PIL image under "image" instead of a path.
+to the JSONL file) or `{"type": "video", "frames": [path, ...]}` (each frame
+gets a window of its own: `data.Processor`). In memory an image part may hold
+a PIL image under "image" instead of a path, and a video part PIL frames.
 
 Design decisions:
 - Structure is checked when a line is read, so a bad line is reported with
@@ -14,6 +15,9 @@ Design decisions:
   decoded lazily by the processor, whose errors carry the same `file:line`
   (`Sample.source`). `skip_bad=True` turns errors into a counted skip.
 - A file with no usable sample is an error, never an empty dataset.
+- `write_jsonl` writes in-memory images and video frames as PNG files and
+  their parts with paths (a video part stays one video part, its frames in
+  order), so `read_jsonl` gives back the samples the processor rendered.
 - `write_jsonl` never leaves a half-written file or image folder: the images
   go to `images/<name>/` (one folder per JSONL file, so two exports into one
   directory cannot overwrite each other's images), built under a temporary

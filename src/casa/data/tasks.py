@@ -11,7 +11,15 @@ Coarse tasks (a tiny model learns them in minutes on CPU): `color`, `count`,
 visual detail: `docvqa` (read a field of a rendered document; ANLS and exact
 match) and `chartqa` (read a bar off a chart; relaxed accuracy). `video` is a
 clip of a moving shape with one caption per frame, as alternating
-user(frame) / assistant(caption) turns: the streaming-captioning format.
+user(frame) / assistant(caption) turns: the streaming-captioning format;
+`motion` is a clip given as one `video` part (one window per frame) and a
+question on the direction the shape moves.
+
+The fine-grained ladder (`digits`, `bars`, `table`) has one difficulty knob,
+`level` (1..3; 0 draws a level per sample): a number of `level + 1` digits to
+read; a chart of `level + 1` bars whose value is asked; a table of
+`(level + 1)^2` digits of which one cell is asked. The sample's `meta["level"]`
+says which level it drew, so a score can be split by difficulty.
 
 Design decisions:
 - Samples are pure functions of `(seed, task, index, Difficulty)`: nothing is
@@ -25,6 +33,12 @@ Design decisions:
 - Each task names its metric (`TASKS[name][1]`, one of
   `casa.data.metrics.METRICS`); the sample carries it in `meta`, and so does
   its JSONL export.
+- Every image comes with a short caption of what is drawn on it
+  (`meta["captions"]`, one per image in order): shapes as colour initial, kind
+  initial, column and row (`rc02`), numbers and table rows as their digits,
+  charts as `A3 B5`. `casa study` pretrains its vision encoder to produce them
+  and its text LM to answer from them (stage 0), the roles a captioning-
+  pretrained encoder and a text LM play in the paper.
 """
 
 from __future__ import annotations
@@ -39,8 +53,9 @@ from PIL import Image, ImageDraw, ImageFont
 from casa.config import build, check_fields, setting
 from casa.data.sample import Sample
 
-__all__ = ["COARSE", "COLORS", "FIELDS", "KINDS", "TASKS", "Difficulty", "chartqa", "check_tasks", "color",
-           "compare", "count", "difficulty", "docvqa", "make_sample", "position", "video"]
+__all__ = ["COARSE", "COLORS", "FIELDS", "FINE_GRAINED", "KINDS", "LEVELS", "TASKS", "Difficulty", "bars", "chartqa",
+           "check_tasks", "color", "compare", "count", "difficulty", "digits", "docvqa", "make_sample", "motion",
+           "position", "table", "video"]
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
           "purple": (140, 60, 180), "orange": (240, 130, 20)}
@@ -64,7 +79,8 @@ class Difficulty:
     font_size: int = setting(12, ge=1, le=256)
     bars: int = setting(4, ge=1, le=26)  # chartqa: one letter per bar
     max_value: int = setting(9, ge=1, le=10**6)  # chartqa
-    frames: int = setting(4, ge=1, le=1000)  # video
+    frames: int = setting(4, ge=1, le=1000)  # video, motion
+    level: int = setting(0, ge=0, le=3)  # digits / bars / table: 1..3, or 0 for a level drawn per sample
     relative: bool = True  # position: two shapes, one relative to the other (else one shape, absolute)
 
     def __post_init__(self):
@@ -118,15 +134,20 @@ def _render_shapes(shapes, d: Difficulty, rng: random.Random, g: int = 3) -> Ima
     return _finish(img, d, rng)
 
 
+def _shapes_caption(shapes) -> str:
+    """`rc02 bs11`: colour initial, kind initial, column, row of each shape (initials are unique)."""
+    return " ".join(f"{color[0]}{kind[0]}{c}{r}" for kind, color, (c, r) in shapes)
+
+
 def _palette(d: Difficulty) -> list[str]:
     return list(COLORS)[: d.colors]
 
 
-def _qa(images, question: str, answer: str, task: str) -> Sample:
+def _qa(images, question: str, answer: str, task: str, captions: list[str], **meta) -> Sample:
     content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": question}]
     messages = [{"role": "user", "content": content},
                 {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
-    return Sample(messages, meta={"task": task, "metric": TASKS[task][1]})
+    return Sample(messages, meta={"task": task, "metric": TASKS[task][1], "captions": captions, **meta})
 
 
 # ---------------------------------------------------------------- tasks
@@ -134,15 +155,16 @@ def color(rng: random.Random, d: Difficulty) -> Sample:
     n = 1 + min(d.distractors, len(KINDS) - 1)
     kinds = rng.sample(KINDS, n)
     colors = [rng.choice(_palette(d)) for _ in kinds]
-    img = _render_shapes(list(zip(kinds, colors, _cells(rng, n))), d, rng)
+    shapes = list(zip(kinds, colors, _cells(rng, n)))
     question = f"What colour is the {kinds[0]}?" if n > 1 else "What colour is the shape?"
-    return _qa([img], question, colors[0], "color")
+    return _qa([_render_shapes(shapes, d, rng)], question, colors[0], "color", [_shapes_caption(shapes)])
 
 
 def count(rng: random.Random, d: Difficulty) -> Sample:
     n = rng.randint(1, d.max_shapes)
     shapes = [(rng.choice(KINDS), rng.choice(_palette(d)), cell) for cell in _cells(rng, n)]
-    return _qa([_render_shapes(shapes, d, rng)], "How many shapes are there?", str(n), "count")
+    return _qa([_render_shapes(shapes, d, rng)], "How many shapes are there?", str(n), "count",
+               [_shapes_caption(shapes)])
 
 
 def position(rng: random.Random, d: Difficulty) -> Sample:
@@ -151,12 +173,13 @@ def position(rng: random.Random, d: Difficulty) -> Sample:
         c, r = rng.choice((0, 2)), rng.randrange(3)
         cell = (c, r) if horizontal else (r, c)
         color_, kind = rng.choice(_palette(d)), rng.choice(KINDS)
-        img = _render_shapes([(kind, color_, cell)], d, rng)
+        shapes = [(kind, color_, cell)]
+        img = _render_shapes(shapes, d, rng)
         if horizontal:
             question, answer = f"Is the {color_} {kind} on the left or on the right?", ("left", "right")[c // 2]
         else:
             question, answer = f"Is the {color_} {kind} at the top or at the bottom?", ("top", "bottom")[c // 2]
-        return _qa([img], question, answer, "position")
+        return _qa([img], question, answer, "position", [_shapes_caption(shapes)])
     while True:
         cells = _cells(rng, 2 + min(d.distractors, 4))
         (ca, ra), (cb, rb) = cells[:2]
@@ -164,19 +187,20 @@ def position(rng: random.Random, d: Difficulty) -> Sample:
             break
     colors = rng.sample(_palette(d), 2) + [rng.choice(_palette(d)) for _ in cells[2:]]
     kinds = [rng.choice(KINDS) for _ in cells]
-    img = _render_shapes(list(zip(kinds, colors, cells)), d, rng)
+    shapes = list(zip(kinds, colors, cells))
+    img = _render_shapes(shapes, d, rng)
     a, b = f"{colors[0]} {kinds[0]}", f"{colors[1]} {kinds[1]}"
     if horizontal:
         question, answer = f"Is the {a} left or right of the {b}?", "left" if ca < cb else "right"
     else:
         question, answer = f"Is the {a} above or below the {b}?", "above" if ra < rb else "below"
-    return _qa([img], question, answer, "position")
+    return _qa([img], question, answer, "position", [_shapes_caption(shapes)])
 
 
 def compare(rng: random.Random, d: Difficulty) -> Sample:
     na, nb = rng.sample(range(1, max(2, d.max_shapes) + 1), 2)
-    images = [_render_shapes([(rng.choice(KINDS), rng.choice(_palette(d)), c) for c in _cells(rng, n)], d, rng)
-              for n in (na, nb)]
+    groups = [[(rng.choice(KINDS), rng.choice(_palette(d)), c) for c in _cells(rng, n)] for n in (na, nb)]
+    images = [_render_shapes(shapes, d, rng) for shapes in groups]
     question = "Which image has more shapes, the first or the second?"
     # text between the images puts each in its own window (docs/design.md §2): CASA's
     # question reads the second image directly and the first through the text
@@ -186,7 +210,8 @@ def compare(rng: random.Random, d: Difficulty) -> Sample:
                {"type": "text", "text": question}]
     messages = [{"role": "user", "content": content},
                 {"role": "assistant", "content": [{"type": "text", "text": "first" if na > nb else "second"}]}]
-    return Sample(messages, meta={"task": "compare", "metric": "exact"})
+    return Sample(messages, meta={"task": "compare", "metric": "exact",
+                                  "captions": [_shapes_caption(shapes) for shapes in groups]})
 
 
 def _font(size: int):
@@ -203,37 +228,101 @@ def docvqa(rng: random.Random, d: Difficulty) -> Sample:
     for i, (k, v) in enumerate(zip(keys, values)):
         draw.text((3, 2 + (i + 0.5) * line), f"{k}: {v}", fill=(0, 0, 0), font=font)
     j = rng.randrange(len(keys))
-    return _qa([_finish(img, d, rng)], f"What is the {keys[j]}?", values[j], "docvqa")
+    caption = " ".join(f"{k}:{v}" for k, v in zip(keys, values))
+    return _qa([_finish(img, d, rng)], f"What is the {keys[j]}?", values[j], "docvqa", [caption])
 
 
-def chartqa(rng: random.Random, d: Difficulty) -> Sample:
-    n = d.bars
-    labels = string.ascii_uppercase[:n]
-    values = [rng.randint(1, d.max_value) for _ in labels]
+def _render_chart(rng: random.Random, d: Difficulty, n: int, max_value: int) -> tuple[Image.Image, list[int]]:
+    """A bar chart of `n` bars labelled A, B, ... with values in 1..max_value, and the values."""
+    values = [rng.randint(1, max_value) for _ in range(n)]
     img = _canvas(d)
     draw, font = ImageDraw.Draw(img), _font(max(6, d.font_size - 2))
     S = d.image_size
     left, bottom, top = S * 0.15, S * 0.85, S * 0.05
-    unit = (bottom - top) / d.max_value
-    for t in range(0, d.max_value + 1, max(1, d.max_value // 4)):  # gridlines
+    unit = (bottom - top) / max_value
+    for t in range(0, max_value + 1, max(1, max_value // 4)):  # gridlines
         y = bottom - t * unit
         draw.line([(left, y), (S - 2, y)], fill=(200, 200, 200))
     width = (S - left - 2) / n
-    for i, (lab, v) in enumerate(zip(labels, values)):
+    for i, (lab, v) in enumerate(zip(string.ascii_uppercase, values)):
         x0 = left + i * width + width * 0.15
         draw.rectangle([x0, bottom - v * unit, x0 + width * 0.7, bottom], fill=COLORS["blue"])
         draw.text((x0 + width * 0.2, bottom + 1), lab, fill=(0, 0, 0), font=font)
-    j = rng.randrange(n)
-    return _qa([_finish(img, d, rng)], f"What is the value of bar {labels[j]}?", str(values[j]), "chartqa")
+    return _finish(img, d, rng), values
+
+
+def _chart_caption(values: list[int]) -> str:
+    return " ".join(f"{lab}{v}" for lab, v in zip(string.ascii_uppercase, values))
+
+
+def chartqa(rng: random.Random, d: Difficulty) -> Sample:
+    img, values = _render_chart(rng, d, d.bars, d.max_value)
+    j = rng.randrange(d.bars)
+    label = string.ascii_uppercase[j]
+    return _qa([img], f"What is the value of bar {label}?", str(values[j]), "chartqa", [_chart_caption(values)])
+
+
+# ------------------------------------------------- the fine-grained ladder
+LEVELS = (1, 2, 3)
+BAR_MAX = 5  # bars: values 1..5, so a bar's height is 1/5 of the plot per unit at every level
+
+
+def _level(rng: random.Random, d: Difficulty) -> int:
+    return d.level or rng.choice(LEVELS)
+
+
+def digits(rng: random.Random, d: Difficulty) -> Sample:
+    """Read a number of `level + 1` digits written somewhere on the image."""
+    level = _level(rng, d)
+    number = "".join(rng.choice(string.digits) for _ in range(level + 1))
+    img = _canvas(d)
+    draw, font = ImageDraw.Draw(img), _font(d.font_size)
+    x0, y0, x1, y1 = draw.textbbox((0, 0), number, font=font)
+    x = rng.uniform(0, max(0, d.image_size - (x1 - x0) - 2)) - x0
+    y = rng.uniform(0, max(0, d.image_size - (y1 - y0) - 2)) - y0
+    draw.text((x + 1, y + 1), number, fill=(0, 0, 0), font=font)
+    return _qa([_finish(img, d, rng)], "What number is written?", number, "digits", [number], level=level)
+
+
+def bars(rng: random.Random, d: Difficulty) -> Sample:
+    """The value (1..5) of one of `level + 1` bars of a chart."""
+    level = _level(rng, d)
+    img, values = _render_chart(rng, d, level + 1, BAR_MAX)
+    j = rng.randrange(level + 1)
+    return _qa([img], f"What is the value of bar {string.ascii_uppercase[j]}?", str(values[j]), "bars",
+               [_chart_caption(values)], level=level)
+
+
+def table(rng: random.Random, d: Difficulty) -> Sample:
+    """One cell of a `(level + 1) x (level + 1)` table of digits, asked by row and column."""
+    level = _level(rng, d)
+    n = level + 1
+    cells = [[rng.choice(string.digits) for _ in range(n)] for _ in range(n)]
+    img = _canvas(d)
+    draw, font = ImageDraw.Draw(img), _font(max(6, min(d.font_size, int(d.image_size / n) - 2)))
+    step = (d.image_size - 1) / n
+    for k in range(n + 1):  # grid lines
+        draw.line([(k * step, 0), (k * step, d.image_size)], fill=(120, 120, 120))
+        draw.line([(0, k * step), (d.image_size, k * step)], fill=(120, 120, 120))
+    for r in range(n):
+        for c in range(n):
+            x0, y0, x1, y1 = draw.textbbox((0, 0), cells[r][c], font=font)
+            draw.text(((c + 0.5) * step - (x0 + x1) / 2, (r + 0.5) * step - (y0 + y1) / 2), cells[r][c],
+                      fill=(0, 0, 0), font=font)
+    r, c = rng.randrange(n), rng.randrange(n)
+    return _qa([_finish(img, d, rng)], f"What is in row {r + 1}, column {c + 1}?", cells[r][c], "table",
+               [" ".join("".join(row) for row in cells)], level=level)
 
 
 def video(rng: random.Random, d: Difficulty) -> Sample:
     c, kind = rng.choice(_palette(d)), rng.choice(KINDS)
     row = rng.randrange(3)
     col, step = rng.choice([(0, 1), (2, -1), (1, rng.choice((1, -1)))])
-    messages = []
+    messages, captions = [], []
     for f in range(d.frames):
-        img = _render_shapes([(kind, c, (col, row))], d, rng)
+        shapes = [(kind, c, (col, row))]
+        img = _render_shapes(shapes, d, rng)
+        captions.append(_shapes_caption(shapes))
         where = ("left", "center", "right")[col]
         text = [{"type": "text", "text": "Caption each frame."}] if f == 0 else []
         messages.append({"role": "user", "content": [{"type": "image", "image": img}, *text]})
@@ -241,7 +330,29 @@ def video(rng: random.Random, d: Difficulty) -> Sample:
         if not 0 <= col + step <= 2:
             step = -step
         col += step
-    return Sample(messages, meta={"task": "video", "metric": "exact"})
+    return Sample(messages, meta={"task": "video", "metric": "exact", "captions": captions})
+
+
+def motion(rng: random.Random, d: Difficulty) -> Sample:
+    """A clip (one `video` part, at least 2 frames) of a shape stepping across the 3 x 3 grid in one
+    direction, bouncing at the edges; which way does it move at the start?"""
+    c, kind = rng.choice(_palette(d)), rng.choice(KINDS)
+    direction = rng.choice(("left", "right", "up", "down"))
+    dc, dr = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
+    col = {-1: 2, 1: 0}.get(dc, rng.randrange(3))  # start at the edge it moves away from
+    row = {-1: 2, 1: 0}.get(dr, rng.randrange(3))
+    frames, captions = [], []
+    for _ in range(max(2, d.frames)):
+        shapes = [(kind, c, (col, row))]
+        frames.append(_render_shapes(shapes, d, rng))
+        captions.append(_shapes_caption(shapes))
+        if not (0 <= col + dc <= 2 and 0 <= row + dr <= 2):
+            dc, dr = -dc, -dr
+        col, row = col + dc, row + dr
+    messages = [{"role": "user", "content": [{"type": "video", "frames": frames},
+                                             {"type": "text", "text": f"Which way does the {c} {kind} move?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": direction}]}]
+    return Sample(messages, meta={"task": "motion", "metric": "exact", "captions": captions})
 
 
 # name -> (generator, metric)
@@ -253,8 +364,13 @@ TASKS = {
     "docvqa": (docvqa, "anls"),
     "chartqa": (chartqa, "relaxed"),
     "video": (video, "exact"),
+    "motion": (motion, "exact"),
+    "digits": (digits, "exact"),
+    "bars": (bars, "exact"),
+    "table": (table, "exact"),
 }
 COARSE = ("color", "count", "position", "compare")
+FINE_GRAINED = ("digits", "bars", "table")
 
 
 def check_tasks(names) -> list[str]:

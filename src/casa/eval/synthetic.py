@@ -7,11 +7,15 @@ Design decisions:
   is the sample up to that turn (earlier answers are the gold ones, teacher
   forcing), the answer is decoded greedily (`casa.eval.decode`) until a stop
   token, and scored against the turn's text with the sample's metric
-  (`casa.data.metrics.score`). A video sample is thus one question per frame.
+  (`casa.data.metrics.score`). The `video` task (a frame per user turn) is thus
+  one question per frame; a video part is one question about all its frames,
+  each in its own window (`data.Processor`, docs/design.md §2).
 - Questions are built (samples encoded, images preprocessed) before the
   model runs, so that a bad sample or a prompt over the model's limit is
   reported before any compute (`casa.eval.run` checks lengths in between).
-- `blind=True` withholds the images (the same model, nothing to see);
+- `blind=True` withholds the images (the same model, nothing to see): every
+  image and video frame is dropped with its markers (prefix and gist tokens;
+  `Processor.encode(blind=True)`), so a blind prompt is the text alone;
   `prior_answers` is the best a blind answerer can do: the most frequent
   training answer to the same question text.
 - Evaluation samples of the synthetic tasks are drawn from
@@ -88,7 +92,9 @@ def questions(samples, processor: Processor, *, blind: bool = False,
     items, skipped = [], 0
     for s in samples:
         try:
-            enc = processor.encode(s)
+            enc = processor.encode(s)  # even when blind: a sample with a bad image is skipped either way
+            if blind:
+                enc = processor.encode(s, blind=True)
         except DataError:
             if not skip_bad:
                 raise
@@ -97,8 +103,6 @@ def questions(samples, processor: Processor, *, blind: bool = False,
         golds = answers(s)
         for k, (start, _) in enumerate(enc.turns[: len(golds)]):
             prompt = enc.prefix(start)
-            if blind:
-                prompt = Encoded(prompt.ids, prompt.targets, source=prompt.source)
             items.append(Question(prompt, golds[k], s.meta.get("task", "data"), s.meta.get("metric", "exact"),
                                   question_text(s, k)))
     return items, skipped

@@ -6,6 +6,9 @@ Design decisions:
   instruction with the first frame only, then the assistant's caption, as the
   `video` training task renders a clip. The frame opens a new window, so the
   fusion state is one frame's image K/V, whatever the length of the stream.
+  That is the processor's rule for a video part too (one window per frame,
+  the gist token after each; docs/design.md §2), here with a caption turn
+  between frames.
 - TTFT is measured from the frame's arrival (preprocessing, vision encoder,
   image K/V and prompt included) to the first sampled token.
 - Frames of a size different from the first one are an error unless

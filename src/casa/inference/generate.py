@@ -16,7 +16,10 @@ Design decisions:
   (`data.Processor.encode_continuation`): the chat template of its tokenizer
   (or the built-in one), with the image markers and gist token it was
   trained with, exactly as training and evaluation render them. A turn's
-  images share a window. Generated replies are fed as generated (never
+  images share a window; a turn's video frames (`user(video=...)`, a video
+  part) get one window each, each closed by the gist token (docs/design.md
+  §2): the processor decides, `_feed` feeds each insertion point's images
+  together. Generated replies are fed as generated (never
   re-tokenised); a reply's stop token is not fed: the template's closing
   markup is, as in training.
 - Chat stops at the processor's stop tokens (`Processor.stop_ids`), the
@@ -227,25 +230,35 @@ class Chat:
         self.unfed: list[int] = []  # the last reply's final token, when it was not a stop token
         self.turns = 0
 
-    def user(self, text: str = "", images=()) -> None:
-        """Add a user turn: its images (one window), then its text.
+    def user(self, text: str = "", images=(), *, video=()) -> None:
+        """Add a user turn: its images (one window), its video's frames (one window
+        each, a gist token after each), then its text.
 
         Args:
             images: PIL images / uint8 arrays / paths (preprocessed now), float
                 pixels `[N, C, S, S]` or embeds `[N, n, d]` (a tensor or a list
                 of per-image tensors; with dynamic resolution, `[C, H, W]` items
                 of their own sizes).
+            video: the frames of one clip, in order, in any form `images` takes
+                (a processor without a gist token refuses them: ValueError).
         """
-        if torch.is_tensor(images):
-            images = list(images)
-        images = list(images)
-        if images and not all(torch.is_tensor(x) for x in images):
-            images = list(preprocess_images(images, self.session.config.vision))  # [C, H, W] each
+        images, frames = self._pixels(images), self._pixels(video)
+        if frames:
+            self.processor.check_video("Chat.user(video=...)")
         parts = [{"type": "image", "image": img} for img in images]
+        if frames:
+            parts.append({"type": "video", "frames": frames})
         if text:
             parts.append({"type": "text", "text": text})
         self.new.append({"role": "user", "content": parts})
         self.turns += 1
+
+    def _pixels(self, images) -> list:
+        """Images as tensors: preprocessed now unless they already are (so a bad image fails here)."""
+        images = list(images)
+        if images and not all(torch.is_tensor(x) for x in images):
+            images = list(preprocess_images(images, self.session.config.vision))  # [C, H, W] each
+        return images
 
     def _feed(self, enc) -> list[int]:
         """Feed a continuation's ids with its images at their insertion points;
@@ -286,6 +299,6 @@ class Chat:
         self.new = []
         return Reply(self.tokenizer.decode(reply_ids), gen.tokens, gen)
 
-    def ask(self, text: str = "", images=(), **kw) -> Reply:
-        self.user(text, images)
+    def ask(self, text: str = "", images=(), *, video=(), **kw) -> Reply:
+        self.user(text, images, video=video)
         return self.reply(**kw)

@@ -1,25 +1,38 @@
-"""`casa study`: the paper's comparison of fusion variants, at small scale.
+"""`casa study`: the paper's comparison of fusion variants, at small scale, with its protocol.
 
-Every variant of docs/design.md §3 (plus the placements of `casa` and the
-"casa without text keys" ablation) is trained from scratch on the synthetic
-suite with the same model size, data, token budget and seeds, evaluated on
-every task next to blind baselines, benchmarked for training speed/memory
-(`bench/train.py`) and streaming (`bench/stream.py`), and CASA's implicit
-gate is measured (`gating.py`). `report.py` turns the numbers into
-`report.md`, plots and a claim-by-claim comparison with the paper (docs/design.md §7).
+The protocol (second edition), per seed:
+- **Stage 0** (`stage0.py`, cached on disk): a text LM pretrained on the
+  suite's conversations with images replaced by their captions, and a vision
+  encoder pretrained to caption the suite's images: the pretrained parts the
+  paper starts from.
+- **Stage 1** (`stage1.py`): every variant is built from them (fusion layers
+  copied from the block's self-attention, `init_from_sa`) and trained on the
+  same packs of *samples* (insertion's rows are longer; its cost is logged).
+  Two regimes: LM frozen (the primary one: fusion layers, projector and the
+  encoder's last block train) for every variant, and full fine-tuning for
+  `FULL_ARMS`. `insertion@flops` is insertion trained for as many steps as
+  casa's training FLOPs buy: the compute-matched view, labelled as such.
+- Every arm is evaluated on every task, with its images and blind; the
+  fine-grained ladder (`digits`, `bars`, `table`) per difficulty level.
+  Learning curves come from small evaluations during training.
+Then training speed/memory (`bench/train.py`) and streaming (`bench/stream.py`)
+per variant, and CASA's implicit gate (`gating.py`). `report.py` turns the
+numbers into `report.md`, plots and a verdict per claim of the paper, with
+intervals over seeds and paired differences (`stats.py`).
 
 Design decisions:
-- Two sizes: `quick` (tiny model, one seed, a few dozen steps: CI, a few
-  minutes on 2 cores) and `full` (the demo's model width on every task, 3
-  seeds: about an hour on 2 CPU cores). `--seeds` / `--steps` override.
-- Same budget for every variant: packs of `text_tokens` text tokens and
-  `image_tokens` image tokens, the same number of steps, the same data
-  stream (the seed fixes it) and the same initial LM weights per seed.
+- Sizes: `quick` (tiny model, one seed, a handful of steps: CI, under 3
+  minutes on 2 cores, exercising both stages and both regimes) and `full`
+  (3 seeds, about 2 hours on 2 CPU cores); `--device cuda` scales the model,
+  the data and the steps (`SIZES["gpu"]`). `--seeds` / `--steps` override.
+- `casa_replace` puts its fusion layer in every other block: replacing
+  self-attention in every block would leave no text-only attention at all,
+  which is not the paper's CASA-replace (some blocks replaced).
 - Baselines: "blind" is each trained model with its images withheld;
   "prior" is the most frequent training answer to the question.
-- Each (variant, seed) result is written to `DIR/runs/NAME_sSEED.json` as it
-  is done, atomically (a crash never leaves a half-written one for a rerun to
-  trust); a rerun reuses them (delete the file to redo one).
+- Each (arm, seed) result is written to `DIR/runs/ARM_sSEED.json` as it is
+  done, atomically; a rerun reuses them and the stage-0 checkpoints (delete a
+  file to redo it).
 - Benchmarks run in-process for `quick` and in a fresh process per variant
   for `full`, so that one variant's memory cannot hide another's peak.
 """
@@ -28,7 +41,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -42,12 +54,12 @@ from casa.bench.stream import StreamBench
 from casa.files import atomic_file
 from casa.threads import set_threads
 
-__all__ = ["CATEGORIES", "DIFFICULTY", "SIZES", "TASKS", "VARIANTS", "StudyConfig", "StudyStream", "aggregate",
-           "benchmarks", "command_line", "gating_summary", "prior_scores", "run", "train_and_evaluate"]
+__all__ = ["CATEGORIES", "DIFFICULTY", "FULL_ARMS", "SIZES", "TASKS", "VARIANTS", "StudyConfig", "StudyStream",
+           "arms_of", "benchmarks", "command_line", "prior_scores", "run"]
 
-TASKS = ("color", "count", "position", "compare", "docvqa", "chartqa", "video")
-CATEGORIES = {"coarse": ("color", "count", "position"), "fine-grained": ("docvqa", "chartqa"),
-              "multi-image": ("compare", "video")}
+TASKS = ("color", "count", "position", "digits", "bars", "table", "compare", "motion")
+CATEGORIES = {"coarse": ("color", "count", "position"), "fine-grained": ("digits", "bars", "table"),
+              "multi-image": ("compare", "motion")}
 # study name -> FusionConfig fields
 VARIANTS = {
     "insertion": {"variant": "insertion"},
@@ -55,48 +67,71 @@ VARIANTS = {
     "ca_shared": {"variant": "ca_shared"},
     "casa": {"variant": "casa", "placement": "parallel"},
     "casa_before": {"variant": "casa", "placement": "before"},
-    "casa_replace": {"variant": "casa", "placement": "replace"},
+    "casa_replace": {"variant": "casa", "placement": "replace", "every": 2},
     "casa_shared": {"variant": "casa_shared"},
     "ca_ffn": {"variant": "ca_ffn"},
     "gated_ca": {"variant": "gated_ca"},
     "casa_no_text_keys": {"variant": "casa", "text_keys": False},
 }
-DIFFICULTY = {"colors": 4, "max_shapes": 3, "relative": False, "fields": 2, "text_len": 2, "font_size": 12,
-              "bars": 3, "max_value": 5, "frames": 3}
+FULL_ARMS = ("insertion@full", "ca@full", "casa@full")  # the full fine-tuning regime
+DIFFICULTY = {"colors": 4, "max_shapes": 3, "relative": False, "frames": 3, "font_size": 12}
 
+_FULL_MODEL = {"lm": {"vocab_size": 264, "d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "d_ff": 352},
+               "vision": {"image_size": 48, "patch_size": 8, "d_model": 96, "n_layers": 2, "n_heads": 4,
+                          "d_ff": 192}}
 SIZES = {
     "quick": {
         "model": {"lm": {"vocab_size": 264, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
                          "d_ff": 176},
-                  "vision": {"image_size": 32, "patch_size": 8, "d_model": 64, "n_layers": 1, "n_heads": 4,
-                             "d_ff": 128}},
-        "train": {"steps": 150, "text_tokens": 256, "image_tokens": 2048, "lr_new": 1e-3, "lr_pretrained": 1e-3,
-                  "warmup_steps": 5, "min_lr_ratio": 0.1, "weight_decay": 0.01, "grad_clip": 1.0},
+                  "vision": {"image_size": 32, "patch_size": 8, "d_model": 48, "n_layers": 1, "n_heads": 4,
+                             "d_ff": 96}},
+        "stage0": {"lm_steps": 20, "lm_tokens": 256, "lm_lr": 2e-3, "vision_steps": 20, "vision_batch": 16,
+                   "vision_lr": 2e-3},
+        "train": {"steps": 16, "text_tokens": 192, "image_tokens": 2048, "lr_new": 1e-3, "lr_pretrained": 3e-4,
+                  "warmup_steps": 2, "min_lr_ratio": 0.1, "weight_decay": 0.01, "grad_clip": 1.0},
         "difficulty": {**DIFFICULTY, "image_size": 32},
-        "seeds": 1, "eval_n": 8, "gating_n": 6,
+        "seeds": 1, "eval_n": 6, "curve_n": 3, "curve": [0.5], "gating_n": 4,
+        "variants": ["insertion", "ca", "casa", "casa_no_text_keys"], "full_arms": ["casa@full", "insertion@full"],
         "bench_train": {"text_tokens": 128, "image_ratio": 4, "tokens_per_image": 16, "repeats": 1},
         "stream": {"turns": 10, "image_tokens": 16, "new_tokens": 4, "prompt_tokens": 2},
-        "isolate": False,
+        "isolate": False, "device": "cpu",
     },
     "full": {
-        "model": {"lm": {"vocab_size": 264, "d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2,
-                         "d_ff": 352},
-                  "vision": {"image_size": 48, "patch_size": 8, "d_model": 96, "n_layers": 2, "n_heads": 4,
-                             "d_ff": 192}},
-        "train": {"steps": 700, "text_tokens": 384, "image_tokens": 4096, "lr_new": 5e-4, "lr_pretrained": 5e-4,
-                  "warmup_steps": 50, "min_lr_ratio": 0.05, "weight_decay": 0.01, "grad_clip": 1.0},
+        "model": _FULL_MODEL,
+        "stage0": {"lm_steps": 250, "lm_tokens": 512, "lm_lr": 2e-3, "vision_steps": 400, "vision_batch": 64,
+                   "vision_lr": 2e-3},
+        "train": {"steps": 300, "text_tokens": 384, "image_tokens": 4096, "lr_new": 1e-3, "lr_pretrained": 3e-4,
+                  "warmup_steps": 20, "min_lr_ratio": 0.05, "weight_decay": 0.01, "grad_clip": 1.0},
         "difficulty": {**DIFFICULTY, "image_size": 48},
-        "seeds": 3, "eval_n": 40, "gating_n": 16,
+        "seeds": 3, "eval_n": 30, "curve_n": 9, "curve": [0.25, 0.5, 0.75], "gating_n": 12,
+        "variants": list(VARIANTS), "full_arms": list(FULL_ARMS),
         "bench_train": {"text_tokens": 384, "image_ratio": 10, "tokens_per_image": 64, "repeats": 3},
         "stream": {"turns": 64, "image_tokens": 64, "new_tokens": 8, "prompt_tokens": 4},
-        "isolate": True,
+        "isolate": True, "device": "cpu",
     },
 }
+# a GPU scales the model, the packs and the steps (`casa study --device cuda`)
+SIZES["gpu"] = {**SIZES["full"], "device": "cuda",
+                "model": {"lm": {**_FULL_MODEL["lm"], "d_model": 256, "n_layers": 6, "d_ff": 704},
+                          "vision": {**_FULL_MODEL["vision"], "image_size": 64, "d_model": 192, "n_layers": 4,
+                                     "d_ff": 384}},
+                "stage0": {**SIZES["full"]["stage0"], "lm_steps": 1000, "vision_steps": 1500},
+                "train": {**SIZES["full"]["train"], "steps": 1500, "text_tokens": 1024, "image_tokens": 16384},
+                "difficulty": {**DIFFICULTY, "image_size": 64}, "eval_n": 90}
+
+
+def arms_of(variants: list[str], full_arms: list[str]) -> list[str]:
+    """The arms of a run, in training order: the primary (frozen) arm of each variant, the full
+    fine-tuning arms, then `insertion@flops` (which needs casa's and insertion's FLOPs per step)."""
+    arms = list(variants) + [a for a in full_arms if a.split("@")[0] in variants]
+    if "insertion" in variants and "casa" in variants:
+        arms.append("insertion@flops")
+    return arms
 
 
 @dataclass
 class StudyConfig:
-    """What `casa study` runs: size, seeds, steps, threads, variants, tasks, where to write."""
+    """What `casa study` runs: size, seeds, steps, threads, variants, tasks, device, where to write."""
 
     out: str = "runs/study"
     size: str = "full"
@@ -104,25 +139,32 @@ class StudyConfig:
     steps: int | None = None
     threads: int | None = None
     docs: str | None = None  # also write docs/study.md + docs/study_*.png here
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: list[str] | None = None  # default: the size's
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    device: str = "cpu"
 
     def __post_init__(self):
-        if self.size not in SIZES:
-            raise ValueError(f"study size {self.size!r}: expected one of {sorted(SIZES)}")
-        bad = [v for v in self.variants if v not in VARIANTS]
+        if self.size not in ("quick", "full"):
+            raise ValueError(f"study size {self.size!r}: expected 'quick' or 'full'")
+        bad = [v for v in self.variants or () if v not in VARIANTS]
         if bad:
-            raise ValueError(f"study: unknown variants {bad}; expected names from {list(VARIANTS)}")
+            raise ValueError(f"--variants: unknown {bad}; expected names from {list(VARIANTS)}")
         if (self.seeds is not None and self.seeds < 1) or (self.steps is not None and self.steps < 1):
             raise ValueError("--seeds and --steps must be >= 1")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"--device {self.device!r}: expected cpu or cuda")
 
     @property
     def spec(self) -> dict:
-        s = json.loads(json.dumps(SIZES[self.size]))
+        key = "gpu" if self.device == "cuda" and self.size == "full" else self.size
+        s = json.loads(json.dumps(SIZES[key]))
+        s["device"] = self.device
         if self.seeds is not None:
             s["seeds"] = self.seeds
         if self.steps is not None:
             s["train"]["steps"] = self.steps
+        if self.variants is not None:
+            s["variants"] = list(self.variants)
         return s
 
 
@@ -130,54 +172,27 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-# ---------------------------------------------------------------- training
-def train_and_evaluate(name: str, seed: int, spec: dict, tasks: list[str], run_dir: Path) -> dict:
-    """Train one variant with one seed; scores (seen, blind) per task, gating, gates."""
+def _gating(model, processor, spec: dict, tasks: list[str], seed: int) -> tuple[dict, dict]:
+    """(attention shares per task and layer for variants with text keys, gate values for gated_ca)."""
+    from casa.data import SyntheticSource, pack_row
     from casa.data.tasks import difficulty as make_difficulty
-    from casa.eval.synthetic import answers, eval_samples, evaluate
     from casa.study.gating import attention_shares, gate_values
-    from casa.training.trainer import Trainer, load_config
 
-    out = run_dir / f"{name}_s{seed}"
-    train = {**spec["train"], "data": ",".join(tasks), "difficulty": spec["difficulty"], "seed": seed,
-             "out_dir": str(out), "log_every": 10**9, "save_every": 0, "keep_last": 1, "precision": "fp32"}
-    model_cfg, cfg = load_config(base={"model": {**spec["model"], "fusion": VARIANTS[name]}, "train": train})
-    t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    trainer = Trainer(model_cfg, cfg, quiet=True)
-    summary = trainer.fit()
-    train_s = time.perf_counter() - t0
-    model, processor = trainer.raw, trainer.processor
-    shutil.rmtree(out, ignore_errors=True)  # checkpoints are not needed: the study keeps numbers
-    seen, blind = {}, {}
-    for t in tasks:  # per task, decoding no further than its longest answer allows
-        samples = eval_samples([t], spec["eval_n"], seed=seed, difficulty=spec["difficulty"])
-        longest = max(len(processor.tok.encode(a)) for s in samples for a in answers(s))
-        seen.update(evaluate(model, processor, samples, max_new_tokens=longest + 2)["tasks"])
-        blind.update(evaluate(model, processor, samples, blind=True, max_new_tokens=longest + 2)["tasks"])
     gating = {}
-    if model_cfg.fusion.uses_text_keys or model_cfg.fusion.variant == "gated_ca":
-        from casa.data import SyntheticSource, pack_row
-
+    if model.config.fusion.uses_text_keys:
         src = SyntheticSource(tasks, seed=seed + 2000, difficulty=make_difficulty(spec["difficulty"]))
         for j, t in enumerate(tasks):
             docs = [processor.pixels(processor.encode(src[i * len(tasks) + j])) for i in range(spec["gating_n"])]
             shares = attention_shares(model, pack_row(docs))
             gating[t] = {str(k): v for k, v in sorted(shares.items())}
-    history = trainer.history
-    k = max(1, len(history) // 10)
-    return {"variant": name, "seed": seed, "fusion": VARIANTS[name], "steps": summary["step"],
-            "train_seconds": train_s, "final_loss": sum(h["loss"] for h in history[-k:]) / k,
-            "params": sum(p.numel() for p in model.parameters()),
-            "tasks": {t: {"metric": seen[t]["metric"], "score": seen[t]["score"], "blind": blind[t]["score"],
-                          "n": seen[t]["n"]} for t in seen},
-            "gating": gating, "gates": {str(k): v for k, v in gate_values(model).items()}}
+    return gating, {str(k): v for k, v in gate_values(model).items()}
 
 
-def prior_scores(tasks: list[str], spec: dict, seed: int = 0) -> dict:
-    """Scores of the most-frequent-answer baseline per task."""
+def prior_scores(tasks: list[str], spec: dict, seed: int = 0) -> tuple[dict, dict]:
+    """Scores of the most-frequent-answer baseline: per task, and per level of the fine-grained tasks."""
     from casa.config import VisionConfig
     from casa.data import Processor, SyntheticSource
+    from casa.data.tasks import FINE_GRAINED, LEVELS
     from casa.data.tasks import difficulty as make_difficulty
     from casa.eval.synthetic import eval_samples, evaluate, prior_answers
     from casa.pretrained.tokenizer import ByteTokenizer
@@ -185,8 +200,17 @@ def prior_scores(tasks: list[str], spec: dict, seed: int = 0) -> dict:
     processor = Processor(ByteTokenizer(), VisionConfig(**spec["model"]["vision"]))
     src = SyntheticSource(tasks, seed=seed, difficulty=make_difficulty(spec["difficulty"]))
     prior = prior_answers(src[i] for i in range(spec.get("prior_n", 150) * len(tasks)))
-    samples = eval_samples(tasks, spec["eval_n"], seed=seed, difficulty=spec["difficulty"])
-    return {t: r["score"] for t, r in evaluate(None, processor, samples, prior=prior)["tasks"].items()}
+
+    def score(task, difficulty, n):
+        samples = eval_samples([task], n, seed=seed, difficulty=difficulty)
+        return evaluate(None, processor, samples, prior=prior)["tasks"][task]["score"]
+
+    levels = {t: {str(L): score(t, {**spec["difficulty"], "level": L}, max(4, spec["eval_n"] // len(LEVELS)))
+                  for L in LEVELS} for t in tasks if t in FINE_GRAINED}
+    per_task = {t: (sum(levels[t].values()) / len(LEVELS) if t in levels else score(t, spec["difficulty"],
+                                                                                        spec["eval_n"]))
+                for t in tasks}
+    return per_task, levels
 
 
 # -------------------------------------------------------------- benchmarks
@@ -194,7 +218,7 @@ def _bench_train_one(cfg: dict, name: str) -> dict:
     """`bench.train.measure` for a study variant (placement / text keys included)."""
     from casa.bench import train as bt
 
-    r = bt.measure(cfg, VARIANTS[name]["variant"], device="cpu", fusion={**VARIANTS[name], "every": 1})
+    r = bt.measure(cfg, VARIANTS[name]["variant"], device="cpu", fusion={"every": 1, **VARIANTS[name]})
     r["variant"] = name
     if VARIANTS[name]["variant"] == "insertion":
         r["sequence_tokens"] = cfg["text_tokens"] + cfg["image_tokens"]
@@ -252,112 +276,92 @@ def benchmarks(spec: dict, variants: list[str], threads: int) -> dict:
     return {"train_config": bcfg, "stream_config": scfg, "train": train, "stream": stream}
 
 
-# -------------------------------------------------------------- aggregation
-def _mean_std(xs: list[float]) -> dict:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return {"mean": None, "std": None, "n": 0}
-    m = sum(xs) / len(xs)
-    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
-    return {"mean": m, "std": sd, "n": len(xs), "min": min(xs), "max": max(xs)}
-
-
-def aggregate(runs: list[dict], tasks: list[str]) -> dict:
-    """Per variant: mean/std over seeds of each task's and category's score (seen and blind)."""
-    cats = {c: [t for t in ts if t in tasks] for c, ts in CATEGORIES.items()}
-    cats = {c: ts for c, ts in cats.items() if ts}
-    out = {}
-    for name in dict.fromkeys(r["variant"] for r in runs):
-        mine = [r for r in runs if r["variant"] == name]
-        row = {"tasks": {}, "categories": {}, "blind_tasks": {}, "blind_categories": {}}
-        for t in tasks:
-            row["tasks"][t] = _mean_std([r["tasks"][t]["score"] for r in mine])
-            row["blind_tasks"][t] = _mean_std([r["tasks"][t]["blind"] for r in mine])
-        for c, ts in cats.items():
-            row["categories"][c] = _mean_std([sum(r["tasks"][t]["score"] for t in ts) / len(ts) for r in mine])
-            row["blind_categories"][c] = _mean_std([sum(r["tasks"][t]["blind"] for t in ts) / len(ts)
-                                                    for r in mine])
-        row["overall"] = _mean_std([sum(r["tasks"][t]["score"] for t in tasks) / len(tasks) for r in mine])
-        row["seeds"] = [r["seed"] for r in mine]
-        row["train_seconds"] = _mean_std([r["train_seconds"] for r in mine])
-        row["final_loss"] = _mean_std([r["final_loss"] for r in mine])
-        out[name] = row
-    return out
-
-
-def gating_summary(runs: list[dict], tasks: list[str]) -> dict:
-    """Per variant with text keys: image/text/self shares per task and layer (mean over seeds);
-    per gated_ca layer: gate values (mean over seeds)."""
-    out = {"shares": {}, "gates": {}}
-    for name in dict.fromkeys(r["variant"] for r in runs):
-        mine = [r for r in runs if r["variant"] == name]
-        if mine[0]["gates"]:
-            layers = sorted(mine[0]["gates"], key=int)
-            out["gates"][name] = {l: {g: _mean_std([r["gates"][l][g] for r in mine]) for g in ("attn", "ffn")}
-                                  for l in layers}
-        if not any(r["gating"] for r in mine) or mine[0]["gates"]:
-            continue
-        per = {}
-        for t in tasks:
-            layers = sorted({l for r in mine for l in r["gating"].get(t, {})}, key=int)
-            per[t] = {l: {k: _mean_std([r["gating"][t][l].get(k) for r in mine if l in r["gating"].get(t, {})])
-                          for k in ("image", "text", "self", "answer_image", "answer_text", "answer_self")}
-                      for l in layers}
-        out["shares"][name] = per
-    return out
-
-
 # -------------------------------------------------------------------- run
 def command_line(cfg: StudyConfig) -> str:
     """The `casa study` command that reproduces `cfg`."""
     parts = ["casa study", f"--out {cfg.out}"] + (["--quick"] if cfg.size == "quick" else [])
     parts += [f"--{k} {getattr(cfg, k)}" for k in ("seeds", "steps", "threads", "docs") if getattr(cfg, k)]
-    if cfg.variants != list(VARIANTS):
+    if cfg.device != "cpu":
+        parts.append(f"--device {cfg.device}")
+    if cfg.variants is not None:
         parts.append(f"--variants {','.join(cfg.variants)}")
     return " ".join(parts)
 
 
+def _one_seed(seed: int, spec: dict, tasks: list[str], arms: list[str], out: Path) -> list[dict]:
+    """Stage 0 and every arm of one seed; each arm's record written as it is done (reused on a rerun)."""
+    from casa.config import ModelConfig
+    from casa.data.tasks import difficulty as make_difficulty
+    from casa.study.stage0 import pretrain
+    from casa.study.stage1 import Arm, train_arm
+
+    base = ModelConfig.from_dict({**spec["model"], "fusion": {"variant": "casa"}})
+    stage0 = pretrain(out / "stage0", base, tasks, make_difficulty(spec["difficulty"]), spec["stage0"], seed,
+                      say=_say)
+    runs: dict[str, dict] = {}
+    for name in arms:
+        path = out / "runs" / f"{name}_s{seed}.json"
+        if path.is_file():
+            runs[name] = json.loads(path.read_text())
+            _say(f"  reuse {path}")
+            continue
+        arm = Arm.of(name)
+        steps = None
+        if arm.matching == "flops":  # as many steps as casa's FLOPs buy insertion
+            ratio = runs["casa"]["flops_per_step"] / runs["insertion"]["flops_per_step"]
+            steps = max(1, round(spec["train"]["steps"] * ratio))
+        r = train_arm(arm, seed, spec, tasks, VARIANTS[arm.variant], stage0["dir"], out / "work", steps=steps,
+                      say=_say)
+        model, processor = r.pop("model"), r.pop("processor")
+        r["gating"], r["gates"] = ({}, {}) if arm.regime == "full" else _gating(model, processor, spec, tasks, seed)
+        del model
+        with atomic_file(path) as f:
+            f.write(json.dumps(r, indent=1))
+        runs[name] = r
+        mean = sum(v["score"] for v in r["tasks"].values()) / len(r["tasks"])
+        blind = sum(v["blind"] for v in r["tasks"].values()) / len(r["tasks"])
+        fine = [r["tasks"][t]["score"] for t in CATEGORIES["fine-grained"] if t in r["tasks"]]
+        _say(f"  seed {seed} {name:<18} mean {mean:.3f} (blind {blind:.3f}), fine-grained "
+             f"{sum(fine) / max(1, len(fine)):.3f}, loss {r['final_loss']:.3f}, {r['steps']} steps, "
+             f"{r['train_seconds']:.0f} s")
+    return [runs[a] for a in arms]
+
+
 def run(cfg: StudyConfig) -> dict:
-    """Train, evaluate, benchmark; write results.json, report.md and plots to `cfg.out`."""
+    """Stage 0, stage 1 for every arm and seed, baselines, benchmarks; write results.json, report.md and
+    plots to `cfg.out` (and docs/ with `cfg.docs`)."""
     from casa.study.report import write_report
+    from casa.study.stage0 import STAGE0_SEED_OFFSET
+    from casa.study.stage1 import Arm
 
     t0 = time.perf_counter()
     spec = cfg.spec
     out = Path(cfg.out)
-    run_dir = out / "runs"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
     threads = set_threads(cfg.threads)
-    seeds = list(range(spec["seeds"]))
-    _say(f"casa study ({cfg.size}): {len(cfg.variants)} variants x {len(seeds)} seed(s), "
+    arms = arms_of(spec["variants"], spec["full_arms"])
+    _say(f"casa study ({cfg.size}, {cfg.device}): {len(arms)} arms x {spec['seeds']} seed(s), "
          f"{spec['train']['steps']} steps each, tasks {', '.join(cfg.tasks)}, {threads} thread(s)")
     runs = []
-    for seed in seeds:
-        for name in cfg.variants:
-            path = run_dir / f"{name}_s{seed}.json"
-            if path.is_file():
-                r = json.loads(path.read_text())
-                _say(f"  reuse {path}")
-            else:
-                r = train_and_evaluate(name, seed, spec, cfg.tasks, run_dir)
-                with atomic_file(path) as f:
-                    f.write(json.dumps(r, indent=1))
-            runs.append(r)
-            mean = sum(v["score"] for v in r["tasks"].values()) / len(r["tasks"])
-            blind = sum(v["blind"] for v in r["tasks"].values()) / len(r["tasks"])
-            _say(f"  seed {seed} {name:<18} mean score {mean:.3f} (blind {blind:.3f}), loss "
-                 f"{r['final_loss']:.3f}, {r['train_seconds']:.0f} s")
-    prior = prior_scores(cfg.tasks, spec)
+    for seed in range(spec["seeds"]):
+        runs += _one_seed(seed, spec, cfg.tasks, arms, out)
+    prior, prior_levels = prior_scores(cfg.tasks, spec)
     _say("benchmarks (training step, streaming session):")
-    bench = benchmarks(spec, cfg.variants, threads)
+    bench = benchmarks(spec, spec["variants"], threads)
+    stage0 = {str(s): json.loads((out / "stage0" / f"s{s}" / "stats.json").read_text()) for s in range(spec["seeds"])}
     results = {
         "command": command_line(cfg),
         "config": {**asdict(cfg), "spec": spec, "threads": threads, "torch": torch.__version__,
-                   "cpu_count": os.cpu_count(), "categories": CATEGORIES, "variants_fusion": VARIANTS},
-        "accuracy": aggregate(runs, cfg.tasks),
-        "prior": prior,
-        "bench": bench,
-        "gating": gating_summary(runs, cfg.tasks),
+                   "cpu_count": os.cpu_count(), "categories": {c: [t for t in ts if t in cfg.tasks]
+                                                              for c, ts in CATEGORIES.items()},
+                   "levels": [1, 2, 3], "variants_fusion": VARIANTS, "primary_regime": "frozen",
+                   "stage0_seed_offset": STAGE0_SEED_OFFSET,
+                   "arms": {a: {k: v for k, v in asdict(Arm.of(a)).items() if k != "name"} for a in arms}},
+        "stage0": stage0,
         "runs": runs,
+        "prior": prior,
+        "prior_levels": prior_levels,
+        "bench": bench,
     }
     results["wall_seconds"] = time.perf_counter() - t0
     write_report(results, out, docs=Path(cfg.docs) if cfg.docs else None)

@@ -56,6 +56,9 @@ class TrainConfig:
     grad_accum: int = setting(1, ge=1)
     text_tokens: int = setting(2048, ge=1)  # per pack (= per micro-batch and rank)
     image_tokens: int = setting(20480, ge=0)
+    # insertion's spliced image tokens count against text_tokens (True), or every variant packs the
+    # same samples and insertion's rows are longer (False: `casa study`'s sample-matched protocol)
+    insertion_counts_images: bool = True
     lr_new: float = setting(1e-4, ge=0)
     lr_pretrained: float = setting(1e-5, ge=0)
     weight_decay: float = setting(0.0, ge=0)

@@ -208,7 +208,8 @@ class Trainer:
         diff = make_difficulty(cfg.difficulty)
         self.source = make_source(cfg.data, seed=cfg.seed, difficulty=diff, skip_bad=cfg.skip_bad_samples)
         self.packer = Packer(self.source, self.processor, text_tokens=cfg.text_tokens,
-                             image_tokens=cfg.image_tokens, splice_images=self.model_cfg.fusion.variant == "insertion",
+                             image_tokens=cfg.image_tokens,
+                             splice_images=self.model_cfg.fusion.variant == "insertion" and cfg.insertion_counts_images,
                              skip_bad=cfg.skip_bad_samples)
 
         apply_freeze(self.model, resolve_policy(cfg.freeze_lm, cfg.vision_trainable_blocks, init=cfg.init))

@@ -16,7 +16,11 @@ Design decisions:
   the same). So a video of F frames gives `ceil(F / 2)` temporal tokens.
 - Items are `[C, H, W]` (an image) or `[F, C, H, W]` (a video's frames, all
   resized to the size of the first): `grid_of` gives their grid in LM tokens
-  `(gt, gh, gw)`, whose product is their number of image tokens.
+  `(gt, gh, gw)`, whose product is their number of image tokens. A clip item
+  is one image, so one window, as transformers' Qwen2.5-VL video; it reaches
+  a model only from callers that build one (`Session.add_images`, a `Batch`).
+  The processor never does: a video part's frames are separate `[C, H, W]`
+  items, a window each (docs/design.md §2), not merged in temporal pairs.
 """
 
 from __future__ import annotations
