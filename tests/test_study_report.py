@@ -85,7 +85,7 @@ def make_results(scores=None, offsets=None, blind=None, *, mem=None, tok_s=None,
                    for s in SEEDS},
         "runs": runs,
         "prior": {t: PRIOR for ts in CATEGORIES.values() for t in ts},
-        "prior_levels": {t: {"1": PRIOR, "2": PRIOR} for t in CATEGORIES["fine-grained"]},
+        "prior_levels": {t: {1: PRIOR, 2: PRIOR} for t in CATEGORIES["fine-grained"]},  # as run.py builds it
         "bench": {"train_config": {"text_tokens": 384, "image_tokens": 3840, "tokens_per_image": 64, "d_model": 128,
                                    "n_layers": 4, "threads": 2, "repeats": 3},
                   "stream_config": {"turns": 10, "image_tokens": 64, "prompt_tokens": 4, "new_tokens": 8},
@@ -132,8 +132,14 @@ def test_aggregate_means_over_seeds_of_per_run_category_scores():
     assert acc["casa"]["blind_categories"]["coarse"]["half"] == pytest.approx(0)
     assert acc["casa"]["tasks"]["count"]["mean"] == pytest.approx(0.9) and acc["casa"]["seeds"] == list(SEEDS)
     assert category_tasks(res)["multi-image"] == ["compare"]  # video was not run
+    # a run just trained keys its levels 1, 2; one read back from JSON "1", "2": the same levels
+    for r in res["runs"]:
+        if r["seed"] == 0:
+            r["levels"] = {t: {int(k): v for k, v in per.items()} for t, per in r["levels"].items()}
+    acc = aggregate(res["runs"], category_tasks(res))
     lv = acc["casa"]["levels"]["digits"]
-    assert list(lv) == ["1", "2"] and lv["1"]["mean"] == pytest.approx(0.70 + 0.1 + sum(OFFSETS["casa"]) / 3)
+    assert list(lv) == ["1", "2"] and lv["1"]["n"] == 3
+    assert lv["1"]["mean"] == pytest.approx(0.70 + 0.1 + sum(OFFSETS["casa"]) / 3)
     curve = acc["casa"]["curves"]["fine-grained"]
     assert [p["step"] for p in curve] == [300, 600] and [p["n"] for p in curve] == [3, 3]
     assert curve[0]["mean"] == pytest.approx((0.70 + sum(OFFSETS["casa"]) / 3) / 2)
@@ -329,6 +335,7 @@ def test_write_report_files(tmp_path):
                                              "**does not hold** | casa - insertion = -17.3 [")
     for arm in ARMS:
         assert f"| {arm} |" in report, arm
+    assert "| *prior* | 5.0 | 5.0 | 5.0 | 5.0 |" in lines  # per level (4 columns): int keys read like JSON's
     for section in ("**Stage 0**", "**Calibration**", "## Accuracy per arm and category", "### Per difficulty level",
                     "### Learning curves", "## Paired differences", "## Training cost per arm",
                     "## Training cost and streaming, per variant", "## Implicit gating", "A reason is the first"):

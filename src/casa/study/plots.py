@@ -16,7 +16,13 @@ from __future__ import annotations
 
 import io
 
-from casa.study.stats import arm_table, category_tasks, prior_categories, regimes
+from casa.study.stats import (
+    arm_table,
+    category_tasks,
+    prior_categories,
+    prior_levels,
+    regimes,
+)
 
 __all__ = ["NAMES", "render"]
 
@@ -88,7 +94,7 @@ def _levels(plt, results):
     tasks = list(dict.fromkeys(t for n in arms for t in acc[n]["levels"]))
     if not tasks:
         return None
-    prior = results.get("prior_levels", {})
+    prior = prior_levels(results)
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4), squeeze=False)
     for ax, t in zip(axes[0], tasks):
         levels = list(dict.fromkeys(lv for n in arms for lv in acc[n]["levels"].get(t, {})))

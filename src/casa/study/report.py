@@ -43,6 +43,7 @@ from casa.study.stats import (
     learned,
     paired_differences,
     prior_categories,
+    prior_levels,
     regimes,
 )
 
@@ -143,7 +144,7 @@ def _image(images: dict | None, name: str) -> list[str]:
 
 # ----------------------------------------------------------------- sections
 def _summary_table(results: dict, images) -> list[str]:
-    L = ["| claim | verdict | measured (points; 95% interval) | most likely reason |", "|---|---|---|---|"]
+    L = ["| claim | verdict | measured (scores in points, [95% interval]) | most likely reason |", "|---|---|---|---|"]
     for c in results["claims"]:
         L.append(f"| {c['claim']} | **{c['verdict']}** | {c['measured']} | {c['reason'] or ''} |")
     s = results["summary"]
@@ -204,7 +205,7 @@ def _accuracy_section(results: dict, images) -> list[str]:
              + " |")
     cols = list(dict.fromkeys((t, lv) for r in acc.values() for t, lvs in r["levels"].items() for lv in lvs))
     if cols:
-        pl = results.get("prior_levels", {})
+        pl = prior_levels(results)
         L += ["", "### Per difficulty level", "", "| arm | " + " | ".join(f"{t} L{lv}" for t, lv in cols) + " |",
               "|---|" + "---|" * len(cols)]
         for n, r in acc.items():

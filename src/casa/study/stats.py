@@ -30,7 +30,7 @@ import math
 
 __all__ = ["LEARNED", "PAIR_SPECS", "T_975", "aggregate", "arm_table", "category_tasks", "curves",
            "find_arm", "gating_summary", "interval", "learned", "pair_label", "paired", "paired_differences",
-           "prior_categories", "regimes", "t_quantile"]
+           "prior_categories", "prior_levels", "regimes", "t_quantile"]
 
 # two-sided 95% quantiles of Student's t by degrees of freedom; None = infinity (normal)
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
@@ -162,10 +162,10 @@ def aggregate(runs: list[dict], categories: dict[str, list[str]]) -> dict:
             row[f"{prefix}overall"] = interval(_category_score(r, tasks, key) for r in mine)
             levels = {}
             for t in tasks:
-                names = list(dict.fromkeys(lv for r in mine for lv in r.get("levels", {}).get(t, {})))
+                per_run = [_str_keys(r.get("levels", {}).get(t, {})) for r in mine]
+                names = sorted({lv for p in per_run for lv in p}, key=_level_key)
                 if names:
-                    levels[t] = {lv: interval(r["levels"][t][lv][key] for r in mine if lv in r.get("levels", {})
-                                             .get(t, {})) for lv in sorted(names, key=_level_key)}
+                    levels[t] = {lv: interval(p[lv][key] for p in per_run if lv in p) for lv in names}
             row[f"{prefix}levels"] = levels
         row["cost"] = {k: interval(r.get(k) for r in mine) for k in
                        ("steps", "samples", "sequence_tokens", "flops_per_step", "train_seconds", "final_loss",
@@ -178,7 +178,17 @@ def aggregate(runs: list[dict], categories: dict[str, list[str]]) -> dict:
 
 
 def _level_key(level: str):
-    return (0, int(level)) if str(level).isdigit() else (1, str(level))
+    return (0, int(level)) if level.isdigit() else (1, level)
+
+
+def _str_keys(d: dict) -> dict:
+    """Levels keyed as JSON keys them ("1"), whether a run was just trained (1) or read back from JSON."""
+    return {str(k): v for k, v in d.items()}
+
+
+def prior_levels(results: dict) -> dict[str, dict[str, float]]:
+    """The most-frequent-answer baseline per fine-grained task and level, levels keyed "1", "2", ..."""
+    return {t: _str_keys(per) for t, per in results.get("prior_levels", {}).items()}
 
 
 def curves(runs: list[dict], categories: dict[str, list[str]]) -> dict[str, list[dict]]:
