@@ -1,16 +1,21 @@
-"""`casa study` report: claims checked against the paper, tables, plots.
+"""`casa study` report: the derived sections of the results (accuracy with
+intervals, paired differences, gating, claims, summary), report.md and the
+plots, written atomically.
 
 Design decisions:
-- Every verdict is computed from the numbers by a rule written next to it
-  (`claims`); nothing is hard-coded.
-- A claim whose precondition fails (e.g. no variant learned the fine-grained
-  tasks, so their ranking is noise) is reported as "not testable here", with
-  the reason, never as holding or failing.
-- Scores are compared in percentage points with declared tolerances
-  (`TOL_INSERTION`, `TOL_CA`, `LEARNED`), taken from the gaps the paper
-  reports.
-- Files are written atomically (`casa.files.atomic_file`); plots need
-  matplotlib and are skipped without it.
+- The report leads with a one-screen summary: the protocol in four lines,
+  then one row per claim (verdict, the measured number with its interval,
+  the most likely reason when it does not hold or is not testable), then the
+  calibration line. Details, rules and tables follow.
+- Everything shown is computed here from `results["runs"]` and the
+  benchmarks (`casa.study.stats`, `casa.study.claims`); run.py hands over
+  raw numbers only, so a rerun of the report never disagrees with the runs.
+- Scores are shown in points; "±" is the half-width of the 95% Student-t
+  interval over seeds; a single seed shows "(n=1)" and no interval.
+- Every file (results.json, report.md, each study_*.png; docs/study.md and
+  its PNGs when asked) is written with `casa.files.atomic_file`; the PNGs
+  sit beside the markdown, so the same relative links work in both places.
+- Without matplotlib the plots are skipped and the report says so.
 """
 
 from __future__ import annotations
@@ -19,316 +24,300 @@ import json
 from pathlib import Path
 
 from casa.files import atomic_file
+from casa.study.claims import (
+    FINE,
+    REASON_RULES,
+    TOL_INSERTION,
+    calibration,
+    claims,
+    points,
+    points_interval,
+)
+from casa.study.plots import NAMES, render
+from casa.study.stats import (
+    LEARNED,
+    aggregate,
+    arm_table,
+    category_tasks,
+    gating_summary,
+    learned,
+    paired_differences,
+    prior_categories,
+    prior_levels,
+    regimes,
+)
 
-__all__ = ["LEARNED", "TOL_CA", "TOL_INSERTION", "claims", "markdown", "plot", "write_report"]
+__all__ = ["claims", "derive", "markdown", "protocol", "summary", "write_report"]
 
-# points are percentage points of the task score (0..100)
-TOL_INSERTION = 5.0  # paper: CASA 2.1-4.7 points under insertion on ChartQA/DocVQA/InfoVQA
-TOL_CA = 1.0  # paper: CASA and CA within ~0.7 points of each other
-LEARNED = 5.0  # a category is "learned" when the best variant beats its blind baseline by this much
-
-
-def _cat(results, name, cat):
-    r = results["accuracy"].get(name)
-    if r is None or cat not in r["categories"]:
-        return None
-    return r["categories"][cat]
-
-
-def _pts(x):
-    return None if x is None else 100 * x
-
-
-def _spread(results, name, cat):
-    c = _cat(results, name, cat)
-    return 100 * c["std"] if c and c["std"] is not None else 0.0
-
-
-def _learned(results, cat) -> tuple[bool, str]:
-    """Whether some variant beats the better of its blind score and the prior on `cat` by LEARNED points."""
-    best, best_gain = None, -1e9
-    prior = results.get("prior", {})
-    tasks = [t for t in results.get("config", {}).get("categories", {}).get(cat, ()) if t in prior]
-    prior_cat = sum(prior[t] for t in tasks) / len(tasks) if tasks else 0.0
-    for name, r in results["accuracy"].items():
-        if cat in r["categories"] and r["categories"][cat]["mean"] is not None:
-            baseline = max(r["blind_categories"][cat]["mean"], prior_cat)
-            gain = 100 * (r["categories"][cat]["mean"] - baseline)
-            if gain > best_gain:
-                best, best_gain = name, gain
-    ok = best_gain >= LEARNED
-    return ok, f"best gain over blind/prior on {cat}: {best_gain:+.1f} points ({best})"
+REGIME_WORDS = {"frozen": "LM frozen", "full": "full fine-tuning"}
 
 
-def _diff(results, a, b, cat):
-    ca, cb = _cat(results, a, cat), _cat(results, b, cat)
-    if not ca or not cb or ca["mean"] is None or cb["mean"] is None:
-        return None
-    return 100 * (ca["mean"] - cb["mean"])
+# ------------------------------------------------------------------ derive
+def derive(results: dict) -> dict:
+    """Add "accuracy", "paired", "gating", "claims" and "summary" to `results` (in place) and return it."""
+    cats = category_tasks(results)
+    results["accuracy"] = aggregate(results["runs"], cats)
+    results["paired"] = paired_differences(results)
+    results["gating"] = gating_summary(results["runs"], [t for ts in cats.values() for t in ts])
+    results["claims"] = claims(results)
+    results["summary"] = summary(results)
+    return results
 
 
-def _verdict(ok, not_testable=None):
-    if not_testable:
-        return "not testable here"
-    return "holds" if ok else "does not hold"
+def summary(results: dict) -> dict:
+    """The protocol lines, the verdict counts, the calibration check, the learned categories per regime."""
+    counts = {v: sum(c["verdict"] == v for c in results["claims"]) for v in
+              ("holds", "does not hold", "not testable here")}
+    return {"protocol": protocol(results), "verdicts": counts, "calibration": calibration(results),
+            "learned": {r: {c: learned(results, c, r) for c in category_tasks(results)} for r in regimes(results)}}
 
 
-def claims(results: dict) -> list[dict]:
-    """Each paper claim: rule, measured numbers, verdict."""
-    out = []
-    acc = results["accuracy"]
-    train = results["bench"]["train"]
-    stream = results["bench"]["stream"]
-
-    def add(claim, paper, rule, measured, ok, why_not=None):
-        out.append({"claim": claim, "paper": paper, "rule": rule, "measured": measured,
-                    "verdict": _verdict(ok, why_not), "reason": why_not})
-
-    for cat in ("fine-grained", "coarse"):
-        learned, note = _learned(results, cat)
-        d = _diff(results, "casa", "insertion", cat)
-        if d is not None:
-            add(f"CASA nearly matches insertion ({cat})",
-                "ChartQA/DocVQA/InfoVQA: insertion 80.0/87.2/55.3, CASA 75.3/85.1/52.1",
-                f"mean {cat} score of casa >= insertion - {TOL_INSERTION:g} points",
-                f"casa - insertion = {d:+.1f} points (spread over seeds: casa {_spread(results, 'casa', cat):.1f}, "
-                f"insertion {_spread(results, 'insertion', cat):.1f}); {note}",
-                d >= -TOL_INSERTION, None if learned else f"no variant learned {cat} ({note})")
-        d = _diff(results, "casa", "ca", cat)
-        if d is not None:
-            add(f"CASA at least matches CA ({cat})",
-                "CA 75.9/85.8/51.8 vs CASA 75.3/85.1/52.1 (issue: CASA beats CA on fine-grained tasks)",
-                f"mean {cat} score of casa >= ca - {TOL_CA:g} point; 'clearly beats' if > ca + 2 x seed spread",
-                f"casa - ca = {d:+.1f} points (spread: casa {_spread(results, 'casa', cat):.1f}, "
-                f"ca {_spread(results, 'ca', cat):.1f}); clearly beats: "
-                f"{d > 2 * max(_spread(results, 'casa', cat), _spread(results, 'ca', cat), 0.5)}",
-                d >= -TOL_CA, None if learned else f"no variant learned {cat} ({note})")
-    learned_any = [c for c in ("fine-grained", "coarse", "multi-image") if c in next(iter(acc.values()))["categories"]
-                   and _learned(results, c)[0]]
-    if "casa_no_text_keys" in acc and "casa" in acc and "ca" in acc:
-        diffs = {c: (_diff(results, "casa_no_text_keys", "casa", c), _diff(results, "casa_no_text_keys", "ca", c))
-                 for c in learned_any}
-        ok = bool(diffs) and all(a <= 0 and b <= TOL_CA for a, b in diffs.values())
-        add("Removing CASA's text keys degrades it to CA level or worse",
-            "casa without text keys ~ CA or below",
-            f"on every learned category: no_text_keys <= casa and no_text_keys <= ca + {TOL_CA:g} point",
-            "; ".join(f"{c}: vs casa {a:+.1f}, vs ca {b:+.1f}" for c, (a, b) in diffs.items()) or "-",
-            ok, None if diffs else "no category learned")
-    if "ca_ffn" in acc and "ca" in train and "ca_ffn" in train:
-        d = [_diff(results, "ca_ffn", "ca", c) for c in learned_any]
-        mem = _ratio(train["ca_ffn"]["peak_mem_bytes"], train["ca"]["peak_mem_bytes"])
-        mean_d = sum(d) / len(d) if d else None
-        add("Image-token FFN updates: + accuracy for more training memory",
-            "+2 points for ~1.75x training memory",
-            "ca_ffn - ca > 0 points on the learned categories (mean) and ca_ffn / ca memory > 1.2",
-            f"ca_ffn - ca = {mean_d:+.1f} points; memory ratio {_fmt(mem, 'x')}" if mean_d is not None
-            else f"memory ratio {_fmt(mem, 'x')}",
-            mean_d is not None and mean_d > 0 and mem is not None and mem > 1.2,
-            None if d else "no category learned")
-    if all(v in train for v in ("insertion", "ca", "casa")):
-        m_ins, m_ca, m_casa = (train[v]["peak_mem_bytes"] for v in ("insertion", "ca", "casa"))
-        r1, r2 = _ratio(m_casa, m_ca), _ratio(m_ins, m_casa)
-        add("Training memory: CASA ~ CA, insertion ~ 1.9x",
-            "CA 32.9 GB, CASA 33.1 GB, insertion 62.8 GB",
-            "casa / ca peak memory <= 1.15 and insertion / casa >= 1.5",
-            f"casa / ca = {_fmt(r1, 'x')}, insertion / casa = {_fmt(r2, 'x')}",
-            r1 is not None and r2 is not None and r1 <= 1.15 and r2 >= 1.5,
-            None if r1 is not None and r2 is not None else "memory not measurable on this machine")
-        t_ins, t_ca, t_casa = (train[v]["text_tok_s"] for v in ("insertion", "ca", "casa"))
-        add("Training speed: CA > CASA >= insertion (text tokens/s)",
-            "1817 / 1560 / 1501 text tokens/s",
-            "ca tok/s >= casa tok/s >= 0.95 x insertion tok/s",
-            f"ca {t_ca:,.0f}, casa {t_casa:,.0f}, insertion {t_ins:,.0f} text tok/s "
-            f"(casa / insertion = {t_casa / t_ins:.2f}x)",
-            t_ca >= t_casa >= 0.95 * t_ins)
-    if "casa" in stream and "insertion" in stream:
-        s_c, s_i = stream["casa"]["summary"], stream["insertion"]["summary"]
-        rc, ri = s_c["ttft_ratio_last_first"], s_i["ttft_ratio_last_first"]
-        kc, ki = stream["casa"]["kv_tokens"][-1], stream["insertion"]["kv_tokens"][-1]
-        add("Streaming: CASA's time to first token stays flat, insertion's grows",
-            "CASA 63 -> 66 ms, insertion 111 -> 917 ms (first vs last 10% of 512 turns)",
-            "casa last/first TTFT <= 1.3 and insertion last/first TTFT > casa's",
-            f"casa {s_c['first_10pct']['ttft_ms']:.1f} -> {s_c['last_10pct']['ttft_ms']:.1f} ms ({_fmt(rc, 'x')}); "
-            f"insertion {s_i['first_10pct']['ttft_ms']:.1f} -> {s_i['last_10pct']['ttft_ms']:.1f} ms ({_fmt(ri, 'x')}) "
-            f"over {s_c['turns']} turns",
-            rc is not None and ri is not None and rc <= 1.3 and ri > rc)
-        add("Streaming: CASA's KV cache stays small, insertion's holds every image token",
-            "KV cache 9,237 tokens (CASA) vs 533,525 (insertion)",
-            "insertion / casa KV tokens at the last turn >= 5",
-            f"casa {kc:,} vs insertion {ki:,} tokens ({ki / max(kc, 1):.1f}x)",
-            ki / max(kc, 1) >= 5)
-    g = results["gating"]["shares"].get("casa")
-    if g:
-        per_task = {t: _mean_layers(layers, "answer_image") for t, layers in g.items()}
-        per_task = {t: v for t, v in per_task.items() if v is not None}
-        if per_task:
-            lo, hi = min(per_task.values()), max(per_task.values())
-            add("CASA's softmax acts as an implicit, input-dependent gate",
-                "the shared softmax gates image vs text (no gate parameter)",
-                "answer tokens' share of mass on image keys differs between tasks by >= 0.05 and stays in (0.02, 0.98)",
-                f"share on image keys per task: {lo:.2f} .. {hi:.2f} (range {hi - lo:.2f})",
-                hi - lo >= 0.05 and lo > 0.02 and hi < 0.98)
-    return out
+def _spread(values, fmt):
+    values = sorted({v for v in values if v is not None})
+    if not values:
+        return "?"
+    return fmt(values[0]) if len(values) == 1 else f"{fmt(values[0])}-{fmt(values[-1])}"
 
 
-def _mean_layers(layers: dict, key: str):
-    vals = [v[key]["mean"] for v in layers.values() if v[key]["mean"] is not None]
-    return sum(vals) / len(vals) if vals else None
+def protocol(results: dict) -> list[str]:
+    """Four lines: stage 0, stage 1 (regimes, matched packs), seeds and tasks, command and machine."""
+    cfg, arms, runs = results.get("config", {}), arm_table(results), results["runs"]
+    stage0 = results.get("stage0", {})
+    if stage0:
+        lm = [s.get("lm", {}) for s in stage0.values()]
+        vis = [s.get("vision", {}) for s in stage0.values()]
+        chars = [v.get("char_accuracy") for v in vis]
+        line0 = (f"**Stage 0**: per seed, a text LM ({_spread([x.get('steps') for x in lm], str)} steps, final loss "
+                 f"{_spread([x.get('final_loss') for x in lm], lambda v: f'{v:.2f}')}) and a vision encoder "
+                 f"({_spread([x.get('steps') for x in vis], str)} steps, "
+                 f"{_spread(chars, lambda v: f'{100 * v:.0f}%')} of characters read) are pretrained once and shared "
+                 "by every arm.")
+    else:
+        line0 = "**Stage 0**: not recorded in these results."
+    sample_runs = [r for r in runs if arms[r.get("arm", r["variant"])]["matching"] == "samples"]
+    flops_arms = [n for n, a in arms.items() if a["matching"] == "flops"]
+    flops_runs = [r for r in runs if r.get("arm", r["variant"]) in flops_arms]
+    regs = ", ".join(f"{r} ({REGIME_WORDS.get(r, r)})" for r in regimes(results))
+    line1 = (f"**Stage 1**: {len(arms)} arms train on identical packs of samples "
+             f"({_spread([r.get('samples') for r in sample_runs], lambda v: f'{v:,}')} samples, "
+             f"{_spread([r.get('steps') for r in sample_runs], str)} steps per run) in the regimes {regs}")
+    line1 += (f"; {', '.join(flops_arms)} {'trains' if len(flops_arms) == 1 else 'train'} on CASA's FLOPs instead "
+              f"({_spread([r.get('samples') for r in flops_runs], lambda v: f'{v:,}')} samples)." if flops_arms
+              else ".")
+    seeds = sorted({r["seed"] for r in runs})
+    cats = category_tasks(results)
+    levels = cfg.get("levels")
+    line2 = (f"**Seeds** {len(seeds)} ({', '.join(map(str, seeds))}); tasks: "
+             + "; ".join(f"{c}: {', '.join(ts)}" for c, ts in cats.items())
+             + (f"; {FINE} tasks at difficulty levels {', '.join(map(str, levels))}" if levels else "")
+             + ". ± is the half-width of the 95% Student-t interval over seeds; differences are paired by seed.")
+    wall = results.get("wall_seconds")
+    line3 = (f"Command `{results.get('command', '?')}` (size {cfg.get('size', '?')}), {cfg.get('threads', '?')} "
+             f"thread(s) of {cfg.get('cpu_count', '?')} CPUs, torch {cfg.get('torch', '?')}"
+             + (f", wall time {wall / 60:.1f} min." if wall is not None else "."))
+    return [line0, line1, line2, line3]
 
 
-def _ratio(a, b):
-    return a / b if a is not None and b else None
-
-
-def _fmt(x, unit=""):
-    return "n/a" if x is None else f"{x:.2f}{unit}"
-
-
-def _ms(c):
-    if not c or c["mean"] is None:
+# -------------------------------------------------------------- formatting
+def _cell(ci: dict | None) -> str:
+    if not ci or ci["mean"] is None:
         return "-"
-    return f"{100 * c['mean']:.1f}" + (f" ± {100 * c['std']:.1f}" if c["n"] > 1 else "")
+    return f"{points(ci['mean'], False)}" + (f" ± {100 * ci['half']:.1f}" if ci["half"] is not None
+                                               else f" (n={ci['n']})")
 
 
-# ------------------------------------------------------------------- plots
-def plot(results: dict, out: Path) -> list[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    paths = []
-    acc, train = results["accuracy"], results["bench"]["train"]
-    cats = list(next(iter(acc.values()))["categories"])
-    fig, axes = plt.subplots(1, len(cats), figsize=(5 * len(cats), 4), squeeze=False)
-    for ax, cat in zip(axes[0], cats):
-        for name, r in acc.items():
-            mem = train.get(name, {}).get("peak_mem_bytes")
-            c = r["categories"][cat]
-            if mem is None or c["mean"] is None:
-                continue
-            ax.errorbar(mem / 2**20, 100 * c["mean"], yerr=100 * (c["std"] or 0), fmt="o", capsize=3)
-            ax.annotate(name, (mem / 2**20, 100 * c["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        blind = [100 * r["blind_categories"][cat]["mean"] for r in acc.values()]
-        ax.axhline(sum(blind) / len(blind), ls="--", c="grey", lw=1, label="blind (mean over variants)")
-        ax.set_xlabel("training peak memory (MiB)")
-        ax.set_ylabel(f"{cat} score (%)")
-        ax.set_title(cat)
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.suptitle("accuracy vs training memory (mean ± std over seeds)")
-    fig.tight_layout()
-    paths.append(out / "accuracy_memory.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
-
-    shares, gates = results["gating"]["shares"], results["gating"]["gates"]
-    if shares or gates:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-        ax = axes[0]
-        names = list(shares)
-        tasks = list(next(iter(shares.values()))) if shares else []
-        width = 0.8 / max(1, len(names))
-        for i, name in enumerate(names):
-            vals = [_mean_layers(shares[name][t], "answer_image") or 0 for t in tasks]
-            ax.bar([j + i * width for j in range(len(tasks))], vals, width, label=name)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, rotation=30)
-        ax.set_ylabel("answer tokens' attention mass on image keys")
-        ax.set_ylim(0, 1)
-        ax.set_title("implicit gate: CASA layers (mean over layers, seeds)")
-        ax.legend(fontsize=7)
-        ax = axes[1]
-        if "casa" in shares:
-            layers = sorted({l for t in shares["casa"].values() for l in t}, key=int)
-            for t in tasks:
-                ax.plot([int(l) for l in layers], [shares["casa"][t][l]["answer_image"]["mean"] for l in layers],
-                        "o-", label=f"casa {t}")
-        for name, per in gates.items():
-            layers = sorted(per, key=int)
-            ax.plot([int(l) for l in layers], [abs(per[l]["attn"]["mean"]) for l in layers], "k--s",
-                    label=f"{name} |tanh(alpha_attn)|")
-        ax.set_xlabel("block")
-        ax.set_ylabel("share on image keys / gate value")
-        ax.set_title("per layer: CASA image share vs gated_ca gate")
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        paths.append(out / "gating.png")
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
-    return paths
+def _with_blind(ci, blind) -> str:
+    return _cell(ci) + (f" · {points(blind['mean'], False)}" if blind and blind["mean"] is not None else "")
 
 
-# ------------------------------------------------------------------ report
-def markdown(results: dict, image_prefix: str = "") -> str:
-    cfg, spec = results["config"], results["config"]["spec"]
-    acc, prior = results["accuracy"], results["prior"]
-    tasks = cfg["tasks"]
-    cats = list(next(iter(acc.values()))["categories"])
-    m = spec["model"]
-    L = [f"# casa study ({cfg['size']})", "",
-         f"Command: `{results['command']}`  ",
-         f"{len(acc)} variants x {spec['seeds']} seed(s); LM d_model {m['lm']['d_model']}, {m['lm']['n_layers']} "
-         f"blocks (a fusion layer in each), ViT {m['vision']['image_size']}px / patch {m['vision']['patch_size']}; "
-         f"{spec['train']['steps']} steps of {spec['train']['text_tokens']} text + up to "
-         f"{spec['train']['image_tokens']} image tokens; {spec['eval_n']} eval samples per task; "
-         f"{cfg['threads']} CPU thread(s), torch {cfg['torch']}; wall time {results['wall_seconds'] / 60:.1f} min.",
-         "", "Categories: " + "; ".join(f"{c} = {', '.join(t for t in ts if t in tasks)}"
-                                         for c, ts in cfg["categories"].items()), "",
-         "## Claims of the paper (docs/design.md §7), checked at this scale", "",
+def _mib(b):
+    return "n/a" if b is None else f"{b / 2**20:,.1f}"
+
+
+def _num(x, fmt="{:,.0f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def _image(images: dict | None, name: str) -> list[str]:
+    return [f"![{NAMES[name]}]({name})", ""] if images and name in images else []
+
+
+# ----------------------------------------------------------------- sections
+def _summary_table(results: dict, images) -> list[str]:
+    L = ["| claim | verdict | measured (scores in points, [95% interval]) | most likely reason |", "|---|---|---|---|"]
+    for c in results["claims"]:
+        L.append(f"| {c['claim']} | **{c['verdict']}** | {c['measured']} | {c['reason'] or ''} |")
+    s = results["summary"]
+    cal = s["calibration"]
+    L += ["", "Verdicts: " + ", ".join(f"{n} {v}" for v, n in s["verdicts"].items()) + ".", ""]
+    if cal["regimes"]:
+        per = "; ".join(
+            f"{r}: {v['arm']} " + (", ".join(f"{t} {points_interval(ci)}" for t, ci in v["tasks"].items()) or "-")
+            + f" -> {'met' if v['met'] else 'not met'}" for r, v in cal["regimes"].items())
+        L.append(f"**Calibration** ({cal['rule']}): **{'met' if cal['met'] else 'not met'}** ({per}).")
+    else:
+        L.append(f"**Calibration** ({cal['rule']}): not checked, no sample-matched insertion arm.")
+    L.append("")
+    if images is None:
+        L += ["Plots skipped: matplotlib is not installed (`pip install 'casa[plot]'`).", ""]
+    return L
+
+
+def _claims_section(results: dict) -> list[str]:
+    L = ["## Claims, their rules, the numbers (docs/design.md §7)", "",
+         f"Precondition: a claim about a category is *not testable here* when no arm of its regime beats "
+         f"max(its blind score, the prior) on that category by {100 * LEARNED:.0f} points (guessing arms cannot "
+         "be ranked). Each rule is stated before the number it judges.", "",
          "| claim | paper | rule | measured | verdict |", "|---|---|---|---|---|"]
-    for c in claims(results):
-        v = c["verdict"] + (f" ({c['reason']})" if c["reason"] else "")
-        L.append(f"| {c['claim']} | {c['paper']} | {c['rule']} | {c['measured']} | **{v}** |")
-    L += ["", "## Accuracy (score %, mean ± std over seeds)", "",
-          "| variant | " + " | ".join(cats) + " | " + " | ".join(tasks) + " | overall | blind overall |",
-          "|---|" + "---|" * (len(cats) + len(tasks) + 2)]
-    for name, r in acc.items():
-        blind = sum(r["blind_tasks"][t]["mean"] for t in tasks) / len(tasks)
-        L.append(f"| {name} | " + " | ".join(_ms(r["categories"][c]) for c in cats) + " | "
-                 + " | ".join(_ms(r["tasks"][t]) for t in tasks) + f" | {_ms(r['overall'])} | {100 * blind:.1f} |")
-    pc = {c: sum(prior[t] for t in cfg["categories"][c] if t in tasks) /
-          max(1, len([t for t in cfg["categories"][c] if t in tasks])) for c in cats}
-    L.append("| *prior (most frequent answer)* | " + " | ".join(f"{100 * pc[c]:.1f}" for c in cats) + " | "
-             + " | ".join(f"{100 * prior[t]:.1f}" for t in tasks)
-             + f" | {100 * sum(prior[t] for t in tasks) / len(tasks):.1f} | |")
-    L.append("| *blind (images withheld, mean over variants)* | " + " | ".join(
-        f"{100 * sum(r['blind_categories'][c]['mean'] for r in acc.values()) / len(acc):.1f}" for c in cats) + " | "
-        + " | ".join(f"{100 * sum(r['blind_tasks'][t]['mean'] for r in acc.values()) / len(acc):.1f}" for t in tasks)
-        + " | | |")
-    L += ["", "Metrics: exact match (docvqa: ANLS, chartqa: relaxed accuracy).", "",
-          f"![accuracy vs memory]({image_prefix}accuracy_memory.png)", "",
-          "## Training cost and streaming, per variant", "",
-          f"Training step (`bench/train.py`): {_bench_line(results['bench']['train_config'])}. "
-          f"Streaming (`bench/stream.py`): {_stream_line(results['bench']['stream_config'])}.", "",
-          "| variant | train text tok/s | train peak MiB | vs casa mem | stream TTFT first→last 10% (ms) "
-          "| stream peak MiB first→last | KV tokens at end |", "|---|---|---|---|---|---|---|"]
-    train, stream = results["bench"]["train"], results["bench"]["stream"]
+    for c in results["claims"]:
+        L.append(f"| {c['claim']} | {c['paper']} | {c['rule']} | {c['measured']} | **{c['verdict']}** |")
+    L += ["", "A reason is the first of these rules that applies:", ""]
+    L += [f"{i}. {rule}" for i, rule in enumerate(REASON_RULES, 1)]
+    L += ["", "Categories learned (best arm's gain over max(blind, prior), points):", "",
+          "| regime | " + " | ".join(category_tasks(results)) + " |", "|---|" + "---|" * len(category_tasks(results))]
+    for regime, per in results["summary"]["learned"].items():
+        L.append(f"| {regime} | " + " | ".join(
+            ("-" if v["arm"] is None else f"{'yes' if v['learned'] else 'no'}, {points(v['gain'])} ({v['arm']})")
+            for v in per.values()) + " |")
+    return L + [""]
+
+
+def _accuracy_section(results: dict, images) -> list[str]:
+    acc, arms, cats = results["accuracy"], arm_table(results), category_tasks(results)
+    prior, tasks = prior_categories(results), [t for ts in cats.values() for t in ts]
+    task_prior = results.get("prior", {})
+    L = ["## Accuracy per arm and category", "",
+         "Score in points, mean ± 95% half-width over seeds · blind score (the same model, images withheld).", "",
+         "| arm | variant | regime | matching | seeds | " + " | ".join(cats) + " | overall |",
+         "|---|---|---|---|---|" + "---|" * (len(cats) + 1)]
+    for n, r in acc.items():
+        a = arms[n]
+        L.append(f"| {n} | {a['variant']} | {a['regime']} | {a['matching']} | {len(r['seeds'])} | "
+                 + " | ".join(_with_blind(r["categories"][c], r["blind_categories"][c]) for c in cats)
+                 + f" | {_with_blind(r['overall'], r['blind_overall'])} |")
+    L.append("| *prior (most frequent answer)* | | | | | " + " | ".join(
+        "-" if prior[c] is None else points(prior[c], False) for c in cats) + " | |")
+    L += [""] + _image(images, "study_accuracy.png")
+    L += ["### Per task", "", "| arm | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for n, r in acc.items():
+        L.append(f"| {n} | " + " | ".join(_with_blind(r["tasks"][t], r["blind_tasks"][t]) for t in tasks) + " |")
+    L.append("| *prior* | " + " | ".join(points(task_prior[t], False) if t in task_prior else "-" for t in tasks)
+             + " |")
+    cols = list(dict.fromkeys((t, lv) for r in acc.values() for t, lvs in r["levels"].items() for lv in lvs))
+    if cols:
+        pl = prior_levels(results)
+        L += ["", "### Per difficulty level", "", "| arm | " + " | ".join(f"{t} L{lv}" for t, lv in cols) + " |",
+              "|---|" + "---|" * len(cols)]
+        for n, r in acc.items():
+            L.append(f"| {n} | " + " | ".join(_with_blind(r["levels"].get(t, {}).get(lv),
+                                                           r["blind_levels"].get(t, {}).get(lv)) for t, lv in cols)
+                     + " |")
+        L.append("| *prior* | " + " | ".join(points(pl[t][lv], False) if lv in pl.get(t, {}) else "-"
+                                             for t, lv in cols) + " |")
+        L += [""] + _image(images, "study_levels.png")
+    curves = [(n, r["curves"]) for n, r in acc.items() if any(r["curves"].values())]
+    if curves:
+        L += ["", "### Learning curves", "", "First and last evaluated step, mean over seeds (points).", "",
+              "| arm | " + " | ".join(cats) + " |", "|---|" + "---|" * len(cats)]
+        for n, cv in curves:
+            L.append(f"| {n} | " + " | ".join(
+                f"{points(cv[c][0]['mean'], False)} (step {cv[c][0]['step']}) → {points(cv[c][-1]['mean'], False)} "
+                f"(step {cv[c][-1]['step']})" if cv.get(c) else "-" for c in cats) + " |")
+        L += [""] + _image(images, "study_curves.png")
+    return L + [""]
+
+
+def _paired_section(results: dict, images) -> list[str]:
+    cats = list(category_tasks(results))
+    L = ["## Paired differences", "",
+         "Per seed, arm a's score minus arm b's (or minus a's own blind score), then the mean and its 95% "
+         "Student-t interval over the seeds both ran, in points.", "",
+         "| a - b | seeds | overall | " + " | ".join(cats) + " |", "|---|---|---|" + "---|" * len(cats)]
+    for label, p in results["paired"].items():
+        L.append(f"| {label} | {len(p['seeds'])} | {points_interval(p['overall'])} | "
+                 + " | ".join(points_interval(p["categories"][c]) for c in cats) + " |")
+    return L + [""] + _image(images, "study_paired.png")
+
+
+def _stage0_section(results: dict) -> list[str]:
+    stage0 = results.get("stage0", {})
+    if not stage0:
+        return []
+    L = ["## Stage 0 (pretrained once per seed, shared by every arm)", "",
+         "| seed | LM steps | LM s | LM final loss | vision steps | vision s | vision final loss | characters read |",
+         "|---|---|---|---|---|---|---|---|"]
+    for seed, s in stage0.items():
+        lm, v = s.get("lm", {}), s.get("vision", {})
+        L.append(f"| {seed} | {_num(lm.get('steps'))} | {_num(lm.get('seconds'), '{:.1f}')} | "
+                 f"{_num(lm.get('final_loss'), '{:.3f}')} | {_num(v.get('steps'))} | {_num(v.get('seconds'), '{:.1f}')}"
+                 f" | {_num(v.get('final_loss'), '{:.3f}')} | "
+                 f"{_num(None if v.get('char_accuracy') is None else 100 * v['char_accuracy'], '{:.1f}%')} |")
+    return L + [""]
+
+
+def _cost_section(results: dict) -> list[str]:
+    acc, arms = results["accuracy"], arm_table(results)
+    ref = {a["regime"]: acc[n]["cost"]["flops"]["mean"] for n, a in arms.items()
+           if a["variant"] == "casa" and a["matching"] == "samples" and n in acc}
+    L = ["## Training cost per arm (stage 1, mean over seeds)", "",
+         "| arm | steps | samples | sequence tokens | FLOPs / step | FLOPs | vs casa FLOPs | train s | trainable "
+         "params | final loss |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for n, r in acc.items():
+        c = {k: v["mean"] for k, v in r["cost"].items()}
+        base = ref.get(arms[n]["regime"])
+        L.append(f"| {n} | {_num(c['steps'])} | {_num(c['samples'])} | {_num(c['sequence_tokens'])} | "
+                 f"{_num(c['flops_per_step'], '{:.3g}')} | {_num(c['flops'], '{:.3g}')} | "
+                 f"{_num(c['flops'] / base if c['flops'] is not None and base else None, '{:.2f}x')} | "
+                 f"{_num(c['train_seconds'], '{:.0f}')} | {_num(c['trainable'])} | {_num(c['final_loss'], '{:.3f}')} |")
+    return L + [""]
+
+
+def _bench_section(results: dict, images) -> list[str]:
+    bench = results.get("bench", {})
+    train, stream = bench.get("train", {}), bench.get("stream", {})
+    if not train and not stream:
+        return []
+    L = ["## Training cost and streaming, per variant (benchmarks)", ""]
+    c, s = bench.get("train_config", {}), bench.get("stream_config", {})
+    if c:
+        L.append(f"Training step (`bench/train.py`): {c.get('text_tokens', '?')} text + {c.get('image_tokens', '?')} "
+                 f"image tokens ({c.get('tokens_per_image', '?')} per image), d_model {c.get('d_model', '?')}, "
+                 f"{c.get('n_layers', '?')} blocks, {c.get('threads', '?')} thread(s), images as precomputed "
+                 f"embeddings, median of {c.get('repeats', '?')} step(s).")
+    if s:
+        L.append(f"Streaming (`bench/stream.py`): {s.get('turns', '?')} turns of one frame "
+                 f"({s.get('image_tokens', '?')} image tokens) + {s.get('prompt_tokens', '?')} prompt + "
+                 f"{s.get('new_tokens', '?')} generated tokens.")
+    L += ["", "| variant | train text tok/s | train peak MiB | vs casa mem | stream TTFT first→last 10% (ms) "
+          "| KV tokens at end |", "|---|---|---|---|---|---|"]
     ref = train.get("casa", {}).get("peak_mem_bytes")
-    for name in acc:
-        t, s = train.get(name), stream.get(name)
-        if not t or not s:
-            continue
-        su = s["summary"]
-        mem = t["peak_mem_bytes"]
-        L.append(f"| {name} | {t['text_tok_s']:,.0f} | {_mib(mem)} | {_fmt(_ratio(mem, ref), 'x')} | "
-                 f"{su['first_10pct']['ttft_ms']:.1f} → {su['last_10pct']['ttft_ms']:.1f} | "
-                 f"{_mib(su['first_10pct']['peak_mem_bytes'])} → {_mib(su['last_10pct']['peak_mem_bytes'])} | "
-                 f"{s['kv_tokens'][-1]:,} |")
-    L += ["", "## Implicit gating", "",
-          "Share of attention mass that text queries in a window with an image put on image keys, on text keys "
-          "and on their own key, in the fusion layers of the variants with text keys (answer tokens; all text "
-          "queries of the window in brackets). Mean over seeds.", ""]
-    shares = results["gating"]["shares"]
+    for name in dict.fromkeys([*train, *stream]):
+        t, st = train.get(name, {}), stream.get(name)
+        mem = t.get("peak_mem_bytes")
+        ttft = (f"{st['summary']['first_10pct']['ttft_ms']:.1f} → {st['summary']['last_10pct']['ttft_ms']:.1f}"
+                if st else "-")
+        L.append(f"| {name} | {_num(t.get('text_tok_s'))} | {_mib(mem)} | "
+                 f"{_num(mem / ref if mem is not None and ref else None, '{:.2f}x')} | {ttft} | "
+                 f"{_num(st['kv_tokens'][-1] if st and st.get('kv_tokens') else None)} |")
+    return L + [""] + _image(images, "study_bench.png")
+
+
+def _gating_section(results: dict, images) -> list[str]:
+    shares, gates = results["gating"]["shares"], results["gating"]["gates"]
+    if not shares and not gates:
+        return []
+    L = ["## Implicit gating", "",
+         "Share of attention mass that answer tokens in a window with an image put on image keys / text keys / "
+         "their own key, in the fusion layers of the arms with text keys (all text queries of the window in "
+         "brackets: image / text). Mean over seeds.", ""]
     for name, per in shares.items():
-        layers = sorted({l for t in per.values() for l in t}, key=int)
-        L += [f"**{name}**", "", "| task | " + " | ".join(f"block {l}: image / text / self" for l in layers) + " |",
+        layers = sorted({lay for t in per.values() for lay in t}, key=int)
+        L += [f"**{name}**", "", "| task | " + " | ".join(f"block {lay}" for lay in layers) + " |",
               "|---|" + "---|" * len(layers)]
-        for t, lay in per.items():
+        for t, lay_map in per.items():
             cells = []
-            for l in layers:
-                v = lay.get(l)
+            for lay in layers:
+                v = lay_map.get(lay)
                 if v is None or v["answer_image"]["mean"] is None:
                     cells.append("-")
                     continue
@@ -336,45 +325,48 @@ def markdown(results: dict, image_prefix: str = "") -> str:
                              f"{v['answer_self']['mean']:.2f} ({v['image']['mean']:.2f} / {v['text']['mean']:.2f})")
             L.append(f"| {t} | " + " | ".join(cells) + " |")
         L.append("")
-    for name, per in results["gating"]["gates"].items():
-        L.append(f"**{name}** gates, tanh(alpha) per block (attention / FFN): " + ", ".join(
-            f"block {l}: {v['attn']['mean']:+.3f} / {v['ffn']['mean']:+.3f}" for l, v in per.items())
-            + ". One constant per layer, whatever the input; CASA's share above varies per task and token.")
-        L.append("")
-    L += [f"![gating]({image_prefix}gating.png)", "",
-          "## Per-seed results", "", "Every (variant, seed) run is in `results.json` under `runs` (scores, blind "
-          "scores, final loss, training time, gating)."]
+    for name, per in gates.items():
+        L += [f"**{name}** gates, tanh(alpha) per block (attention / FFN): " + ", ".join(
+            f"block {lay}: {v['attn']['mean']:+.3f} / {v['ffn']['mean']:+.3f}" for lay, v in per.items())
+            + ". One constant per layer whatever the input; CASA's share above varies with the task.", ""]
+    return L + _image(images, "study_gating.png")
+
+
+def markdown(results: dict, images: dict | None) -> str:
+    """report.md of derived `results`; `images` = the rendered PNGs by name (None: matplotlib missing)."""
+    cfg = results.get("config", {})
+    L = [f"# casa study ({cfg.get('size', '?')}): summary", ""]
+    L += [line + "  " for line in results["summary"]["protocol"]] + [""]
+    L += _summary_table(results, images)
+    L += _claims_section(results)
+    L += _accuracy_section(results, images)
+    L += _paired_section(results, images)
+    L += _stage0_section(results)
+    L += _cost_section(results)
+    L += _bench_section(results, images)
+    L += _gating_section(results, images)
+    L += ["## Per-seed results", "", "Every (arm, seed) run is in `results.json` under `runs` (scores, blind "
+          "scores, levels, curves, training cost, gating); the derived sections sit beside it."]
     return "\n".join(L) + "\n"
 
 
-def _mib(b):
-    return "n/a" if b is None else f"{b / 2**20:,.1f}"
-
-
-def _bench_line(c):
-    return (f"{c['text_tokens']} text + {c['image_tokens']} image tokens ({c['tokens_per_image']} per image), "
-            f"d_model {c['d_model']}, {c['n_layers']} blocks, {c['threads']} thread(s), images as precomputed "
-            f"embeddings, median of {c['repeats']} step(s)")
-
-
-def _stream_line(c):
-    return (f"{c['turns']} turns of one frame ({c['image_tokens']} image tokens) + {c['prompt_tokens']} prompt + "
-            f"{c['new_tokens']} generated tokens, same LM size")
-
-
+# ------------------------------------------------------------------- write
 def write_report(results: dict, out: Path, docs: Path | None = None) -> dict:
-    """results.json, report.md and plots in `out`; with `docs`, also docs/study.md + docs/study_*.png."""
+    """Derive the sections; write results.json, report.md and study_*.png in `out`, and with `docs`
+    also docs/study.md and docs/study_*.png (links relative to docs/). Returns `results`."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    results["claims"] = claims(results)
+    derive(results)
+    images = render(results, TOL_INSERTION)
     _write(out / "results.json", json.dumps(results, indent=1))
-    pngs = plot(results, out)
-    _write(out / "report.md", markdown(results))
+    for name, data in (images or {}).items():
+        _write(out / name, data)
+    text = markdown(results, images)
+    _write(out / "report.md", text)
     if docs is not None:
         docs = Path(docs)
-        for p in pngs:
-            _write(docs / f"study_{p.name}", p.read_bytes())
-        _write(docs / "study.md", markdown(results, image_prefix="study_"))
+        for name, data in (images or {}).items():
+            _write(docs / name, data)
+        _write(docs / "study.md", text)
     return results
 
 
