@@ -78,7 +78,7 @@ def test_an_existing_file_without_suffix_is_a_file(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="'mydata': expected a JSONL file"):
         make_source("mydata")
     with pytest.raises(DataError, match=r"unknown task\(s\) \['nothing'\]; expected comma-separated names from "
-                                        r"\['chartqa', 'color', .*\], or a .jsonl file"):
+                                        r"\['bars', 'chartqa', 'color', .*\], or a .jsonl file"):
         make_source("color,nothing")
     with pytest.raises(FileNotFoundError, match="'absent.jsonl': no such data file"):
         make_source("absent.jsonl")

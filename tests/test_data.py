@@ -88,12 +88,43 @@ def test_literal_special_text_in_user_content_stays_bytes():
 def test_tasks_are_deterministic_and_encode(task):
     a, b = make_sample(task, 3, 5), make_sample(task, 3, 5)
     assert a.messages[-1] == b.messages[-1]
-    imgs = lambda s: [p["image"].tobytes() for m in s.messages for p in m["content"] if p["type"] == "image"]  # noqa
+    imgs = lambda s: [im.tobytes() for m in s.messages for p in m["content"]  # noqa: E731
+                      for im in ([p["image"]] if p["type"] == "image" else p.get("frames", []))]
     assert imgs(a) == imgs(b) and imgs(a)
+    assert len(a.meta["captions"]) == len(imgs(a)) and all(a.meta["captions"])  # one caption per image
     assert imgs(make_sample(task, 4, 5)) != imgs(a)
     enc = processor().encode(a)
     n_answers = sum(m["role"] == "assistant" for m in a.messages)
     assert len(enc.turns) == n_answers and enc.pixels.shape == (len(imgs(a)), 3, 16, 16)
+
+
+@pytest.mark.parametrize("task", ["digits", "bars", "table"])
+def test_fine_grained_ladder_levels(task):
+    """`level` fixes the difficulty (digits to read, bars, table side = level + 1); 0 draws one per sample."""
+    for level in (1, 2, 3):
+        s = make_sample(task, 0, 7, difficulty({"level": level, "image_size": 48}))
+        caption, answer = s.meta["captions"][0], s.messages[1]["content"][0]["text"]
+        assert s.meta["level"] == level
+        if task == "digits":
+            assert answer == caption and len(answer) == level and answer.isdigit()
+        elif task == "bars":
+            assert len(caption.split()) == level + 1 and answer in {c[1:] for c in caption.split()}
+        else:
+            rows = caption.split()
+            assert len(rows) == level + 1 and all(len(r) == level + 1 for r in rows)
+            r, c = (int(x) for x in s.messages[0]["content"][1]["text"].rstrip("?").split("row ")[1].split(", column "))
+            assert answer == rows[r - 1][c - 1]
+    drawn = {make_sample(task, 0, i, difficulty({"level": 0})).meta["level"] for i in range(30)}
+    assert drawn == {1, 2, 3}
+
+
+def test_motion_is_one_video_part_moving_one_way():
+    s = make_sample("motion", 0, 3, difficulty({"frames": 3}))
+    [video] = [p for p in s.messages[0]["content"] if p["type"] == "video"]
+    cells = [(int(c[2]), int(c[3])) for c in s.meta["captions"]]
+    step = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[s.messages[1]["content"][0]["text"]]
+    assert len(video["frames"]) == 3 and (cells[1][0] - cells[0][0], cells[1][1] - cells[0][1]) == step
+    assert processor().encode(s).points == [2, 3, 4]  # one window per frame, each closed by its gist token
 
 
 def test_difficulty_knobs_and_unknown_key():
@@ -117,7 +148,8 @@ def test_export_roundtrip(tmp_path):
     samples = [make_sample("compare", 0, i) for i in range(3)]
     path = write_jsonl(samples, tmp_path)
     back, skipped = read_jsonl(path)
-    assert skipped == 0 and len(back) == 3 and back[1].meta == {"task": "compare", "metric": "exact"}
+    assert skipped == 0 and len(back) == 3 and back[1].meta == samples[1].meta
+    assert back[1].meta["task"] == "compare" and len(back[1].meta["captions"]) == 2
     a, b = processor().encode(samples[1]), processor().encode(back[1])
     assert a.ids == b.ids and a.points == b.points
     assert torch.allclose(a.pixels, b.pixels)

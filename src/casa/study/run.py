@@ -74,7 +74,7 @@ VARIANTS = {
     "casa_no_text_keys": {"variant": "casa", "text_keys": False},
 }
 FULL_ARMS = ("insertion@full", "ca@full", "casa@full")  # the full fine-tuning regime
-DIFFICULTY = {"colors": 4, "max_shapes": 3, "relative": False, "frames": 3, "font_size": 12}
+DIFFICULTY = {"colors": 4, "max_shapes": 3, "relative": False, "frames": 3, "font_size": 16}
 
 _FULL_MODEL = {"lm": {"vocab_size": 264, "d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "d_ff": 352},
                "vision": {"image_size": 48, "patch_size": 8, "d_model": 96, "n_layers": 2, "n_heads": 4,
@@ -98,9 +98,9 @@ SIZES = {
     },
     "full": {
         "model": _FULL_MODEL,
-        "stage0": {"lm_steps": 250, "lm_tokens": 512, "lm_lr": 2e-3, "vision_steps": 400, "vision_batch": 64,
-                   "vision_lr": 2e-3},
-        "train": {"steps": 300, "text_tokens": 384, "image_tokens": 4096, "lr_new": 1e-3, "lr_pretrained": 3e-4,
+        "stage0": {"lm_steps": 250, "lm_tokens": 512, "lm_lr": 2e-3, "vision_steps": 600, "vision_batch": 64,
+                   "vision_lr": 3e-3},
+        "train": {"steps": 450, "text_tokens": 384, "image_tokens": 4096, "lr_new": 2e-3, "lr_pretrained": 5e-4,
                   "warmup_steps": 20, "min_lr_ratio": 0.05, "weight_decay": 0.01, "grad_clip": 1.0},
         "difficulty": {**DIFFICULTY, "image_size": 48},
         "seeds": 3, "eval_n": 30, "curve_n": 9, "curve": [0.25, 0.5, 0.75], "gating_n": 12,

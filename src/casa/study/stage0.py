@@ -40,7 +40,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from casa.config import ModelConfig, VisionConfig
-from casa.core.batch import Batch
 from casa.core.loss import lm_loss
 from casa.core.model import CasaModel
 from casa.data import Processor, SyntheticSource
