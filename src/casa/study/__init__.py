@@ -1,8 +1,12 @@
 """The variant comparison and the demo, built on training, evaluation and the benchmarks.
 
-- `run`: `casa study` (every fusion variant trained, evaluated, benchmarked).
+- `run`: `casa study` (the protocol: seeds, arms, baselines, benchmarks).
+- `stage0`: the pretrained text LM and vision encoder every arm of a seed starts from.
+- `stage1`: one arm (variant x regime x matching) trained from stage 0 and evaluated.
 - `gating`: the implicit-gating analysis of fusion layers.
-- `report`: claims checked against the paper, tables and plots.
+- `stats`: means, 95% intervals, paired differences, learning curves.
+- `claims`: each claim of the paper, its rule, its verdict and the likely reason.
+- `plots`, `report`: the figures and report.md / docs/study.md.
 - `demo`: `casa demo` (one small CASA model, trained and shown).
 
 Design decisions:

@@ -38,7 +38,7 @@ __all__ = ["CURVE_RISE", "FINE", "REASON_RULES", "TOL_INSERTION", "TOL_MATCH", "
 # tolerances in percentage points of the task score (0..100)
 TOL_INSERTION = 5.0  # paper: CASA 2.1-4.7 points under insertion on ChartQA/DocVQA/InfoVQA
 TOL_MATCH = 1.0  # paper: CASA and CA within ~0.7 points of each other; also CASA vs compute-matched insertion
-CALIBRATION = 30.0  # the issue: insertion beats blind by >= 30 points on >= 2 fine-grained tasks
+CALIBRATION = 30.0  # the ladder is calibrated when insertion beats blind by >= 30 points on >= 2 fine-grained tasks
 CURVE_RISE = 2.0  # a curve still rising by this much over its last interval has not converged
 VISION_READS = 0.9  # a stage-0 encoder reading fewer characters than this caps the fine-grained tasks
 FINE, COARSE = "fine-grained", "coarse"
@@ -436,8 +436,8 @@ def _gate(results, add, regime):
 
 
 def calibration(results: dict) -> dict:
-    """The issue's calibration requirement, per regime: insertion (sample-matched) beats its blind score by
-    >= CALIBRATION points on >= 2 fine-grained tasks.
+    """Whether the fine-grained ladder is calibrated (its comparison means something), per regime:
+    insertion (sample-matched) beats its blind score by >= CALIBRATION points on >= 2 fine-grained tasks.
 
     Returns: {"rule", "met" (every regime), "regimes": {regime: {"arm", "met", "tasks": {task: interval}}}}.
     """
