@@ -300,6 +300,17 @@ def test_calibration_line():
     assert cal["regimes"]["frozen"]["tasks"]["digits"]["mean"] == pytest.approx(0.25 + sum(OFFSETS["insertion"]) / 3)
 
 
+def test_an_uncalibrated_ladder_makes_the_fine_grained_claims_not_testable():
+    """insertion only 25 points over blind in the frozen regime: the fine-grained ranking there is not
+    testable (and says why); the full regime, calibrated, keeps its verdicts; coarse claims are unaffected."""
+    res = derive(make_results({"insertion": {"fine-grained": 0.35}}))
+    fine = claim(res, "CASA nearly matches insertion on fine-grained tasks (frozen")
+    assert fine["verdict"] == "not testable here" and "not calibrated in the frozen regime" in fine["reason"]
+    assert claim(res, "CASA at least matches CA (fine-grained, frozen")["verdict"] == "not testable here"
+    assert claim(res, "CASA nearly matches insertion on fine-grained tasks (full")["verdict"] != "not testable here"
+    assert claim(res, "CASA at least matches CA (coarse, frozen")["verdict"] != "not testable here"
+
+
 def test_claims_accept_the_first_edition_runs():
     """Runs without arm/regime/matching/levels/curve (run.py before the second edition) still report."""
     res = make_results()
