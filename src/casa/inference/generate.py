@@ -243,10 +243,9 @@ class Chat:
                 (a processor without a gist token refuses them: ValueError).
         """
         images, frames = self._pixels(images), self._pixels(video)
-        if frames:
-            self.processor.check_video("Chat.user(video=...)")
         parts = [{"type": "image", "image": img} for img in images]
         if frames:
+            self.processor.check_video("Chat.user(video=...)")
             parts.append({"type": "video", "frames": frames})
         if text:
             parts.append({"type": "text", "text": text})

@@ -23,7 +23,7 @@ intervals over seeds and paired differences (`stats.py`).
 Design decisions:
 - Sizes: `quick` (tiny model, one seed, a handful of steps: CI, under 3
   minutes on 2 cores, exercising both stages and both regimes) and `full`
-  (3 seeds, about 2 hours on 2 CPU cores); `--device cuda` scales the model,
+  (3 seeds, 51 minutes measured on 2 CPU cores); `--device cuda` scales the model,
   the data and the steps (`SIZES["gpu"]`). `--seeds` / `--steps` override.
 - `casa_replace` puts its fusion layer in every other block: replacing
   self-attention in every block would leave no text-only attention at all,
@@ -310,8 +310,7 @@ def _one_seed(seed: int, spec: dict, tasks: list[str], arms: list[str], out: Pat
         if arm.matching == "flops":  # as many steps as casa's FLOPs buy insertion
             ratio = runs["casa"]["flops_per_step"] / runs["insertion"]["flops_per_step"]
             steps = max(1, round(spec["train"]["steps"] * ratio))
-        r = train_arm(arm, seed, spec, tasks, VARIANTS[arm.variant], stage0["dir"], out / "work", steps=steps,
-                      say=_say)
+        r = train_arm(arm, seed, spec, tasks, VARIANTS[arm.variant], stage0["dir"], out / "work", steps=steps)
         model, processor = r.pop("model"), r.pop("processor")
         r["gating"], r["gates"] = ({}, {}) if arm.regime == "full" else _gating(model, processor, spec, tasks, seed)
         del model

@@ -31,7 +31,6 @@ Design decisions:
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -48,6 +47,8 @@ from casa.data.sample import Sample
 from casa.data.tasks import Difficulty, make_sample
 from casa.files import atomic_file
 from casa.pretrained.tokenizer import ByteTokenizer
+from casa.training.config import TrainConfig
+from casa.training.optim import lr_lambda
 from casa.vision.preprocess import preprocess
 from casa.vision.vit import ViT
 
@@ -81,10 +82,22 @@ class DescribedSource(SyntheticSource):
         return _described(super().__getitem__(i))
 
 
-def _cosine(step: int, steps: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+def _optimizer(params: list, lr: float, steps: int):
+    """AdamW on the library's schedule (`training.optim.lr_lambda`: warmup over 5% of the steps, then
+    cosine to 10%); returns `step(loss) -> float`: backward, clip, update, and the loss's value."""
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    schedule = lr_lambda(TrainConfig(steps=steps, warmup_steps=max(1, steps // 20), min_lr_ratio=0.1))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+    def step(loss: torch.Tensor) -> float:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
 
 
 def pretrain_lm(model_cfg: ModelConfig, tasks, difficulty: Difficulty, *, seed: int, steps: int,
@@ -96,22 +109,14 @@ def pretrain_lm(model_cfg: ModelConfig, tasks, difficulty: Difficulty, *, seed: 
     processor = Processor(ByteTokenizer(), cfg.vision)
     source = DescribedSource(tasks, seed=seed + STAGE0_SEED_OFFSET, difficulty=difficulty)
     packs = Packer(source, processor, text_tokens=text_tokens, image_tokens=0).packs()
-    params = [p for n, p in model.named_parameters() if not n.startswith("vision.")]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, max(1, steps // 20)))
+    step = _optimizer([p for n, p in model.named_parameters() if not n.startswith("vision.")], lr, steps)
     t0, losses = time.perf_counter(), []
     for _ in range(steps):
         pack = next(packs)
         for d in pack.docs:  # a text LM learns every token, not only the answers
             d.targets = [True] * len(d.ids)
         batch = pack_row(pack.docs)
-        loss = lm_loss(model(batch), batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(step(lm_loss(model(batch), batch)))
     k = max(1, steps // 10)
     state = {n: t.detach().clone() for n, t in model.state_dict().items() if not n.startswith("vision.")}
     return state, {"steps": steps, "seconds": time.perf_counter() - t0, "final_loss": sum(losses[-k:]) / k}
@@ -165,21 +170,14 @@ def pretrain_vision(vision: VisionConfig, tasks, difficulty: Difficulty, *, seed
     torch.manual_seed(seed)
     encoder = ViT(vision).train()
     head = CaptionHead(d_model=encoder.out_width, n_heads=vision.n_heads, length=length)
-    params = [*encoder.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, steps, max(1, steps // 20)))
+    step = _optimizer([*encoder.parameters(), *head.parameters()], lr, steps)
     tasks, position, losses = list(tasks), 0, []
     t0 = time.perf_counter()
     for _ in range(steps):
         images, captions, position = _images(tasks, seed + STAGE0_SEED_OFFSET, difficulty, position, batch)
         pixels = preprocess(images, vision)
-        loss = F.cross_entropy(head(encoder(pixels)).flatten(0, 1), caption_bytes(captions, length).flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        logits = head(encoder(pixels))  # [N, length, 256]
+        losses.append(step(F.cross_entropy(logits.flatten(0, 1), caption_bytes(captions, length).flatten())))
     # held out: whole captions read exactly, and bytes right, on samples stage 1 never trains on
     encoder.eval()
     images, captions, _ = _images(tasks, seed + STAGE0_SEED_OFFSET + 1, difficulty, 0, 256)

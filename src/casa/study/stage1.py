@@ -92,7 +92,7 @@ def evaluate_tasks(model, processor, tasks, n: int, *, seed: int, difficulty: di
 
 
 def train_arm(arm: Arm, seed: int, spec: dict, tasks: list[str], fusion: dict, stage0_dir, work_dir: Path, *,
-              steps: int | None = None, say=print) -> dict:
+              steps: int | None = None) -> dict:
     """Train `arm` for `steps` (default: the spec's) from stage 0 and evaluate it.
 
     Returns the run record of `casa.study.report` (scores, levels, curve, cost); the model is
