@@ -35,6 +35,23 @@ def test_packed_linear_equals_the_modules(dtype):
         torch.testing.assert_close(got, want, **TOL[dtype])
         a.weight.mul_(2)  # an in-place update (an optimizer step) invalidates the packed copy
         torch.testing.assert_close(packed_linear(x, owner, "ab", (a, b)), torch.cat([a(x), b(x)], -1), **TOL[dtype])
+        one = x[:1]  # one row: the matrix-vector path in fp32
+        got = packed_linear(one, owner, "ab", (a, b))
+        assert got.shape == (1, 1, 24)
+        torch.testing.assert_close(got, torch.cat([a(one), b(one)], -1), **TOL[dtype])
+
+
+def test_rotary_equals_the_rotate_half_form():
+    from casa.core.lm import Rotary
+
+    torch.manual_seed(0)
+    rot = Rotary.at(torch.arange(5)[None], head_dim=16, theta=10000.0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(1, 5, 3, 16, dtype=dtype)
+        cos, sin = rot.cos[..., None, :].to(dtype), rot.sin[..., None, :].to(dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        want = x * cos + torch.cat([-x2, x1], dim=-1) * sin  # HF's apply_rotary_pos_emb
+        assert torch.equal(rot.apply(x), want)  # the same products and sums, bit for bit
 
 
 def test_packed_path_only_when_decoding_without_grad():

@@ -360,8 +360,11 @@ def cached_attend(q, k, v, *, mask: torch.Tensor | None, backend: str):
     if mask is not None:
         out = F.scaled_dot_product_attention(_heads_first(q), k, v, attn_mask=mask, enable_gqa=True)
         return _tokens_first(out)
+    B, t, H, D = q.shape
     Hkv = k.shape[1]
+    if t == 1:  # one decoded token: the fold is a view (the einops below, without its parsing cost)
+        return F.scaled_dot_product_attention(q.view(B, Hkv, H // Hkv, D), k, v).view(B, 1, H, D)
     # query head h reads key/value head h // g (grouped-query), hence "(hkv g)"
     grouped = rearrange(q, "b t (hkv g) d -> b hkv (g t) d", hkv=Hkv)
     out = F.scaled_dot_product_attention(grouped, k, v)
-    return rearrange(out, "b hkv (g t) d -> b t (hkv g) d", t=q.shape[1])
+    return rearrange(out, "b hkv (g t) d -> b t (hkv g) d", t=t)

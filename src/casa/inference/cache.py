@@ -32,7 +32,6 @@ Design decisions:
 from __future__ import annotations
 
 import torch
-from einops import rearrange
 
 from casa.core.layout import History, cached_mask
 
@@ -41,7 +40,7 @@ __all__ = ["History", "KVCache"]  # History is defined with the other mask rules
 
 def _head_major(x: torch.Tensor) -> torch.Tensor:
     """Token-major `[1, t, Hkv, D]` (as projections give them) -> head-major `[1, Hkv, t, D]`."""
-    return rearrange(x, "b t h d -> b h t d")
+    return x.transpose(1, 2)  # a view; einops' parsing would cost more than the copy it feeds
 
 
 class KVCache:
@@ -149,7 +148,7 @@ class KVCache:
         self._reserve(k, start + t)
         self.k[:, :, start : start + t] = _head_major(k)
         self.v[:, :, start : start + t] = _head_major(v)
-        new = torch.arange(self.seen, self.seen + t, device=k.device)
+        new = torch.arange(self.seen, self.seen + t, device=k.device) if t > 1 else None
         self.n_slots += t
         self.seen += t
         keys, values = self._held()
