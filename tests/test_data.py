@@ -356,3 +356,24 @@ def test_hf_tokenizer_with_its_chat_template(tmp_path):
     tok.save(tmp_path / "model")
     again = load_tokenizer(tmp_path / "model")
     assert again.encode("what colour?") == tok.encode("what colour?")
+
+
+def test_a_task_listed_twice_is_drawn_twice_as_often_with_fresh_samples():
+    plain = SyntheticSource(["color", "digits"], seed=3)
+    weighted = SyntheticSource(["color", "digits", "digits"], seed=3)
+    drawn = [weighted[i] for i in range(12)]
+    assert [s.meta["task"] for s in drawn].count("digits") == 8
+    # each task's samples are its indices 0, 1, 2, ... in order, none repeated
+    assert [s.source for s in drawn if s.meta["task"] == "digits"] == [
+        f"digits[seed=3, index={k}]" for k in range(8)]
+    assert [s.source for s in drawn if s.meta["task"] == "color"] == [f"color[seed=3, index={k}]" for k in range(4)]
+    # a list without repeats draws what it always drew
+    assert [plain[i].source for i in range(4)] == ["color[seed=3, index=0]", "digits[seed=3, index=0]",
+                                                   "color[seed=3, index=1]", "digits[seed=3, index=1]"]
+
+
+def test_shape_captions_are_in_reading_order():
+    for i in range(20):
+        s = make_sample("count", 0, i, difficulty({"max_shapes": 4}))
+        cells = [(int(c[3]), int(c[2])) for c in s.meta["captions"][0].split()]  # (row, col)
+        assert cells == sorted(cells) and len(cells) == int(s.messages[1]["content"][0]["text"])

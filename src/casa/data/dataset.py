@@ -50,16 +50,26 @@ def parse_data_spec(spec: str) -> Path | list[str]:
 
 
 class SyntheticSource:
-    """Synthetic samples of `tasks`, round-robin, drawn from `seed` (endless)."""
+    """Synthetic samples of `tasks`, round-robin, drawn from `seed` (endless).
+
+    A task named k times in `tasks` is drawn k times as often (`digits,digits,color`:
+    two digits samples per color sample), each draw a fresh sample of that task.
+    """
 
     def __init__(self, tasks, *, seed: int = 0, difficulty: Difficulty | None = None):
         self.tasks = check_tasks(tasks)
         self.seed = seed
         self.difficulty = difficulty or Difficulty()
+        # entry p of the list is the rank[p]-th of its task's repeats[task] entries, so the
+        # sample indices of one task run 0, 1, 2, ... however often it is listed
+        self._rank = [self.tasks[:p].count(t) for p, t in enumerate(self.tasks)]
+        self._repeats = {t: self.tasks.count(t) for t in self.tasks}
 
     def __getitem__(self, i: int) -> Sample:
         n = len(self.tasks)
-        return make_sample(self.tasks[i % n], self.seed, i // n, self.difficulty)
+        task = self.tasks[i % n]
+        index = (i // n) * self._repeats[task] + self._rank[i % n]
+        return make_sample(task, self.seed, index, self.difficulty)
 
 
 class JsonlSource:

@@ -135,8 +135,10 @@ def _render_shapes(shapes, d: Difficulty, rng: random.Random, g: int = 3) -> Ima
 
 
 def _shapes_caption(shapes) -> str:
-    """`rc02 bs11`: colour initial, kind initial, column, row of each shape (initials are unique)."""
-    return " ".join(f"{color[0]}{kind[0]}{c}{r}" for kind, color, (c, r) in shapes)
+    """`bs11 rc02`: colour initial, kind initial, column, row of each shape (initials are unique),
+    in reading order (by row, then column), so that an image has one caption."""
+    ordered = sorted(shapes, key=lambda s: (s[2][1], s[2][0]))
+    return " ".join(f"{color[0]}{kind[0]}{c}{r}" for kind, color, (c, r) in ordered)
 
 
 def _palette(d: Difficulty) -> list[str]:
@@ -272,15 +274,18 @@ def _level(rng: random.Random, d: Difficulty) -> int:
 
 
 def digits(rng: random.Random, d: Difficulty) -> Sample:
-    """Read a number of `level` digits written somewhere on the image."""
+    """Read a number of `level` digits written near the centre of the image."""
     level = _level(rng, d)
     number = "".join(rng.choice(string.digits) for _ in range(level))
     img = _canvas(d)
     draw, font = ImageDraw.Draw(img), _font(d.font_size)
     x0, y0, x1, y1 = draw.textbbox((0, 0), number, font=font)
-    x = rng.uniform(0, max(0, d.image_size - (x1 - x0) - 2)) - x0
-    y = rng.uniform(0, max(0, d.image_size - (y1 - y0) - 2)) - y0
-    draw.text((x + 1, y + 1), number, fill=(0, 0, 0), font=font)
+    # centred, shifted by up to 1/16 of the image: a small encoder reads glyphs whose place it
+    # can expect (its held-out caption accuracy on numbers anywhere on the image stayed under 25%)
+    jitter = d.image_size / 16
+    x = (d.image_size - x0 - x1) / 2 + rng.uniform(-jitter, jitter)
+    y = (d.image_size - y0 - y1) / 2 + rng.uniform(-jitter, jitter)
+    draw.text((x, y), number, fill=(0, 0, 0), font=font)
     return _qa([_finish(img, d, rng)], "What number is written?", number, "digits", [number], level=level)
 
 

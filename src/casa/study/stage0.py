@@ -7,7 +7,7 @@ on the synthetic suite, once per seed:
 
 - **text LM**: a model without fusion layers trained on the suite's
   conversations with every image replaced by its caption in plain text
-  (`[rc02 bs11] How many shapes are there?` -> `2`), loss on every token. It
+  (`[bs11 rc02] How many shapes are there?` -> `2`), loss on every token. It
   knows the questions, the answer vocabulary, and how to answer from a
   description: what a pretrained LM brings.
 - **vision encoder**: the model's ViT trained to write each image's caption
@@ -44,7 +44,7 @@ from casa.core.model import CasaModel
 from casa.data import Processor, SyntheticSource
 from casa.data.packing import Packer, pack_row
 from casa.data.sample import Sample
-from casa.data.tasks import Difficulty, make_sample
+from casa.data.tasks import Difficulty
 from casa.files import atomic_file
 from casa.pretrained.tokenizer import ByteTokenizer
 from casa.training.config import TrainConfig
@@ -53,7 +53,7 @@ from casa.vision.preprocess import preprocess
 from casa.vision.vit import ViT
 
 __all__ = ["CaptionHead", "DescribedSource", "STAGE0_SEED_OFFSET", "caption_bytes", "init_stage1", "pretrain",
-           "pretrain_lm", "pretrain_vision"]
+           "pretrain_lm", "pretrain_vision", "training_mix"]
 
 STAGE0_SEED_OFFSET = 3000  # stage 0 draws samples from seed + 3000: none of stage 1's
 
@@ -148,11 +148,18 @@ def caption_bytes(captions: list[str], length: int) -> torch.Tensor:
     return out
 
 
+def training_mix(tasks, mix: dict | None) -> list[str]:
+    """The training task list: each task of `tasks` listed `mix.get(task, 1)` times, so that
+    `SyntheticSource` draws it that much more often (evaluation keeps one entry per task)."""
+    return [t for t in tasks for _ in range((mix or {}).get(t, 1))]
+
+
 def _images(tasks, seed: int, difficulty: Difficulty, start: int, n: int):
     """(images, captions) of the samples `start..` of the round-robin suite, until `n` images."""
+    source = SyntheticSource(tasks, seed=seed, difficulty=difficulty)
     images, captions, i = [], [], start
     while len(images) < n:
-        s = make_sample(tasks[i % len(tasks)], seed, i // len(tasks), difficulty)
+        s = source[i]
         for m in s.messages:
             for part in m["content"]:
                 if part["type"] == "image":
@@ -178,17 +185,22 @@ def pretrain_vision(vision: VisionConfig, tasks, difficulty: Difficulty, *, seed
         pixels = preprocess(images, vision)
         logits = head(encoder(pixels))  # [N, length, 256]
         losses.append(step(F.cross_entropy(logits.flatten(0, 1), caption_bytes(captions, length).flatten())))
-    # held out: whole captions read exactly, and bytes right, on samples stage 1 never trains on
+    # held out, on samples stage 1 never trains on: whole captions read exactly (overall and per
+    # task: what each task's encoder features can carry) and bytes right
     encoder.eval()
-    images, captions, _ = _images(tasks, seed + STAGE0_SEED_OFFSET + 1, difficulty, 0, 256)
+    exact = {}
     with torch.no_grad():
-        pred = head(encoder(preprocess(images, vision))).argmax(-1)
-    gold = caption_bytes(captions, length)
+        for task in dict.fromkeys(tasks):
+            images, captions, _ = _images([task], seed + STAGE0_SEED_OFFSET + 1, difficulty, 0, 48)
+            pred = head(encoder(preprocess(images, vision))).argmax(-1)
+            gold = caption_bytes(captions, length)
+            exact[task] = (pred == gold).all(-1).float().mean().item(), (pred == gold).float().mean().item()
     k = max(1, steps // 10)
     return ({n: t.detach().clone() for n, t in encoder.state_dict().items()},
             {"steps": steps, "seconds": time.perf_counter() - t0, "final_loss": sum(losses[-k:]) / k,
-             "caption_exact": float((pred == gold).all(-1).float().mean()),
-             "char_accuracy": float((pred == gold).float().mean())})
+             "caption_exact": sum(e for e, _ in exact.values()) / len(exact),
+             "char_accuracy": sum(c for _, c in exact.values()) / len(exact),
+             "caption_exact_per_task": {t: e for t, (e, _) in exact.items()}})
 
 
 def pretrain(root: Path, model_cfg: ModelConfig, tasks, difficulty: Difficulty, spec: dict, seed: int,

@@ -39,7 +39,7 @@ from casa.data.tasks import FINE_GRAINED, LEVELS
 from casa.eval.synthetic import answers, eval_samples, evaluate
 from casa.pretrained.directory import save_pretrained
 from casa.pretrained.tokenizer import ByteTokenizer
-from casa.study.stage0 import init_stage1
+from casa.study.stage0 import init_stage1, training_mix
 
 __all__ = ["Arm", "REGIMES", "evaluate_tasks", "train_arm"]
 
@@ -105,7 +105,7 @@ def train_arm(arm: Arm, seed: int, spec: dict, tasks: list[str], fusion: dict, s
     shutil.rmtree(work, ignore_errors=True)
     model_cfg = ModelConfig.from_dict({**spec["model"], "fusion": fusion})
     save_pretrained(init_stage1(model_cfg, stage0_dir), work / "init", tokenizer=ByteTokenizer())
-    train = {**spec["train"], "steps": steps, "data": ",".join(tasks), "difficulty": spec["difficulty"],
+    train = {**spec["train"], "steps": steps, "data": ",".join(training_mix(tasks, spec.get("mix"))), "difficulty": spec["difficulty"],
              "seed": seed, "init": str(work / "init"), "out_dir": str(work / "train"), "log_every": 10**9,
              "save_every": 0, "precision": "fp32", "insertion_counts_images": False, **REGIMES[arm.regime]}
     model_cfg, cfg = load_config(base={"model": model_cfg.to_dict(), "train": train})
