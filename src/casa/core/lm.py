@@ -121,7 +121,7 @@ class Attention(nn.Module):
     def q(self, x):
         """Queries `[..., d] -> [..., H, D]`."""
         q = packed_linear(x, self, "q", (self.q_proj,)) if use_packed(x) else self.q_proj(x)
-        return q.unflatten(-1, (self.n_heads, self.head_dim))
+        return self._heads(q, self.n_heads)
 
     def kv(self, x):
         """Keys and values `[..., d] -> 2 x [..., Hkv, D]`."""
@@ -129,7 +129,7 @@ class Attention(nn.Module):
             k, v = packed_linear(x, self, "kv", (self.k_proj, self.v_proj)).chunk(2, dim=-1)
         else:
             k, v = self.k_proj(x), self.v_proj(x)
-        return self._kv_heads(k), self._kv_heads(v)
+        return self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
 
     def qkv(self, x):
         """Queries, keys and values of the same states, `[..., d] -> ([..., H, D], 2 x [..., Hkv, D])`
@@ -139,12 +139,12 @@ class Attention(nn.Module):
         kv_width = self.n_kv_heads * self.head_dim
         q, k, v = packed_linear(x, self, "qkv", (self.q_proj, self.k_proj, self.v_proj)).split(
             [self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
-        return q.unflatten(-1, (self.n_heads, self.head_dim)), self._kv_heads(k), self._kv_heads(v)
+        return self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
 
-    def _kv_heads(self, x):
-        # `[..., (Hkv D)] -> [..., Hkv, D]`; unflatten rather than einops: a decode step makes
+    def _heads(self, x, n: int):
+        # `[..., (n D)] -> [..., n, D]`; unflatten rather than einops: a decode step makes
         # ~100 of these reshapes, and einops' parsing costs more than the op itself
-        return x.unflatten(-1, (self.n_kv_heads, self.head_dim))
+        return x.unflatten(-1, (n, self.head_dim))
 
     def out(self, o):
         """Output projection of attended heads `[..., H, D] -> [..., d]`."""

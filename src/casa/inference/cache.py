@@ -148,12 +148,12 @@ class KVCache:
         self._reserve(k, start + t)
         self.k[:, :, start : start + t] = _head_major(k)
         self.v[:, :, start : start + t] = _head_major(v)
-        new = torch.arange(self.seen, self.seen + t, device=k.device) if t > 1 else None
         self.n_slots += t
         self.seen += t
         keys, values = self._held()
         if t == 1:  # one query sees every key held (the rule's newest entry)
             return keys, values, None
+        new = torch.arange(self.seen - t, self.seen, device=k.device)
         held = torch.arange(self.seen, device=k.device)
         return keys, values, cached_mask(new, held, n_prefix=self.n_prefix, history=None)
 
