@@ -35,7 +35,11 @@ Design decisions:
 - Queries that see no key at all (`ca` text in a window without an image) get
   a zero update; no backend produces NaN for them, forward or backward.
 - Incremental attention is SDPA on every backend: one query or a short chunk
-  has no window structure left for flex or flash to exploit.
+  has no window structure left for flex or flash to exploit. At one CPU
+  thread, where casa's kernel is built (`core.cpu_kernels`), up to
+  `KERNEL_MAX_TOKENS` new tokens take it instead: it reads the cache once for
+  all the queries sharing a key/value head, where SDPA reads it at a fraction
+  of the bandwidth.
 """
 
 from __future__ import annotations
@@ -47,12 +51,14 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.nn.attention.bias import causal_lower_right
 
+from casa.core import cpu_kernels
 from casa.core.layout import Layout
 
-__all__ = ["BACKENDS", "FLEX_BLOCK", "cached_attend", "causal_attend", "flash_available", "fusion_attend",
+__all__ = ["BACKENDS", "FLEX_BLOCK", "KERNEL_MAX_TOKENS", "cached_attend", "causal_attend", "flash_available", "fusion_attend",
            "resolve_backend"]
 
 BACKENDS = ("reference", "windowed", "flex", "flash")
+KERNEL_MAX_TOKENS = 8  # new tokens up to which `cached_attend` takes the CPU kernel (longer chunks: SDPA's GEMMs)
 
 
 def flash_available() -> bool:
@@ -357,6 +363,9 @@ def cached_attend(q, k, v, *, mask: torch.Tensor | None, backend: str):
     mask broadcast over heads are the faster of the two.
     """
     resolve_backend(backend, q.device)  # same validation as the other entry points
+    if (q.shape[0] == 1 and q.shape[1] <= KERNEL_MAX_TOKENS and q.shape[-1] <= cpu_kernels.MAX_HEAD_DIM
+            and (mask is None or mask.dim() == 2) and cpu_kernels.usable(q, k, v)):
+        return _cached_kernel(q, k, v, mask)
     if mask is not None:
         out = F.scaled_dot_product_attention(_heads_first(q), k, v, attn_mask=mask, enable_gqa=True)
         return _tokens_first(out)
@@ -368,3 +377,15 @@ def cached_attend(q, k, v, *, mask: torch.Tensor | None, backend: str):
     grouped = rearrange(q, "b t (hkv g) d -> b hkv (g t) d", hkv=Hkv)
     out = F.scaled_dot_product_attention(grouped, k, v)
     return rearrange(out, "b hkv (g t) d -> b t (hkv g) d", t=t)
+
+
+def _cached_kernel(q, k, v, mask):
+    """`cached_attend` through `cpu_kernels.attend` (one stream: B == 1)."""
+    B, t, H, D = q.shape
+    Hkv = k.shape[1]
+    if t == 1:  # the fold below is a view here (no einops parsing on the per-token path)
+        out = cpu_kernels.attend(q.view(Hkv, H // Hkv, D), k[0], v[0], scale=D ** -0.5)
+        return out.to(q.dtype).view(B, 1, H, D)
+    grouped = rearrange(q, "b t (hkv g) d -> (b hkv) (g t) d", hkv=Hkv)  # query row r reads mask row r % t
+    out = cpu_kernels.attend(grouped, k[0], v[0], mask, scale=D ** -0.5)
+    return rearrange(out.to(q.dtype), "(b hkv) (g t) d -> b t (hkv g) d", b=B, t=t)

@@ -8,7 +8,9 @@ pre-transposed `[in, out]` matrix reads them markedly faster. In bf16 the
 opposite holds (the transposed product falls off oneDNN's fast path and is
 several times slower), so bf16 keeps `[out, in]`. Either way, fusing the
 projections that read the same input (q/k/v, gate/up) cuts the calls and
-their per-op overhead.
+their per-op overhead. At one thread, where casa's own kernel is built
+(`core.cpu_kernels`), one-row products go through it instead, in every dtype,
+on the `[out, in]` layout it streams at the core's bandwidth.
 
 Design decisions:
 - The state dict does not change: the packed copies (`[in, sum(out)]` in
@@ -18,7 +20,8 @@ Design decisions:
   and training are untouched.
 - A packed copy is rebuilt when any of its source parameters changed: it
   records each parameter's storage pointer and version counter (bumped by
-  every in-place update: optimizer steps, `load_state_dict`, `.to()`).
+  every in-place update: optimizer steps, `load_state_dict`, `.to()`), and
+  the layout it was built for.
 - Used only inside `decoding()` (entered by the incremental paths,
   `inference.Session` and `inference.rows.RowDecoder`), without autograd
   and for few rows (`use_packed`): training and the full forward keep
@@ -36,9 +39,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from casa.core import cpu_kernels
+
 __all__ = ["PACKED_MAX_ROWS", "decoding", "packed_linear", "transposed_layout", "use_packed"]
 
 PACKED_MAX_ROWS = 64  # rows (tokens x streams) up to which the packed layout is used
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 _DECODING = contextvars.ContextVar("casa_decoding", default=False)
 
 
@@ -59,36 +65,43 @@ def use_packed(x: torch.Tensor) -> bool:
 
 
 def transposed_layout(dtype: torch.dtype) -> bool:
-    """Whether packed weights of `dtype` are stored `[in, out]` (fp32) rather than `[out, in]`."""
-    return dtype == torch.float32
+    """Whether packed weights of `dtype` are stored `[in, out]` (fp32 without casa's kernel at one
+    thread) rather than `[out, in]`."""
+    return dtype == torch.float32 and not _kernel_rows()
 
 
-def _stamp(linears) -> tuple:
-    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for m in linears for p in m.parameters())
+def _kernel_rows() -> bool:
+    """Whether one-row products go through `cpu_kernels.gemv` (built, one thread, no autograd)."""
+    return torch.get_num_threads() == 1 and not torch.is_grad_enabled() and cpu_kernels.available()
+
+
+def _stamp(linears, transposed: bool) -> tuple:
+    return (transposed, *((p.data_ptr(), p._version, p.dtype, p.device) for m in linears for p in m.parameters()))
 
 
 def _packed(owner: nn.Module, name: str, linears: tuple[nn.Linear, ...]):
-    """`(weight, bias [sum(out)] or None)` for `linears`, cached on `owner` under `name`;
-    weight `[in, sum(out)]` or `[sum(out), in]` (`transposed_layout`)."""
+    """`(weight, bias [sum(out)] or None, transposed)` for `linears`, cached on `owner` under `name`;
+    weight `[in, sum(out)]` if `transposed` (`transposed_layout`), else `[sum(out), in]`."""
     cache = owner.__dict__.setdefault("_packed_for_decode", {})
-    stamp = _stamp(linears)
+    transposed = transposed_layout(linears[0].weight.dtype)
+    stamp = _stamp(linears, transposed)
     hit = cache.get(name)
     if hit is not None and hit[0] == stamp:
-        return hit[1], hit[2]
+        return hit[1], hit[2], transposed
     with torch.no_grad():
         weight = torch.cat([m.weight for m in linears])
-        if transposed_layout(weight.dtype):
+        if transposed:
             weight = weight.t().contiguous()
         bias = None
         if any(m.bias is not None for m in linears):
             bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
                               for m in linears])
     cache[name] = (stamp, weight, bias)
-    return weight, bias
+    return weight, bias, transposed
 
 
 def packed_linear(x: torch.Tensor, owner: nn.Module, name: str, linears: tuple[nn.Linear, ...]) -> torch.Tensor:
-    """`cat([m(x) for m in linears], -1)` through one pre-transposed matrix.
+    """`cat([m(x) for m in linears], -1)` through one packed matrix.
 
     Args:
         x: `[..., in]`, the linears' dtype.
@@ -97,8 +110,11 @@ def packed_linear(x: torch.Tensor, owner: nn.Module, name: str, linears: tuple[n
     Returns:
         `[..., sum(out)]`.
     """
-    weight, bias = _packed(owner, name, linears)
-    if not transposed_layout(weight.dtype):
+    weight, bias, transposed = _packed(owner, name, linears)
+    if not transposed:
+        if x.shape[:-1].numel() == 1 and weight.dtype in _KERNEL_DTYPES and x.device.type == "cpu" \
+                and _kernel_rows():
+            return cpu_kernels.gemv(weight, x.reshape(-1), bias).to(x.dtype).view(*x.shape[:-1], -1)
         return F.linear(x, weight, bias)
     if x.shape[:-1].numel() == 1:
         # one row: BLAS's matrix-vector product on the transposed view (measured on this

@@ -102,7 +102,7 @@ SIZES = {
     },
     "full": {
         "model": _FULL_MODEL,
-        "stage0": {"lm_steps": 250, "lm_tokens": 512, "lm_lr": 2e-3, "vision_steps": 1500, "vision_batch": 64,
+        "stage0": {"lm_steps": 2000, "lm_tokens": 512, "lm_lr": 2e-3, "vision_steps": 1500, "vision_batch": 64,
                    "vision_lr": 3e-3},
         "mix": MIX,
         "train": {"steps": 450, "text_tokens": 384, "image_tokens": 4096, "lr_new": 2e-3, "lr_pretrained": 5e-4,

@@ -113,8 +113,6 @@ def pretrain_lm(model_cfg: ModelConfig, tasks, difficulty: Difficulty, *, seed: 
     t0, losses = time.perf_counter(), []
     for _ in range(steps):
         pack = next(packs)
-        for d in pack.docs:  # a text LM learns every token, not only the answers
-            d.targets = [True] * len(d.ids)
         batch = pack_row(pack.docs)
         losses.append(step(lm_loss(model(batch), batch)))
     k = max(1, steps // 10)

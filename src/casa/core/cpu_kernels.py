@@ -1,0 +1,169 @@
+"""CPU decode kernels: one-row projections and few-query cache attention at streaming bandwidth.
+
+A decoded token's time is the time to read the weights and the text cache
+once. On the CPUs casa is measured on (AVX2, no AVX-512), BLAS reads a
+one-row product's weights at about half the bandwidth one core can stream,
+and SDPA reads a one-query cache at about a fifth of it. The two kernels in
+`cpu_kernels.c` read each operand once, front to back, with fp32 sums:
+
+- `gemv(weight [O, I], x [I])`: four weight rows per pass over `x`.
+- `attend(q [N, D], k/v [S, D])` for one key/value head: one pass over the
+  keys for all `N` queries sharing the head (grouped heads x new tokens),
+  a vectorized softmax, one pass over the values.
+
+Design decisions:
+- Built at first use with the machine's C compiler (`cc -O3 -march=native`,
+  about a second) into `~/.cache/casa/kernels/` (or `$CASA_KERNEL_DIR`),
+  loaded through ctypes: no build step at install, no torch headers. Without
+  a compiler, or with `CASA_CPU_KERNELS=0`, `available()` is False and the
+  callers keep their PyTorch paths, which stay the reference the kernels are
+  tested against (`tests/test_cpu_kernels.py`).
+- Single-threaded: used only when torch runs on one thread (`usable`), the
+  setting streaming is measured in; with more threads the BLAS/SDPA paths
+  parallelize and are kept.
+- fp32 and bf16 operands (bf16 widened in registers), fp32 accumulation and
+  fp32 results: callers cast back to their dtype, as PyTorch's bf16 kernels
+  do after accumulating in fp32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["MAX_HEAD_DIM", "attend", "available", "gemv", "usable"]
+
+MAX_HEAD_DIM = 256  # DMAX in cpu_kernels.c
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("CASA_KERNEL_DIR") or Path.home() / ".cache" / "casa" / "kernels")
+
+
+def _build() -> Path | None:
+    """The compiled library's path (built once per source, machine and compiler), or None."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        return None
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + f"{platform.machine()} {platform.processor()} {cc}".encode()).hexdigest()[:16]
+    lib = _cache_dir() / f"casa_kernels_{key}.so"
+    if lib.is_file():
+        return lib
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    # built beside its final name and renamed: a concurrent process never loads a half-written file
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+    os.close(fd)
+    flags = ["-O3", "-shared", "-fPIC", "-std=c99"]
+    if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
+        flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native")
+    try:
+        subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE), "-lm"], check=True, capture_output=True, timeout=120)
+        os.replace(tmp, lib)
+    except (OSError, subprocess.SubprocessError) as e:
+        Path(tmp).unlink(missing_ok=True)
+        err = getattr(e, "stderr", b"") or b""
+        print(f"casa: CPU decode kernels not built ({cc}: {err.decode(errors='replace')[:200] or e}); "
+              "decoding uses PyTorch's kernels", file=sys.stderr)
+        return None
+    return lib
+
+
+@functools.cache
+def _lib():
+    if os.environ.get("CASA_CPU_KERNELS", "1") == "0":
+        return None
+    path = _build()
+    if path is None:
+        return None
+    lib = ctypes.CDLL(str(path))
+    p, i, f = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+    for name in ("casa_gemv_f32", "casa_gemv_bf16"):
+        getattr(lib, name).argtypes = [p, p, p, p, i, i]
+        getattr(lib, name).restype = None
+    for name in ("casa_attend_f32", "casa_attend_bf16"):
+        getattr(lib, name).argtypes = [p, p, p, p, p, p, i, i, i, i, i, f]
+        getattr(lib, name).restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded on this machine."""
+    return _lib() is not None
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels serve these operands: built, one torch thread, CPU, fp32/bf16, no autograd."""
+    return (torch.get_num_threads() == 1 and not torch.is_grad_enabled() and available()
+            and all(t.device.type == "cpu" and t.dtype in _DTYPES for t in tensors))
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def gemv(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`weight @ x (+ bias)` in one pass over `weight`.
+
+    Args:
+        weight: `[O, I]`, fp32 or bf16, rows contiguous (`stride(1) == 1`, `stride(0) == I`).
+        x: `[I]` (any float dtype; read as fp32).
+        bias: `[O]` or None (read as fp32).
+    Returns:
+        `[O]` fp32.
+    """
+    O, I = weight.shape
+    if weight.stride() != (I, 1):
+        raise ValueError(f"gemv: weight of shape {tuple(weight.shape)} must be row-contiguous, "
+                         f"got strides {weight.stride()}")
+    x = x.reshape(I).to(torch.float32).contiguous()
+    bias = None if bias is None else bias.to(torch.float32).contiguous()
+    y = torch.empty(O, dtype=torch.float32)
+    getattr(_lib(), f"casa_gemv_{_DTYPES[weight.dtype]}")(_ptr(weight), _ptr(x), _ptr(bias), _ptr(y), O, I)
+    return y
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
+           scale: float) -> torch.Tensor:
+    """Attention of few queries over cached keys/values, one pass over each per key/value head.
+
+    Args:
+        q: `[Hkv, N, D]` queries, grouped by the key/value head they read (any float dtype; read
+            as fp32). Query `n` of a head uses mask row `n % T`.
+        k, v: `[Hkv, S, D]`, fp32 or bf16, same dtype; each head's rows `D` apart (`stride(2) == 1`,
+            `stride(1)` the row pitch, which may exceed `D`), e.g. a slice of `KVCache`'s buffer.
+        mask: bool `[T, S]` (True = attend) or None (every key visible).
+        scale: multiplies the scores (`1 / sqrt(D)` for plain attention).
+    Returns:
+        `[Hkv, N, D]` fp32; a query with no visible key gets zeros.
+    """
+    Hkv, N, D = q.shape
+    S = k.shape[1]
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"attend: head width {D} over the kernel's {MAX_HEAD_DIM}")
+    if k.dtype != v.dtype or k.shape != v.shape or k.stride() != v.stride() or k.stride(2) != 1:
+        raise ValueError(f"attend: k {tuple(k.shape)} {k.dtype} {k.stride()} and v {tuple(v.shape)} "
+                         f"{v.dtype} {v.stride()} must match, rows contiguous")
+    q = q.to(torch.float32).contiguous()
+    T = 1 if mask is None else mask.shape[0]
+    m = None if mask is None else mask.to(torch.uint8).contiguous()
+    out = torch.empty(Hkv, N, D, dtype=torch.float32)
+    scores = torch.empty(N, S, dtype=torch.float32)
+    fn = getattr(_lib(), f"casa_attend_{_DTYPES[k.dtype]}")
+    ld = k.stride(1)
+    for h in range(Hkv):
+        fn(_ptr(q[h]), _ptr(k[h]), _ptr(v[h]), _ptr(m), _ptr(scores), _ptr(out[h]), N, T, S, D, ld, scale)
+    return out

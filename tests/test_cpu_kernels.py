@@ -1,0 +1,98 @@
+"""casa's CPU decode kernels (`core.cpu_kernels`) against PyTorch's reference ops: the
+matrix-vector product and few-query attention, fp32 and bf16, odd sizes, strided caches,
+masks; and the decode paths that take them at one thread."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from casa.core import cpu_kernels
+from casa.core.attention import cached_attend
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: CPU kernels not built")
+# fp32: summation order only; bf16 operands are widened exactly, so the same tolerance holds
+TOL = dict(atol=2e-5, rtol=1e-5)
+
+
+def test_the_kernels_build_where_a_compiler_exists():
+    """CI has a compiler: a silent fallback would leave the kernels untested."""
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert cpu_kernels.available()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("O,I", [(1, 1), (7, 13), (64, 512), (1037, 515)])
+def test_gemv_equals_matmul(dtype, O, I):
+    g = torch.Generator().manual_seed(O + I)
+    w = torch.randn(O, I, generator=g).to(dtype)
+    x, b = torch.randn(I, generator=g), torch.randn(O, generator=g)
+    torch.testing.assert_close(cpu_kernels.gemv(w, x, b), w.double() @ x.double() + b.double(),
+                               check_dtype=False, **TOL)
+    torch.testing.assert_close(cpu_kernels.gemv(w, x), (w.double() @ x.double()).float(), **TOL)
+
+
+@needs_kernels
+def test_gemv_rejects_a_strided_weight():
+    with pytest.raises(ValueError, match="row-contiguous"):
+        cpu_kernels.gemv(torch.randn(8, 16).t(), torch.randn(8))
+
+
+def _reference(q, k, v, mask, scale):
+    """SDPA in float64 with query row r reading mask row r % T; rows with no key -> 0."""
+    Hkv, N, D = q.shape
+    m = None if mask is None else mask.repeat(N // mask.shape[0], 1)
+    out = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=m, scale=scale)
+    return out.nan_to_num(0.0).float()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D", [8, 40, 64, 128])
+@pytest.mark.parametrize("S", [1, 31, 100])
+def test_attend_equals_sdpa(dtype, D, S):
+    g = torch.Generator().manual_seed(D * S)
+    Hkv, groups, T = 2, 3, 2
+    # keys/values as a slice of a larger buffer (KVCache keeps spare capacity): rows D apart,
+    # heads further apart than S * D
+    k = torch.randn(Hkv, S + 5, D, generator=g).to(dtype)[:, :S]
+    v = torch.randn(Hkv, S + 5, D, generator=g).to(dtype)[:, :S]
+    q = torch.randn(Hkv, groups * T, D, generator=g) * 2
+    mask = torch.rand(T, S, generator=g) > 0.4
+    mask[0, 0] = True
+    for m in (None, mask):
+        got = cpu_kernels.attend(q, k, v, m, scale=D ** -0.5)
+        assert got.shape == (Hkv, groups * T, D) and got.dtype == torch.float32
+        torch.testing.assert_close(got, _reference(q, k, v, m, D ** -0.5), **TOL)
+
+
+@needs_kernels
+def test_attend_gives_zeros_to_a_query_that_sees_nothing():
+    q, k, v = torch.randn(1, 2, 64), torch.randn(1, 9, 64), torch.randn(1, 9, 64)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1] = False
+    got = cpu_kernels.attend(q, k, v, mask, scale=0.125)
+    assert torch.equal(got[0, 1], torch.zeros(64)) and got[0, 0].abs().sum() > 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t", [1, 3])
+def test_cached_attend_takes_the_kernel_at_one_thread(one_thread, dtype, t, monkeypatch):
+    """`cached_attend` at one thread equals its SDPA path (forced by hiding the kernel)."""
+    g = torch.Generator().manual_seed(t)
+    q = torch.randn(1, t, 4, 64, generator=g).to(dtype)
+    k, v = (torch.randn(1, 2, 70, 64, generator=g).to(dtype)[:, :, :50] for _ in range(2))
+    mask = None if t == 1 else torch.ones(t, 50, dtype=torch.bool).tril(50 - t)
+    calls = []
+    real = cpu_kernels.attend
+    monkeypatch.setattr(cpu_kernels, "attend", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        got = cached_attend(q, k, v, mask=mask, backend="windowed")
+        monkeypatch.setattr(cpu_kernels, "usable", lambda *a: False)
+        want = cached_attend(q, k, v, mask=mask, backend="windowed")
+    assert calls == [1] and got.shape == want.shape == (1, t, 4, 64) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), want.float(), **(TOL if dtype == torch.float32 else
+                                                            dict(atol=0.02, rtol=0.02)))
