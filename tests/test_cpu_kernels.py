@@ -96,3 +96,36 @@ def test_cached_attend_takes_the_kernel_at_one_thread(one_thread, dtype, t, monk
     assert calls == [1] and got.shape == want.shape == (1, t, 4, 64) and got.dtype == dtype
     torch.testing.assert_close(got.float(), want.float(), **(TOL if dtype == torch.float32 else
                                                             dict(atol=0.02, rtol=0.02)))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_and_rope_equal_the_modules(dtype, one_thread):
+    """The one-call norm and rotation give the modules' values, roundings included (bf16 to one ulp
+    at most: the norm's 1/sqrt may differ from rsqrt in its last bit)."""
+    from casa.core.decode import decoding
+    from casa.core.lm import RMSNorm, Rotary
+
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(dim=96)
+    with torch.no_grad():
+        norm.weight.normal_(generator=g)
+    norm = norm.to(dtype)
+    x = torch.randn(1, 1, 96, generator=g).to(dtype) * 3
+    rot = Rotary.at(torch.tensor([[37]]), head_dim=16, theta=10000.0)
+    heads = torch.randn(1, 1, 5 * 16 + 8, generator=g).to(dtype)[..., :80].unflatten(-1, (5, 16))  # a strided view
+    with torch.no_grad():
+        want_norm, want_rope = norm(x), rot.apply(heads)
+        calls = []
+        with decoding():
+            real_norm, real_rope = cpu_kernels.rmsnorm, cpu_kernels.rope
+            try:
+                cpu_kernels.rmsnorm = lambda *a: calls.append("norm") or real_norm(*a)
+                cpu_kernels.rope = lambda *a: calls.append("rope") or real_rope(*a)
+                got_norm, got_rope = norm(x), rot.apply(heads)
+            finally:
+                cpu_kernels.rmsnorm, cpu_kernels.rope = real_norm, real_rope
+    assert calls == ["norm", "rope"] and got_norm.dtype == got_rope.dtype == dtype
+    assert torch.equal(got_rope, want_rope)
+    ulp = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=0, rtol=2 ** -7)
+    torch.testing.assert_close(got_norm, want_norm, **ulp)

@@ -61,57 +61,46 @@ static inline __m256 exp8(__m256 x) {
 #endif
 
 /* ------------------------------------------------------------ matrix x vector
- * y[o] = sum_i W[o, i] x[i] (+ b[o]); W row-major [O, I]. Four rows at a time, so that x is
- * read from L1 once per four rows and each row is one forward stream. */
-#define GEMV_BODY(LOAD, ELEM)                                                                     \
-    long o = 0;                                                                                   \
-    for (; o + 4 <= O; o += 4) {                                                                  \
-        const TYPE *w0 = W + o * I, *w1 = w0 + I, *w2 = w1 + I, *w3 = w2 + I;                     \
-        float s0 = 0, s1 = 0, s2 = 0, s3 = 0;                                                     \
-        long i = 0;                                                                               \
-        VEC_BLOCK4(LOAD)                                                                          \
-        for (; i < I; i++) {                                                                      \
-            float xi = x[i];                                                                      \
-            s0 += ELEM(w0[i]) * xi; s1 += ELEM(w1[i]) * xi;                                       \
-            s2 += ELEM(w2[i]) * xi; s3 += ELEM(w3[i]) * xi;                                       \
-        }                                                                                         \
-        y[o] = s0; y[o + 1] = s1; y[o + 2] = s2; y[o + 3] = s3;                                   \
-    }                                                                                             \
-    for (; o < O; o++) {                                                                          \
-        const TYPE *w = W + o * I;                                                                \
-        float s = 0;                                                                              \
-        for (long i = 0; i < I; i++) s += ELEM(w[i]) * x[i];                                      \
-        y[o] = s;                                                                                 \
-    }                                                                                             \
-    if (b)                                                                                        \
-        for (long j = 0; j < O; j++) y[j] += b[j];
-
+ * y[o] = sum_i W[o, i] x[i] (+ b[o]); W row-major [O, I]. One row at a time, front to back,
+ * with eight independent sums: the weights are then one linear stream, which this kind of core
+ * prefetches at full speed (measured on an AVX2 EPYC: 22-24 GB/s, as fast as a plain sum; two
+ * or four rows read side by side fall to 9-11 GB/s). x stays in L1. */
 #ifdef CASA_AVX2
-#define VEC_BLOCK4(LOAD)                                                                          \
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                   \
-    for (; i + 8 <= I; i += 8) {                                                                  \
-        __m256 xv = _mm256_loadu_ps(x + i);                                                       \
-        a0 = _mm256_fmadd_ps(LOAD(w0 + i), xv, a0); a1 = _mm256_fmadd_ps(LOAD(w1 + i), xv, a1);   \
-        a2 = _mm256_fmadd_ps(LOAD(w2 + i), xv, a2); a3 = _mm256_fmadd_ps(LOAD(w3 + i), xv, a3);   \
-    }                                                                                             \
-    s0 = hsum8(a0); s1 = hsum8(a1); s2 = hsum8(a2); s3 = hsum8(a3);
+#define ROW_DOT(LOAD, ELEM)                                                                       \
+    __m256 a[8];                                                                                  \
+    for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();                                       \
+    long i = 0;                                                                                   \
+    for (; i + 64 <= I; i += 64)                                                                  \
+        for (int j = 0; j < 8; j++)                                                               \
+            a[j] = _mm256_fmadd_ps(LOAD(w + i + 8 * j), _mm256_loadu_ps(x + i + 8 * j), a[j]);    \
+    for (; i + 8 <= I; i += 8) a[0] = _mm256_fmadd_ps(LOAD(w + i), _mm256_loadu_ps(x + i), a[0]); \
+    for (int j = 1; j < 8; j++) a[0] = _mm256_add_ps(a[0], a[j]);                                 \
+    float s = hsum8(a[0]);                                                                        \
+    for (; i < I; i++) s += ELEM(w[i]) * x[i];
 #else
-#define VEC_BLOCK4(LOAD)
+#define ROW_DOT(LOAD, ELEM)                                                                       \
+    float s = 0;                                                                                  \
+    for (long i = 0; i < I; i++) s += ELEM(w[i]) * x[i];
 #endif
 
 #define F32(v) (v)
 #define BF16(v) bf16_to_f32(v)
 
-#define TYPE float
 void casa_gemv_f32(const float *W, const float *x, const float *b, float *y, long O, long I) {
-    GEMV_BODY(load8_f32, F32)
+    for (long o = 0; o < O; o++) {
+        const float *w = W + o * I;
+        ROW_DOT(load8_f32, F32)
+        y[o] = b ? s + b[o] : s;
+    }
 }
-#undef TYPE
-#define TYPE uint16_t
+
 void casa_gemv_bf16(const uint16_t *W, const float *x, const float *b, float *y, long O, long I) {
-    GEMV_BODY(load8_bf16, BF16)
+    for (long o = 0; o < O; o++) {
+        const uint16_t *w = W + o * I;
+        ROW_DOT(load8_bf16, BF16)
+        y[o] = b ? s + b[o] : s;
+    }
 }
-#undef TYPE
 
 /* ------------------------------------------------------- few-query attention
  * One key/value head: out[n] = softmax_s(scale q[n].k[s], masked) . v[s].
@@ -242,14 +231,75 @@ static void attend(const float *q, const void *k, const void *v, int bf16, const
     }
 }
 
-/* the entry points; D <= DMAX (checked by the caller) */
+/* the entry points: Hkv heads, q/out [Hkv, N, D] contiguous, k/v heads `hs` elements apart;
+ * D <= DMAX (checked by the caller) */
 void casa_attend_f32(const float *q, const float *k, const float *v, const uint8_t *mask, float *scores,
-                     float *out, long N, long T, long S, long D, long ld, float scale) {
-    attend(q, k, v, 0, mask, scores, out, N, T, S, D, ld, scale);
+                     float *out, long Hkv, long N, long T, long S, long D, long ld, long hs, float scale) {
+    for (long h = 0; h < Hkv; h++)
+        attend(q + h * N * D, k + h * hs, v + h * hs, 0, mask, scores, out + h * N * D, N, T, S, D, ld, scale);
 }
 void casa_attend_bf16(const float *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask, float *scores,
-                      float *out, long N, long T, long S, long D, long ld, float scale) {
-    attend(q, k, v, 1, mask, scores, out, N, T, S, D, ld, scale);
+                      float *out, long Hkv, long N, long T, long S, long D, long ld, long hs, float scale) {
+    for (long h = 0; h < Hkv; h++)
+        attend(q + h * N * D, k + h * hs, v + h * hs, 1, mask, scores, out + h * N * D, N, T, S, D, ld, scale);
+}
+
+/* ------------------------------------------------------------------ RMS norm
+ * out = w * (x / sqrt(mean(x^2) + eps)) over rows of width I, as casa.core.lm.RMSNorm computes it:
+ * normalized in fp32, rounded to the operands' dtype, then scaled by w in that dtype. */
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as PyTorch casts */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
+    u += 0x7fff + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+static float inv_rms(const float *x, long I, float eps) {
+    double ss = 0;
+    for (long i = 0; i < I; i++) ss += (double)x[i] * x[i];
+    return 1.0f / sqrtf((float)(ss / I) + eps);
+}
+
+void casa_rmsnorm_f32(const float *x, const float *w, float *out, long rows, long I, float eps) {
+    for (long r = 0; r < rows; r++, x += I, out += I) {
+        float inv = inv_rms(x, I, eps);
+        for (long i = 0; i < I; i++) out[i] = w[i] * (x[i] * inv);
+    }
+}
+
+void casa_rmsnorm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *out, long rows, long I, float eps) {
+    float row[DMAX * 64];  /* widths up to 16384 */
+    for (long r = 0; r < rows; r++, x += I, out += I) {
+        for (long i = 0; i < I; i++) row[i] = bf16_to_f32(x[i]);
+        float inv = inv_rms(row, I, eps);
+        for (long i = 0; i < I; i++)
+            out[i] = f32_to_bf16(bf16_to_f32(w[i]) * bf16_to_f32(f32_to_bf16(row[i] * inv)));
+    }
+}
+
+/* ---------------------------------------------------------------------- RoPE
+ * out[h, i] = x[h, i] cos[i] + x[h, (i + D/2) % D] ssin[i] for H heads of width D (x's heads `xs`
+ * apart, out contiguous; ssin = [-sin, sin]): casa.core.lm.Rotary.apply's three ops, with its
+ * roundings (each product, then the sum, rounded to the operands' dtype). */
+void casa_rope_f32(const float *x, const float *cos, const float *ssin, float *out, long H, long D, long xs) {
+    long half = D / 2;
+    for (long h = 0; h < H; h++, x += xs, out += D)
+        for (long i = 0; i < D; i++) {
+            float a = x[i] * cos[i], b = x[(i + half) % D] * ssin[i];
+            out[i] = a + b;
+        }
+}
+
+void casa_rope_bf16(const uint16_t *x, const uint16_t *cos, const uint16_t *ssin, uint16_t *out, long H, long D,
+                    long xs) {
+    long half = D / 2;
+    for (long h = 0; h < H; h++, x += xs, out += D)
+        for (long i = 0; i < D; i++) {
+            float a = bf16_to_f32(f32_to_bf16(bf16_to_f32(x[i]) * bf16_to_f32(cos[i])));
+            float b = bf16_to_f32(f32_to_bf16(bf16_to_f32(x[(i + half) % D]) * bf16_to_f32(ssin[i])));
+            out[i] = f32_to_bf16(a + b);
+        }
 }
 
 int casa_kernels_avx2(void) {

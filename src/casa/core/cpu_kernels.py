@@ -10,6 +10,10 @@ and SDPA reads a one-query cache at about a fifth of it. The two kernels in
 - `attend(q [N, D], k/v [S, D])` for one key/value head: one pass over the
   keys for all `N` queries sharing the head (grouped heads x new tokens),
   a vectorized softmax, one pass over the values.
+- `rmsnorm(x, weight)` and `rope(x, cos, signed_sin)`: one call each instead
+  of eight and four small ops, with the same roundings (a decode step of an
+  8-layer casa model normalizes 25 times and rotates 32 times; per-op
+  overhead, not bytes, is what these cost).
 
 Design decisions:
 - Built at first use with the machine's C compiler (`cc -O3 -march=native`,
@@ -41,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["MAX_HEAD_DIM", "attend", "available", "gemv", "usable"]
+__all__ = ["MAX_HEAD_DIM", "MAX_NORM_WIDTH", "attend", "available", "gemv", "rmsnorm", "rope", "usable"]
 
 MAX_HEAD_DIM = 256  # DMAX in cpu_kernels.c
 
@@ -95,7 +99,13 @@ def _lib():
         getattr(lib, name).argtypes = [p, p, p, p, i, i]
         getattr(lib, name).restype = None
     for name in ("casa_attend_f32", "casa_attend_bf16"):
-        getattr(lib, name).argtypes = [p, p, p, p, p, p, i, i, i, i, i, f]
+        getattr(lib, name).argtypes = [p, p, p, p, p, p, i, i, i, i, i, i, i, f]
+        getattr(lib, name).restype = None
+    for name in ("casa_rmsnorm_f32", "casa_rmsnorm_bf16"):
+        getattr(lib, name).argtypes = [p, p, p, i, i, f]
+        getattr(lib, name).restype = None
+    for name in ("casa_rope_f32", "casa_rope_bf16"):
+        getattr(lib, name).argtypes = [p, p, p, p, i, i, i]
         getattr(lib, name).restype = None
     return lib
 
@@ -115,6 +125,21 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """`t` as contiguous fp32, without a copy when it already is (the per-token path counts its ops)."""
+    if t.dtype != torch.float32:
+        t = t.float()
+    return t if t.is_contiguous() else t.contiguous()
+
+
+@functools.cache
+def _fns() -> dict:
+    """The kernels by (name, operand dtype)."""
+    lib = _lib()
+    return {(name, dtype): getattr(lib, f"casa_{name}_{suffix}") for name in ("gemv", "attend", "rmsnorm", "rope")
+            for dtype, suffix in _DTYPES.items()}
+
+
 def gemv(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`weight @ x (+ bias)` in one pass over `weight`.
 
@@ -126,14 +151,55 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None
         `[O]` fp32.
     """
     O, I = weight.shape
-    if weight.stride() != (I, 1):
+    if not weight.is_contiguous():
         raise ValueError(f"gemv: weight of shape {tuple(weight.shape)} must be row-contiguous, "
                          f"got strides {weight.stride()}")
-    x = x.reshape(I).to(torch.float32).contiguous()
-    bias = None if bias is None else bias.to(torch.float32).contiguous()
+    x, bias = _f32(x.reshape(I)), None if bias is None else _f32(bias)
     y = torch.empty(O, dtype=torch.float32)
-    getattr(_lib(), f"casa_gemv_{_DTYPES[weight.dtype]}")(_ptr(weight), _ptr(x), _ptr(bias), _ptr(y), O, I)
+    _fns()["gemv", weight.dtype](weight.data_ptr(), x.data_ptr(), _ptr(bias), y.data_ptr(), O, I)
     return y
+
+
+MAX_NORM_WIDTH = 16384  # the row buffer of casa_rmsnorm_bf16
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`weight * (x / sqrt(mean(x^2) + eps))` over the last dim, as `core.lm.RMSNorm` computes it
+    (normalized in fp32, rounded to `x`'s dtype, scaled by `weight` in that dtype).
+
+    Args:
+        x: `[..., I]`, fp32 or bf16, contiguous; `I <= MAX_NORM_WIDTH`.
+        weight: `[I]`, the same dtype.
+    Returns:
+        `[..., I]`, `x`'s dtype.
+    """
+    I = x.shape[-1]
+    if x.dtype != weight.dtype or not x.is_contiguous() or I > MAX_NORM_WIDTH:
+        raise ValueError(f"rmsnorm: x {tuple(x.shape)} {x.dtype} and weight {weight.dtype} must share a dtype, "
+                         f"x contiguous and at most {MAX_NORM_WIDTH} wide")
+    out = torch.empty_like(x)
+    weight = weight if weight.is_contiguous() else weight.contiguous()
+    _fns()["rmsnorm", x.dtype](x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // I, I, eps)
+    return out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """`x * cos + roll(x, D/2) * signed_sin` for one token's heads, as `core.lm.Rotary.apply` computes it.
+
+    Args:
+        x: `[..., H, D]` with one token (`x.shape[:-2].numel() == 1`), fp32 or bf16, `stride(-1) == 1`
+            (heads may be further apart than `D`: a slice of a packed projection).
+        cos, signed_sin: `[D]` elements (any leading ones), `x`'s dtype, contiguous.
+    Returns:
+        `x`'s shape and dtype, contiguous.
+    """
+    H, D = x.shape[-2:]
+    if x.stride(-1) != 1 or cos.dtype != x.dtype or signed_sin.dtype != x.dtype or cos.numel() != D:
+        raise ValueError(f"rope: x {tuple(x.shape)} {x.dtype} strides {x.stride()}, tables {cos.dtype} "
+                         f"{tuple(cos.shape)}: one token, rows contiguous, tables of {D} in x's dtype")
+    out = torch.empty(x.shape, dtype=x.dtype)
+    _fns()["rope", x.dtype](x.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), out.data_ptr(), H, D, x.stride(-2))
+    return out
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
@@ -143,8 +209,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     Args:
         q: `[Hkv, N, D]` queries, grouped by the key/value head they read (any float dtype; read
             as fp32). Query `n` of a head uses mask row `n % T`.
-        k, v: `[Hkv, S, D]`, fp32 or bf16, same dtype; each head's rows `D` apart (`stride(2) == 1`,
-            `stride(1)` the row pitch, which may exceed `D`), e.g. a slice of `KVCache`'s buffer.
+        k, v: `[Hkv, S, D]`, fp32 or bf16, same dtype and strides; rows contiguous (`stride(2) == 1`),
+            `stride(1)` apart and heads `stride(0)` apart, e.g. a slice of `KVCache`'s buffer.
         mask: bool `[T, S]` (True = attend) or None (every key visible).
         scale: multiplies the scores (`1 / sqrt(D)` for plain attention).
     Returns:
@@ -157,13 +223,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if k.dtype != v.dtype or k.shape != v.shape or k.stride() != v.stride() or k.stride(2) != 1:
         raise ValueError(f"attend: k {tuple(k.shape)} {k.dtype} {k.stride()} and v {tuple(v.shape)} "
                          f"{v.dtype} {v.stride()} must match, rows contiguous")
-    q = q.to(torch.float32).contiguous()
+    q = _f32(q)
     T = 1 if mask is None else mask.shape[0]
-    m = None if mask is None else mask.to(torch.uint8).contiguous()
+    m = None if mask is None else mask.contiguous().view(torch.uint8)  # bool is one byte
     out = torch.empty(Hkv, N, D, dtype=torch.float32)
     scores = torch.empty(N, S, dtype=torch.float32)
-    fn = getattr(_lib(), f"casa_attend_{_DTYPES[k.dtype]}")
-    ld = k.stride(1)
-    for h in range(Hkv):
-        fn(_ptr(q[h]), _ptr(k[h]), _ptr(v[h]), _ptr(m), _ptr(scores), _ptr(out[h]), N, T, S, D, ld, scale)
+    _fns()["attend", k.dtype](q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(m), scores.data_ptr(), out.data_ptr(),
+                              Hkv, N, T, S, D, k.stride(1), k.stride(0), scale)
     return out

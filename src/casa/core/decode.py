@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from casa.core import cpu_kernels
 
-__all__ = ["PACKED_MAX_ROWS", "decoding", "packed_linear", "transposed_layout", "use_packed"]
+__all__ = ["PACKED_MAX_ROWS", "decoding", "kernel_row", "packed_linear", "transposed_layout", "use_packed"]
 
 PACKED_MAX_ROWS = 64  # rows (tokens x streams) up to which the packed layout is used
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -64,6 +64,13 @@ def use_packed(x: torch.Tensor) -> bool:
     return _DECODING.get() and not torch.is_grad_enabled() and x.shape[:-1].numel() <= PACKED_MAX_ROWS
 
 
+def kernel_row(x: torch.Tensor, *, width_dims: int = 1) -> bool:
+    """Whether `x` is one decoded row (its dims before the last `width_dims` hold one element) that
+    casa's CPU kernels take: inside `decoding()`, one CPU thread, fp32/bf16, no autograd, built."""
+    return (_DECODING.get() and x.shape[:-width_dims].numel() == 1 and x.dtype in _KERNEL_DTYPES
+            and x.device.type == "cpu" and _kernel_rows())
+
+
 def transposed_layout(dtype: torch.dtype) -> bool:
     """Whether packed weights of `dtype` are stored `[in, out]` (fp32 without casa's kernel at one
     thread) rather than `[out, in]`."""
@@ -76,7 +83,9 @@ def _kernel_rows() -> bool:
 
 
 def _stamp(linears, transposed: bool) -> tuple:
-    return (transposed, *((p.data_ptr(), p._version, p.dtype, p.device) for m in linears for p in m.parameters()))
+    # storage pointer and version of each weight and bias: a new dtype or device is a new storage
+    return (transposed, *((m.weight.data_ptr(), m.weight._version) for m in linears),
+            *((m.bias.data_ptr(), m.bias._version) for m in linears if m.bias is not None))
 
 
 def _packed(owner: nn.Module, name: str, linears: tuple[nn.Linear, ...]):

@@ -23,8 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from casa.core import cpu_kernels
 from casa.core.attention import cached_attend, causal_attend
-from casa.core.decode import packed_linear, use_packed
+from casa.core.decode import kernel_row, packed_linear, use_packed
 from casa.core.layout import Layout
 
 __all__ = ["MLP", "Attention", "RMSNorm", "Rotary", "mrope_angles"]
@@ -39,6 +40,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if kernel_row(x) and x.dtype == self.weight.dtype and x.is_contiguous():  # one decoded token
+            return cpu_kernels.rmsnorm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -68,6 +71,8 @@ class Rotary:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate `x: [..., H, D]` whose leading dims match the positions'."""
         cos, signed_sin = self._tables(x.dtype)
+        if kernel_row(x, width_dims=2) and x.stride(-1) == 1 and cos.shape[:-1].numel() == 1:  # one decoded token
+            return cpu_kernels.rope(x, cos, signed_sin)
         # HF's rotate_half(x) * sin is roll(x, D/2) * [-sin, sin] (the halves of sin are equal):
         # the same products, in three ops instead of six (a decode step applies this 2-4x per layer)
         return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
