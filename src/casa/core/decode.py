@@ -21,7 +21,8 @@ Design decisions:
 - A packed copy is rebuilt when any of its source parameters changed: it
   records each parameter's storage pointer and version counter (bumped by
   every in-place update: optimizer steps, `load_state_dict`, `.to()`), and
-  the layout it was built for.
+  the layout it was built for. Inside one `decoding()` block (one decode
+  step) a copy is checked once: weights do not change within a step.
 - Used only inside `decoding()` (entered by the incremental paths,
   `inference.Session` and `inference.rows.RowDecoder`), without autograd
   and for few rows (`use_packed`): training and the full forward keep
@@ -34,6 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -45,13 +48,25 @@ __all__ = ["PACKED_MAX_ROWS", "decoding", "kernel_row", "packed_linear", "transp
 
 PACKED_MAX_ROWS = 64  # rows (tokens x streams) up to which the packed layout is used
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-_DECODING = contextvars.ContextVar("casa_decoding", default=False)
+_EPOCHS = itertools.count(1)
+
+
+class _Step(NamedTuple):
+    """What one `decoding()` block decided on entry: no weight changes and no thread-count changes
+    happen inside a decode step, so neither is checked again per projection."""
+
+    epoch: int  # packed copies validated in this block are not re-stamped in it
+    kernels: bool  # casa's CPU kernels take one-row work (one thread, built)
+
+
+_DECODING: contextvars.ContextVar[_Step | None] = contextvars.ContextVar("casa_decoding", default=None)
 
 
 @contextlib.contextmanager
 def decoding():
     """Projections inside take the packed layouts (for the few rows `use_packed` allows)."""
-    token = _DECODING.set(True)
+    kernels = torch.get_num_threads() == 1 and cpu_kernels.available()
+    token = _DECODING.set(_Step(next(_EPOCHS), kernels))
     try:
         yield
     finally:
@@ -61,14 +76,14 @@ def decoding():
 def use_packed(x: torch.Tensor) -> bool:
     """Whether a projection of `x: [..., in]` takes the packed path: inside `decoding()`,
     no autograd, at most `PACKED_MAX_ROWS` rows."""
-    return _DECODING.get() and not torch.is_grad_enabled() and x.shape[:-1].numel() <= PACKED_MAX_ROWS
+    return _DECODING.get() is not None and not torch.is_grad_enabled() and x.shape[:-1].numel() <= PACKED_MAX_ROWS
 
 
 def kernel_row(x: torch.Tensor, *, width_dims: int = 1) -> bool:
     """Whether `x` is one decoded row (its dims before the last `width_dims` hold one element) that
     casa's CPU kernels take: inside `decoding()`, one CPU thread, fp32/bf16, no autograd, built."""
-    return (_DECODING.get() and x.shape[:-width_dims].numel() == 1 and x.dtype in _KERNEL_DTYPES
-            and x.device.type == "cpu" and _kernel_rows())
+    return (x.shape[:-width_dims].numel() == 1 and x.dtype in _KERNEL_DTYPES and x.device.type == "cpu"
+            and _kernel_rows())
 
 
 def transposed_layout(dtype: torch.dtype) -> bool:
@@ -78,8 +93,9 @@ def transposed_layout(dtype: torch.dtype) -> bool:
 
 
 def _kernel_rows() -> bool:
-    """Whether one-row products go through `cpu_kernels.gemv` (built, one thread, no autograd)."""
-    return torch.get_num_threads() == 1 and not torch.is_grad_enabled() and cpu_kernels.available()
+    """Whether one-row work goes through casa's kernels (inside `decoding()`, one thread, built, no autograd)."""
+    step = _DECODING.get()
+    return step is not None and step.kernels and not torch.is_grad_enabled()
 
 
 def _stamp(linears, transposed: bool) -> tuple:
@@ -92,10 +108,15 @@ def _packed(owner: nn.Module, name: str, linears: tuple[nn.Linear, ...]):
     """`(weight, bias [sum(out)] or None, transposed)` for `linears`, cached on `owner` under `name`;
     weight `[in, sum(out)]` if `transposed` (`transposed_layout`), else `[sum(out), in]`."""
     cache = owner.__dict__.setdefault("_packed_for_decode", {})
+    step = _DECODING.get()
+    hit = cache.get(name)
+    if hit is not None and step is not None and hit[3] == step.epoch:  # validated earlier in this step
+        return hit[1], hit[2], hit[0][0]
     transposed = transposed_layout(linears[0].weight.dtype)
     stamp = _stamp(linears, transposed)
-    hit = cache.get(name)
+    epoch = step.epoch if step is not None else 0
     if hit is not None and hit[0] == stamp:
+        cache[name] = (*hit[:3], epoch)
         return hit[1], hit[2], transposed
     with torch.no_grad():
         weight = torch.cat([m.weight for m in linears])
@@ -105,7 +126,7 @@ def _packed(owner: nn.Module, name: str, linears: tuple[nn.Linear, ...]):
         if any(m.bias is not None for m in linears):
             bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
                               for m in linears])
-    cache[name] = (stamp, weight, bias)
+    cache[name] = (stamp, weight, bias, epoch)
     return weight, bias, transposed
 
 
@@ -123,7 +144,8 @@ def packed_linear(x: torch.Tensor, owner: nn.Module, name: str, linears: tuple[n
     if not transposed:
         if x.shape[:-1].numel() == 1 and weight.dtype in _KERNEL_DTYPES and x.device.type == "cpu" \
                 and _kernel_rows():
-            return cpu_kernels.gemv(weight, x.reshape(-1), bias).to(x.dtype).view(*x.shape[:-1], -1)
+            y = cpu_kernels.gemv(weight, x.reshape(-1), bias)
+            return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*x.shape[:-1], -1)
         return F.linear(x, weight, bias)
     if x.shape[:-1].numel() == 1:
         # one row: BLAS's matrix-vector product on the transposed view (measured on this
