@@ -120,7 +120,7 @@ SIZES["gpu"] = {**SIZES["full"], "device": "cuda",
                 "model": {"lm": {**_FULL_MODEL["lm"], "d_model": 256, "n_layers": 6, "d_ff": 704},
                           "vision": {**_FULL_MODEL["vision"], "image_size": 64, "d_model": 192, "n_layers": 4,
                                      "d_ff": 384}},
-                "stage0": {**SIZES["full"]["stage0"], "lm_steps": 1000, "vision_steps": 1500},
+                "stage0": {**SIZES["full"]["stage0"], "lm_steps": 4000, "vision_steps": 1500},
                 "train": {**SIZES["full"]["train"], "steps": 1500, "text_tokens": 1024, "image_tokens": 16384},
                 "difficulty": {**DIFFICULTY, "image_size": 64}, "eval_n": 90}
 
