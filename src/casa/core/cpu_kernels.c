@@ -113,12 +113,6 @@ void casa_gemv_bf16(const uint16_t *W, const float *x, const float *b, float *y,
 #define DMAX 256
 
 #ifdef CASA_AVX2
-/* the 8 lane-sums of a[0..7], as one vector */
-static inline __m256 hsum8x8(const __m256 *a) {
-    __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-}
 #endif
 
 /* dst[s, :] = src[s, :] as fp32 for rows 0..rows-1 (src rows `ld` apart); returns dst, rows D apart */
@@ -128,58 +122,119 @@ static const float *widen_bf16(float *dst, const uint16_t *src, long rows, long 
     return dst;
 }
 
-/* scores[s] = q . k[s] for s < rows (k rows `ld` apart) */
-static void dots(const float *q, const float *k, long rows, long D, long ld, float *scores) {
-    long s = 0;
+#ifdef CASA_AVX2
+/* the lane-sums of a[0..3], as 4 floats */
+static inline __m128 hsum4x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+}
+#endif
+
+/* scores[n * S + s] = q[n] . k[s] for n < N, s < rows (q rows D apart, k rows `ld` apart).
+ * Register-blocked, two queries x four keys at a time: each loaded key vector serves two queries
+ * and each query vector four keys, so the loads stay under the FMAs (one query at a time is
+ * load-bound at about half the FMA rate, and the cache pass is then compute-bound). */
+static void dots(const float *q, long N, const float *k, long rows, long D, long ld, float *scores, long S) {
+    long n = 0;
 #ifdef CASA_AVX2
     if (D % 8 == 0) {
-        for (; s + 8 <= rows; s += 8) {
-            __m256 acc[8];
-            for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
-            for (long d = 0; d < D; d += 8) {
-                __m256 qv = _mm256_loadu_ps(q + d);
-                for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (s + j) * ld + d), acc[j]);
+        for (; n + 2 <= N; n += 2) {
+            const float *q0 = q + n * D, *q1 = q0 + D;
+            long s = 0;
+            for (; s + 4 <= rows; s += 4) {
+                const float *k0 = k + s * ld, *k1 = k0 + ld, *k2 = k1 + ld, *k3 = k2 + ld;
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+                for (long d = 0; d < D; d += 8) {
+                    __m256 x0 = _mm256_loadu_ps(k0 + d), x1 = _mm256_loadu_ps(k1 + d);
+                    __m256 x2 = _mm256_loadu_ps(k2 + d), x3 = _mm256_loadu_ps(k3 + d);
+                    __m256 qa = _mm256_loadu_ps(q0 + d);
+                    a0 = _mm256_fmadd_ps(qa, x0, a0); a1 = _mm256_fmadd_ps(qa, x1, a1);
+                    a2 = _mm256_fmadd_ps(qa, x2, a2); a3 = _mm256_fmadd_ps(qa, x3, a3);
+                    __m256 qb = _mm256_loadu_ps(q1 + d);
+                    b0 = _mm256_fmadd_ps(qb, x0, b0); b1 = _mm256_fmadd_ps(qb, x1, b1);
+                    b2 = _mm256_fmadd_ps(qb, x2, b2); b3 = _mm256_fmadd_ps(qb, x3, b3);
+                }
+                _mm_storeu_ps(scores + n * S + s, hsum4x8(a0, a1, a2, a3));
+                _mm_storeu_ps(scores + (n + 1) * S + s, hsum4x8(b0, b1, b2, b3));
             }
-            _mm256_storeu_ps(scores + s, hsum8x8(acc));
+            for (; s < rows; s++) {
+                __m256 a = _mm256_setzero_ps(), b = a;
+                for (long d = 0; d < D; d += 8) {
+                    __m256 x = _mm256_loadu_ps(k + s * ld + d);
+                    a = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + d), x, a);
+                    b = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + d), x, b);
+                }
+                scores[n * S + s] = hsum8(a);
+                scores[(n + 1) * S + s] = hsum8(b);
+            }
         }
     }
 #endif
-    for (; s < rows; s++) {
-        float dot = 0;
-        for (long d = 0; d < D; d++) dot += q[d] * k[s * ld + d];
-        scores[s] = dot;
-    }
+    for (; n < N; n++)
+        for (long s = 0; s < rows; s++) {
+            float dot = 0;
+            for (long d = 0; d < D; d++) dot += q[n * D + d] * k[s * ld + d];
+            scores[n * S + s] = dot;
+        }
 }
 
-/* out += sum_s p[s] v[s] for s < rows (v rows `ld` apart) */
-static void weighted_sum(const float *p, const float *v, long rows, long D, long ld, float *out) {
-    long d0 = 0;
+/* out[n] += sum_s p[n * S + s] v[s] for n < N, s < rows (v rows `ld` apart, out rows D apart).
+ * Register-blocked, two queries x 32 outputs held across the chunk: each loaded value vector
+ * serves two queries. */
+static void weighted_sum(const float *p, long N, const float *v, long rows, long D, long ld, float *out, long S) {
+    long n = 0;
 #ifdef CASA_AVX2
-    for (; d0 + 64 <= D; d0 += 64) {  /* 64 outputs held in 8 registers across the chunk */
-        __m256 acc[8];
-        for (int j = 0; j < 8; j++) acc[j] = _mm256_loadu_ps(out + d0 + 8 * j);
-        for (long s = 0; s < rows; s++) {
-            __m256 pv = _mm256_set1_ps(p[s]);
-            const float *vs = v + s * ld + d0;
-            for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(vs + 8 * j), acc[j]);
+    if (D % 32 == 0) {
+        for (; n + 2 <= N; n += 2) {
+            const float *p0 = p + n * S, *p1 = p0 + S;
+            float *o0 = out + n * D, *o1 = o0 + D;
+            for (long d = 0; d < D; d += 32) {
+                __m256 a0 = _mm256_loadu_ps(o0 + d), a1 = _mm256_loadu_ps(o0 + d + 8);
+                __m256 a2 = _mm256_loadu_ps(o0 + d + 16), a3 = _mm256_loadu_ps(o0 + d + 24);
+                __m256 b0 = _mm256_loadu_ps(o1 + d), b1 = _mm256_loadu_ps(o1 + d + 8);
+                __m256 b2 = _mm256_loadu_ps(o1 + d + 16), b3 = _mm256_loadu_ps(o1 + d + 24);
+                for (long s = 0; s < rows; s++) {
+                    const float *vs = v + s * ld + d;
+                    __m256 x0 = _mm256_loadu_ps(vs), x1 = _mm256_loadu_ps(vs + 8);
+                    __m256 x2 = _mm256_loadu_ps(vs + 16), x3 = _mm256_loadu_ps(vs + 24);
+                    __m256 pa = _mm256_set1_ps(p0[s]);
+                    a0 = _mm256_fmadd_ps(pa, x0, a0); a1 = _mm256_fmadd_ps(pa, x1, a1);
+                    a2 = _mm256_fmadd_ps(pa, x2, a2); a3 = _mm256_fmadd_ps(pa, x3, a3);
+                    __m256 pb = _mm256_set1_ps(p1[s]);
+                    b0 = _mm256_fmadd_ps(pb, x0, b0); b1 = _mm256_fmadd_ps(pb, x1, b1);
+                    b2 = _mm256_fmadd_ps(pb, x2, b2); b3 = _mm256_fmadd_ps(pb, x3, b3);
+                }
+                _mm256_storeu_ps(o0 + d, a0); _mm256_storeu_ps(o0 + d + 8, a1);
+                _mm256_storeu_ps(o0 + d + 16, a2); _mm256_storeu_ps(o0 + d + 24, a3);
+                _mm256_storeu_ps(o1 + d, b0); _mm256_storeu_ps(o1 + d + 8, b1);
+                _mm256_storeu_ps(o1 + d + 16, b2); _mm256_storeu_ps(o1 + d + 24, b3);
+            }
         }
-        for (int j = 0; j < 8; j++) _mm256_storeu_ps(out + d0 + 8 * j, acc[j]);
     }
 #endif
-    for (long s = 0; s < rows; s++)
-        for (long d = d0; d < D; d++) out[d] += p[s] * v[s * ld + d];
+    for (; n < N; n++)
+        for (long s = 0; s < rows; s++)
+            for (long d = 0; d < D; d++) out[n * D + d] += p[n * S + s] * v[s * ld + d];
 }
 
 /* row <- softmax(row), in place; an all-masked row becomes zeros */
 static void softmax_row(float *row, long S) {
     float mx = -INFINITY;
-    for (long s = 0; s < S; s++) mx = row[s] > mx ? row[s] : mx;
+    long s = 0;
+#ifdef CASA_AVX2
+    __m256 m8 = _mm256_set1_ps(-INFINITY);
+    for (; s + 8 <= S; s += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(row + s));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, m8);
+    for (int j = 0; j < 8; j++) mx = lanes[j] > mx ? lanes[j] : mx;
+#endif
+    for (; s < S; s++) mx = row[s] > mx ? row[s] : mx;
     if (mx == -INFINITY) {
         memset(row, 0, sizeof(float) * S);
         return;
     }
     float sum = 0;
-    long s = 0;
+    s = 0;
 #ifdef CASA_AVX2
     __m256 m = _mm256_set1_ps(mx), acc = _mm256_setzero_ps();
     for (; s + 8 <= S; s += 8) {
@@ -194,12 +249,19 @@ static void softmax_row(float *row, long S) {
         sum += row[s];
     }
     float inv = 1.0f / sum;
-    for (s = 0; s < S; s++) row[s] *= inv;
+    s = 0;
+#ifdef CASA_AVX2
+    __m256 inv8 = _mm256_set1_ps(inv);
+    for (; s + 8 <= S; s += 8) _mm256_storeu_ps(row + s, _mm256_mul_ps(_mm256_loadu_ps(row + s), inv8));
+#endif
+    for (; s < S; s++) row[s] *= inv;
 }
 
 static void attend(const float *q, const void *k, const void *v, int bf16, const uint8_t *mask, float *scores,
                    float *out, long N, long T, long S, long D, long ld, float scale) {
     float buf[CHUNK * DMAX];
+    float *qs = malloc(sizeof(float) * N * D);  /* the queries times the scale: one multiply per query element */
+    for (long i = 0; i < N * D; i++) qs[i] = q[i] * scale;
     for (long s0 = 0; s0 < S; s0 += CHUNK) {
         long rows = S - s0 < CHUNK ? S - s0 : CHUNK, cld = ld;
         const float *kc;
@@ -209,13 +271,16 @@ static void attend(const float *q, const void *k, const void *v, int bf16, const
         } else {
             kc = (const float *)k + s0 * ld;
         }
-        for (long n = 0; n < N; n++) {
-            float *sc = scores + n * S + s0;
-            dots(q + n * D, kc, rows, D, cld, sc);
-            const uint8_t *mrow = mask ? mask + (n % T) * S + s0 : NULL;
-            for (long s = 0; s < rows; s++) sc[s] = (mrow && !mrow[s]) ? -INFINITY : sc[s] * scale;
-        }
+        dots(qs, N, kc, rows, D, cld, scores + s0, S);
+        if (mask)
+            for (long n = 0; n < N; n++) {
+                const uint8_t *mrow = mask + (n % T) * S + s0;
+                float *sc = scores + n * S + s0;
+                for (long s = 0; s < rows; s++)
+                    if (!mrow[s]) sc[s] = -INFINITY;
+            }
     }
+    free(qs);
     for (long n = 0; n < N; n++) softmax_row(scores + n * S, S);
     memset(out, 0, sizeof(float) * N * D);
     for (long s0 = 0; s0 < S; s0 += CHUNK) {
@@ -227,7 +292,7 @@ static void attend(const float *q, const void *k, const void *v, int bf16, const
         } else {
             vc = (const float *)v + s0 * ld;
         }
-        for (long n = 0; n < N; n++) weighted_sum(scores + n * S + s0, vc, rows, D, cld, out + n * D);
+        weighted_sum(scores + s0, N, vc, rows, D, cld, out, S);
     }
 }
 
