@@ -129,3 +129,28 @@ def test_rmsnorm_and_rope_equal_the_modules(dtype, one_thread):
     assert torch.equal(got_rope, want_rope)
     ulp = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=0, rtol=2 ** -7)
     torch.testing.assert_close(got_norm, want_norm, **ulp)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_equals_the_mlp(dtype, one_thread):
+    """One decoded row through the one-call feed-forward gives `MLP`'s output (fp32: summation
+    order; bf16: rounded where PyTorch rounds, so within an ulp of the output's scale)."""
+    from casa.core.decode import decoding
+    from casa.core.lm import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(d_model=72, d_ff=100).to(dtype)
+    x = torch.randn(1, 1, 72).to(dtype) * 2
+    calls, real = [], cpu_kernels.swiglu
+    with torch.no_grad():
+        want = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+        try:
+            cpu_kernels.swiglu = lambda *a: calls.append(1) or real(*a)
+            with decoding():
+                got = mlp(x)
+        finally:
+            cpu_kernels.swiglu = real
+    assert calls == [1] and got.shape == want.shape and got.dtype == dtype
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2 ** -7 * want.abs().max().item(), rtol=0)
+    torch.testing.assert_close(got, want, **tol)

@@ -26,6 +26,14 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as PyTorch casts */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
+    u += 0x7fff + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
 #ifdef CASA_AVX2
 static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
 static inline __m256 load8_bf16(const uint16_t *p) {
@@ -117,8 +125,13 @@ void casa_gemv_bf16(const uint16_t *W, const float *x, const float *b, float *y,
 
 /* dst[s, :] = src[s, :] as fp32 for rows 0..rows-1 (src rows `ld` apart); returns dst, rows D apart */
 static const float *widen_bf16(float *dst, const uint16_t *src, long rows, long D, long ld) {
-    for (long s = 0; s < rows; s++)
-        for (long d = 0; d < D; d++) dst[s * D + d] = bf16_to_f32(src[s * ld + d]);
+    for (long s = 0; s < rows; s++) {
+        long d = 0;
+#ifdef CASA_AVX2
+        for (; d + 8 <= D; d += 8) _mm256_storeu_ps(dst + s * D + d, load8_bf16(src + s * ld + d));
+#endif
+        for (; d < D; d++) dst[s * D + d] = bf16_to_f32(src[s * ld + d]);
+    }
     return dst;
 }
 
@@ -309,16 +322,52 @@ void casa_attend_bf16(const float *q, const uint16_t *k, const uint16_t *v, cons
         attend(q + h * N * D, k + h * hs, v + h * hs, 1, mask, scores, out + h * N * D, N, T, S, D, ld, scale);
 }
 
+/* -------------------------------------------------------------------- SwiGLU
+ * y = down(silu(gate(x)) * up(x)) for one row: W_gu [2F, I] (the gate's rows, then the up
+ * projection's), W_d [O, F]; h: scratch [2F]. bf16 rounds where PyTorch's bf16 ops do (each
+ * projection's output, silu, the product). */
+static void silu_mul(float *h, long F, int bf16) {
+    long f = 0;
+#ifdef CASA_AVX2
+    if (!bf16) {
+        const __m256 one = _mm256_set1_ps(1.0f), hi = _mm256_set1_ps(88.0f);
+        for (; f + 8 <= F; f += 8) {
+            __m256 g = _mm256_loadu_ps(h + f);
+            __m256 e = exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), hi));
+            __m256 sg = _mm256_div_ps(g, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(h + f, _mm256_mul_ps(sg, _mm256_loadu_ps(h + F + f)));
+        }
+    }
+#endif
+    for (; f < F; f++) {
+        float g = h[f], u = h[F + f];
+        if (bf16) {
+            g = bf16_to_f32(f32_to_bf16(g));
+            u = bf16_to_f32(f32_to_bf16(u));
+            float sg = bf16_to_f32(f32_to_bf16(g / (1.0f + expf(-g))));
+            h[f] = bf16_to_f32(f32_to_bf16(sg * u));
+        } else {
+            h[f] = g / (1.0f + expf(-g)) * u;
+        }
+    }
+}
+
+void casa_swiglu_f32(const float *Wgu, const float *Wd, const float *x, float *h, float *y, long I, long F, long O) {
+    casa_gemv_f32(Wgu, x, NULL, h, 2 * F, I);
+    silu_mul(h, F, 0);
+    casa_gemv_f32(Wd, h, NULL, y, O, F);
+}
+
+void casa_swiglu_bf16(const uint16_t *Wgu, const uint16_t *Wd, const float *x, float *h, float *y, long I, long F,
+                      long O) {
+    casa_gemv_bf16(Wgu, x, NULL, h, 2 * F, I);
+    silu_mul(h, F, 1);
+    casa_gemv_bf16(Wd, h, NULL, y, O, F);
+}
+
 /* ------------------------------------------------------------------ RMS norm
  * out = w * (x / sqrt(mean(x^2) + eps)) over rows of width I, as casa.core.lm.RMSNorm computes it:
  * normalized in fp32, rounded to the operands' dtype, then scaled by w in that dtype. */
-static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as PyTorch casts */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
-    u += 0x7fff + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
 
 static float inv_rms(const float *x, long I, float eps) {
     double ss = 0;

@@ -10,6 +10,7 @@ and SDPA reads a one-query cache at about a fifth of it. The two kernels in
 - `attend(q [N, D], k/v [S, D])` for one key/value head: one pass over the
   keys for all `N` queries sharing the head (grouped heads x new tokens),
   a vectorized softmax, one pass over the values.
+- `swiglu(x, gate_up, down)`: the feed-forward of one row in one call.
 - `rmsnorm(x, weight)` and `rope(x, cos, signed_sin)`: one call each instead
   of eight and four small ops, with the same roundings (a decode step of an
   8-layer casa model normalizes 25 times and rotates 32 times; per-op
@@ -45,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["MAX_HEAD_DIM", "MAX_NORM_WIDTH", "attend", "available", "gemv", "rmsnorm", "rope", "usable"]
+__all__ = ["MAX_HEAD_DIM", "MAX_NORM_WIDTH", "attend", "available", "gemv", "rmsnorm", "rope", "swiglu", "usable"]
 
 MAX_HEAD_DIM = 256  # DMAX in cpu_kernels.c
 
@@ -104,6 +105,9 @@ def _lib():
     for name in ("casa_rmsnorm_f32", "casa_rmsnorm_bf16"):
         getattr(lib, name).argtypes = [p, p, p, i, i, f]
         getattr(lib, name).restype = None
+    for name in ("casa_swiglu_f32", "casa_swiglu_bf16"):
+        getattr(lib, name).argtypes = [p, p, p, p, p, i, i, i]
+        getattr(lib, name).restype = None
     for name in ("casa_rope_f32", "casa_rope_bf16"):
         getattr(lib, name).argtypes = [p, p, p, p, i, i, i]
         getattr(lib, name).restype = None
@@ -117,8 +121,12 @@ def available() -> bool:
 
 def usable(*tensors: torch.Tensor) -> bool:
     """Whether the kernels serve these operands: built, one torch thread, CPU, fp32/bf16, no autograd."""
-    return (torch.get_num_threads() == 1 and not torch.is_grad_enabled() and available()
-            and all(t.device.type == "cpu" and t.dtype in _DTYPES for t in tensors))
+    if torch.is_grad_enabled() or torch.get_num_threads() != 1 or _lib() is None:
+        return False
+    for t in tensors:  # a loop, not all(...): this runs for every cached attention of a decode step
+        if not t.is_cpu or t.dtype not in _DTYPES:
+            return False
+    return True
 
 
 def _ptr(t: torch.Tensor | None):
@@ -136,7 +144,7 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 def _fns() -> dict:
     """The kernels by (name, operand dtype)."""
     lib = _lib()
-    return {(name, dtype): getattr(lib, f"casa_{name}_{suffix}") for name in ("gemv", "attend", "rmsnorm", "rope")
+    return {(name, dtype): getattr(lib, f"casa_{name}_{suffix}") for name in ("gemv", "attend", "rmsnorm", "rope", "swiglu")
             for dtype, suffix in _DTYPES.items()}
 
 
@@ -157,6 +165,28 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None
     x, bias = _f32(x.reshape(I)), None if bias is None else _f32(bias)
     y = torch.empty(O, dtype=torch.float32)
     _fns()["gemv", weight.dtype](weight.data_ptr(), x.data_ptr(), _ptr(bias), y.data_ptr(), O, I)
+    return y
+
+
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """`down @ (silu(gate @ x) * (up @ x))` for one row, in one call (SwiGLU, `core.lm.MLP`).
+
+    Args:
+        x: `[I]` (read as fp32).
+        gate_up: `[2F, I]`, the gate's rows then the up projection's; fp32 or bf16, contiguous.
+        down: `[O, F]`, the same dtype, contiguous.
+    Returns:
+        `[O]` fp32 (bf16 weights: rounded where PyTorch's bf16 ops round, but the last product).
+    """
+    F2, I = gate_up.shape
+    O, F = down.shape
+    if F2 != 2 * F or gate_up.dtype != down.dtype or not (gate_up.is_contiguous() and down.is_contiguous()):
+        raise ValueError(f"swiglu: gate_up {tuple(gate_up.shape)} {gate_up.dtype} and down {tuple(down.shape)} "
+                         f"{down.dtype}: expected [2F, I] and [O, F], one dtype, contiguous")
+    x = _f32(x.reshape(I))
+    h, y = torch.empty(2 * F, dtype=torch.float32), torch.empty(O, dtype=torch.float32)
+    _fns()["swiglu", down.dtype](gate_up.data_ptr(), down.data_ptr(), x.data_ptr(), h.data_ptr(), y.data_ptr(),
+                                 I, F, O)
     return y
 
 

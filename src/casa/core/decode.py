@@ -21,8 +21,7 @@ Design decisions:
 - A packed copy is rebuilt when any of its source parameters changed: it
   records each parameter's storage pointer and version counter (bumped by
   every in-place update: optimizer steps, `load_state_dict`, `.to()`), and
-  the layout it was built for. Inside one `decoding()` block (one decode
-  step) a copy is checked once: weights do not change within a step.
+  the layout it was built for.
 - Used only inside `decoding()` (entered by the incremental paths,
   `inference.Session` and `inference.rows.RowDecoder`), without autograd
   and for few rows (`use_packed`): training and the full forward keep
@@ -35,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import itertools
 from typing import NamedTuple
 
 import torch
@@ -44,29 +42,19 @@ import torch.nn.functional as F
 
 from casa.core import cpu_kernels
 
-__all__ = ["PACKED_MAX_ROWS", "decoding", "kernel_row", "packed_linear", "transposed_layout", "use_packed"]
+__all__ = ["PACKED_MAX_ROWS", "decoding", "kernel_row", "packed_linear", "packed_swiglu", "transposed_layout",
+           "use_packed"]
 
 PACKED_MAX_ROWS = 64  # rows (tokens x streams) up to which the packed layout is used
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-_EPOCHS = itertools.count(1)
-
-
-class _Step(NamedTuple):
-    """What one `decoding()` block decided on entry: no weight changes and no thread-count changes
-    happen inside a decode step, so neither is checked again per projection."""
-
-    epoch: int  # packed copies validated in this block are not re-stamped in it
-    kernels: bool  # casa's CPU kernels take one-row work (one thread, built)
-
-
-_DECODING: contextvars.ContextVar[_Step | None] = contextvars.ContextVar("casa_decoding", default=None)
+_DECODING: contextvars.ContextVar[bool | None] = contextvars.ContextVar("casa_decoding", default=None)
 
 
 @contextlib.contextmanager
 def decoding():
-    """Projections inside take the packed layouts (for the few rows `use_packed` allows)."""
-    kernels = torch.get_num_threads() == 1 and cpu_kernels.available()
-    token = _DECODING.set(_Step(next(_EPOCHS), kernels))
+    """Projections inside take the packed layouts (for the few rows `use_packed` allows); whether
+    casa's CPU kernels take one-row work (one thread, built) is decided here, once per step."""
+    token = _DECODING.set(torch.get_num_threads() == 1 and cpu_kernels.available())
     try:
         yield
     finally:
@@ -81,9 +69,11 @@ def use_packed(x: torch.Tensor) -> bool:
 
 def kernel_row(x: torch.Tensor, *, width_dims: int = 1) -> bool:
     """Whether `x` is one decoded row (its dims before the last `width_dims` hold one element) that
-    casa's CPU kernels take: inside `decoding()`, one CPU thread, fp32/bf16, no autograd, built."""
-    return (x.shape[:-width_dims].numel() == 1 and x.dtype in _KERNEL_DTYPES and x.device.type == "cpu"
-            and _kernel_rows())
+    casa's CPU kernels take: inside `decoding()`, one CPU thread, fp32/bf16, no autograd, built.
+    (Called ~70 times per decoded token: the cheapest tests first.)"""
+    if not _DECODING.get() or torch.is_grad_enabled() or x.dtype not in _KERNEL_DTYPES or not x.is_cpu:
+        return False
+    return x.numel() == x.shape[-1] if width_dims == 1 else x.shape[:-width_dims].numel() == 1
 
 
 def transposed_layout(dtype: torch.dtype) -> bool:
@@ -94,30 +84,36 @@ def transposed_layout(dtype: torch.dtype) -> bool:
 
 def _kernel_rows() -> bool:
     """Whether one-row work goes through casa's kernels (inside `decoding()`, one thread, built, no autograd)."""
-    step = _DECODING.get()
-    return step is not None and step.kernels and not torch.is_grad_enabled()
+    return bool(_DECODING.get()) and not torch.is_grad_enabled()
 
 
-def _stamp(linears, transposed: bool) -> tuple:
-    # storage pointer and version of each weight and bias: a new dtype or device is a new storage
-    return (transposed, *((m.weight.data_ptr(), m.weight._version) for m in linears),
-            *((m.bias.data_ptr(), m.bias._version) for m in linears if m.bias is not None))
+class _Packed(NamedTuple):
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    transposed: bool
+    # (the module's parameter dict, name, parameter, storage pointer, version) of each source:
+    # checked without nn.Module's attribute lookup, which a decode step would pay ~100 times
+    sources: tuple
+
+
+def _fresh(sources: tuple) -> bool:
+    """Whether every source parameter is still the same object, storage and version (a new
+    dtype or device is a new storage; optimizer steps and `load_state_dict` bump the version)."""
+    return all(params.get(name) is p and p._version == version and p.data_ptr() == ptr
+               for params, name, p, ptr, version in sources)
 
 
 def _packed(owner: nn.Module, name: str, linears: tuple[nn.Linear, ...]):
     """`(weight, bias [sum(out)] or None, transposed)` for `linears`, cached on `owner` under `name`;
     weight `[in, sum(out)]` if `transposed` (`transposed_layout`), else `[sum(out), in]`."""
     cache = owner.__dict__.setdefault("_packed_for_decode", {})
-    step = _DECODING.get()
     hit = cache.get(name)
-    if hit is not None and step is not None and hit[3] == step.epoch:  # validated earlier in this step
-        return hit[1], hit[2], hit[0][0]
+    if hit is not None and hit.transposed == (hit.weight.dtype == torch.float32 and not _kernel_rows()) \
+            and _fresh(hit.sources):
+        return hit.weight, hit.bias, hit.transposed
     transposed = transposed_layout(linears[0].weight.dtype)
-    stamp = _stamp(linears, transposed)
-    epoch = step.epoch if step is not None else 0
-    if hit is not None and hit[0] == stamp:
-        cache[name] = (*hit[:3], epoch)
-        return hit[1], hit[2], transposed
+    sources = tuple((m._parameters, key, p, p.data_ptr(), p._version)
+                    for m in linears for key, p in m._parameters.items() if p is not None)
     with torch.no_grad():
         weight = torch.cat([m.weight for m in linears])
         if transposed:
@@ -126,8 +122,27 @@ def _packed(owner: nn.Module, name: str, linears: tuple[nn.Linear, ...]):
         if any(m.bias is not None for m in linears):
             bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
                               for m in linears])
-    cache[name] = (stamp, weight, bias, epoch)
+    cache[name] = _Packed(weight, bias, transposed, sources)
     return weight, bias, transposed
+
+
+def packed_swiglu(x: torch.Tensor, owner: nn.Module, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> torch.Tensor:
+    """`down(silu(gate(x)) * up(x))` through the packed layouts: one kernel call for one row at one
+    thread (`cpu_kernels.swiglu`), else a gate/up product and a down product.
+
+    Args:
+        x: `[..., d]`; the linears have no bias.
+    Returns:
+        `[..., d_out]`.
+    """
+    if kernel_row(x):
+        gate_up, _, transposed = _packed(owner, "gate_up", (gate, up))
+        weight, _, _ = _packed(owner, "down", (down,))
+        if not transposed and gate_up.dtype == x.dtype:
+            y = cpu_kernels.swiglu(x, gate_up, weight)
+            return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*x.shape[:-1], -1)
+    g, u = packed_linear(x, owner, "gate_up", (gate, up)).chunk(2, dim=-1)
+    return packed_linear(F.silu(g) * u, owner, "down", (down,))
 
 
 def packed_linear(x: torch.Tensor, owner: nn.Module, name: str, linears: tuple[nn.Linear, ...]) -> torch.Tensor:
@@ -142,8 +157,7 @@ def packed_linear(x: torch.Tensor, owner: nn.Module, name: str, linears: tuple[n
     """
     weight, bias, transposed = _packed(owner, name, linears)
     if not transposed:
-        if x.shape[:-1].numel() == 1 and weight.dtype in _KERNEL_DTYPES and x.device.type == "cpu" \
-                and _kernel_rows():
+        if kernel_row(x) and weight.dtype == x.dtype:
             y = cpu_kernels.gemv(weight, x.reshape(-1), bias)
             return (y if y.dtype == x.dtype else y.to(x.dtype)).view(*x.shape[:-1], -1)
         return F.linear(x, weight, bias)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from casa.core import cpu_kernels
 from casa.core.attention import cached_attend, causal_attend
-from casa.core.decode import kernel_row, packed_linear, use_packed
+from casa.core.decode import kernel_row, packed_linear, packed_swiglu, use_packed
 from casa.core.layout import Layout
 
 __all__ = ["MLP", "Attention", "RMSNorm", "Rotary", "mrope_angles"]
@@ -189,7 +189,6 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x):
-        if use_packed(x):  # decoding: gate and up in one pre-transposed product (core.decode)
-            gate, up = packed_linear(x, self, "gate_up", (self.gate_proj, self.up_proj)).chunk(2, dim=-1)
-            return packed_linear(F.silu(gate) * up, self, "down", (self.down_proj,))
+        if use_packed(x):  # decoding: gate and up in one packed product, or all of it in one kernel (core.decode)
+            return packed_swiglu(x, self, self.gate_proj, self.up_proj, self.down_proj)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
