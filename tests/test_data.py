@@ -377,3 +377,18 @@ def test_shape_captions_are_in_reading_order():
         s = make_sample("count", 0, i, difficulty({"max_shapes": 4}))
         cells = [(int(c[3]), int(c[2])) for c in s.meta["captions"][0].split()]  # (row, col)
         assert cells == sorted(cells) and len(cells) == int(s.messages[1]["content"][0]["text"])
+
+
+def test_digits_are_written_in_fixed_slots():
+    """Digit i of a number always lies in slot i (a quarter of the width; the three slots centred)."""
+    import numpy as np
+
+    from casa.data.tasks import Difficulty, make_sample
+
+    for level in (1, 2, 3):
+        for index in range(6):
+            s = make_sample("digits", 0, index, Difficulty(image_size=48, font_size=16, level=level))
+            ink = np.asarray(s.messages[0]["content"][0]["image"].convert("L")) < 128
+            columns = np.flatnonzero(ink.any(axis=0))
+            slots = set(((columns - 6) // 12).tolist())  # slot i spans [6 + 12 i, 18 + 12 i)
+            assert len(s.meta["captions"][0]) == level and slots == set(range(level)), (level, index, slots)

