@@ -23,8 +23,7 @@ intervals over seeds and paired differences (`stats.py`).
 Design decisions:
 - Sizes: `quick` (tiny model, one seed, a handful of steps: CI, under 3
   minutes on 2 cores, exercising both stages and both regimes) and `full`
-  (3 seeds: 51 minutes measured on 2 CPU cores with a 600-step encoder, about 4
-  minutes more per seed with the 1,500-step one); `--device cuda` scales the model,
+  (3 seeds: 83 minutes measured on 2 CPU cores, docs/study.md); `--device cuda` scales the model,
   the data and the steps (`SIZES["gpu"]`). `--seeds` / `--steps` override.
 - `casa_replace` puts its fusion layer in every other block: replacing
   self-attention in every block would leave no text-only attention at all,
