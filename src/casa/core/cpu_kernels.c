@@ -270,20 +270,22 @@ static void softmax_row(float *row, long S) {
     for (; s < S; s++) row[s] *= inv;
 }
 
+/* rows s0.. of a cache as fp32: a pointer into it (fp32), or its rows widened into buf (bf16);
+ * *cld gets the returned rows' pitch */
+static const float *cache_rows(float *buf, const void *base, int bf16, long s0, long rows, long D, long ld,
+                               long *cld) {
+    *cld = bf16 ? D : ld;
+    return bf16 ? widen_bf16(buf, (const uint16_t *)base + s0 * ld, rows, D, ld) : (const float *)base + s0 * ld;
+}
+
 static void attend(const float *q, const void *k, const void *v, int bf16, const uint8_t *mask, float *scores,
                    float *out, long N, long T, long S, long D, long ld, float scale) {
     float buf[CHUNK * DMAX];
     float *qs = malloc(sizeof(float) * N * D);  /* the queries times the scale: one multiply per query element */
     for (long i = 0; i < N * D; i++) qs[i] = q[i] * scale;
     for (long s0 = 0; s0 < S; s0 += CHUNK) {
-        long rows = S - s0 < CHUNK ? S - s0 : CHUNK, cld = ld;
-        const float *kc;
-        if (bf16) {
-            kc = widen_bf16(buf, (const uint16_t *)k + s0 * ld, rows, D, ld);
-            cld = D;
-        } else {
-            kc = (const float *)k + s0 * ld;
-        }
+        long rows = S - s0 < CHUNK ? S - s0 : CHUNK, cld;
+        const float *kc = cache_rows(buf, k, bf16, s0, rows, D, ld, &cld);
         dots(qs, N, kc, rows, D, cld, scores + s0, S);
         if (mask)
             for (long n = 0; n < N; n++) {
@@ -297,14 +299,8 @@ static void attend(const float *q, const void *k, const void *v, int bf16, const
     for (long n = 0; n < N; n++) softmax_row(scores + n * S, S);
     memset(out, 0, sizeof(float) * N * D);
     for (long s0 = 0; s0 < S; s0 += CHUNK) {
-        long rows = S - s0 < CHUNK ? S - s0 : CHUNK, cld = ld;
-        const float *vc;
-        if (bf16) {
-            vc = widen_bf16(buf, (const uint16_t *)v + s0 * ld, rows, D, ld);
-            cld = D;
-        } else {
-            vc = (const float *)v + s0 * ld;
-        }
+        long rows = S - s0 < CHUNK ? S - s0 : CHUNK, cld;
+        const float *vc = cache_rows(buf, v, bf16, s0, rows, D, ld, &cld);
         weighted_sum(scores + s0, N, vc, rows, D, cld, out, S);
     }
 }
@@ -414,12 +410,4 @@ void casa_rope_bf16(const uint16_t *x, const uint16_t *cos, const uint16_t *ssin
             float b = bf16_to_f32(f32_to_bf16(bf16_to_f32(x[(i + half) % D]) * bf16_to_f32(ssin[i])));
             out[i] = f32_to_bf16(a + b);
         }
-}
-
-int casa_kernels_avx2(void) {
-#ifdef CASA_AVX2
-    return 1;
-#else
-    return 0;
-#endif
 }
