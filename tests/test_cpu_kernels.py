@@ -154,3 +154,81 @@ def test_swiglu_equals_the_mlp(dtype, one_thread):
     assert calls == [1] and got.shape == want.shape and got.dtype == dtype
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2 ** -7 * want.abs().max().item(), rtol=0)
     torch.testing.assert_close(got, want, **tol)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rope,bias,bounded,prefix", [(True, False, False, 0), (True, True, True, 0),
+                                                      (False, False, False, 5), (True, False, True, 3)])
+def test_fused_attention_step_equals_the_per_op_kernels(dtype, rope, bias, bounded, prefix, one_thread, monkeypatch):
+    """`Attention.step` of one token at one thread runs norm, q/k/v, RoPE, cache write, attention
+    and output in one kernel call; token after token it gives the same bits, and leaves the same
+    cache, as the per-op kernels (grouped heads, a bias, a ring-buffer history that wraps, an
+    image prefix)."""
+    import casa.core.lm as lm
+    from casa.core.decode import decoding
+    from casa.core.layout import History
+    from casa.inference.cache import KVCache
+
+    torch.manual_seed(1)
+    attn = lm.Attention(d_model=72, n_heads=6, n_kv_heads=2, head_dim=16, qkv_bias=bias).to(dtype)
+    norm = lm.RMSNorm(dim=72)
+    with torch.no_grad():
+        norm.weight.normal_()
+    norm = norm.to(dtype)
+    history = History(sink=2, window=4) if bounded else None
+    caches = [KVCache(history=history), KVCache(history=history)]
+    if prefix:
+        k_img, v_img = torch.randn(2, 1, prefix, 2, 16).to(dtype)
+        for c in caches:
+            c.add_prefix(k_img, v_img)
+    calls, real = [], cpu_kernels.attn_step
+    monkeypatch.setattr(cpu_kernels, "attn_step", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    per_op = lm.attention_row
+    with torch.no_grad(), decoding():
+        for i in range(12):
+            x = torch.randn(1, 1, 72).to(dtype)
+            rotary = lm.Rotary.at(torch.tensor([[i]]), head_dim=16, theta=10000.0) if rope else None
+            got = attn.step(x, norm=norm, rotary=rotary, cache=caches[0], backend="windowed")
+            monkeypatch.setattr(lm, "attention_row", lambda *a: None)
+            want = attn.step(x, norm=norm, rotary=rotary, cache=caches[1], backend="windowed")
+            monkeypatch.setattr(lm, "attention_row", per_op)
+            assert got.dtype == dtype and torch.equal(got, want), f"token {i}"
+    assert len(calls) == 12
+    fused, ref = caches
+    assert (fused.tokens, fused.seen, fused.n_slots) == (ref.tokens, ref.seen, ref.n_slots)
+    assert all(torch.equal(a, b) for a, b in zip(fused._held(), ref._held()))
+    if bounded:
+        assert torch.equal(fused.slot_abs, ref.slot_abs)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_mlp_step_equals_norm_then_mlp(dtype, one_thread):
+    """`MLP.step` (norm and feed-forward in one call) gives the bits of the norm then the
+    feed-forward through their own kernels."""
+    from casa.core.decode import decoding
+    from casa.core.lm import MLP, RMSNorm
+
+    torch.manual_seed(2)
+    mlp, norm = MLP(d_model=72, d_ff=100).to(dtype), RMSNorm(dim=72)
+    with torch.no_grad():
+        norm.weight.normal_()
+    norm = norm.to(dtype)
+    h = torch.randn(1, 1, 72).to(dtype) * 2
+    calls, real = [], cpu_kernels.mlp_step
+    try:
+        cpu_kernels.mlp_step = lambda *a: calls.append(1) or real(*a)
+        with torch.no_grad(), decoding():
+            got, want = mlp.step(h, norm=norm), mlp(norm(h))
+    finally:
+        cpu_kernels.mlp_step = real
+    assert calls == [1] and got.dtype == dtype and torch.equal(got, want)
+
+
+@needs_kernels
+def test_fused_attention_step_rejects_disagreeing_shapes():
+    k = torch.zeros(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="row 8 of 8"):
+        cpu_kernels.attn_step(torch.zeros(72), torch.ones(72), 1e-6, torch.zeros(160, 72), None, torch.zeros(72, 96),
+                              None, k, k.clone(), row=8, held=8, heads=6)

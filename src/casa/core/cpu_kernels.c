@@ -411,3 +411,129 @@ void casa_rope_bf16(const uint16_t *x, const uint16_t *cos, const uint16_t *ssin
             out[i] = f32_to_bf16(a + b);
         }
 }
+
+/* ------------------------------------------------------ fused one-token steps
+ * A decoded token's attention sublayer (or feed-forward) in one call, so that the dozen small
+ * ops between the projections do not each pay Python's and the dispatcher's overhead. Every
+ * intermediate is an fp32 buffer, rounded to bf16 (bf16 operands) exactly where the per-op path
+ * (the kernels above, called one by one from casa.core) rounds it, so both give the same bits. */
+
+static inline void round_bf16(float *x, long n) {
+    for (long i = 0; i < n; i++) x[i] = bf16_to_f32(f32_to_bf16(x[i]));
+}
+
+/* x = rmsnorm(h) as fp32 values (bf16: the rounded bf16 output, widened) */
+static void norm_row(const void *h, const void *w, int bf16, float *x, long I, float eps) {
+    if (bf16) {
+        const uint16_t *hb = h, *wb = w;
+        for (long i = 0; i < I; i++) x[i] = bf16_to_f32(hb[i]);
+        float inv = inv_rms(x, I, eps);
+        for (long i = 0; i < I; i++)
+            x[i] = bf16_to_f32(f32_to_bf16(bf16_to_f32(wb[i]) * bf16_to_f32(f32_to_bf16(x[i] * inv))));
+    } else {
+        const float *hf = h, *wf = w;
+        float inv = inv_rms(hf, I, eps);
+        for (long i = 0; i < I; i++) x[i] = wf[i] * (hf[i] * inv);
+    }
+}
+
+/* out = W x (+ b) in the weights' dtype, the result rounded to it */
+static void project(const void *W, int bf16, const float *x, const float *b, float *out, long O, long I) {
+    if (bf16) {
+        casa_gemv_bf16(W, x, b, out, O, I);
+        round_bf16(out, O);
+    } else {
+        casa_gemv_f32(W, x, b, out, O, I);
+    }
+}
+
+/* RoPE of H heads of width D, in place (fp32 values; tables in the operands' dtype) */
+static void rope_rows(float *x, const void *cos, const void *ssin, int bf16, long H, long D) {
+    float row[DMAX];
+    long half = D / 2;
+    for (long h = 0; h < H; h++, x += D) {
+        memcpy(row, x, sizeof(float) * D);
+        for (long i = 0; i < D; i++) {
+            float c = bf16 ? bf16_to_f32(((const uint16_t *)cos)[i]) : ((const float *)cos)[i];
+            float s = bf16 ? bf16_to_f32(((const uint16_t *)ssin)[i]) : ((const float *)ssin)[i];
+            float a = row[i] * c, b = row[(i + half) % D] * s;
+            if (bf16) a = bf16_to_f32(f32_to_bf16(a)), b = bf16_to_f32(f32_to_bf16(b));
+            x[i] = bf16 ? bf16_to_f32(f32_to_bf16(a + b)) : a + b;
+        }
+    }
+}
+
+/* y = W_o attend(rope(q), cache + [rope(k), v]) for one token, q k v = W_qkv rmsnorm(h) + b.
+ * h [I] and norm weight [I], W_qkv [(H + 2 Hkv) D, I], W_o [I, H D] in the dtype; b fp32 or NULL;
+ * cos/ssin [D] in the dtype, or NULL (no RoPE). Cache: head j's rows at kc/vc + j hs, `ld` apart;
+ * the token's key/value are written at `row`, then rows [0, S) are attended (row < S).
+ * y [I] fp32 (bf16: the projection's output before the caller's cast). Returns 0, or -1 when
+ * out of memory (nothing written to the cache then). */
+static int attn_step(const void *h, const void *norm_w, float eps, const void *Wqkv, const float *b, const void *Wo,
+                     const void *cos, const void *ssin, void *kc, void *vc, long row, long S, long ld, long hs,
+                     float *y, long I, long H, long Hkv, long D, int bf16) {
+    long Q = H * D, KV = Hkv * D, G = H / Hkv;
+    float *buf = malloc(sizeof(float) * (I + Q + 2 * KV + Q + G * S));
+    if (!buf) return -1;
+    float *x = buf, *qkv = x + I, *att = qkv + Q + 2 * KV, *scores = att + Q;
+    norm_row(h, norm_w, bf16, x, I, eps);
+    project(Wqkv, bf16, x, b, qkv, Q + 2 * KV, I);
+    float *q = qkv, *k = qkv + Q, *v = k + KV;
+    if (cos) {
+        rope_rows(q, cos, ssin, bf16, H, D);
+        rope_rows(k, cos, ssin, bf16, Hkv, D);
+    }
+    for (long j = 0; j < Hkv; j++)
+        for (long d = 0; d < D; d++) {
+            long at = j * hs + row * ld + d;
+            if (bf16) {
+                ((uint16_t *)kc)[at] = f32_to_bf16(k[j * D + d]);
+                ((uint16_t *)vc)[at] = f32_to_bf16(v[j * D + d]);
+            } else {
+                ((float *)kc)[at] = k[j * D + d];
+                ((float *)vc)[at] = v[j * D + d];
+            }
+        }
+    float scale = 1.0f / sqrtf((float)D);
+    for (long j = 0; j < Hkv; j++) {
+        const void *kj = bf16 ? (const void *)((const uint16_t *)kc + j * hs) : (const void *)((const float *)kc + j * hs);
+        const void *vj = bf16 ? (const void *)((const uint16_t *)vc + j * hs) : (const void *)((const float *)vc + j * hs);
+        attend(q + j * G * D, kj, vj, bf16, NULL, scores, att + j * G * D, G, 1, S, D, ld, scale);
+    }
+    if (bf16) round_bf16(att, Q);
+    if (bf16) casa_gemv_bf16(Wo, att, NULL, y, I, Q);
+    else casa_gemv_f32(Wo, att, NULL, y, I, Q);
+    free(buf);
+    return 0;
+}
+
+int casa_attn_step_f32(const float *h, const float *norm_w, float eps, const float *Wqkv, const float *b,
+                       const float *Wo, const float *cos, const float *ssin, float *kc, float *vc, long row, long S,
+                       long ld, long hs, float *y, long I, long H, long Hkv, long D) {
+    return attn_step(h, norm_w, eps, Wqkv, b, Wo, cos, ssin, kc, vc, row, S, ld, hs, y, I, H, Hkv, D, 0);
+}
+int casa_attn_step_bf16(const uint16_t *h, const uint16_t *norm_w, float eps, const uint16_t *Wqkv, const float *b,
+                        const uint16_t *Wo, const uint16_t *cos, const uint16_t *ssin, uint16_t *kc, uint16_t *vc,
+                        long row, long S, long ld, long hs, float *y, long I, long H, long Hkv, long D) {
+    return attn_step(h, norm_w, eps, Wqkv, b, Wo, cos, ssin, kc, vc, row, S, ld, hs, y, I, H, Hkv, D, 1);
+}
+
+/* y = down(silu(gate(x)) * up(x)), x = rmsnorm(h), for one token; h: scratch [2F]; y [O] fp32 */
+int casa_mlp_step_f32(const float *h, const float *norm_w, float eps, const float *Wgu, const float *Wd, float *y,
+                      long I, long F, long O) {
+    float *buf = malloc(sizeof(float) * (I + 2 * F));
+    if (!buf) return -1;
+    norm_row(h, norm_w, 0, buf, I, eps);
+    casa_swiglu_f32(Wgu, Wd, buf, buf + I, y, I, F, O);
+    free(buf);
+    return 0;
+}
+int casa_mlp_step_bf16(const uint16_t *h, const uint16_t *norm_w, float eps, const uint16_t *Wgu, const uint16_t *Wd,
+                       float *y, long I, long F, long O) {
+    float *buf = malloc(sizeof(float) * (I + 2 * F));
+    if (!buf) return -1;
+    norm_row(h, norm_w, 1, buf, I, eps);
+    casa_swiglu_bf16(Wgu, Wd, buf, buf + I, y, I, F, O);
+    free(buf);
+    return 0;
+}

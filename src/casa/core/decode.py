@@ -10,7 +10,9 @@ several times slower), so bf16 keeps `[out, in]`. Either way, fusing the
 projections that read the same input (q/k/v, gate/up) cuts the calls and
 their per-op overhead. At one thread, where casa's own kernel is built
 (`core.cpu_kernels`), one-row products go through it instead, in every dtype,
-on the `[out, in]` layout it streams at the core's bandwidth.
+on the `[out, in]` layout it streams at the core's bandwidth, and a whole
+attention sublayer or feed-forward of one token is one kernel call
+(`attention_row`, `mlp_row`).
 
 Design decisions:
 - The state dict does not change: the packed copies (`[in, sum(out)]` in
@@ -42,8 +44,8 @@ import torch.nn.functional as F
 
 from casa.core import cpu_kernels
 
-__all__ = ["PACKED_MAX_ROWS", "decoding", "kernel_row", "packed_linear", "packed_swiglu", "transposed_layout",
-           "use_packed"]
+__all__ = ["PACKED_MAX_ROWS", "attention_row", "decoding", "kernel_row", "mlp_row", "packed_linear", "packed_swiglu",
+           "transposed_layout", "use_packed"]
 
 PACKED_MAX_ROWS = 64  # rows (tokens x streams) up to which the packed layout is used
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -168,3 +170,51 @@ def packed_linear(x: torch.Tensor, owner: nn.Module, name: str, linears: tuple[n
     else:
         out = x @ weight
     return out if bias is None else out + bias
+
+
+def attention_row(h: torch.Tensor, attn: nn.Module, norm: nn.Module, rope, cache) -> torch.Tensor | None:
+    """One decoded token through an attention sublayer whose key/value join `cache`, in one
+    kernel call (`cpu_kernels.attn_step`: norm, fused q/k/v product, RoPE, cache write, attention,
+    output product), or None where that kernel does not apply (the caller takes the per-op path).
+
+    Args:
+        h: `[1, 1, d]` states before `norm` (an RMSNorm).
+        attn: a `core.lm.Attention` (its packed q/k/v and o weights are used).
+        rope: `(cos, signed_sin)` tables of `h`'s dtype with `head_dim` elements each, or None.
+        cache: a `KVCache`-like object with `next_row` / `commit_row` (others: None is returned).
+    Returns:
+        `[1, 1, d]` in `h`'s dtype, or None.
+    """
+    if not kernel_row(h) or not h.is_contiguous() or not hasattr(cache, "next_row"):
+        return None
+    if norm.weight.dtype != h.dtype or (cache.k is not None and cache.k.dtype != h.dtype) \
+            or attn.head_dim > cpu_kernels.MAX_HEAD_DIM or attn.n_heads % attn.n_kv_heads:
+        return None
+    qkv, bias, transposed = _packed(attn, "qkv", (attn.q_proj, attn.k_proj, attn.v_proj))
+    o, _, _ = _packed(attn, "o", (attn.o_proj,))
+    if transposed or qkv.dtype != h.dtype:
+        return None
+    row, held = cache.next_row(h, heads=attn.n_kv_heads, width=attn.head_dim)
+    y = cpu_kernels.attn_step(h, norm.weight, norm.eps, qkv, None if bias is None else bias.float(), o, rope,
+                              cache.k, cache.v, row=row, held=held, heads=attn.n_heads)
+    cache.commit_row()
+    return (y if y.dtype == h.dtype else y.to(h.dtype)).view(h.shape)
+
+
+def mlp_row(h: torch.Tensor, mlp: nn.Module, norm: nn.Module) -> torch.Tensor | None:
+    """`mlp(norm(h))` of one decoded token in one kernel call (`cpu_kernels.mlp_step`), or None
+    where it does not apply.
+
+    Args:
+        h: `[1, 1, d]`; `mlp` a `core.lm.MLP`, `norm` an RMSNorm.
+    Returns:
+        `[1, 1, d]` in `h`'s dtype, or None.
+    """
+    if not kernel_row(h) or not h.is_contiguous() or norm.weight.dtype != h.dtype:
+        return None
+    gate_up, _, transposed = _packed(mlp, "gate_up", (mlp.gate_proj, mlp.up_proj))
+    down, _, _ = _packed(mlp, "down", (mlp.down_proj,))
+    if transposed or gate_up.dtype != h.dtype:
+        return None
+    y = cpu_kernels.mlp_step(h, norm.weight, norm.eps, gate_up, down)
+    return (y if y.dtype == h.dtype else y.to(h.dtype)).view(h.shape)

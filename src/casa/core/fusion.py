@@ -141,17 +141,11 @@ class FusionLayer(nn.Module):
             `[1, t, d]`, as `forward` would give for these tokens.
         """
         attn = self.attn if self.attn is not None else sa
-        x = norm(h)
-        if self.text_keys:
-            q, k, v = attn.qkv(x)
-        else:
-            q = attn.q(x)
-        if self.positional:
-            q = rotary.apply(q)
-        if self.text_keys:
-            keys, values, mask = window.extend(rotary.apply(k) if self.positional else k, v)
-        else:
-            keys, values, mask = window.prefix_keys()
-            if keys is None:  # no image in this window: zero update, as in forward()
-                return self._gate(h, torch.zeros_like(h))
+        if self.text_keys:  # the window's text joins its keys: a cached attention step over the window
+            return self._gate(h, attn.step(h, norm=norm, rotary=rotary if self.positional else None, cache=window,
+                                           backend=backend))
+        q = attn.q(norm(h))
+        keys, values, mask = window.prefix_keys()
+        if keys is None:  # no image in this window: zero update, as in forward()
+            return self._gate(h, torch.zeros_like(h))
         return self._gate(h, attn.out(cached_attend(q, keys, values, mask=mask, backend=backend)))

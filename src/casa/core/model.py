@@ -136,14 +136,14 @@ class Block(nn.Module):
         """
 
         def self_attention(x):
-            return self.attn.step(self.input_layernorm(x), rotary=rotary, cache=sa_cache, backend=backend)
+            return self.attn.step(x, norm=self.input_layernorm, rotary=rotary, cache=sa_cache, backend=backend)
 
         def fusion(x):
             return self.fusion.step(x, window, norm=self._fusion_norm(), sa=self.attn, rotary=rotary,
                                     backend=backend)
 
         h = self._mix(h, self_attention, fusion)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.mlp.step(h, norm=self.post_attention_layernorm)
 
     # -------------------------------------------------------------- helpers
     def _fusion_norm(self) -> nn.Module:

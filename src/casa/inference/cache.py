@@ -80,16 +80,18 @@ class KVCache:
         return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
 
     # -------------------------------------------------------------- storage
-    def _reserve(self, k: torch.Tensor, size: int) -> None:
-        """Room for `size` entries (amortised doubling; a bounded cache grows only
+    def _reserve(self, k: torch.Tensor, size: int, *, heads: int | None = None, width: int | None = None) -> None:
+        """Room for `size` entries of `k`'s dtype and device, `heads x width` each (by default
+        `k`'s: token-major `[1, t, Hkv, D]`) (amortised doubling; a bounded cache grows only
         up to prefix + sink + window)."""
         if self.k is not None and self.k.shape[2] >= size:
             return
         cap = size if self.k is None else max(size, 2 * self.k.shape[2])
         if self.history is not None:
             cap = max(size, min(cap, self.n_prefix + self.history.sink + self.history.window))
-        new_k = k.new_empty(1, k.shape[2], cap, k.shape[3])
-        new_v = k.new_empty(1, k.shape[2], cap, k.shape[3])
+        heads, width = heads or k.shape[2], width or k.shape[3]
+        new_k = k.new_empty(1, heads, cap, width)
+        new_v = k.new_empty(1, heads, cap, width)
         if self.k is not None and self.tokens:
             new_k[:, :, : self.tokens] = self.k[:, :, : self.tokens]
             new_v[:, :, : self.tokens] = self.v[:, :, : self.tokens]
@@ -156,6 +158,38 @@ class KVCache:
         new = torch.arange(self.seen - t, self.seen, device=k.device)
         held = torch.arange(self.seen, device=k.device)
         return keys, values, cached_mask(new, held, n_prefix=self.n_prefix, history=None)
+
+    def next_row(self, like: torch.Tensor, *, heads: int, width: int) -> tuple[int, int]:
+        """Room for one more token, written by the caller in place (a fused decode kernel).
+
+        Args:
+            like: a tensor of the entries' dtype and device.
+        Returns:
+            `(row, held)`: write the token's key/value at `row` of `k`/`v` (`[1, heads, capacity,
+            width]`, contiguous), then attend rows `[0, held)`, which is what `extend` would
+            return for it (one token sees every entry held); then call `commit_row()`. Until
+            then the cache is unchanged but for spare capacity.
+        """
+        if self.history is None:
+            self._reserve(like, self.tokens + 1, heads=heads, width=width)
+            return self.tokens, self.tokens + 1
+        s, w = self.history.sink, self.history.window
+        self._reserve(like, self.n_prefix + min(self.seen + 1, s + w), heads=heads, width=width)
+        slot = self.seen if self.seen < s else s + (self.seen - s) % w
+        return self.n_prefix + slot, self.n_prefix + min(self.seen + 1, s + w)
+
+    def commit_row(self) -> None:
+        """Count the token written at `next_row()`'s row as held."""
+        if self.history is None:
+            self.n_slots += 1
+        else:
+            s, w = self.history.sink, self.history.window
+            if self.slot_abs is None:
+                self.slot_abs = torch.full((s + w,), -1, dtype=torch.long, device=self.k.device)
+            slot = self.seen if self.seen < s else s + (self.seen - s) % w
+            self.slot_abs[slot] = self.seen
+            self.n_slots = min(self.seen + 1, s + w)
+        self.seen += 1
 
     def _slot(self, a: torch.Tensor) -> torch.Tensor:
         """Token slot of absolute index `a`: its own in the sink, else a place in the ring."""
