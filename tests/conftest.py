@@ -43,6 +43,15 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    """One thread: decode takes casa's CPU kernels (`core.cpu_kernels`, where built); two: PyTorch's."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(n)
+
+
 # ----------------------------------------------------------------- bad-input tests
 def run_casa(*args, cwd=None, timeout=120, env=None):
     """Run the real `casa` command in a subprocess (as a user would) and return

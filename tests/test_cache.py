@@ -63,15 +63,6 @@ def run_session(m, ids, embeds, schedule, points=POINTS, history=None):
     return torch.cat(out), s
 
 
-@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
-def threads(request):
-    """One thread: decode takes casa's CPU kernels (`core.cpu_kernels`, where built); two: PyTorch's."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("variant,placement", VARIANTS)
 def test_prefill_and_decode_equal_uncached_forward(variant, placement, threads):
     m = model_for(variant, placement)

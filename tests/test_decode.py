@@ -101,18 +101,8 @@ def test_packed_path_only_when_decoding_without_grad():
         torch.testing.assert_close(o, attn.o_proj(q.flatten(-2)), **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("threads", [1, 2])  # 1: casa's CPU kernels (where built); 2: PyTorch's
 @pytest.mark.parametrize("variant", FUSION_VARIANTS)
 def test_bfloat16_decode_equals_uncached_forward(variant, threads):
-    n = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        _bfloat16_decode_equals_uncached_forward(variant)
-    finally:
-        torch.set_num_threads(n)
-
-
-def _bfloat16_decode_equals_uncached_forward(variant):
     torch.manual_seed(0)
     m = CasaModel(tiny_config(variant)).eval()
     with torch.no_grad():

@@ -54,8 +54,8 @@ from torch.nn.attention.bias import causal_lower_right
 from casa.core import cpu_kernels
 from casa.core.layout import Layout
 
-__all__ = ["BACKENDS", "FLEX_BLOCK", "KERNEL_MAX_TOKENS", "cached_attend", "causal_attend", "flash_available", "fusion_attend",
-           "resolve_backend"]
+__all__ = ["BACKENDS", "FLEX_BLOCK", "KERNEL_MAX_TOKENS", "cached_attend", "causal_attend", "flash_available",
+           "fusion_attend", "resolve_backend"]
 
 BACKENDS = ("reference", "windowed", "flex", "flash")
 KERNEL_MAX_TOKENS = 8  # new tokens up to which `cached_attend` takes the CPU kernel (longer chunks: SDPA's GEMMs)

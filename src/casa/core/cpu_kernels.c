@@ -365,64 +365,18 @@ void casa_swiglu_bf16(const uint16_t *Wgu, const uint16_t *Wd, const float *x, f
  * out = w * (x / sqrt(mean(x^2) + eps)) over rows of width I, as casa.core.lm.RMSNorm computes it:
  * normalized in fp32, rounded to the operands' dtype, then scaled by w in that dtype. */
 
+static inline void round_bf16(float *x, long n) {
+    for (long i = 0; i < n; i++) x[i] = bf16_to_f32(f32_to_bf16(x[i]));
+}
+
 static float inv_rms(const float *x, long I, float eps) {
     double ss = 0;
     for (long i = 0; i < I; i++) ss += (double)x[i] * x[i];
     return 1.0f / sqrtf((float)(ss / I) + eps);
 }
 
-void casa_rmsnorm_f32(const float *x, const float *w, float *out, long rows, long I, float eps) {
-    for (long r = 0; r < rows; r++, x += I, out += I) {
-        float inv = inv_rms(x, I, eps);
-        for (long i = 0; i < I; i++) out[i] = w[i] * (x[i] * inv);
-    }
-}
-
-void casa_rmsnorm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *out, long rows, long I, float eps) {
-    float row[DMAX * 64];  /* widths up to 16384 */
-    for (long r = 0; r < rows; r++, x += I, out += I) {
-        for (long i = 0; i < I; i++) row[i] = bf16_to_f32(x[i]);
-        float inv = inv_rms(row, I, eps);
-        for (long i = 0; i < I; i++)
-            out[i] = f32_to_bf16(bf16_to_f32(w[i]) * bf16_to_f32(f32_to_bf16(row[i] * inv)));
-    }
-}
-
-/* ---------------------------------------------------------------------- RoPE
- * out[h, i] = x[h, i] cos[i] + x[h, (i + D/2) % D] ssin[i] for H heads of width D (x's heads `xs`
- * apart, out contiguous; ssin = [-sin, sin]): casa.core.lm.Rotary.apply's three ops, with its
- * roundings (each product, then the sum, rounded to the operands' dtype). */
-void casa_rope_f32(const float *x, const float *cos, const float *ssin, float *out, long H, long D, long xs) {
-    long half = D / 2;
-    for (long h = 0; h < H; h++, x += xs, out += D)
-        for (long i = 0; i < D; i++) {
-            float a = x[i] * cos[i], b = x[(i + half) % D] * ssin[i];
-            out[i] = a + b;
-        }
-}
-
-void casa_rope_bf16(const uint16_t *x, const uint16_t *cos, const uint16_t *ssin, uint16_t *out, long H, long D,
-                    long xs) {
-    long half = D / 2;
-    for (long h = 0; h < H; h++, x += xs, out += D)
-        for (long i = 0; i < D; i++) {
-            float a = bf16_to_f32(f32_to_bf16(bf16_to_f32(x[i]) * bf16_to_f32(cos[i])));
-            float b = bf16_to_f32(f32_to_bf16(bf16_to_f32(x[(i + half) % D]) * bf16_to_f32(ssin[i])));
-            out[i] = f32_to_bf16(a + b);
-        }
-}
-
-/* ------------------------------------------------------ fused one-token steps
- * A decoded token's attention sublayer (or feed-forward) in one call, so that the dozen small
- * ops between the projections do not each pay Python's and the dispatcher's overhead. Every
- * intermediate is an fp32 buffer, rounded to bf16 (bf16 operands) exactly where the per-op path
- * (the kernels above, called one by one from casa.core) rounds it, so both give the same bits. */
-
-static inline void round_bf16(float *x, long n) {
-    for (long i = 0; i < n; i++) x[i] = bf16_to_f32(f32_to_bf16(x[i]));
-}
-
-/* x = rmsnorm(h) as fp32 values (bf16: the rounded bf16 output, widened) */
+/* x = rmsnorm(h) of one row as fp32 values (bf16 operands: the rounded bf16 result, widened);
+ * the one home of the norm's arithmetic, for the per-op kernels and the fused steps */
 static void norm_row(const void *h, const void *w, int bf16, float *x, long I, float eps) {
     if (bf16) {
         const uint16_t *hb = h, *wb = w;
@@ -437,17 +391,24 @@ static void norm_row(const void *h, const void *w, int bf16, float *x, long I, f
     }
 }
 
-/* out = W x (+ b) in the weights' dtype, the result rounded to it */
-static void project(const void *W, int bf16, const float *x, const float *b, float *out, long O, long I) {
-    if (bf16) {
-        casa_gemv_bf16(W, x, b, out, O, I);
-        round_bf16(out, O);
-    } else {
-        casa_gemv_f32(W, x, b, out, O, I);
+void casa_rmsnorm_f32(const float *x, const float *w, float *out, long rows, long I, float eps) {
+    for (long r = 0; r < rows; r++, x += I, out += I) norm_row(x, w, 0, out, I, eps);
+}
+
+void casa_rmsnorm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *out, long rows, long I, float eps) {
+    float row[DMAX * 64];  /* widths up to 16384 */
+    for (long r = 0; r < rows; r++, x += I, out += I) {
+        norm_row(x, w, 1, row, I, eps);
+        for (long i = 0; i < I; i++) out[i] = f32_to_bf16(row[i]);  /* exact: already rounded */
     }
 }
 
-/* RoPE of H heads of width D, in place (fp32 values; tables in the operands' dtype) */
+/* ---------------------------------------------------------------------- RoPE
+ * out[h, i] = x[h, i] cos[i] + x[h, (i + D/2) % D] ssin[i] for H heads of width D (ssin = [-sin,
+ * sin]): casa.core.lm.Rotary.apply's three ops, with its roundings (each product, then the sum,
+ * rounded to the operands' dtype). */
+
+/* the rotation of H heads of width D, in place on fp32 values (tables in the operands' dtype) */
 static void rope_rows(float *x, const void *cos, const void *ssin, int bf16, long H, long D) {
     float row[DMAX];
     long half = D / 2;
@@ -461,6 +422,34 @@ static void rope_rows(float *x, const void *cos, const void *ssin, int bf16, lon
             x[i] = bf16 ? bf16_to_f32(f32_to_bf16(a + b)) : a + b;
         }
     }
+}
+
+/* the per-op entry points: x's heads `xs` elements apart, out contiguous */
+void casa_rope_f32(const float *x, const float *cos, const float *ssin, float *out, long H, long D, long xs) {
+    for (long h = 0; h < H; h++) memcpy(out + h * D, x + h * xs, sizeof(float) * D);
+    rope_rows(out, cos, ssin, 0, H, D);
+}
+
+void casa_rope_bf16(const uint16_t *x, const uint16_t *cos, const uint16_t *ssin, uint16_t *out, long H, long D,
+                    long xs) {
+    float row[DMAX];
+    for (long h = 0; h < H; h++, x += xs, out += D) {
+        for (long i = 0; i < D; i++) row[i] = bf16_to_f32(x[i]);
+        rope_rows(row, cos, ssin, 1, 1, D);
+        for (long i = 0; i < D; i++) out[i] = f32_to_bf16(row[i]);  /* exact: already rounded */
+    }
+}
+
+/* ------------------------------------------------------ fused one-token steps
+ * A decoded token's attention sublayer (or feed-forward) in one call, so that the dozen small
+ * ops between the projections do not each pay Python's and the dispatcher's overhead. Every
+ * intermediate is an fp32 buffer, rounded to bf16 (bf16 operands) exactly where the per-op path
+ * (the kernels above, called one by one from casa.core) rounds it, so both give the same bits. */
+
+/* out = W x (+ b), fp32, for weights of either dtype */
+static void gemv(const void *W, int bf16, const float *x, const float *b, float *out, long O, long I) {
+    if (bf16) casa_gemv_bf16(W, x, b, out, O, I);
+    else casa_gemv_f32(W, x, b, out, O, I);
 }
 
 /* y = W_o attend(rope(q), cache + [rope(k), v]) for one token, q k v = W_qkv rmsnorm(h) + b.
@@ -477,7 +466,8 @@ static int attn_step(const void *h, const void *norm_w, float eps, const void *W
     if (!buf) return -1;
     float *x = buf, *qkv = x + I, *att = qkv + Q + 2 * KV, *scores = att + Q;
     norm_row(h, norm_w, bf16, x, I, eps);
-    project(Wqkv, bf16, x, b, qkv, Q + 2 * KV, I);
+    gemv(Wqkv, bf16, x, b, qkv, Q + 2 * KV, I);
+    if (bf16) round_bf16(qkv, Q + 2 * KV);  /* the product's output, in the weights' dtype */
     float *q = qkv, *k = qkv + Q, *v = k + KV;
     if (cos) {
         rope_rows(q, cos, ssin, bf16, H, D);
@@ -495,14 +485,12 @@ static int attn_step(const void *h, const void *norm_w, float eps, const void *W
             }
         }
     float scale = 1.0f / sqrtf((float)D);
-    for (long j = 0; j < Hkv; j++) {
-        const void *kj = bf16 ? (const void *)((const uint16_t *)kc + j * hs) : (const void *)((const float *)kc + j * hs);
-        const void *vj = bf16 ? (const void *)((const uint16_t *)vc + j * hs) : (const void *)((const float *)vc + j * hs);
-        attend(q + j * G * D, kj, vj, bf16, NULL, scores, att + j * G * D, G, 1, S, D, ld, scale);
-    }
-    if (bf16) round_bf16(att, Q);
-    if (bf16) casa_gemv_bf16(Wo, att, NULL, y, I, Q);
-    else casa_gemv_f32(Wo, att, NULL, y, I, Q);
+    long head_bytes = hs * (bf16 ? 2 : 4);
+    for (long j = 0; j < Hkv; j++)
+        attend(q + j * G * D, (const char *)kc + j * head_bytes, (const char *)vc + j * head_bytes, bf16, NULL, scores,
+               att + j * G * D, G, 1, S, D, ld, scale);
+    if (bf16) round_bf16(att, Q);  /* attention's output, cast to the dtype */
+    gemv(Wo, bf16, att, NULL, y, I, Q);
     free(buf);
     return 0;
 }
@@ -518,22 +506,24 @@ int casa_attn_step_bf16(const uint16_t *h, const uint16_t *norm_w, float eps, co
     return attn_step(h, norm_w, eps, Wqkv, b, Wo, cos, ssin, kc, vc, row, S, ld, hs, y, I, H, Hkv, D, 1);
 }
 
-/* y = down(silu(gate(x)) * up(x)), x = rmsnorm(h), for one token; h: scratch [2F]; y [O] fp32 */
-int casa_mlp_step_f32(const float *h, const float *norm_w, float eps, const float *Wgu, const float *Wd, float *y,
-                      long I, long F, long O) {
-    float *buf = malloc(sizeof(float) * (I + 2 * F));
+/* y = down(silu(gate(x)) * up(x)), x = rmsnorm(h), for one token; y [O] fp32. Returns 0, or -1
+ * when out of memory. */
+static int mlp_step(const void *h, const void *norm_w, float eps, const void *Wgu, const void *Wd, float *y, long I,
+                    long F, long O, int bf16) {
+    float *buf = malloc(sizeof(float) * (I + 2 * F));  /* the normed row, then the gate/up outputs */
     if (!buf) return -1;
-    norm_row(h, norm_w, 0, buf, I, eps);
-    casa_swiglu_f32(Wgu, Wd, buf, buf + I, y, I, F, O);
+    norm_row(h, norm_w, bf16, buf, I, eps);
+    if (bf16) casa_swiglu_bf16(Wgu, Wd, buf, buf + I, y, I, F, O);
+    else casa_swiglu_f32(Wgu, Wd, buf, buf + I, y, I, F, O);
     free(buf);
     return 0;
 }
+
+int casa_mlp_step_f32(const float *h, const float *norm_w, float eps, const float *Wgu, const float *Wd, float *y,
+                      long I, long F, long O) {
+    return mlp_step(h, norm_w, eps, Wgu, Wd, y, I, F, O, 0);
+}
 int casa_mlp_step_bf16(const uint16_t *h, const uint16_t *norm_w, float eps, const uint16_t *Wgu, const uint16_t *Wd,
                        float *y, long I, long F, long O) {
-    float *buf = malloc(sizeof(float) * (I + 2 * F));
-    if (!buf) return -1;
-    norm_row(h, norm_w, 1, buf, I, eps);
-    casa_swiglu_bf16(Wgu, Wd, buf, buf + I, y, I, F, O);
-    free(buf);
-    return 0;
+    return mlp_step(h, norm_w, eps, Wgu, Wd, y, I, F, O, 1);
 }

@@ -158,8 +158,8 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 def _fns() -> dict:
     """The kernels by (name, operand dtype)."""
     lib = _lib()
-    return {(name, dtype): getattr(lib, f"casa_{name}_{suffix}") for name in ("gemv", "attend", "rmsnorm", "rope", "swiglu", "attn_step", "mlp_step")
-            for dtype, suffix in _DTYPES.items()}
+    names = ("gemv", "attend", "rmsnorm", "rope", "swiglu", "attn_step", "mlp_step")
+    return {(name, dtype): getattr(lib, f"casa_{name}_{suffix}") for name in names for dtype, suffix in _DTYPES.items()}
 
 
 def gemv(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

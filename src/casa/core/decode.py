@@ -110,8 +110,7 @@ def _packed(owner: nn.Module, name: str, linears: tuple[nn.Linear, ...]):
     weight `[in, sum(out)]` if `transposed` (`transposed_layout`), else `[sum(out), in]`."""
     cache = owner.__dict__.setdefault("_packed_for_decode", {})
     hit = cache.get(name)
-    if hit is not None and hit.transposed == (hit.weight.dtype == torch.float32 and not _kernel_rows()) \
-            and _fresh(hit.sources):
+    if hit is not None and hit.transposed == transposed_layout(hit.weight.dtype) and _fresh(hit.sources):
         return hit.weight, hit.bias, hit.transposed
     transposed = transposed_layout(linears[0].weight.dtype)
     sources = tuple((m._parameters, key, p, p.data_ptr(), p._version)

@@ -280,9 +280,9 @@ def digits(rng: random.Random, d: Difficulty) -> Sample:
     img = _canvas(d)
     draw, font = ImageDraw.Draw(img), _font(d.font_size)
     # digit i is always drawn centred in slot i of three, each a quarter of the width, the three
-    # centred on the image: a small model then finds each digit where it expects it. Measured with the study's model: centred numbers
-    # shifted by up to 1/16 of the image left fully fine-tuned insertion at 0% on two-digit numbers
-    # after 300 steps of digits alone; in fixed slots, 100%
+    # centred on the image: a small model then finds each digit where it expects it. Measured with
+    # the study's model: centred numbers shifted by up to 1/16 of the image left fully fine-tuned
+    # insertion at 0% on two-digit numbers after 300 steps of digits alone; in fixed slots, 100%
     slot = d.image_size / 4
     for i, glyph in enumerate(number):
         x0, y0, x1, y1 = draw.textbbox((0, 0), glyph, font=font)

@@ -171,29 +171,35 @@ class KVCache:
             then the cache is unchanged but for spare capacity.
         """
         if self.history is None:
-            self._reserve(like, self.tokens + 1, heads=heads, width=width)
-            return self.tokens, self.tokens + 1
-        s, w = self.history.sink, self.history.window
-        self._reserve(like, self.n_prefix + min(self.seen + 1, s + w), heads=heads, width=width)
-        slot = self.seen if self.seen < s else s + (self.seen - s) % w
-        return self.n_prefix + slot, self.n_prefix + min(self.seen + 1, s + w)
+            row, held = self.tokens, self.tokens + 1
+        else:
+            row = self.n_prefix + self._slot(self.seen)
+            held = self.n_prefix + min(self.seen + 1, self.history.sink + self.history.window)
+        self._reserve(like, held, heads=heads, width=width)
+        return row, held
 
     def commit_row(self) -> None:
         """Count the token written at `next_row()`'s row as held."""
         if self.history is None:
             self.n_slots += 1
         else:
-            s, w = self.history.sink, self.history.window
-            if self.slot_abs is None:
-                self.slot_abs = torch.full((s + w,), -1, dtype=torch.long, device=self.k.device)
-            slot = self.seen if self.seen < s else s + (self.seen - s) % w
-            self.slot_abs[slot] = self.seen
-            self.n_slots = min(self.seen + 1, s + w)
+            self._slot_map(self.k.device)[self._slot(self.seen)] = self.seen
+            self.n_slots = min(self.seen + 1, self.history.sink + self.history.window)
         self.seen += 1
 
-    def _slot(self, a: torch.Tensor) -> torch.Tensor:
-        """Token slot of absolute index `a`: its own in the sink, else a place in the ring."""
+    def _slot_map(self, device) -> torch.Tensor:
+        """`slot_abs`, created (every slot empty: -1) on first use."""
+        if self.slot_abs is None:
+            self.slot_abs = torch.full((self.history.sink + self.history.window,), -1, dtype=torch.long,
+                                       device=device)
+        return self.slot_abs
+
+    def _slot(self, a):
+        """Token slot of absolute index `a` (an int, or a long tensor of them): its own in the
+        sink, else a place in the ring."""
         s, w = self.history.sink, self.history.window
+        if isinstance(a, int):
+            return a if a < s else s + (a - s) % w
         return torch.where(a < s, a, s + (a - s) % w)
 
     def _write(self, k, v, absolute: torch.Tensor) -> None:
@@ -207,8 +213,7 @@ class KVCache:
         s, w = self.history.sink, self.history.window
         t, dev = k.shape[1], k.device
         self._reserve(k, self.n_prefix + min(self.seen + t, s + w))
-        if self.slot_abs is None:
-            self.slot_abs = torch.full((s + w,), -1, dtype=torch.long, device=dev)
+        self._slot_map(dev)
         absolute = torch.arange(self.seen, self.seen + t, device=dev)
         last = self.seen + t
         if t == 1:
