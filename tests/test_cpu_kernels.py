@@ -232,3 +232,88 @@ def test_fused_attention_step_rejects_disagreeing_shapes():
     with pytest.raises(ValueError, match="row 8 of 8"):
         cpu_kernels.attn_step(torch.zeros(72), torch.ones(72), 1e-6, torch.zeros(160, 72), None, torch.zeros(72, 96),
                               None, k, k.clone(), row=8, held=8, heads=6)
+
+
+def _decode_with_and_without_block_steps(m, dtype, history, monkeypatch):
+    """Logits and caches of one token stream through `Session`, once with a kernel call per block
+    and once through `Block.step`; the number of `block_step` calls of the first."""
+    import casa.inference.session as session_mod
+    from casa.inference.session import Session
+
+    calls, real = [], cpu_kernels.block_step
+    monkeypatch.setattr(cpu_kernels, "block_step", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    ids, embeds = torch.randint(0, 61, (14,), generator=g), torch.randn(2, 4, 32, generator=g).to(dtype)
+    sessions = {}
+    for name in ("blocks", "per_block"):
+        if name == "per_block":
+            monkeypatch.setattr(session_mod, "blocks_of", lambda *a: None)
+        s, out = Session(m, history=history), []
+        with torch.no_grad():
+            for t in range(len(ids)):
+                if t in (0, 6):
+                    s.add_image_embeds(embeds[t // 6])
+                out.append(s.forward_text(ids[t: t + 1]))
+        sessions[name] = (torch.cat(out), s)
+    return sessions["blocks"], sessions["per_block"], len(calls)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant,placement,options", [
+    ("casa", "parallel", {}), ("casa", "before", {}), ("casa", "replace", {"every": 2}), ("casa_shared", "parallel", {}),
+    ("insertion", "parallel", {}), ("ca", "parallel", {"every": 2}), ("casa", "parallel", {"bias": True, "bounded": True})])
+def test_block_steps_equal_the_per_block_path(dtype, variant, placement, options, one_thread, monkeypatch):
+    """A decoded token takes one kernel call per block (`core.decode.BlockSteps`): token after
+    token the logits have the bits of `Block.step`'s path, and the caches are left the same, for
+    every placement, shared projections, `insertion` (no fusion layer), a q/k/v bias and a bounded
+    history; blocks whose fusion layer the kernel does not take (`ca`) keep `Block.step`."""
+    import dataclasses
+
+    from conftest import tiny_config
+
+    from casa.core.layout import History
+    from casa.core.model import CasaModel
+
+    config = tiny_config(variant, placement, **{k: v for k, v in options.items() if k == "every"})
+    if options.get("bias"):
+        config = dataclasses.replace(config, lm=dataclasses.replace(config.lm, qkv_bias=True))
+    torch.manual_seed(0)
+    m = CasaModel(config).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    m = m.to(dtype)
+    history = History(sink=2, window=5) if options.get("bounded") else None
+    (got, fused), (want, ref), calls = _decode_with_and_without_block_steps(m, dtype, history, monkeypatch)
+    assert got.dtype == dtype and torch.equal(got, want)
+    kernel_blocks = sum(b.fusion is None or variant != "ca" for b in m.blocks)
+    assert calls == 14 * kernel_blocks and kernel_blocks >= 1
+    for a, b in zip([*fused.sa, *fused.windows], [*ref.sa, *ref.windows]):
+        if a is not None:
+            assert (a.tokens, a.seen) == (b.tokens, b.seen)
+            assert a.tokens == 0 or all(torch.equal(x, y) for x, y in zip(a._held(), b._held()))
+
+
+@needs_kernels
+def test_block_steps_follow_changed_weights(one_thread, monkeypatch):
+    """The per-model plans point into packed weights and norms: an in-place update of any of
+    them (an optimizer step) rebuilds them before the next token."""
+    from conftest import tiny_config
+
+    from casa.core.decode import blocks_of, decoding
+    from casa.core.model import CasaModel
+
+    torch.manual_seed(0)
+    m = CasaModel(tiny_config("casa")).eval()
+    h = torch.randn(1, 1, 32)
+    with torch.no_grad(), decoding():
+        first = blocks_of(m, h)
+        assert blocks_of(m, h) is first
+        m.blocks[1].post_attention_layernorm.weight.mul_(2)  # a norm, not a packed weight
+        second = blocks_of(m, h)
+        assert second is not first
+        m.blocks[2].fusion.attn.k_proj.weight.add_(1)
+        assert blocks_of(m, h) is not second
+    (got, _), (want, _), calls = _decode_with_and_without_block_steps(m, torch.float32, None, monkeypatch)
+    assert calls and torch.equal(got, want)

@@ -527,3 +527,99 @@ int casa_mlp_step_bf16(const uint16_t *h, const uint16_t *norm_w, float eps, con
                        float *y, long I, long F, long O) {
     return mlp_step(h, norm_w, eps, Wgu, Wd, y, I, F, O, 1);
 }
+
+/* ------------------------------------------------------------- a block's step
+ * A decoded token through a whole decoder block in one call (`core.decode.BlockSteps`): its
+ * attention sublayers in the block's placement, the residual adds, the feed-forward. Each
+ * residual add rounds (bf16) where PyTorch's adds do and adds in the order `core.model.Block`
+ * does, so the block gives the per-sublayer path's bits. */
+
+/* one attention sublayer (attn_step's operands); `row`, `held` and the cache pointers change
+ * every token, the rest when the weights do. A head of the cache is `hs` elements, rows D apart. */
+struct casa_attn_plan {
+    const void *norm_w, *Wqkv, *Wo;
+    const float *b;
+    void *kc, *vc;
+    long row, held, hs, H, Hkv, D;
+    float eps;
+    int rope;
+};
+
+enum { PLACE_NONE, PLACE_PARALLEL, PLACE_BEFORE, PLACE_REPLACE };  /* no fusion layer, then §3's placements */
+
+struct casa_block_plan {
+    struct casa_attn_plan sa, fusion;
+    const void *mlp_norm_w, *Wgu, *Wd;
+    long I, F;
+    float mlp_eps;
+    int placement;
+};
+
+static int plan_attn(const struct casa_attn_plan *a, const void *h, const void *cos, const void *ssin, float *y,
+                     long I, int bf16) {
+    return attn_step(h, a->norm_w, a->eps, a->Wqkv, a->b, a->Wo, a->rope ? cos : NULL, a->rope ? ssin : NULL,
+                     a->kc, a->vc, a->row, a->held, a->D, a->hs, y, I, a->H, a->Hkv, a->D, bf16);
+}
+
+/* x += u as a residual add in the states' dtype: bf16 rounds the update, then the sum */
+static void residual(float *x, const float *u, long I, int bf16) {
+    if (bf16)
+        for (long i = 0; i < I; i++) x[i] = bf16_to_f32(f32_to_bf16(x[i] + bf16_to_f32(f32_to_bf16(u[i]))));
+    else
+        for (long i = 0; i < I; i++) x[i] += u[i];
+}
+
+static void store_row(const float *x, void *h, long I, int bf16) {
+    if (bf16)
+        for (long i = 0; i < I; i++) ((uint16_t *)h)[i] = f32_to_bf16(x[i]);
+    else
+        memcpy(h, x, sizeof(float) * I);
+}
+
+/* h [I] in the dtype, updated in place; cos/ssin [D] or NULL. Returns 0, or -1 when out of memory
+ * (h may then hold an intermediate state; a cache row may be written but is not yet held). */
+static int block_step(const struct casa_block_plan *p, void *h, const void *cos, const void *ssin, int bf16) {
+    long I = p->I;
+    float *x = malloc(sizeof(float) * 3 * I);
+    if (!x) return -1;
+    float *u = x + I, *w = u + I;
+    for (long i = 0; i < I; i++) x[i] = bf16 ? bf16_to_f32(((const uint16_t *)h)[i]) : ((const float *)h)[i];
+    int rc = 0;
+    switch (p->placement) {
+    case PLACE_NONE:  /* h + sa(h) */
+        if (!(rc = plan_attn(&p->sa, h, cos, ssin, u, I, bf16))) residual(x, u, I, bf16);
+        break;
+    case PLACE_PARALLEL:  /* h + sa(h) + fusion(h) */
+        rc = plan_attn(&p->sa, h, cos, ssin, u, I, bf16) || plan_attn(&p->fusion, h, cos, ssin, w, I, bf16);
+        if (!rc) {
+            residual(x, u, I, bf16);
+            residual(x, w, I, bf16);
+        }
+        break;
+    case PLACE_BEFORE:  /* h' = h + fusion(h); h' + sa(h') */
+        if (!(rc = plan_attn(&p->fusion, h, cos, ssin, w, I, bf16))) {
+            residual(x, w, I, bf16);
+            store_row(x, h, I, bf16);
+            if (!(rc = plan_attn(&p->sa, h, cos, ssin, u, I, bf16))) residual(x, u, I, bf16);
+        }
+        break;
+    default:  /* replace: h + fusion(h) */
+        if (!(rc = plan_attn(&p->fusion, h, cos, ssin, w, I, bf16))) residual(x, w, I, bf16);
+    }
+    if (!rc) {  /* h + mlp(h) */
+        store_row(x, h, I, bf16);
+        if (!(rc = mlp_step(h, p->mlp_norm_w, p->mlp_eps, p->Wgu, p->Wd, u, I, p->F, I, bf16))) {
+            residual(x, u, I, bf16);
+            store_row(x, h, I, bf16);
+        }
+    }
+    free(x);
+    return rc;
+}
+
+int casa_block_step_f32(const struct casa_block_plan *p, float *h, const float *cos, const float *ssin) {
+    return block_step(p, h, cos, ssin, 0);
+}
+int casa_block_step_bf16(const struct casa_block_plan *p, uint16_t *h, const uint16_t *cos, const uint16_t *ssin) {
+    return block_step(p, h, cos, ssin, 1);
+}

@@ -15,6 +15,10 @@ and SDPA reads a one-query cache at about a fifth of it. The two kernels in
   of eight and four small ops, with the same roundings (a decode step of an
   8-layer casa model normalizes 25 times and rotates 32 times; per-op
   overhead, not bytes, is what these cost).
+- `block_step`: a decoded token through a whole decoder block (attention
+  sublayers by placement, residual adds, feed-forward) in one call, from a
+  `BlockPlan` of pointers that `core.decode.BlockSteps` keeps per model, so
+  that a token costs one call per block.
 - `attn_step` and `mlp_step`: a decoded token's whole attention sublayer
   (norm, fused q/k/v product, RoPE, cache write, attention, output product)
   and feed-forward (norm, SwiGLU) in one call each. Measured on the
@@ -53,8 +57,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["MAX_HEAD_DIM", "MAX_NORM_WIDTH", "attend", "attn_step", "available", "gemv", "mlp_step", "rmsnorm", "rope",
-           "swiglu", "usable"]
+__all__ = ["MAX_HEAD_DIM", "MAX_NORM_WIDTH", "PLACEMENTS", "AttnPlan", "BlockPlan", "attend", "attn_step", "available",
+           "block_step", "gemv", "mlp_step", "rmsnorm", "rope", "swiglu", "usable"]
 
 MAX_HEAD_DIM = 256  # DMAX in cpu_kernels.c
 
@@ -125,6 +129,9 @@ def _lib():
     for name in ("casa_mlp_step_f32", "casa_mlp_step_bf16"):
         getattr(lib, name).argtypes = [p, p, f, p, p, p, i, i, i]
         getattr(lib, name).restype = ctypes.c_int
+    for name in ("casa_block_step_f32", "casa_block_step_bf16"):
+        getattr(lib, name).argtypes = [ctypes.POINTER(BlockPlan), p, p, p]
+        getattr(lib, name).restype = ctypes.c_int
     return lib
 
 
@@ -158,7 +165,7 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 def _fns() -> dict:
     """The kernels by (name, operand dtype)."""
     lib = _lib()
-    names = ("gemv", "attend", "rmsnorm", "rope", "swiglu", "attn_step", "mlp_step")
+    names = ("gemv", "attend", "rmsnorm", "rope", "swiglu", "attn_step", "mlp_step", "block_step")
     return {(name, dtype): getattr(lib, f"casa_{name}_{suffix}") for name in names for dtype, suffix in _DTYPES.items()}
 
 
@@ -331,3 +338,38 @@ def mlp_step(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_up: to
                                    y.data_ptr(), I, F, O):
         raise MemoryError("mlp_step: no memory for its scratch")
     return y
+
+
+class AttnPlan(ctypes.Structure):
+    """`struct casa_attn_plan`: one attention sublayer of a `BlockPlan` (`attn_step`'s operands).
+    The cache fields (`kc`, `vc`, `row`, `held`, `hs`: a head's elements) change every token."""
+    _fields_ = [("norm_w", ctypes.c_void_p), ("Wqkv", ctypes.c_void_p), ("Wo", ctypes.c_void_p),
+                ("b", ctypes.c_void_p), ("kc", ctypes.c_void_p), ("vc", ctypes.c_void_p),
+                ("row", ctypes.c_long), ("held", ctypes.c_long), ("hs", ctypes.c_long), ("H", ctypes.c_long),
+                ("Hkv", ctypes.c_long), ("D", ctypes.c_long), ("eps", ctypes.c_float), ("rope", ctypes.c_int)]
+
+
+PLACEMENTS = {None: 0, "parallel": 1, "before": 2, "replace": 3}  # a block without fusion layer, then §3's
+
+
+class BlockPlan(ctypes.Structure):
+    """`struct casa_block_plan`: a decoder block for `block_step` (`placement`: `PLACEMENTS`)."""
+    _fields_ = [("sa", AttnPlan), ("fusion", AttnPlan), ("mlp_norm_w", ctypes.c_void_p), ("Wgu", ctypes.c_void_p),
+                ("Wd", ctypes.c_void_p), ("I", ctypes.c_long), ("F", ctypes.c_long), ("mlp_eps", ctypes.c_float),
+                ("placement", ctypes.c_int)]
+
+
+def block_step(plan: BlockPlan, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """One decoded token through a decoder block, in place: what `core.model.Block.step` computes
+    (same bits). The plan's pointers must be valid, its shapes consistent (`core.decode.BlockSteps`
+    builds and checks them); this call checks only `h`.
+
+    Args:
+        plan: the block's weights and caches, each cache's `row`/`held` set for this token.
+        h: `[I]` states of `plan`'s dtype, contiguous; overwritten with the block's output.
+        rope: `(cos, signed_sin)`, `D` elements each, `h`'s dtype (used by the sublayers with `rope` set).
+    """
+    if h.numel() != plan.I or not h.is_contiguous():
+        raise ValueError(f"block_step: h {tuple(h.shape)} for a block of width {plan.I}")
+    if _fns()["block_step", h.dtype](ctypes.byref(plan), h.data_ptr(), rope[0].data_ptr(), rope[1].data_ptr()):
+        raise MemoryError("block_step: no memory for its scratch")

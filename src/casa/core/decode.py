@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from casa.core import cpu_kernels
 
-__all__ = ["PACKED_MAX_ROWS", "attention_row", "decoding", "kernel_row", "mlp_row", "packed_linear", "packed_swiglu",
+__all__ = ["PACKED_MAX_ROWS", "BlockSteps", "attention_row", "blocks_of", "decoding", "kernel_row", "mlp_row", "packed_linear", "packed_swiglu",
            "transposed_layout", "use_packed"]
 
 PACKED_MAX_ROWS = 64  # rows (tokens x streams) up to which the packed layout is used
@@ -108,10 +108,15 @@ def _fresh(sources: tuple) -> bool:
 def _packed(owner: nn.Module, name: str, linears: tuple[nn.Linear, ...]):
     """`(weight, bias [sum(out)] or None, transposed)` for `linears`, cached on `owner` under `name`;
     weight `[in, sum(out)]` if `transposed` (`transposed_layout`), else `[sum(out), in]`."""
+    return _packed_entry(owner, name, linears)[:3]
+
+
+def _packed_entry(owner: nn.Module, name: str, linears: tuple[nn.Linear, ...]) -> _Packed:
+    """`_packed`'s cache entry, sources included."""
     cache = owner.__dict__.setdefault("_packed_for_decode", {})
     hit = cache.get(name)
     if hit is not None and hit.transposed == transposed_layout(hit.weight.dtype) and _fresh(hit.sources):
-        return hit.weight, hit.bias, hit.transposed
+        return hit
     transposed = transposed_layout(linears[0].weight.dtype)
     sources = tuple((m._parameters, key, p, p.data_ptr(), p._version)
                     for m in linears for key, p in m._parameters.items() if p is not None)
@@ -123,8 +128,8 @@ def _packed(owner: nn.Module, name: str, linears: tuple[nn.Linear, ...]):
         if any(m.bias is not None for m in linears):
             bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
                               for m in linears])
-    cache[name] = _Packed(weight, bias, transposed, sources)
-    return weight, bias, transposed
+    cache[name] = hit = _Packed(weight, bias, transposed, sources)
+    return hit
 
 
 def packed_swiglu(x: torch.Tensor, owner: nn.Module, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> torch.Tensor:
@@ -217,3 +222,122 @@ def mlp_row(h: torch.Tensor, mlp: nn.Module, norm: nn.Module) -> torch.Tensor | 
         return None
     y = cpu_kernels.mlp_step(h, norm.weight, norm.eps, gate_up, down)
     return (y if y.dtype == h.dtype else y.to(h.dtype)).view(h.shape)
+
+
+_REPLACE = cpu_kernels.PLACEMENTS["replace"]
+
+
+class BlockSteps:
+    """A model's decoder blocks, each one kernel call per decoded token (`cpu_kernels.block_step`):
+    the attention sublayers by placement, the residual adds and the feed-forward of `Block.step`,
+    with the same bits, without its ~20 Python-level calls per block.
+
+    Built once per model and dtype from the packed weights (`blocks_of`), and rebuilt when any of
+    them, or a norm's weight, changed. A block whose fusion layer the kernel does not take (no
+    text keys: the `ca` family; `gated_ca`'s gates) keeps `Block.step`.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        self.model, self.dtype = model, dtype
+        self.sources: list = []  # what the plans point into, as `_fresh` checks it
+        self.keep: list = []  # the tensors the plans point into, held alive
+        self.plans = [self._block(block) for block in model.blocks]
+
+    def fresh(self) -> bool:
+        """Whether every weight the plans point into is unchanged (`_fresh`)."""
+        return _fresh(self.sources)
+
+    def _tensor(self, t: torch.Tensor) -> int:
+        self.keep.append(t)
+        return t.data_ptr()
+
+    def _norm(self, norm: nn.Module) -> int:
+        p = norm._parameters["weight"]
+        self.sources.append((norm._parameters, "weight", p, p.data_ptr(), p._version))
+        return self._tensor(p)
+
+    def _weight(self, owner: nn.Module, name: str, linears: tuple) -> _Packed:
+        entry = _packed_entry(owner, name, linears)
+        self.sources.extend(entry.sources)
+        self.keep.append(entry)
+        return entry
+
+    def _attention(self, plan, attn: nn.Module, norm: nn.Module, *, rope: bool) -> bool:
+        """Fill `plan` (a `cpu_kernels.AttnPlan`) for `attn` after `norm`; False where the kernel does not apply."""
+        if attn.head_dim > cpu_kernels.MAX_HEAD_DIM or attn.n_heads % attn.n_kv_heads \
+                or norm.weight.dtype != self.dtype:
+            return False
+        qkv = self._weight(attn, "qkv", (attn.q_proj, attn.k_proj, attn.v_proj))
+        o = self._weight(attn, "o", (attn.o_proj,))
+        if qkv.transposed or qkv.weight.dtype != self.dtype:
+            return False
+        plan.norm_w, plan.eps = self._norm(norm), norm.eps
+        plan.Wqkv, plan.Wo = qkv.weight.data_ptr(), o.weight.data_ptr()
+        plan.b = None if qkv.bias is None else self._tensor(qkv.bias.float())
+        plan.H, plan.Hkv, plan.D, plan.rope = attn.n_heads, attn.n_kv_heads, attn.head_dim, int(rope)
+        return True
+
+    def _block(self, block: nn.Module):
+        """The block's `cpu_kernels.BlockPlan`, or None where `Block.step` has to run it."""
+        plan, fusion = cpu_kernels.BlockPlan(), block.fusion
+        if not self._attention(plan.sa, block.attn, block.input_layernorm, rope=True):
+            return None
+        if fusion is not None:
+            if not fusion.text_keys or fusion.variant == "gated_ca" or not self._attention(
+                    plan.fusion, fusion.attn if fusion.attn is not None else block.attn, block._fusion_norm(),
+                    rope=fusion.positional):
+                return None
+        mlp, norm = block.mlp, block.post_attention_layernorm
+        gate_up = self._weight(mlp, "gate_up", (mlp.gate_proj, mlp.up_proj))
+        down = self._weight(mlp, "down", (mlp.down_proj,))
+        if gate_up.transposed or gate_up.weight.dtype != self.dtype or norm.weight.dtype != self.dtype:
+            return None
+        plan.mlp_norm_w, plan.mlp_eps = self._norm(norm), norm.eps
+        plan.Wgu, plan.Wd = gate_up.weight.data_ptr(), down.weight.data_ptr()
+        plan.I, plan.F = down.weight.shape
+        plan.placement = cpu_kernels.PLACEMENTS[None if fusion is None else block.placement]
+        return plan
+
+    def _bind(self, plan, cache, like: torch.Tensor) -> bool:
+        """Point `plan` (an `AttnPlan`) at the next row of `cache`; False where the cache cannot take it."""
+        if not hasattr(cache, "next_row") or (cache.k is not None and cache.k.dtype != self.dtype):
+            return False
+        plan.row, plan.held = cache.next_row(like, heads=plan.Hkv, width=plan.D)
+        plan.kc, plan.vc, plan.hs = cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[2] * plan.D
+        return True
+
+    def __call__(self, h: torch.Tensor, rotary, sa_caches, windows, *, backend: str) -> torch.Tensor:
+        """`h` through every block, as `Block.step` for each (one decoded token of one stream).
+
+        Args:
+            h: `[1, 1, d]` states of `self.dtype`; `rotary`: RoPE at the token's position.
+            sa_caches, windows: per block, its `KVCache` and fusion window (None without fusion).
+        Returns:
+            `[1, 1, d]`.
+        """
+        rope = rotary.tables(self.dtype)
+        x = h.reshape(-1).clone()  # overwritten block by block
+        for block, plan, sa, window in zip(self.model.blocks, self.plans, sa_caches, windows):
+            # the caches this token joins: the SA's unless the fusion layer replaces it, the window's if any
+            joins = [] if plan is None else [(plan.fusion, window)] if plan.placement == _REPLACE else \
+                [(plan.sa, sa), (plan.fusion, window)] if plan.placement else [(plan.sa, sa)]
+            if not joins or not all(self._bind(sub, cache, x) for sub, cache in joins):
+                x = block.step(x.view(h.shape), rotary=rotary, sa_cache=sa, window=window,
+                               backend=backend).reshape(-1)
+                continue
+            cpu_kernels.block_step(plan, x, rope)
+            for _, cache in joins:
+                cache.commit_row()
+        return x.view(h.shape)
+
+
+def blocks_of(model: nn.Module, h: torch.Tensor) -> BlockSteps | None:
+    """`model`'s `BlockSteps` for decoding `h` (`[1, 1, d]`, one token), kept on the model and
+    rebuilt when its weights changed; None where casa's kernels do not take one-row work."""
+    if not kernel_row(h) or not h.is_contiguous():
+        return None
+    steps = model.__dict__.setdefault("_block_steps", {})
+    hit = steps.get(h.dtype)
+    if hit is None or not hit.fresh():
+        steps[h.dtype] = hit = BlockSteps(model, h.dtype)
+    return hit

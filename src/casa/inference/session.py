@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from casa.core.decode import decoding
+from casa.core.decode import blocks_of, decoding
 from casa.core.layout import History, StreamWindows
 from casa.core.model import CasaModel
 from casa.core.positions import grid_positions
@@ -89,6 +89,9 @@ class Session:
         else:
             rotary = self.model.rotary(positions[None])
         with decoding():  # packed weight layouts for the few-token projections (core/decode.py)
+            steps = blocks_of(self.model, h) if positions is None else None
+            if steps is not None:  # one token at one thread: one kernel call per block
+                return steps(h, rotary, self.sa, self.windows, backend=self.backend)
             for block, sa, window in zip(self.model.blocks, self.sa, self.windows):
                 h = block.step(h, rotary=rotary, sa_cache=sa, window=window, backend=self.backend)
         return h
