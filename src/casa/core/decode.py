@@ -12,7 +12,8 @@ their per-op overhead. At one thread, where casa's own kernel is built
 (`core.cpu_kernels`), one-row products go through it instead, in every dtype,
 on the `[out, in]` layout it streams at the core's bandwidth, and a whole
 attention sublayer or feed-forward of one token is one kernel call
-(`attention_row`, `mlp_row`).
+(`attention_row`, `mlp_row`), and a session's whole block is one call
+(`BlockSteps`, a per-model plan of pointers, rebuilt when a weight changes).
 
 Design decisions:
 - The state dict does not change: the packed copies (`[in, sum(out)]` in
