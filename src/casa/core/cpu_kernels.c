@@ -583,7 +583,8 @@ static int block_step(const struct casa_block_plan *p, void *h, const void *cos,
     float *x = malloc(sizeof(float) * 3 * I);
     if (!x) return -1;
     float *u = x + I, *w = u + I;
-    for (long i = 0; i < I; i++) x[i] = bf16 ? bf16_to_f32(((const uint16_t *)h)[i]) : ((const float *)h)[i];
+    if (bf16) widen_bf16(x, h, 1, I, I);
+    else memcpy(x, h, sizeof(float) * I);
     int rc = 0;
     switch (p->placement) {
     case PLACE_NONE:  /* h + sa(h) */

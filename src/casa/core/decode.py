@@ -45,8 +45,8 @@ import torch.nn.functional as F
 
 from casa.core import cpu_kernels
 
-__all__ = ["PACKED_MAX_ROWS", "BlockSteps", "attention_row", "blocks_of", "decoding", "kernel_row", "mlp_row", "packed_linear", "packed_swiglu",
-           "transposed_layout", "use_packed"]
+__all__ = ["PACKED_MAX_ROWS", "BlockSteps", "attention_row", "blocks_of", "decoding", "kernel_row", "mlp_row",
+           "packed_linear", "packed_swiglu", "transposed_layout", "use_packed"]
 
 PACKED_MAX_ROWS = 64  # rows (tokens x streams) up to which the packed layout is used
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -177,6 +177,33 @@ def packed_linear(x: torch.Tensor, owner: nn.Module, name: str, linears: tuple[n
     return out if bias is None else out + bias
 
 
+def _attention_weights(attn: nn.Module, norm: nn.Module, dtype: torch.dtype) -> tuple[_Packed, _Packed] | None:
+    """The packed q/k/v and output entries of `attn` for the fused attention kernel in `dtype`,
+    or None where that kernel does not take `attn` after `norm`."""
+    if norm.weight.dtype != dtype or attn.head_dim > cpu_kernels.MAX_HEAD_DIM or attn.n_heads % attn.n_kv_heads:
+        return None
+    qkv = _packed_entry(attn, "qkv", (attn.q_proj, attn.k_proj, attn.v_proj))
+    if qkv.transposed or qkv.weight.dtype != dtype:
+        return None
+    return qkv, _packed_entry(attn, "o", (attn.o_proj,))
+
+
+def _mlp_weights(mlp: nn.Module, norm: nn.Module, dtype: torch.dtype) -> tuple[_Packed, _Packed] | None:
+    """The packed gate/up and down entries of `mlp` for the fused feed-forward kernel in `dtype`,
+    or None where that kernel does not take `mlp` after `norm`."""
+    if norm.weight.dtype != dtype:
+        return None
+    gate_up = _packed_entry(mlp, "gate_up", (mlp.gate_proj, mlp.up_proj))
+    if gate_up.transposed or gate_up.weight.dtype != dtype:
+        return None
+    return gate_up, _packed_entry(mlp, "down", (mlp.down_proj,))
+
+
+def _cache_takes(cache, dtype: torch.dtype) -> bool:
+    """Whether a fused kernel can write a row of `dtype` into `cache` in place (`next_row`)."""
+    return hasattr(cache, "next_row") and (cache.k is None or cache.k.dtype == dtype)
+
+
 def attention_row(h: torch.Tensor, attn: nn.Module, norm: nn.Module, rope, cache) -> torch.Tensor | None:
     """One decoded token through an attention sublayer whose key/value join `cache`, in one
     kernel call (`cpu_kernels.attn_step`: norm, fused q/k/v product, RoPE, cache write, attention,
@@ -190,18 +217,15 @@ def attention_row(h: torch.Tensor, attn: nn.Module, norm: nn.Module, rope, cache
     Returns:
         `[1, 1, d]` in `h`'s dtype, or None.
     """
-    if not kernel_row(h) or not h.is_contiguous() or not hasattr(cache, "next_row"):
+    if not kernel_row(h) or not h.is_contiguous() or not _cache_takes(cache, h.dtype):
         return None
-    if norm.weight.dtype != h.dtype or (cache.k is not None and cache.k.dtype != h.dtype) \
-            or attn.head_dim > cpu_kernels.MAX_HEAD_DIM or attn.n_heads % attn.n_kv_heads:
+    weights = _attention_weights(attn, norm, h.dtype)
+    if weights is None:
         return None
-    qkv, bias, transposed = _packed(attn, "qkv", (attn.q_proj, attn.k_proj, attn.v_proj))
-    o, _, _ = _packed(attn, "o", (attn.o_proj,))
-    if transposed or qkv.dtype != h.dtype:
-        return None
+    qkv, o = weights
     row, held = cache.next_row(h, heads=attn.n_kv_heads, width=attn.head_dim)
-    y = cpu_kernels.attn_step(h, norm.weight, norm.eps, qkv, None if bias is None else bias.float(), o, rope,
-                              cache.k, cache.v, row=row, held=held, heads=attn.n_heads)
+    y = cpu_kernels.attn_step(h, norm.weight, norm.eps, qkv.weight, None if qkv.bias is None else qkv.bias.float(),
+                              o.weight, rope, cache.k, cache.v, row=row, held=held, heads=attn.n_heads)
     cache.commit_row()
     return (y if y.dtype == h.dtype else y.to(h.dtype)).view(h.shape)
 
@@ -215,13 +239,11 @@ def mlp_row(h: torch.Tensor, mlp: nn.Module, norm: nn.Module) -> torch.Tensor | 
     Returns:
         `[1, 1, d]` in `h`'s dtype, or None.
     """
-    if not kernel_row(h) or not h.is_contiguous() or norm.weight.dtype != h.dtype:
+    weights = _mlp_weights(mlp, norm, h.dtype) if kernel_row(h) and h.is_contiguous() else None
+    if weights is None:
         return None
-    gate_up, _, transposed = _packed(mlp, "gate_up", (mlp.gate_proj, mlp.up_proj))
-    down, _, _ = _packed(mlp, "down", (mlp.down_proj,))
-    if transposed or gate_up.dtype != h.dtype:
-        return None
-    y = cpu_kernels.mlp_step(h, norm.weight, norm.eps, gate_up, down)
+    gate_up, down = weights
+    y = cpu_kernels.mlp_step(h, norm.weight, norm.eps, gate_up.weight, down.weight)
     return (y if y.dtype == h.dtype else y.to(h.dtype)).view(h.shape)
 
 
@@ -257,21 +279,19 @@ class BlockSteps:
         self.sources.append((norm._parameters, "weight", p, p.data_ptr(), p._version))
         return self._tensor(p)
 
-    def _weight(self, owner: nn.Module, name: str, linears: tuple) -> _Packed:
-        entry = _packed_entry(owner, name, linears)
-        self.sources.extend(entry.sources)
-        self.keep.append(entry)
-        return entry
+    def _weights(self, entries: tuple[_Packed, ...] | None) -> tuple[_Packed, ...] | None:
+        """`entries` (packed weights), recorded as what the plans point into."""
+        for entry in entries or ():
+            self.sources.extend(entry.sources)
+            self.keep.append(entry)
+        return entries
 
     def _attention(self, plan, attn: nn.Module, norm: nn.Module, *, rope: bool) -> bool:
         """Fill `plan` (a `cpu_kernels.AttnPlan`) for `attn` after `norm`; False where the kernel does not apply."""
-        if attn.head_dim > cpu_kernels.MAX_HEAD_DIM or attn.n_heads % attn.n_kv_heads \
-                or norm.weight.dtype != self.dtype:
+        weights = self._weights(_attention_weights(attn, norm, self.dtype))
+        if weights is None:
             return False
-        qkv = self._weight(attn, "qkv", (attn.q_proj, attn.k_proj, attn.v_proj))
-        o = self._weight(attn, "o", (attn.o_proj,))
-        if qkv.transposed or qkv.weight.dtype != self.dtype:
-            return False
+        qkv, o = weights
         plan.norm_w, plan.eps = self._norm(norm), norm.eps
         plan.Wqkv, plan.Wo = qkv.weight.data_ptr(), o.weight.data_ptr()
         plan.b = None if qkv.bias is None else self._tensor(qkv.bias.float())
@@ -288,11 +308,11 @@ class BlockSteps:
                     plan.fusion, fusion.attn if fusion.attn is not None else block.attn, block._fusion_norm(),
                     rope=fusion.positional):
                 return None
-        mlp, norm = block.mlp, block.post_attention_layernorm
-        gate_up = self._weight(mlp, "gate_up", (mlp.gate_proj, mlp.up_proj))
-        down = self._weight(mlp, "down", (mlp.down_proj,))
-        if gate_up.transposed or gate_up.weight.dtype != self.dtype or norm.weight.dtype != self.dtype:
+        norm = block.post_attention_layernorm
+        weights = self._weights(_mlp_weights(block.mlp, norm, self.dtype))
+        if weights is None:
             return None
+        gate_up, down = weights
         plan.mlp_norm_w, plan.mlp_eps = self._norm(norm), norm.eps
         plan.Wgu, plan.Wd = gate_up.weight.data_ptr(), down.weight.data_ptr()
         plan.I, plan.F = down.weight.shape
@@ -301,11 +321,20 @@ class BlockSteps:
 
     def _bind(self, plan, cache, like: torch.Tensor) -> bool:
         """Point `plan` (an `AttnPlan`) at the next row of `cache`; False where the cache cannot take it."""
-        if not hasattr(cache, "next_row") or (cache.k is not None and cache.k.dtype != self.dtype):
+        if not _cache_takes(cache, self.dtype):
             return False
         plan.row, plan.held = cache.next_row(like, heads=plan.Hkv, width=plan.D)
         plan.kc, plan.vc, plan.hs = cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[2] * plan.D
         return True
+
+    @staticmethod
+    def _joins(plan, sa, window) -> list:
+        """`(AttnPlan, cache)` of each cache a token joins in a planned block: the SA's unless the
+        fusion layer replaces it, the window's where there is a fusion layer."""
+        if plan is None:
+            return []
+        joins = [] if plan.placement == _REPLACE else [(plan.sa, sa)]
+        return (joins + [(plan.fusion, window)]) if plan.placement else joins
 
     def __call__(self, h: torch.Tensor, rotary, sa_caches, windows, *, backend: str) -> torch.Tensor:
         """`h` through every block, as `Block.step` for each (one decoded token of one stream).
@@ -319,9 +348,7 @@ class BlockSteps:
         rope = rotary.tables(self.dtype)
         x = h.reshape(-1).clone()  # overwritten block by block
         for block, plan, sa, window in zip(self.model.blocks, self.plans, sa_caches, windows):
-            # the caches this token joins: the SA's unless the fusion layer replaces it, the window's if any
-            joins = [] if plan is None else [(plan.fusion, window)] if plan.placement == _REPLACE else \
-                [(plan.sa, sa), (plan.fusion, window)] if plan.placement else [(plan.sa, sa)]
+            joins = self._joins(plan, sa, window)
             if not joins or not all(self._bind(sub, cache, x) for sub, cache in joins):
                 x = block.step(x.view(h.shape), rotary=rotary, sa_cache=sa, window=window,
                                backend=backend).reshape(-1)
