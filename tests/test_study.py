@@ -62,6 +62,7 @@ def test_quick_study_runs_both_stages_both_regimes_and_the_flops_matched_row(qui
     # regimes: the frozen LM trains only its fusion layers (+ projector and the encoder's last block)
     assert runs["casa"]["trainable"] < runs["casa@full"]["trainable"] == runs["casa@full"]["params"]
     assert runs["insertion"]["trainable"] < runs["casa"]["trainable"]  # frozen insertion: no fusion layer to train
+    assert runs["casa"]["lr"] == runs["casa@full"]["lr"] == {k: SIZES["quick"]["train"][k] for k in ("lr_new", "lr_pretrained")}
     # fine-grained tasks: scored per level, the task's score is the levels' mean
     for r in res["runs"]:
         assert set(r["tasks"]) == set(TASKS)
@@ -126,6 +127,14 @@ def test_quick_study_reuses_finished_runs(quick, capsys):
     text = capsys.readouterr().out
     assert text.count("reuse ") == 1 + 5  # stage 0, and insertion, casa, both @full, insertion@flops
     assert set(res["accuracy"]) == {"casa", "insertion", "insertion@full", "casa@full", "insertion@flops"}
+    assert res["reused"] == {"stage0_seeds": [0], "arm_runs": [f"{a}_s0" for a in res["config"]["arms"]]}
+    assert "not counting what it reused from an earlier run" in (out / "report.md").read_text()
+    # --jobs: the seeds go to worker processes (here one seed, every arm reused there): same records
+    try:
+        again = run(StudyConfig(out=str(out), size="quick", threads=1, jobs=2, variants=["casa", "insertion"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert again["runs"] == res["runs"] and again["command"].endswith("--jobs 2 --variants casa,insertion")
 
 
 def _tiny_model(variant, **fusion):
@@ -253,6 +262,8 @@ def test_study_config_and_command_line():
         StudyConfig(variants=["casa", "nope"])
     with pytest.raises(ValueError):
         StudyConfig(seeds=0)
+    with pytest.raises(ValueError, match="--jobs 0"):
+        StudyConfig(jobs=0)
     cfg = StudyConfig(out="x", size="quick", seeds=2)
     assert cfg.spec["seeds"] == 2 and SIZES["quick"]["seeds"] == 1
     assert command_line(cfg) == "casa study --out x --quick --seeds 2"
@@ -261,3 +272,15 @@ def test_study_config_and_command_line():
     assert "--device cuda" in command_line(StudyConfig(out="x", device="cuda"))
     assert set(FULL_ARMS) <= set(arms_of(list(VARIANTS), list(FULL_ARMS)))
     assert VARIANTS["casa_replace"]["every"] == 2  # some blocks replaced, not all
+
+
+def test_the_frozen_regime_takes_its_own_learning_rates():
+    from casa.study.stage1 import regime_train
+
+    full = SIZES["full"]
+    frozen, tuned = regime_train(full, "frozen"), regime_train(full, "full")
+    assert (frozen["lr_new"], frozen["lr_pretrained"]) == (5e-3, 1e-3)  # adapter-only training: larger steps
+    assert (tuned["lr_new"], tuned["lr_pretrained"]) == (full["train"]["lr_new"], full["train"]["lr_pretrained"])
+    assert {k: v for k, v in frozen.items() if not k.startswith("lr_")} == \
+        {k: v for k, v in tuned.items() if not k.startswith("lr_")}  # nothing else differs
+    assert regime_train(SIZES["quick"], "frozen") == SIZES["quick"]["train"]  # no override: the size's settings

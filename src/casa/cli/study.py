@@ -23,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--seeds", type=positive_int, default=None, help="seeds per variant (full: 3)")
     st.add_argument("--steps", type=positive_int, default=None, help="training steps per run")
     st.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: free cores)")
+    st.add_argument("--jobs", type=positive_int, default=1,
+                    help="seeds trained side by side in that many processes, sharing --threads (full: 2 on 2 cores)")
     st.add_argument("--variants", default=None, help="comma-separated subset of the study's variants")
     st.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                     help="cuda: a larger model, more data and steps (the full size only)")
@@ -35,7 +37,7 @@ def run(args) -> int:
     from casa.study.run import StudyConfig, run
 
     cfg = StudyConfig(out=args.out, size="quick" if args.quick else "full", seeds=args.seeds, steps=args.steps,
-                      threads=args.threads, docs=args.docs, device=args.device,
+                      threads=args.threads, docs=args.docs, device=args.device, jobs=args.jobs,
                       **({"variants": [v.strip() for v in args.variants.split(",")]} if args.variants else {}))
     check_output_dir(args.out, "--out")
     if args.docs:

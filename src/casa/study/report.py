@@ -34,6 +34,7 @@ from casa.study.claims import (
     points_interval,
 )
 from casa.study.plots import NAMES, render
+from casa.study.stage1 import regime_train
 from casa.study.stats import (
     LEARNED,
     aggregate,
@@ -101,6 +102,11 @@ def protocol(results: dict) -> list[str]:
     line1 = (f"**Stage 1**: {len(arms)} arms train on identical packs of samples "
              f"({_spread([r.get('samples') for r in sample_runs], lambda v: f'{v:,}')} samples, "
              f"{_spread([r.get('steps') for r in sample_runs], str)} steps per run) in the regimes {regs}")
+    spec = cfg.get("spec", {})
+    if "lr_new" in spec.get("train", {}):
+        lrs = {r: regime_train(spec, r) for r in regimes(results)}
+        line1 += (", learning rates new / pretrained parameters " + ", ".join(
+            f"{r} {lr['lr_new']:g} / {lr['lr_pretrained']:g}" for r, lr in lrs.items()))
     line1 += (f"; {', '.join(flops_arms)} {'trains' if len(flops_arms) == 1 else 'train'} on CASA's FLOPs instead "
               f"({_spread([r.get('samples') for r in flops_runs], lambda v: f'{v:,}')} samples)." if flops_arms
               else ".")
@@ -114,7 +120,12 @@ def protocol(results: dict) -> list[str]:
     wall = results.get("wall_seconds")
     line3 = (f"Command `{results.get('command', '?')}` (size {cfg.get('size', '?')}), {cfg.get('threads', '?')} "
              f"thread(s) of {cfg.get('cpu_count', '?')} CPUs, torch {cfg.get('torch', '?')}"
-             + (f", wall time {wall / 60:.1f} min." if wall is not None else "."))
+             + (f", wall time {wall / 60:.1f} min" if wall is not None else ""))
+    reused = results.get("reused") or {}
+    taken = [f"stage 0 of seed(s) {', '.join(map(str, reused['stage0_seeds']))}"] if reused.get("stage0_seeds") else []
+    taken += [f"{len(reused['arm_runs'])} arm run(s) ({', '.join(reused['arm_runs'])})"] if reused.get("arm_runs") else []
+    line3 += (f" (not counting what it reused from an earlier run in the same folder: {' and '.join(taken)})."
+              if taken else ".")
     return [line0, line1, line2, line3]
 
 

@@ -41,7 +41,7 @@ from casa.pretrained.directory import save_pretrained
 from casa.pretrained.tokenizer import ByteTokenizer
 from casa.study.stage0 import init_stage1, training_mix
 
-__all__ = ["Arm", "REGIMES", "evaluate_tasks", "train_arm"]
+__all__ = ["Arm", "REGIMES", "evaluate_tasks", "regime_train", "train_arm"]
 
 REGIMES = {"frozen": {"freeze_lm": True, "vision_trainable_blocks": 1},
            "full": {"freeze_lm": False, "vision_trainable_blocks": -1}}
@@ -59,6 +59,12 @@ class Arm:
         variant, _, tag = name.partition("@")
         regime = tag if tag in REGIMES else primary_regime
         return Arm(name, variant, regime, "flops" if tag == "flops" else "samples")
+
+
+def regime_train(spec: dict, regime: str) -> dict:
+    """The stage-1 training settings of `regime`: the size's `train`, updated by its `regime_train[regime]`
+    (the frozen regime's larger learning rates)."""
+    return {**spec["train"], **spec.get("regime_train", {}).get(regime, {})}
 
 
 def _max_answer_tokens(processor, samples) -> int:
@@ -105,7 +111,8 @@ def train_arm(arm: Arm, seed: int, spec: dict, tasks: list[str], fusion: dict, s
     shutil.rmtree(work, ignore_errors=True)
     model_cfg = ModelConfig.from_dict({**spec["model"], "fusion": fusion})
     save_pretrained(init_stage1(model_cfg, stage0_dir), work / "init", tokenizer=ByteTokenizer())
-    train = {**spec["train"], "steps": steps, "data": ",".join(training_mix(tasks, spec.get("mix"))), "difficulty": spec["difficulty"],
+    train = {**regime_train(spec, arm.regime), "steps": steps,
+             "data": ",".join(training_mix(tasks, spec.get("mix"))), "difficulty": spec["difficulty"],
              "seed": seed, "init": str(work / "init"), "out_dir": str(work / "train"), "log_every": 10**9,
              "save_every": 0, "precision": "fp32", "insertion_counts_images": False, **REGIMES[arm.regime]}
     model_cfg, cfg = load_config(base={"model": model_cfg.to_dict(), "train": train})
@@ -141,7 +148,8 @@ def train_arm(arm: Arm, seed: int, spec: dict, tasks: list[str], fusion: dict, s
     shutil.rmtree(work, ignore_errors=True)  # the study keeps numbers, not checkpoints
     k = max(1, len(losses) // 10)
     return {"arm": arm.name, "variant": arm.variant, "regime": arm.regime, "matching": arm.matching, "seed": seed,
-            "fusion": fusion, "steps": steps, "samples": samples, "sequence_tokens": seq_tokens,
+            "fusion": fusion, "steps": steps, "lr": {k: train[k] for k in ("lr_new", "lr_pretrained")},
+            "samples": samples, "sequence_tokens": seq_tokens,
             "flops_per_step": flops, "train_seconds": train_seconds, "final_loss": sum(losses[-k:]) / k,
             "params": sum(p.numel() for p in model.parameters()),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
