@@ -9,8 +9,8 @@ The protocol (second edition), per seed:
   copied from the block's self-attention, `init_from_sa`) and trained on the
   same packs of *samples* (insertion's rows are longer; its cost is logged).
   Two regimes: LM frozen (the primary one: fusion layers, projector and the
-  encoder's last block train) for every variant, and full fine-tuning for
-  `FULL_ARMS`. `insertion@flops` is insertion trained for as many steps as
+  encoder's last block train, at the larger learning rates of
+  `regime_train`) for every variant, and full fine-tuning for `FULL_ARMS`. `insertion@flops` is insertion trained for as many steps as
   casa's training FLOPs buy: the compute-matched view, labelled as such.
 - Every arm is evaluated on every task, with its images and blind; the
   fine-grained ladder (`digits`, `bars`, `table`) per difficulty level.
@@ -23,8 +23,15 @@ intervals over seeds and paired differences (`stats.py`).
 Design decisions:
 - Sizes: `quick` (tiny model, one seed, a handful of steps: CI, under 3
   minutes on 2 cores, exercising both stages and both regimes) and `full`
-  (3 seeds: 83 minutes measured on 2 CPU cores, docs/study.md); `--device cuda` scales the model,
+  (3 seeds, docs/study.md: 83 minutes one seed after another on 2 CPU threads;
+  `--jobs 3` trains the seeds side by side); `--device cuda` scales the model,
   the data and the steps (`SIZES["gpu"]`). `--seeds` / `--steps` override.
+- `--jobs N`: seeds are independent, so N worker processes each train whole
+  seeds on their share of `--threads` (at least one each). A model this
+  small gains little from a second thread: the three stage-0 text LMs took
+  305-355 s side by side (`--jobs 3`, 2 cores) against 165 s each one after
+  another at 2 threads; three jobs on two cores also keep both busy to the
+  end, where two would leave the third seed alone on one core.
 - `casa_replace` puts its fusion layer in every other block: replacing
   self-attention in every block would leave no text-only attention at all,
   which is not the paper's CASA-replace (some blocks replaced).
