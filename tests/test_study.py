@@ -273,14 +273,3 @@ def test_study_config_and_command_line():
     assert set(FULL_ARMS) <= set(arms_of(list(VARIANTS), list(FULL_ARMS)))
     assert VARIANTS["casa_replace"]["every"] == 2  # some blocks replaced, not all
 
-
-def test_the_frozen_regime_takes_its_own_learning_rates():
-    from casa.study.stage1 import regime_train
-
-    full = SIZES["full"]
-    frozen, tuned = regime_train(full, "frozen"), regime_train(full, "full")
-    assert (frozen["lr_new"], frozen["lr_pretrained"]) == (5e-3, 1e-3)  # adapter-only training: larger steps
-    assert (tuned["lr_new"], tuned["lr_pretrained"]) == (full["train"]["lr_new"], full["train"]["lr_pretrained"])
-    assert {k: v for k, v in frozen.items() if not k.startswith("lr_")} == \
-        {k: v for k, v in tuned.items() if not k.startswith("lr_")}  # nothing else differs
-    assert regime_train(SIZES["quick"], "frozen") == SIZES["quick"]["train"]  # no override: the size's settings

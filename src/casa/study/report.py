@@ -34,7 +34,6 @@ from casa.study.claims import (
     points_interval,
 )
 from casa.study.plots import NAMES, render
-from casa.study.stage1 import regime_train
 from casa.study.stats import (
     LEARNED,
     aggregate,
@@ -102,11 +101,9 @@ def protocol(results: dict) -> list[str]:
     line1 = (f"**Stage 1**: {len(arms)} arms train on identical packs of samples "
              f"({_spread([r.get('samples') for r in sample_runs], lambda v: f'{v:,}')} samples, "
              f"{_spread([r.get('steps') for r in sample_runs], str)} steps per run) in the regimes {regs}")
-    spec = cfg.get("spec", {})
-    if "lr_new" in spec.get("train", {}):
-        lrs = {r: regime_train(spec, r) for r in regimes(results)}
-        line1 += (", learning rates new / pretrained parameters " + ", ".join(
-            f"{r} {lr['lr_new']:g} / {lr['lr_pretrained']:g}" for r, lr in lrs.items()))
+    train = cfg.get("spec", {}).get("train", {})
+    if "lr_new" in train:
+        line1 += f", learning rate {train['lr_new']:g} (new parameters) / {train['lr_pretrained']:g} (pretrained)"
     line1 += (f"; {', '.join(flops_arms)} {'trains' if len(flops_arms) == 1 else 'train'} on CASA's FLOPs instead "
               f"({_spread([r.get('samples') for r in flops_runs], lambda v: f'{v:,}')} samples)." if flops_arms
               else ".")

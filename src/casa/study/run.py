@@ -9,8 +9,9 @@ The protocol (second edition), per seed:
   copied from the block's self-attention, `init_from_sa`) and trained on the
   same packs of *samples* (insertion's rows are longer; its cost is logged).
   Two regimes: LM frozen (the primary one: fusion layers, projector and the
-  encoder's last block train, at the larger learning rates of
-  `regime_train`) for every variant, and full fine-tuning for `FULL_ARMS`. `insertion@flops` is insertion trained for as many steps as
+  encoder's last block train) for every variant, and full fine-tuning for
+  `FULL_ARMS`, at the same learning rates (a larger one for the frozen
+  regime was measured and dropped: see the README's study section). `insertion@flops` is insertion trained for as many steps as
   casa's training FLOPs buy: the compute-matched view, labelled as such.
 - Every arm is evaluated on every task, with its images and blind; the
   fine-grained ladder (`digits`, `bars`, `table`) per difficulty level.
@@ -113,11 +114,6 @@ SIZES = {
         "mix": MIX,
         "train": {"steps": 450, "text_tokens": 384, "image_tokens": 4096, "lr_new": 2e-3, "lr_pretrained": 5e-4,
                   "warmup_steps": 20, "min_lr_ratio": 0.05, "weight_decay": 0.01, "grad_clip": 1.0},
-        # with the LM frozen a tenth to a third of the parameters train (insertion: only the projector and
-        # the encoder's last block), and adapter-only training takes larger steps, as LLaVA's projector
-        # stage does; chosen on the calibration arm, insertion, seeds 0 and 1 (digits, bars: +20/+30
-        # points over blind at 2e-3 -> +38/+35 at 5e-3)
-        "regime_train": {"frozen": {"lr_new": 5e-3, "lr_pretrained": 1e-3}},
         "difficulty": {**DIFFICULTY, "image_size": 48},
         "seeds": 3, "eval_n": 30, "curve_n": 9, "curve": [0.25, 0.5, 0.75], "gating_n": 12,
         "variants": list(VARIANTS), "full_arms": list(FULL_ARMS),

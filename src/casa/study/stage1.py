@@ -41,7 +41,7 @@ from casa.pretrained.directory import save_pretrained
 from casa.pretrained.tokenizer import ByteTokenizer
 from casa.study.stage0 import init_stage1, training_mix
 
-__all__ = ["Arm", "REGIMES", "evaluate_tasks", "regime_train", "train_arm"]
+__all__ = ["Arm", "REGIMES", "evaluate_tasks", "train_arm"]
 
 REGIMES = {"frozen": {"freeze_lm": True, "vision_trainable_blocks": 1},
            "full": {"freeze_lm": False, "vision_trainable_blocks": -1}}
@@ -59,12 +59,6 @@ class Arm:
         variant, _, tag = name.partition("@")
         regime = tag if tag in REGIMES else primary_regime
         return Arm(name, variant, regime, "flops" if tag == "flops" else "samples")
-
-
-def regime_train(spec: dict, regime: str) -> dict:
-    """The stage-1 training settings of `regime`: the size's `train`, updated by its `regime_train[regime]`
-    (the frozen regime's larger learning rates)."""
-    return {**spec["train"], **spec.get("regime_train", {}).get(regime, {})}
 
 
 def _max_answer_tokens(processor, samples) -> int:
@@ -111,7 +105,7 @@ def train_arm(arm: Arm, seed: int, spec: dict, tasks: list[str], fusion: dict, s
     shutil.rmtree(work, ignore_errors=True)
     model_cfg = ModelConfig.from_dict({**spec["model"], "fusion": fusion})
     save_pretrained(init_stage1(model_cfg, stage0_dir), work / "init", tokenizer=ByteTokenizer())
-    train = {**regime_train(spec, arm.regime), "steps": steps,
+    train = {**spec["train"], "steps": steps,
              "data": ",".join(training_mix(tasks, spec.get("mix"))), "difficulty": spec["difficulty"],
              "seed": seed, "init": str(work / "init"), "out_dir": str(work / "train"), "log_every": 10**9,
              "save_every": 0, "precision": "fp32", "insertion_counts_images": False, **REGIMES[arm.regime]}
