@@ -120,9 +120,6 @@ void casa_gemv_bf16(const uint16_t *W, const float *x, const float *b, float *y,
 #define CHUNK 32
 #define DMAX 256
 
-#ifdef CASA_AVX2
-#endif
-
 /* dst[s, :] = src[s, :] as fp32 for rows 0..rows-1 (src rows `ld` apart); returns dst, rows D apart */
 static const float *widen_bf16(float *dst, const uint16_t *src, long rows, long D, long ld) {
     for (long s = 0; s < rows; s++) {
@@ -456,24 +453,27 @@ static void gemv(const void *W, int bf16, const float *x, const float *b, float 
  * h [I] and norm weight [I], W_qkv [(H + 2 Hkv) D, I], W_o [I, H D] in the dtype; b fp32 or NULL;
  * cos/ssin [D] in the dtype, or NULL (no RoPE). Cache: head j's rows at kc/vc + j hs, `ld` apart;
  * the token's key/value are written at `row`, then rows [0, S) are attended (row < S).
+ * With row < 0 the token does not join the cache (a `ca` fusion layer reading its window's
+ * image prefix): only the query rows of W_qkv are read, and rows [0, S) attended (S = 0: y = 0).
  * y [I] fp32 (bf16: the projection's output before the caller's cast). Returns 0, or -1 when
  * out of memory (nothing written to the cache then). */
 static int attn_step(const void *h, const void *norm_w, float eps, const void *Wqkv, const float *b, const void *Wo,
                      const void *cos, const void *ssin, void *kc, void *vc, long row, long S, long ld, long hs,
                      float *y, long I, long H, long Hkv, long D, int bf16) {
-    long Q = H * D, KV = Hkv * D, G = H / Hkv;
+    long Q = H * D, KV = Hkv * D, G = H / Hkv, joins = row >= 0;
+    long O = joins ? Q + 2 * KV : Q;  /* the product's rows: q, k, v, or q alone */
     float *buf = malloc(sizeof(float) * (I + Q + 2 * KV + Q + G * S));
     if (!buf) return -1;
     float *x = buf, *qkv = x + I, *att = qkv + Q + 2 * KV, *scores = att + Q;
     norm_row(h, norm_w, bf16, x, I, eps);
-    gemv(Wqkv, bf16, x, b, qkv, Q + 2 * KV, I);
-    if (bf16) round_bf16(qkv, Q + 2 * KV);  /* the product's output, in the weights' dtype */
+    gemv(Wqkv, bf16, x, b, qkv, O, I);
+    if (bf16) round_bf16(qkv, O);  /* the product's output, in the weights' dtype */
     float *q = qkv, *k = qkv + Q, *v = k + KV;
     if (cos) {
         rope_rows(q, cos, ssin, bf16, H, D);
-        rope_rows(k, cos, ssin, bf16, Hkv, D);
+        if (joins) rope_rows(k, cos, ssin, bf16, Hkv, D);
     }
-    for (long j = 0; j < Hkv; j++)
+    for (long j = 0; j < Hkv && joins; j++)
         for (long d = 0; d < D; d++) {
             long at = j * hs + row * ld + d;
             if (bf16) {
@@ -535,7 +535,8 @@ int casa_mlp_step_bf16(const uint16_t *h, const uint16_t *norm_w, float eps, con
  * does, so the block gives the per-sublayer path's bits. */
 
 /* one attention sublayer (attn_step's operands); `row`, `held` and the cache pointers change
- * every token, the rest when the weights do. A head of the cache is `hs` elements, rows D apart. */
+ * every token, the rest when the weights do. A head of the cache is `hs` elements, rows D apart;
+ * row < 0: the token reads the cache without joining it (attn_step). */
 struct casa_attn_plan {
     const void *norm_w, *Wqkv, *Wo;
     const float *b;

@@ -256,8 +256,9 @@ class BlockSteps:
     with the same bits, without its ~20 Python-level calls per block.
 
     Built once per model and dtype from the packed weights (`blocks_of`), and rebuilt when any of
-    them, or a norm's weight, changed. A block whose fusion layer the kernel does not take (no
-    text keys: the `ca` family; `gated_ca`'s gates) keeps `Block.step`.
+    them, or a norm's weight, changed. A fusion layer without text keys (the `ca` family) reads
+    its window's image prefix without joining it (`AttnPlan.row` -1); a block whose fusion layer
+    the kernel does not take (`gated_ca`'s gates and FFN) keeps `Block.step`.
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype):
@@ -304,10 +305,11 @@ class BlockSteps:
         if not self._attention(plan.sa, block.attn, block.input_layernorm, rope=True):
             return None
         if fusion is not None:
-            if not fusion.text_keys or fusion.variant == "gated_ca" or not self._attention(
+            if fusion.variant == "gated_ca" or not self._attention(
                     plan.fusion, fusion.attn if fusion.attn is not None else block.attn, block._fusion_norm(),
                     rope=fusion.positional):
                 return None
+            plan.fusion.row = 0 if fusion.text_keys else -1  # -1 for good: the token reads its window, never joins it
         norm = block.post_attention_layernorm
         weights = self._weights(_mlp_weights(block.mlp, norm, self.dtype))
         if weights is None:
@@ -327,14 +329,34 @@ class BlockSteps:
         plan.kc, plan.vc, plan.hs = cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[2] * plan.D
         return True
 
+    def _bind_prefix(self, plan, window) -> bool:
+        """Point `plan` at `window`'s image prefix, read without joining it (`row` -1: a fusion layer
+        without text keys); False where the window holds more than a prefix or another dtype."""
+        if not _cache_takes(window, self.dtype) or window.n_slots:
+            return False
+        plan.row, plan.held = -1, window.n_prefix
+        plan.kc, plan.vc, plan.hs = (0, 0, 0) if window.k is None else \
+            (window.k.data_ptr(), window.v.data_ptr(), window.k.shape[2] * plan.D)
+        return True
+
     @staticmethod
     def _joins(plan, sa, window) -> list:
         """`(AttnPlan, cache)` of each cache a token joins in a planned block: the SA's unless the
-        fusion layer replaces it, the window's where there is a fusion layer."""
+        fusion layer replaces it, the window's where there is a fusion layer with text keys."""
         if plan is None:
             return []
         joins = [] if plan.placement == _REPLACE else [(plan.sa, sa)]
-        return (joins + [(plan.fusion, window)]) if plan.placement else joins
+        return (joins + [(plan.fusion, window)]) if plan.placement and plan.fusion.row >= 0 else joins
+
+    def _bound(self, plan, sa, window, like: torch.Tensor) -> list | None:
+        """The caches the token joins, each bound to its next row (and a prefix-only window bound
+        for reading), or None where `Block.step` has to run the block."""
+        joins = self._joins(plan, sa, window)
+        if not joins or not all(self._bind(sub, cache, like) for sub, cache in joins):
+            return None
+        if plan.placement and plan.fusion.row < 0 and not self._bind_prefix(plan.fusion, window):
+            return None
+        return joins
 
     def __call__(self, h: torch.Tensor, rotary, sa_caches, windows, *, backend: str) -> torch.Tensor:
         """`h` through every block, as `Block.step` for each (one decoded token of one stream).
@@ -348,8 +370,8 @@ class BlockSteps:
         rope = rotary.tables(self.dtype)
         x = h.reshape(-1).clone()  # overwritten block by block
         for block, plan, sa, window in zip(self.model.blocks, self.plans, sa_caches, windows):
-            joins = self._joins(plan, sa, window)
-            if not joins or not all(self._bind(sub, cache, x) for sub, cache in joins):
+            joins = self._bound(plan, sa, window, x)
+            if joins is None:
                 x = block.step(x.view(h.shape), rotary=rotary, sa_cache=sa, window=window,
                                backend=backend).reshape(-1)
                 continue
