@@ -11,8 +11,9 @@ The protocol (second edition), per seed:
   Two regimes: LM frozen (the primary one: fusion layers, projector and the
   encoder's last block train) for every variant, and full fine-tuning for
   `FULL_ARMS`, at the same learning rates (a larger one for the frozen
-  regime was measured and dropped: see the README's study section). `insertion@flops` is insertion trained for as many steps as
-  casa's training FLOPs buy: the compute-matched view, labelled as such.
+  regime was measured and dropped: see the README's study section).
+  `insertion@flops` is insertion trained for as many steps as casa's
+  training FLOPs buy: the compute-matched view, labelled as such.
 - Every arm is evaluated on every task, with its images and blind; the
   fine-grained ladder (`digits`, `bars`, `table`) per difficulty level.
   Learning curves come from small evaluations during training.
@@ -351,7 +352,8 @@ def _seed_job(seed: int, spec: dict, tasks: list[str], arms: list[str], out: Pat
 def _reused(out: Path, seeds: int, arms: list[str]) -> dict:
     """What a rerun in `out` will take from disk instead of computing (reported beside the wall time)."""
     return {"stage0_seeds": [s for s in range(seeds) if (out / "stage0" / f"s{s}" / "stats.json").is_file()],
-            "arm_runs": [f"{a}_s{s}" for s in range(seeds) for a in arms if (out / "runs" / f"{a}_s{s}.json").is_file()]}
+            "arm_runs": [f"{a}_s{s}" for s in range(seeds) for a in arms
+                         if (out / "runs" / f"{a}_s{s}.json").is_file()]}
 
 
 def run(cfg: StudyConfig) -> dict:
