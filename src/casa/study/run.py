@@ -25,8 +25,8 @@ intervals over seeds and paired differences (`stats.py`).
 Design decisions:
 - Sizes: `quick` (tiny model, one seed, a handful of steps: CI, under 3
   minutes on 2 cores, exercising both stages and both regimes) and `full`
-  (3 seeds, docs/study.md: 83 minutes one seed after another on 2 CPU threads;
-  `--jobs 3` trains the seeds side by side); `--device cuda` scales the model,
+  (3 seeds, 900 steps per arm, docs/study.md: about 63 minutes on 2 CPU cores
+  with `--jobs 3`: 15 for stage 0, 48 for stage 1 and the benchmarks); `--device cuda` scales the model,
   the data and the steps (`SIZES["gpu"]`). `--seeds` / `--steps` override.
 - `--jobs N`: seeds are independent, so N worker processes each train whole
   seeds on their share of `--threads` (at least one each). A model this
@@ -113,7 +113,7 @@ SIZES = {
         "stage0": {"lm_steps": 2000, "lm_tokens": 512, "lm_lr": 2e-3, "vision_steps": 1500, "vision_batch": 64,
                    "vision_lr": 3e-3},
         "mix": MIX,
-        "train": {"steps": 450, "text_tokens": 384, "image_tokens": 4096, "lr_new": 2e-3, "lr_pretrained": 5e-4,
+        "train": {"steps": 900, "text_tokens": 384, "image_tokens": 4096, "lr_new": 2e-3, "lr_pretrained": 5e-4,
                   "warmup_steps": 20, "min_lr_ratio": 0.05, "weight_decay": 0.01, "grad_clip": 1.0},
         "difficulty": {**DIFFICULTY, "image_size": 48},
         "seeds": 3, "eval_n": 30, "curve_n": 9, "curve": [0.25, 0.5, 0.75], "gating_n": 12,
