@@ -263,6 +263,7 @@ def _decode_with_and_without_block_steps(m, dtype, history, monkeypatch):
 @pytest.mark.parametrize("variant,placement,options", [
     ("casa", "parallel", {}), ("casa", "before", {}), ("casa", "replace", {"every": 2}), ("casa_shared", "parallel", {}),
     ("insertion", "parallel", {}), ("ca", "parallel", {"every": 2}), ("ca_shared", "before", {}), ("ca_ffn", "parallel", {}),
+    ("ca", "replace", {"every": 2}),
     ("gated_ca", "parallel", {"every": 2}), ("casa", "parallel", {"bias": True, "bounded": True}),
     ("ca", "parallel", {"bias": True, "bounded": True})])
 def test_block_steps_equal_the_per_block_path(dtype, variant, placement, options, one_thread, monkeypatch):

@@ -321,41 +321,32 @@ class BlockSteps:
         plan.placement = cpu_kernels.PLACEMENTS[None if fusion is None else block.placement]
         return plan
 
-    def _bind(self, plan, cache, like: torch.Tensor) -> bool:
-        """Point `plan` (an `AttnPlan`) at the next row of `cache`; False where the cache cannot take it."""
-        if not _cache_takes(cache, self.dtype):
-            return False
-        plan.row, plan.held = cache.next_row(like, heads=plan.Hkv, width=plan.D)
-        plan.kc, plan.vc, plan.hs = cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[2] * plan.D
-        return True
-
-    def _bind_prefix(self, plan, window) -> bool:
-        """Point `plan` at `window`'s image prefix, read without joining it (`row` -1: a fusion layer
-        without text keys); False where the window holds more than a prefix or another dtype."""
-        if not _cache_takes(window, self.dtype) or window.n_slots:
-            return False
-        plan.row, plan.held = -1, window.n_prefix
-        plan.kc, plan.vc, plan.hs = (0, 0, 0) if window.k is None else \
-            (window.k.data_ptr(), window.v.data_ptr(), window.k.shape[2] * plan.D)
-        return True
-
     @staticmethod
-    def _joins(plan, sa, window) -> list:
-        """`(AttnPlan, cache)` of each cache a token joins in a planned block: the SA's unless the
-        fusion layer replaces it, the window's where there is a fusion layer with text keys."""
-        if plan is None:
-            return []
-        joins = [] if plan.placement == _REPLACE else [(plan.sa, sa)]
-        return (joins + [(plan.fusion, window)]) if plan.placement and plan.fusion.row >= 0 else joins
+    def _point(plan, cache, row: int, held: int) -> None:
+        """Set `plan`'s cache fields: attend rows `[0, held)` of `cache`, the token's key/value at `row`
+        (-1: read only)."""
+        plan.row, plan.held = row, held
+        plan.kc, plan.vc, plan.hs = (0, 0, 0) if cache.k is None else \
+            (cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[2] * plan.D)
 
     def _bound(self, plan, sa, window, like: torch.Tensor) -> list | None:
-        """The caches the token joins, each bound to its next row (and a prefix-only window bound
-        for reading), or None where `Block.step` has to run the block."""
-        joins = self._joins(plan, sa, window)
-        if not joins or not all(self._bind(sub, cache, like) for sub, cache in joins):
+        """Bind `plan` to this token's caches: the SA's unless the fusion layer replaces it, the
+        window's where there is a fusion layer, joined (text keys) or only read (its image prefix:
+        row -1). Returns the caches the token joins, to commit after the call, or None where
+        `Block.step` has to run the block."""
+        if plan is None:
             return None
-        if plan.placement and plan.fusion.row < 0 and not self._bind_prefix(plan.fusion, window):
-            return None
+        joins = [] if plan.placement == _REPLACE else [(plan.sa, sa)]
+        if plan.placement and plan.fusion.row >= 0:
+            joins.append((plan.fusion, window))
+        elif plan.placement:  # a fusion layer without text keys: the window must hold only its prefix
+            if not _cache_takes(window, self.dtype) or window.n_slots:
+                return None
+            self._point(plan.fusion, window, -1, window.n_prefix)
+        for sub, cache in joins:
+            if not _cache_takes(cache, self.dtype):
+                return None
+            self._point(sub, cache, *cache.next_row(like, heads=sub.Hkv, width=sub.D))
         return joins
 
     def __call__(self, h: torch.Tensor, rotary, sa_caches, windows, *, backend: str) -> torch.Tensor:

@@ -120,7 +120,7 @@ def protocol(results: dict) -> list[str]:
              + (f", wall time {wall / 60:.1f} min" if wall is not None else ""))
     reused = results.get("reused") or {}
     taken = [f"stage 0 of seed(s) {', '.join(map(str, reused['stage0_seeds']))}"] if reused.get("stage0_seeds") else []
-    taken += [f"{len(reused['arm_runs'])} arm run(s) ({', '.join(reused['arm_runs'])})"] if reused.get("arm_runs") else []
+    taken += [f"{len(reused['arm_runs'])} arm run(s)"] if reused.get("arm_runs") else []  # named in results.json
     line3 += (f" (not counting what it reused from an earlier run in the same folder: {' and '.join(taken)})."
               if taken else ".")
     return [line0, line1, line2, line3]
