@@ -62,6 +62,7 @@ from casa.config import (
 from casa.core.layout import History
 from casa.core.model import CasaModel
 from casa.inference.session import Session
+from casa.workers import exit_with_parent
 
 __all__ = ["DTYPES", "FIELDS", "StreamBench", "compare", "plot", "run", "run_variant", "summarize"]
 
@@ -217,7 +218,8 @@ def _run_variant(cfg: StreamBench, variant: str, emit) -> dict:
     return state
 
 
-def _child(cfg: dict, variant: str, conn) -> None:
+def _child(cfg: dict, variant: str, conn, parent: int) -> None:
+    exit_with_parent(parent)  # a turn can take seconds: do not wait for the next send to fail
     try:
         state = run_variant(StreamBench(**cfg), variant, lambda rec: conn.send(("turn", rec)))
         conn.send(("done", state))
@@ -230,7 +232,7 @@ def _child(cfg: dict, variant: str, conn) -> None:
 def _run_isolated(cfg: StreamBench, variant: str, on_turn) -> dict:
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(asdict(cfg), variant, send), daemon=True)
+    proc = ctx.Process(target=_child, args=(asdict(cfg), variant, send, os.getpid()), daemon=True)
     proc.start()
     send.close()
     state = None

@@ -33,7 +33,8 @@ Design decisions:
   small gains little from a second thread: the three stage-0 text LMs took
   305-355 s side by side (`--jobs 3`, 2 cores) against 165 s each one after
   another at 2 threads; three jobs on two cores also keep both busy to the
-  end, where two would leave the third seed alone on one core.
+  end, where two would leave the third seed alone on one core. Workers end
+  with the parent (`casa.workers`): a `kill` of `casa study` stops the seeds.
 - `casa_replace` puts its fusion layer in every other block: replacing
   self-attention in every block would leave no text-only attention at all,
   which is not the paper's CASA-replace (some blocks replaced).
@@ -52,9 +53,7 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -62,6 +61,7 @@ import torch
 from casa.bench.stream import StreamBench
 from casa.files import atomic_file
 from casa.threads import set_threads
+from casa.workers import process_pool
 
 __all__ = ["CATEGORIES", "DIFFICULTY", "FULL_ARMS", "MIX", "SIZES", "TASKS", "VARIANTS", "StudyConfig", "StudyStream",
            "arms_of", "benchmarks", "command_line", "prior_scores", "run"]
@@ -269,7 +269,7 @@ def _stream_one(cfg: dict, name: str) -> dict:
 def _call(fn, args, isolate: bool):
     if not isolate:
         return fn(*args)
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+    with process_pool(1) as pool:
         return pool.submit(fn, *args).result()
 
 
@@ -378,7 +378,7 @@ def run(cfg: StudyConfig) -> dict:
             runs += _one_seed(seed, spec, cfg.tasks, arms, out)
     else:  # seeds are independent: each worker trains whole seeds, on its share of the threads
         jobs = min(cfg.jobs, spec["seeds"])
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        with process_pool(jobs) as pool:
             futures = [pool.submit(_seed_job, seed, spec, cfg.tasks, arms, out, max(1, threads // jobs))
                        for seed in range(spec["seeds"])]
             for f in futures:
