@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "casa"
 # Lower layers never import higher ones. Same-rank units may not import each other
 # unless listed in SIDEWAYS.
 LAYERS = {
-    "config": 0, "files": 0, "threads": 0, "weights": 0,
+    "config": 0, "files": 0, "threads": 0, "weights": 0, "workers": 0,
     "vision": 1,
     "core": 2,
     "data": 3,
