@@ -116,7 +116,7 @@ void casa_gemv_bf16(const uint16_t *W, const float *x, const float *b, float *y,
  * query n uses mask row n % T; scores: scratch [N, S]; out [N, D] fp32.
  * The cache is read in chunks of CHUNK rows (8 KB at D = 64, fp32): a chunk comes from memory
  * once and serves all N queries from L1, so each pass (scores, then values) streams the cache
- * once. bf16 chunks are widened to fp32 first. A query that sees no key gets zeros. */
+ * once. bf16 rows are widened to fp32 in registers. A query that sees no key gets zeros. */
 #define CHUNK 32
 #define DMAX 256
 
@@ -140,92 +140,108 @@ static inline __m128 hsum4x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
 }
 #endif
 
+/* The two passes are written once, for either cache dtype: T the stored element, LOAD8 eight of
+ * them as fp32 lanes, ELEM one (bf16 rows are widened in registers, exactly: no copy). */
+
 /* scores[n * S + s] = q[n] . k[s] for n < N, s < rows (q rows D apart, k rows `ld` apart).
  * Register-blocked, two queries x four keys at a time: each loaded key vector serves two queries
  * and each query vector four keys, so the loads stay under the FMAs (one query at a time is
  * load-bound at about half the FMA rate, and the cache pass is then compute-bound). */
-static void dots(const float *q, long N, const float *k, long rows, long D, long ld, float *scores, long S) {
-    long n = 0;
 #ifdef CASA_AVX2
-    if (D % 8 == 0) {
-        for (; n + 2 <= N; n += 2) {
-            const float *q0 = q + n * D, *q1 = q0 + D;
-            long s = 0;
-            for (; s + 4 <= rows; s += 4) {
-                const float *k0 = k + s * ld, *k1 = k0 + ld, *k2 = k1 + ld, *k3 = k2 + ld;
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-                for (long d = 0; d < D; d += 8) {
-                    __m256 x0 = _mm256_loadu_ps(k0 + d), x1 = _mm256_loadu_ps(k1 + d);
-                    __m256 x2 = _mm256_loadu_ps(k2 + d), x3 = _mm256_loadu_ps(k3 + d);
-                    __m256 qa = _mm256_loadu_ps(q0 + d);
-                    a0 = _mm256_fmadd_ps(qa, x0, a0); a1 = _mm256_fmadd_ps(qa, x1, a1);
-                    a2 = _mm256_fmadd_ps(qa, x2, a2); a3 = _mm256_fmadd_ps(qa, x3, a3);
-                    __m256 qb = _mm256_loadu_ps(q1 + d);
-                    b0 = _mm256_fmadd_ps(qb, x0, b0); b1 = _mm256_fmadd_ps(qb, x1, b1);
-                    b2 = _mm256_fmadd_ps(qb, x2, b2); b3 = _mm256_fmadd_ps(qb, x3, b3);
-                }
-                _mm_storeu_ps(scores + n * S + s, hsum4x8(a0, a1, a2, a3));
-                _mm_storeu_ps(scores + (n + 1) * S + s, hsum4x8(b0, b1, b2, b3));
-            }
-            for (; s < rows; s++) {
-                __m256 a = _mm256_setzero_ps(), b = a;
-                for (long d = 0; d < D; d += 8) {
-                    __m256 x = _mm256_loadu_ps(k + s * ld + d);
-                    a = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + d), x, a);
-                    b = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + d), x, b);
-                }
-                scores[n * S + s] = hsum8(a);
-                scores[(n + 1) * S + s] = hsum8(b);
-            }
-        }
+#define DOTS_AVX2(T, LOAD8)                                                                                   \
+    if (D % 8 == 0) {                                                                                     \
+        for (; n + 2 <= N; n += 2) {                                                                      \
+            const float *q0 = q + n * D, *q1 = q0 + D;                                                    \
+            long s = 0;                                                                                   \
+            for (; s + 4 <= rows; s += 4) {                                                               \
+                const T *k0 = k + s * ld, *k1 = k0 + ld, *k2 = k1 + ld, *k3 = k2 + ld;                    \
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0; \
+                for (long d = 0; d < D; d += 8) {                                                         \
+                    __m256 x0 = LOAD8(k0 + d), x1 = LOAD8(k1 + d), x2 = LOAD8(k2 + d), x3 = LOAD8(k3 + d);  \
+                    __m256 qa = _mm256_loadu_ps(q0 + d);                                                  \
+                    a0 = _mm256_fmadd_ps(qa, x0, a0); a1 = _mm256_fmadd_ps(qa, x1, a1);                   \
+                    a2 = _mm256_fmadd_ps(qa, x2, a2); a3 = _mm256_fmadd_ps(qa, x3, a3);                   \
+                    __m256 qb = _mm256_loadu_ps(q1 + d);                                                  \
+                    b0 = _mm256_fmadd_ps(qb, x0, b0); b1 = _mm256_fmadd_ps(qb, x1, b1);                   \
+                    b2 = _mm256_fmadd_ps(qb, x2, b2); b3 = _mm256_fmadd_ps(qb, x3, b3);                   \
+                }                                                                                         \
+                _mm_storeu_ps(scores + n * S + s, hsum4x8(a0, a1, a2, a3));                               \
+                _mm_storeu_ps(scores + (n + 1) * S + s, hsum4x8(b0, b1, b2, b3));                         \
+            }                                                                                             \
+            for (; s < rows; s++) {                                                                       \
+                __m256 a = _mm256_setzero_ps(), b = a;                                                    \
+                for (long d = 0; d < D; d += 8) {                                                         \
+                    __m256 x = LOAD8(k + s * ld + d);                                                     \
+                    a = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + d), x, a);                                   \
+                    b = _mm256_fmadd_ps(_mm256_loadu_ps(q1 + d), x, b);                                   \
+                }                                                                                         \
+                scores[n * S + s] = hsum8(a);                                                             \
+                scores[(n + 1) * S + s] = hsum8(b);                                                       \
+            }                                                                                             \
+        }                                                                                                 \
     }
+#else
+#define DOTS_AVX2(T, LOAD8)
 #endif
-    for (; n < N; n++)
-        for (long s = 0; s < rows; s++) {
-            float dot = 0;
-            for (long d = 0; d < D; d++) dot += q[n * D + d] * k[s * ld + d];
-            scores[n * S + s] = dot;
-        }
-}
+#define DOTS(NAME, T, LOAD8, ELEM)                                                                        \
+    static void NAME(const float *q, long N, const T *k, long rows, long D, long ld, float *scores, long S) { \
+        long n = 0;                                                                                       \
+        DOTS_AVX2(T, LOAD8)                                                                               \
+        for (; n < N; n++)                                                                                \
+            for (long s = 0; s < rows; s++) {                                                             \
+                float dot = 0;                                                                            \
+                for (long d = 0; d < D; d++) dot += q[n * D + d] * ELEM(k[s * ld + d]);                   \
+                scores[n * S + s] = dot;                                                                  \
+            }                                                                                             \
+    }
 
 /* out[n] += sum_s p[n * S + s] v[s] for n < N, s < rows (v rows `ld` apart, out rows D apart).
  * Register-blocked, two queries x 32 outputs held across the chunk: each loaded value vector
  * serves two queries. */
-static void weighted_sum(const float *p, long N, const float *v, long rows, long D, long ld, float *out, long S) {
-    long n = 0;
 #ifdef CASA_AVX2
-    if (D % 32 == 0) {
-        for (; n + 2 <= N; n += 2) {
-            const float *p0 = p + n * S, *p1 = p0 + S;
-            float *o0 = out + n * D, *o1 = o0 + D;
-            for (long d = 0; d < D; d += 32) {
-                __m256 a0 = _mm256_loadu_ps(o0 + d), a1 = _mm256_loadu_ps(o0 + d + 8);
-                __m256 a2 = _mm256_loadu_ps(o0 + d + 16), a3 = _mm256_loadu_ps(o0 + d + 24);
-                __m256 b0 = _mm256_loadu_ps(o1 + d), b1 = _mm256_loadu_ps(o1 + d + 8);
-                __m256 b2 = _mm256_loadu_ps(o1 + d + 16), b3 = _mm256_loadu_ps(o1 + d + 24);
-                for (long s = 0; s < rows; s++) {
-                    const float *vs = v + s * ld + d;
-                    __m256 x0 = _mm256_loadu_ps(vs), x1 = _mm256_loadu_ps(vs + 8);
-                    __m256 x2 = _mm256_loadu_ps(vs + 16), x3 = _mm256_loadu_ps(vs + 24);
-                    __m256 pa = _mm256_set1_ps(p0[s]);
-                    a0 = _mm256_fmadd_ps(pa, x0, a0); a1 = _mm256_fmadd_ps(pa, x1, a1);
-                    a2 = _mm256_fmadd_ps(pa, x2, a2); a3 = _mm256_fmadd_ps(pa, x3, a3);
-                    __m256 pb = _mm256_set1_ps(p1[s]);
-                    b0 = _mm256_fmadd_ps(pb, x0, b0); b1 = _mm256_fmadd_ps(pb, x1, b1);
-                    b2 = _mm256_fmadd_ps(pb, x2, b2); b3 = _mm256_fmadd_ps(pb, x3, b3);
-                }
-                _mm256_storeu_ps(o0 + d, a0); _mm256_storeu_ps(o0 + d + 8, a1);
-                _mm256_storeu_ps(o0 + d + 16, a2); _mm256_storeu_ps(o0 + d + 24, a3);
-                _mm256_storeu_ps(o1 + d, b0); _mm256_storeu_ps(o1 + d + 8, b1);
-                _mm256_storeu_ps(o1 + d + 16, b2); _mm256_storeu_ps(o1 + d + 24, b3);
-            }
-        }
+#define WEIGHTED_SUM_AVX2(T, LOAD8)                                                                       \
+    if (D % 32 == 0) {                                                                                    \
+        for (; n + 2 <= N; n += 2) {                                                                      \
+            const float *p0 = p + n * S, *p1 = p0 + S;                                                    \
+            float *o0 = out + n * D, *o1 = o0 + D;                                                        \
+            for (long d = 0; d < D; d += 32) {                                                            \
+                __m256 a0 = _mm256_loadu_ps(o0 + d), a1 = _mm256_loadu_ps(o0 + d + 8);                   \
+                __m256 a2 = _mm256_loadu_ps(o0 + d + 16), a3 = _mm256_loadu_ps(o0 + d + 24);              \
+                __m256 b0 = _mm256_loadu_ps(o1 + d), b1 = _mm256_loadu_ps(o1 + d + 8);                    \
+                __m256 b2 = _mm256_loadu_ps(o1 + d + 16), b3 = _mm256_loadu_ps(o1 + d + 24);              \
+                for (long s = 0; s < rows; s++) {                                                         \
+                    const T *vs = v + s * ld + d;                                                         \
+                    __m256 x0 = LOAD8(vs), x1 = LOAD8(vs + 8), x2 = LOAD8(vs + 16), x3 = LOAD8(vs + 24);  \
+                    __m256 pa = _mm256_set1_ps(p0[s]);                                                    \
+                    a0 = _mm256_fmadd_ps(pa, x0, a0); a1 = _mm256_fmadd_ps(pa, x1, a1);                   \
+                    a2 = _mm256_fmadd_ps(pa, x2, a2); a3 = _mm256_fmadd_ps(pa, x3, a3);                   \
+                    __m256 pb = _mm256_set1_ps(p1[s]);                                                    \
+                    b0 = _mm256_fmadd_ps(pb, x0, b0); b1 = _mm256_fmadd_ps(pb, x1, b1);                   \
+                    b2 = _mm256_fmadd_ps(pb, x2, b2); b3 = _mm256_fmadd_ps(pb, x3, b3);                   \
+                }                                                                                         \
+                _mm256_storeu_ps(o0 + d, a0); _mm256_storeu_ps(o0 + d + 8, a1);                           \
+                _mm256_storeu_ps(o0 + d + 16, a2); _mm256_storeu_ps(o0 + d + 24, a3);                     \
+                _mm256_storeu_ps(o1 + d, b0); _mm256_storeu_ps(o1 + d + 8, b1);                           \
+                _mm256_storeu_ps(o1 + d + 16, b2); _mm256_storeu_ps(o1 + d + 24, b3);                     \
+            }                                                                                             \
+        }                                                                                                 \
     }
+#else
+#define WEIGHTED_SUM_AVX2(T, LOAD8)
 #endif
-    for (; n < N; n++)
-        for (long s = 0; s < rows; s++)
-            for (long d = 0; d < D; d++) out[n * D + d] += p[n * S + s] * v[s * ld + d];
-}
+#define WEIGHTED_SUM(NAME, T, LOAD8, ELEM)                                                                \
+    static void NAME(const float *p, long N, const T *v, long rows, long D, long ld, float *out, long S) { \
+        long n = 0;                                                                                       \
+        WEIGHTED_SUM_AVX2(T, LOAD8)                                                                       \
+        for (; n < N; n++)                                                                                \
+            for (long s = 0; s < rows; s++)                                                               \
+                for (long d = 0; d < D; d++) out[n * D + d] += p[n * S + s] * ELEM(v[s * ld + d]);        \
+    }
+
+DOTS(dots_f32, float, load8_f32, F32)
+DOTS(dots_bf16, uint16_t, load8_bf16, BF16)
+WEIGHTED_SUM(weighted_sum_f32, float, load8_f32, F32)
+WEIGHTED_SUM(weighted_sum_bf16, uint16_t, load8_bf16, BF16)
 
 /* row <- softmax(row), in place; an all-masked row becomes zeros */
 static void softmax_row(float *row, long S) {
@@ -267,23 +283,16 @@ static void softmax_row(float *row, long S) {
     for (; s < S; s++) row[s] *= inv;
 }
 
-/* rows s0.. of a cache as fp32: a pointer into it (fp32), or its rows widened into buf (bf16);
- * *cld gets the returned rows' pitch */
-static const float *cache_rows(float *buf, const void *base, int bf16, long s0, long rows, long D, long ld,
-                               long *cld) {
-    *cld = bf16 ? D : ld;
-    return bf16 ? widen_bf16(buf, (const uint16_t *)base + s0 * ld, rows, D, ld) : (const float *)base + s0 * ld;
-}
-
 static void attend(const float *q, const void *k, const void *v, int bf16, const uint8_t *mask, float *scores,
                    float *out, long N, long T, long S, long D, long ld, float scale) {
-    float buf[CHUNK * DMAX];
     float *qs = malloc(sizeof(float) * N * D);  /* the queries times the scale: one multiply per query element */
     for (long i = 0; i < N * D; i++) qs[i] = q[i] * scale;
     for (long s0 = 0; s0 < S; s0 += CHUNK) {
-        long rows = S - s0 < CHUNK ? S - s0 : CHUNK, cld;
-        const float *kc = cache_rows(buf, k, bf16, s0, rows, D, ld, &cld);
-        dots(qs, N, kc, rows, D, cld, scores + s0, S);
+        long rows = S - s0 < CHUNK ? S - s0 : CHUNK;
+        if (bf16)
+            dots_bf16(qs, N, (const uint16_t *)k + s0 * ld, rows, D, ld, scores + s0, S);
+        else
+            dots_f32(qs, N, (const float *)k + s0 * ld, rows, D, ld, scores + s0, S);
         if (mask)
             for (long n = 0; n < N; n++) {
                 const uint8_t *mrow = mask + (n % T) * S + s0;
@@ -296,9 +305,11 @@ static void attend(const float *q, const void *k, const void *v, int bf16, const
     for (long n = 0; n < N; n++) softmax_row(scores + n * S, S);
     memset(out, 0, sizeof(float) * N * D);
     for (long s0 = 0; s0 < S; s0 += CHUNK) {
-        long rows = S - s0 < CHUNK ? S - s0 : CHUNK, cld;
-        const float *vc = cache_rows(buf, v, bf16, s0, rows, D, ld, &cld);
-        weighted_sum(scores + s0, N, vc, rows, D, cld, out, S);
+        long rows = S - s0 < CHUNK ? S - s0 : CHUNK;
+        if (bf16)
+            weighted_sum_bf16(scores + s0, N, (const uint16_t *)v + s0 * ld, rows, D, ld, out, S);
+        else
+            weighted_sum_f32(scores + s0, N, (const float *)v + s0 * ld, rows, D, ld, out, S);
     }
 }
 
