@@ -272,4 +272,3 @@ def test_study_config_and_command_line():
     assert "--device cuda" in command_line(StudyConfig(out="x", device="cuda"))
     assert set(FULL_ARMS) <= set(arms_of(list(VARIANTS), list(FULL_ARMS)))
     assert VARIANTS["casa_replace"]["every"] == 2  # some blocks replaced, not all
-
