@@ -197,7 +197,7 @@ def test_fused_attention_step_equals_the_per_op_kernels(dtype, rope, bias, bound
     assert len(calls) == 12
     fused, ref = caches
     assert (fused.tokens, fused.seen, fused.n_slots) == (ref.tokens, ref.seen, ref.n_slots)
-    assert all(torch.equal(a, b) for a, b in zip(fused._held(), ref._held()))
+    assert all(torch.equal(a, b) for a, b in zip(fused.held(), ref.held()))
     if bounded:
         assert torch.equal(fused.slot_abs, ref.slot_abs)
 
@@ -296,7 +296,7 @@ def test_block_steps_equal_the_per_block_path(dtype, variant, placement, options
     for a, b in zip([*fused.sa, *fused.windows], [*ref.sa, *ref.windows]):
         if a is not None:
             assert (a.tokens, a.seen) == (b.tokens, b.seen)
-            assert a.tokens == 0 or all(torch.equal(x, y) for x, y in zip(a._held(), b._held()))
+            assert a.tokens == 0 or all(torch.equal(x, y) for x, y in zip(a.held(), b.held()))
 
 
 @needs_kernels

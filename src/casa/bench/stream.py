@@ -64,9 +64,10 @@ from casa.core.model import CasaModel
 from casa.inference.session import Session
 from casa.workers import exit_with_parent
 
-__all__ = ["DTYPES", "FIELDS", "StreamBench", "compare", "plot", "run", "run_variant", "summarize"]
+__all__ = ["CACHE_DTYPES", "DTYPES", "FIELDS", "StreamBench", "compare", "plot", "run", "run_variant", "summarize"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CACHE_DTYPES = {"model": None, "int8": torch.int8}  # `Session(cache_dtype=...)`: the model's, or int8 + scales
 FIELDS = ("ttft_ms", "decode_tok_s", "decode_ms_per_token", "bound_ratio", "kv_tokens", "cache_bytes", "peak_mem_bytes", "session_mem_bytes")
 
 
@@ -90,12 +91,15 @@ class StreamBench:
     seed: int = 0
     threads: int | None = 1  # None: torch's default; 1 is stable on a shared machine
     device: str = "cpu"
-    dtype: str = "float32"  # the model's (weights, activations and caches)
+    dtype: str = "float32"  # the model's (weights, activations and, by default, caches)
+    cache_dtype: str = "model"  # "int8": quantized keys/values (`inference.cache`)
     bandwidth_mib: int = 128  # buffer of the streaming-read measurement: far above the CPU caches
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: choose from {list(DTYPES)}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"--cache-dtype {self.cache_dtype!r}: choose from {list(CACHE_DTYPES)}")
         bad = [v for v in self.variants if v not in FUSION_VARIANTS]
         if bad:
             raise ValueError(f"--variants: unknown {bad}; choose from {list(FUSION_VARIANTS)}")
@@ -164,7 +168,8 @@ def _run_variant(cfg: StreamBench, variant: str, emit) -> dict:
     g = torch.Generator().manual_seed(cfg.seed + 1)
     frame = lambda: torch.randn(cfg.image_tokens, cfg.d_model, generator=g).to(dev)  # noqa: E731
     prompt = torch.randint(0, cfg.vocab, (cfg.prompt_tokens,), generator=g).tolist()
-    warm = Session(model, history=cfg.history)  # first-call costs (thread pools, kernels) out of turn 0
+    cache_dtype = CACHE_DTYPES[cfg.cache_dtype]
+    warm = Session(model, history=cfg.history, cache_dtype=cache_dtype)  # first-call costs (thread pools, kernels) out of turn 0
     for _ in range(2):
         _turn(warm, frame(), prompt, cfg.new_tokens, dev)
     del warm
@@ -173,7 +178,7 @@ def _run_variant(cfg: StreamBench, variant: str, emit) -> dict:
     read_buffer = torch.ones(cfg.bandwidth_mib * 2**18) if dev.type == "cpu" else None
     bandwidth = read_bandwidth(buffer=read_buffer) if read_buffer is not None else None
     base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else _rss()
-    session = Session(model, history=cfg.history)
+    session = Session(model, history=cfg.history, cache_dtype=cache_dtype)
     state = {"turns": 0, "oom": False, "limit_hit": None, "error": None,
              "bandwidth_bytes_s_start": round(bandwidth) if bandwidth else None,
              "decode_weight_bytes": weight_bytes}
@@ -285,9 +290,10 @@ def summarize(cfg: StreamBench, turns: list[dict], state: dict) -> dict:
         "peak_mem_ratio_last_first": ratio("peak_mem_bytes"),
         "session_mem_ratio_last_first": ratio("session_mem_bytes"),
         "cache_growth_bytes_per_turn": growth,
-        # what the SA caches grow by per turn if only text enters them
-        "text_kv_bytes_per_turn": text_per_turn * cfg.layers * 2 * lm.n_kv_heads * lm.head_dim
-        * DTYPES[cfg.dtype].itemsize,
+        # what the SA caches grow by per turn if only text enters them (int8: a byte per element
+        # and a 4-byte scale per row and head)
+        "text_kv_bytes_per_turn": text_per_turn * cfg.layers * 2 * lm.n_kv_heads
+        * (lm.head_dim * DTYPES[cfg.dtype].itemsize if cfg.cache_dtype == "model" else lm.head_dim + 4),
     }
 
 
@@ -341,7 +347,8 @@ def plot(result: dict, path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(title="x = stopped (time / memory limit)")
     c = result["config"]
-    fig.suptitle(f"streaming ({c.get('dtype', 'float32')}): d_model {c['d_model']}, {c['layers']} layers, {c['image_tokens']} image tokens "
+    cache = "" if c.get("cache_dtype", "model") == "model" else f", {c['cache_dtype']} cache"
+    fig.suptitle(f"streaming ({c.get('dtype', 'float32')}{cache}): d_model {c['d_model']}, {c['layers']} layers, {c['image_tokens']} image tokens "
                  f"+ {c['prompt_tokens']}+{c['new_tokens']} text tokens per turn"
                  + (f", history sink {c['sink']} + window {c['window']}" if c.get("sink") is not None else ""))
     fig.tight_layout()

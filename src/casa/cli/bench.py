@@ -68,7 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="torch CPU threads (0 = torch's default); 1 keeps timings stable on a shared machine")
     bs.add_argument("--device", default="cpu")
     bs.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                    help="the model's dtype (weights, activations and caches)")
+                    help="the model's dtype (weights, activations and, by default, caches)")
+    bs.add_argument("--cache-dtype", default="model", choices=("model", "int8"),
+                    help="key/value caches in the model's dtype, or int8 with a scale per row and head")
     bs.add_argument("--seed", type=int, default=0)
     bs.add_argument("--no-isolate", action="store_true", help="run every variant in this process")
     bs.set_defaults(func=stream)
@@ -140,7 +142,7 @@ def stream(args) -> int:
                       layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, d_ff=args.d_ff,
                       max_seconds=args.max_seconds, max_cache_bytes=int(args.max_cache_bytes), sink=args.sink,
                       window=args.window, seed=args.seed, threads=args.threads or None, device=args.device,
-                      dtype=args.dtype)
+                      dtype=args.dtype, cache_dtype=args.cache_dtype)
     run(cfg, json_path=args.json, plot_path=args.plot, isolate=not args.no_isolate)
     return 0
 

@@ -7,8 +7,8 @@
  *
  * Shape letters: O output rows, I input width, S cached positions, D head width,
  * N queries of one key/value head (grouped heads x new tokens), T new tokens.
- * Weights and caches are fp32 or bf16 (stored as uint16, the upper half of an fp32);
- * every sum is accumulated in fp32.
+ * Weights are fp32 or bf16 (stored as uint16, the upper half of an fp32); caches are the weights'
+ * dtype or int8 with an fp32 scale per row and head (`KIND_I8`); every sum is accumulated in fp32.
  */
 #include <math.h>
 #include <stdint.h>
@@ -39,6 +39,9 @@ static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
 static inline __m256 load8_bf16(const uint16_t *p) {
     __m128i h = _mm_loadu_si128((const __m128i *)p);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+static inline __m256 load8_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -93,6 +96,9 @@ static inline __m256 exp8(__m256 x) {
 
 #define F32(v) (v)
 #define BF16(v) bf16_to_f32(v)
+#define I8(v) ((float)(v))
+
+enum { KIND_F32, KIND_BF16, KIND_I8 };  /* a cache's stored element */
 
 void casa_gemv_f32(const float *W, const float *x, const float *b, float *y, long O, long I) {
     for (long o = 0; o < O; o++) {
@@ -240,8 +246,10 @@ static inline __m128 hsum4x8(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
 
 DOTS(dots_f32, float, load8_f32, F32)
 DOTS(dots_bf16, uint16_t, load8_bf16, BF16)
+DOTS(dots_i8, int8_t, load8_i8, I8)
 WEIGHTED_SUM(weighted_sum_f32, float, load8_f32, F32)
 WEIGHTED_SUM(weighted_sum_bf16, uint16_t, load8_bf16, BF16)
+WEIGHTED_SUM(weighted_sum_i8, int8_t, load8_i8, I8)
 
 /* row <- softmax(row), in place; an all-masked row becomes zeros */
 static void softmax_row(float *row, long S) {
@@ -283,47 +291,83 @@ static void softmax_row(float *row, long S) {
     for (; s < S; s++) row[s] *= inv;
 }
 
-static void attend(const float *q, const void *k, const void *v, int bf16, const uint8_t *mask, float *scores,
-                   float *out, long N, long T, long S, long D, long ld, float scale) {
+/* An int8 cache holds round(x / s) with s = max|x| / 127 per row and head (`quantize_row`); its
+ * scales fold into the passes: a score is s_k[s] (q . k_int[s]), a value weight p[s] s_v[s]. */
+static void attend(const float *q, const void *k, const void *v, int kind, const float *ksc, const float *vsc,
+                   const uint8_t *mask, float *scores, float *out, long N, long T, long S, long D, long ld,
+                   float scale) {
     float *qs = malloc(sizeof(float) * N * D);  /* the queries times the scale: one multiply per query element */
     for (long i = 0; i < N * D; i++) qs[i] = q[i] * scale;
     for (long s0 = 0; s0 < S; s0 += CHUNK) {
         long rows = S - s0 < CHUNK ? S - s0 : CHUNK;
-        if (bf16)
+        if (kind == KIND_BF16)
             dots_bf16(qs, N, (const uint16_t *)k + s0 * ld, rows, D, ld, scores + s0, S);
+        else if (kind == KIND_I8)
+            dots_i8(qs, N, (const int8_t *)k + s0 * ld, rows, D, ld, scores + s0, S);
         else
             dots_f32(qs, N, (const float *)k + s0 * ld, rows, D, ld, scores + s0, S);
-        if (mask)
-            for (long n = 0; n < N; n++) {
+        for (long n = 0; n < N; n++) {
+            float *sc = scores + n * S + s0;
+            if (kind == KIND_I8)
+                for (long s = 0; s < rows; s++) sc[s] *= ksc[s0 + s];
+            if (mask) {
                 const uint8_t *mrow = mask + (n % T) * S + s0;
-                float *sc = scores + n * S + s0;
                 for (long s = 0; s < rows; s++)
                     if (!mrow[s]) sc[s] = -INFINITY;
             }
+        }
     }
     free(qs);
-    for (long n = 0; n < N; n++) softmax_row(scores + n * S, S);
+    for (long n = 0; n < N; n++) {
+        softmax_row(scores + n * S, S);
+        if (kind == KIND_I8)
+            for (long s = 0; s < S; s++) scores[n * S + s] *= vsc[s];
+    }
     memset(out, 0, sizeof(float) * N * D);
     for (long s0 = 0; s0 < S; s0 += CHUNK) {
         long rows = S - s0 < CHUNK ? S - s0 : CHUNK;
-        if (bf16)
+        if (kind == KIND_BF16)
             weighted_sum_bf16(scores + s0, N, (const uint16_t *)v + s0 * ld, rows, D, ld, out, S);
+        else if (kind == KIND_I8)
+            weighted_sum_i8(scores + s0, N, (const int8_t *)v + s0 * ld, rows, D, ld, out, S);
         else
             weighted_sum_f32(scores + s0, N, (const float *)v + s0 * ld, rows, D, ld, out, S);
     }
 }
 
-/* the entry points: Hkv heads, q/out [Hkv, N, D] contiguous, k/v heads `hs` elements apart;
- * D <= DMAX (checked by the caller) */
+/* the entry points: Hkv heads, q/out [Hkv, N, D] contiguous, k/v heads `hs` elements apart (int8:
+ * their scales [S] per head, heads `ss` apart); D <= DMAX (checked by the caller) */
 void casa_attend_f32(const float *q, const float *k, const float *v, const uint8_t *mask, float *scores,
                      float *out, long Hkv, long N, long T, long S, long D, long ld, long hs, float scale) {
     for (long h = 0; h < Hkv; h++)
-        attend(q + h * N * D, k + h * hs, v + h * hs, 0, mask, scores, out + h * N * D, N, T, S, D, ld, scale);
+        attend(q + h * N * D, k + h * hs, v + h * hs, KIND_F32, NULL, NULL, mask, scores, out + h * N * D, N, T, S,
+               D, ld, scale);
 }
 void casa_attend_bf16(const float *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask, float *scores,
                       float *out, long Hkv, long N, long T, long S, long D, long ld, long hs, float scale) {
     for (long h = 0; h < Hkv; h++)
-        attend(q + h * N * D, k + h * hs, v + h * hs, 1, mask, scores, out + h * N * D, N, T, S, D, ld, scale);
+        attend(q + h * N * D, k + h * hs, v + h * hs, KIND_BF16, NULL, NULL, mask, scores, out + h * N * D, N, T, S,
+               D, ld, scale);
+}
+void casa_attend_i8(const float *q, const int8_t *k, const int8_t *v, const float *ksc, const float *vsc, long ss,
+                    const uint8_t *mask, float *scores, float *out, long Hkv, long N, long T, long S, long D, long ld,
+                    long hs, float scale) {
+    for (long h = 0; h < Hkv; h++)
+        attend(q + h * N * D, k + h * hs, v + h * hs, KIND_I8, ksc + h * ss, vsc + h * ss, mask, scores,
+               out + h * N * D, N, T, S, D, ld, scale);
+}
+
+/* x [D] -> out [D] int8 and its scale: s = max|x| / 127, out = round_half_even(x / s) (all zeros
+ * when s = 0), as casa.inference.cache.quantize computes it */
+static void quantize_row(const float *x, int8_t *out, float *s_out, long D) {
+    float amax = 0;
+    for (long d = 0; d < D; d++) amax = fabsf(x[d]) > amax ? fabsf(x[d]) : amax;
+    float s = amax / 127.0f, div = s > 0 ? s : 1.0f;
+    for (long d = 0; d < D; d++) {
+        float r = nearbyintf(x[d] / div);
+        out[d] = (int8_t)(r > 127 ? 127 : r < -127 ? -127 : r);
+    }
+    *s_out = s;
 }
 
 /* -------------------------------------------------------------------- SwiGLU
@@ -462,15 +506,17 @@ static void gemv(const void *W, int bf16, const float *x, const float *b, float 
 
 /* y = W_o attend(rope(q), cache + [rope(k), v]) for one token, q k v = W_qkv rmsnorm(h) + b.
  * h [I] and norm weight [I], W_qkv [(H + 2 Hkv) D, I], W_o [I, H D] in the dtype; b fp32 or NULL;
- * cos/ssin [D] in the dtype, or NULL (no RoPE). Cache: head j's rows at kc/vc + j hs, `ld` apart;
- * the token's key/value are written at `row`, then rows [0, S) are attended (row < S).
+ * cos/ssin [D] in the dtype, or NULL (no RoPE). Cache (`ckind`: the weights' dtype, or KIND_I8 with
+ * scales ksc/vsc, head j's at + j ss): head j's rows at kc/vc + j hs, `ld` apart; the token's
+ * key/value are written at `row`, then rows [0, S) are attended (row < S).
  * With row < 0 the token does not join the cache (a `ca` fusion layer reading its window's
  * image prefix): only the query rows of W_qkv are read, and rows [0, S) attended (S = 0: y = 0).
  * y [I] fp32 (bf16: the projection's output before the caller's cast). Returns 0, or -1 when
  * out of memory (nothing written to the cache then). */
 static int attn_step(const void *h, const void *norm_w, float eps, const void *Wqkv, const float *b, const void *Wo,
-                     const void *cos, const void *ssin, void *kc, void *vc, long row, long S, long ld, long hs,
-                     float *y, long I, long H, long Hkv, long D, int bf16) {
+                     const void *cos, const void *ssin, void *kc, void *vc, int ckind, float *ksc, float *vsc,
+                     long ss, long row, long S, long ld, long hs, float *y, long I, long H, long Hkv, long D,
+                     int bf16) {
     long Q = H * D, KV = Hkv * D, G = H / Hkv, joins = row >= 0;
     long O = joins ? Q + 2 * KV : Q;  /* the product's rows: q, k, v, or q alone */
     float *buf = malloc(sizeof(float) * (I + Q + 2 * KV + Q + G * S));
@@ -484,37 +530,47 @@ static int attn_step(const void *h, const void *norm_w, float eps, const void *W
         rope_rows(q, cos, ssin, bf16, H, D);
         if (joins) rope_rows(k, cos, ssin, bf16, Hkv, D);
     }
-    for (long j = 0; j < Hkv && joins; j++)
-        for (long d = 0; d < D; d++) {
-            long at = j * hs + row * ld + d;
-            if (bf16) {
-                ((uint16_t *)kc)[at] = f32_to_bf16(k[j * D + d]);
-                ((uint16_t *)vc)[at] = f32_to_bf16(v[j * D + d]);
-            } else {
-                ((float *)kc)[at] = k[j * D + d];
-                ((float *)vc)[at] = v[j * D + d];
+    for (long j = 0; j < Hkv && joins; j++) {
+        long at = j * hs + row * ld;
+        if (ckind == KIND_I8) {
+            quantize_row(k + j * D, (int8_t *)kc + at, ksc + j * ss + row, D);
+            quantize_row(v + j * D, (int8_t *)vc + at, vsc + j * ss + row, D);
+        } else if (ckind == KIND_BF16) {
+            for (long d = 0; d < D; d++) {
+                ((uint16_t *)kc)[at + d] = f32_to_bf16(k[j * D + d]);
+                ((uint16_t *)vc)[at + d] = f32_to_bf16(v[j * D + d]);
             }
+        } else {
+            memcpy((float *)kc + at, k + j * D, sizeof(float) * D);
+            memcpy((float *)vc + at, v + j * D, sizeof(float) * D);
         }
+    }
     float scale = 1.0f / sqrtf((float)D);
-    long head_bytes = hs * (bf16 ? 2 : 4);
+    long head_bytes = hs * (ckind == KIND_I8 ? 1 : ckind == KIND_BF16 ? 2 : 4);
     for (long j = 0; j < Hkv; j++)
-        attend(q + j * G * D, (const char *)kc + j * head_bytes, (const char *)vc + j * head_bytes, bf16, NULL, scores,
-               att + j * G * D, G, 1, S, D, ld, scale);
+        attend(q + j * G * D, (const char *)kc + j * head_bytes, (const char *)vc + j * head_bytes, ckind,
+               ksc ? ksc + j * ss : NULL, vsc ? vsc + j * ss : NULL, NULL, scores, att + j * G * D, G, 1, S, D, ld,
+               scale);
     if (bf16) round_bf16(att, Q);  /* attention's output, cast to the dtype */
     gemv(Wo, bf16, att, NULL, y, I, Q);
     free(buf);
     return 0;
 }
 
+/* ckind 0: the cache has the weights' dtype; KIND_I8 (2): int8 with scales */
 int casa_attn_step_f32(const float *h, const float *norm_w, float eps, const float *Wqkv, const float *b,
-                       const float *Wo, const float *cos, const float *ssin, float *kc, float *vc, long row, long S,
-                       long ld, long hs, float *y, long I, long H, long Hkv, long D) {
-    return attn_step(h, norm_w, eps, Wqkv, b, Wo, cos, ssin, kc, vc, row, S, ld, hs, y, I, H, Hkv, D, 0);
+                       const float *Wo, const float *cos, const float *ssin, void *kc, void *vc, int ckind,
+                       float *ksc, float *vsc, long ss, long row, long S, long ld, long hs, float *y, long I, long H,
+                       long Hkv, long D) {
+    return attn_step(h, norm_w, eps, Wqkv, b, Wo, cos, ssin, kc, vc, ckind == KIND_I8 ? KIND_I8 : KIND_F32, ksc, vsc,
+                     ss, row, S, ld, hs, y, I, H, Hkv, D, 0);
 }
 int casa_attn_step_bf16(const uint16_t *h, const uint16_t *norm_w, float eps, const uint16_t *Wqkv, const float *b,
-                        const uint16_t *Wo, const uint16_t *cos, const uint16_t *ssin, uint16_t *kc, uint16_t *vc,
-                        long row, long S, long ld, long hs, float *y, long I, long H, long Hkv, long D) {
-    return attn_step(h, norm_w, eps, Wqkv, b, Wo, cos, ssin, kc, vc, row, S, ld, hs, y, I, H, Hkv, D, 1);
+                        const uint16_t *Wo, const uint16_t *cos, const uint16_t *ssin, void *kc, void *vc, int ckind,
+                        float *ksc, float *vsc, long ss, long row, long S, long ld, long hs, float *y, long I,
+                        long H, long Hkv, long D) {
+    return attn_step(h, norm_w, eps, Wqkv, b, Wo, cos, ssin, kc, vc, ckind == KIND_I8 ? KIND_I8 : KIND_BF16, ksc,
+                     vsc, ss, row, S, ld, hs, y, I, H, Hkv, D, 1);
 }
 
 /* y = down(silu(gate(x)) * up(x)), x = rmsnorm(h), for one token; y [O] fp32. Returns 0, or -1
@@ -546,15 +602,17 @@ int casa_mlp_step_bf16(const uint16_t *h, const uint16_t *norm_w, float eps, con
  * does, so the block gives the per-sublayer path's bits. */
 
 /* one attention sublayer (attn_step's operands); `row`, `held` and the cache pointers change
- * every token, the rest when the weights do. A head of the cache is `hs` elements, rows D apart;
- * row < 0: the token reads the cache without joining it (attn_step). */
+ * every token, the rest when the weights do. A head of the cache is `hs` elements, rows D apart
+ * (int8, `cache` KIND_I8: its scales `ss` apart); row < 0: the token reads the cache without
+ * joining it (attn_step). */
 struct casa_attn_plan {
     const void *norm_w, *Wqkv, *Wo;
     const float *b;
     void *kc, *vc;
-    long row, held, hs, H, Hkv, D;
+    float *ksc, *vsc;
+    long row, held, hs, ss, H, Hkv, D;
     float eps;
-    int rope;
+    int rope, cache;
 };
 
 enum { PLACE_NONE, PLACE_PARALLEL, PLACE_BEFORE, PLACE_REPLACE };  /* no fusion layer, then §3's placements */
@@ -569,8 +627,10 @@ struct casa_block_plan {
 
 static int plan_attn(const struct casa_attn_plan *a, const void *h, const void *cos, const void *ssin, float *y,
                      long I, int bf16) {
+    int ckind = a->cache == KIND_I8 ? KIND_I8 : bf16 ? KIND_BF16 : KIND_F32;
     return attn_step(h, a->norm_w, a->eps, a->Wqkv, a->b, a->Wo, a->rope ? cos : NULL, a->rope ? ssin : NULL,
-                     a->kc, a->vc, a->row, a->held, a->D, a->hs, y, I, a->H, a->Hkv, a->D, bf16);
+                     a->kc, a->vc, ckind, a->ksc, a->vsc, a->ss, a->row, a->held, a->D, a->hs, y, I, a->H, a->Hkv,
+                     a->D, bf16);
 }
 
 /* x += u as a residual add in the states' dtype: bf16 rounds the update, then the sum */

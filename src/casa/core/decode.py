@@ -200,8 +200,13 @@ def _mlp_weights(mlp: nn.Module, norm: nn.Module, dtype: torch.dtype) -> tuple[_
 
 
 def _cache_takes(cache, dtype: torch.dtype) -> bool:
-    """Whether a fused kernel can write a row of `dtype` into `cache` in place (`next_row`)."""
-    return hasattr(cache, "next_row") and (cache.k is None or cache.k.dtype == dtype)
+    """Whether a fused kernel can write a row of `dtype` into `cache` in place (`next_row`): a
+    `KVCache` of that dtype, or an int8 one holding entries of that dtype."""
+    if not hasattr(cache, "next_row"):
+        return False
+    if cache.quantized:
+        return cache.dtype is None or cache.dtype == dtype
+    return cache.k is None or cache.k.dtype == dtype
 
 
 def attention_row(h: torch.Tensor, attn: nn.Module, norm: nn.Module, rope, cache) -> torch.Tensor | None:
@@ -225,7 +230,8 @@ def attention_row(h: torch.Tensor, attn: nn.Module, norm: nn.Module, rope, cache
     qkv, o = weights
     row, held = cache.next_row(h, heads=attn.n_kv_heads, width=attn.head_dim)
     y = cpu_kernels.attn_step(h, norm.weight, norm.eps, qkv.weight, None if qkv.bias is None else qkv.bias.float(),
-                              o.weight, rope, cache.k, cache.v, row=row, held=held, heads=attn.n_heads)
+                              o.weight, rope, cache.k, cache.v, row=row, held=held, heads=attn.n_heads,
+                              k_scale=cache.k_scale, v_scale=cache.v_scale)
     cache.commit_row()
     return (y if y.dtype == h.dtype else y.to(h.dtype)).view(h.shape)
 
@@ -328,6 +334,9 @@ class BlockSteps:
         plan.row, plan.held = row, held
         plan.kc, plan.vc, plan.hs = (0, 0, 0) if cache.k is None else \
             (cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[2] * plan.D)
+        plan.cache = cpu_kernels.CACHE_INT8 if cache.quantized else 0
+        if cache.quantized and cache.k is not None:  # scales [1, Hkv, capacity]
+            plan.ksc, plan.vsc, plan.ss = cache.k_scale.data_ptr(), cache.v_scale.data_ptr(), cache.k.shape[2]
 
     def _bound(self, plan, sa, window, like: torch.Tensor) -> list | None:
         """Bind `plan` to this token's caches: the SA's unless the fusion layer replaces it, the

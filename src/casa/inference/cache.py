@@ -27,6 +27,14 @@ Design decisions:
   the sink at its true, large distance (unlike StreamingLLM, which
   re-numbers positions inside the cache); that keeps keys valid after
   eviction and costs nothing per step.
+- int8 storage (`quantized=True`, an option): each entry's key and value
+  are stored per head as int8 with one fp32 scale (`quantize`: max|x| / 127,
+  round half to even), a quarter of fp32's bytes plus 4 per row and head.
+  The views handed out are dequantized copies in the entries' dtype, so
+  every attention path reads the same values; casa's CPU kernels instead
+  read the int8 rows in place and fold the scales into their sums
+  (`core.decode`). A chunk's own keys are seen as stored (quantized), as the
+  same tokens decoded one by one see them.
 """
 
 from __future__ import annotations
@@ -35,7 +43,28 @@ import torch
 
 from casa.core.layout import History, cached_mask
 
-__all__ = ["History", "KVCache"]  # History is defined with the other mask rules, in core.layout
+__all__ = ["History", "KVCache", "dequantize", "quantize"]  # History: with the other mask rules, in core.layout
+
+
+def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of `x` as int8 with one fp32 scale each (symmetric, per row; the one home of the rule,
+    which `cpu_kernels.c`'s `quantize_row` follows bit for bit).
+
+    Args:
+        x: `[..., D]`, any float dtype (rounded from fp32 values).
+    Returns:
+        `(q, scale)`: `q [..., D]` int8 = round_half_even(x / scale) in [-127, 127], `scale [...]`
+        fp32 = max|x| / 127 (0 for an all-zero row, whose q is 0).
+    """
+    x = x.float()
+    scale = x.abs().amax(-1) / 127
+    q = torch.round(x / torch.where(scale > 0, scale, 1.0)[..., None]).clamp_(-127, 127)
+    return q.to(torch.int8), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`q [..., D]` int8 times `scale [...]` (fp32), as `dtype`: what `quantize` stored."""
+    return (q.float() * scale[..., None]).to(dtype)
 
 
 def _head_major(x: torch.Tensor) -> torch.Tensor:
@@ -46,15 +75,20 @@ def _head_major(x: torch.Tensor) -> torch.Tensor:
 class KVCache:
     """Keys/values of one attention layer of one stream: a prefix, then tokens.
 
-    Shapes: stored `k, v: [1, Hkv, capacity, D]`; `extend` and `add_prefix`
+    Shapes: stored `k, v: [1, Hkv, capacity, D]` (int8 when `quantized`, with
+    `k_scale, v_scale: [1, Hkv, capacity]` fp32); `extend` and `add_prefix`
     take token-major `[1, t, Hkv, D]`; views handed out are head-major
-    `[1, Hkv, S, D]`, in the dtype of the entries written.
+    `[1, Hkv, S, D]`, in the dtype of the entries written (`dtype`).
     """
 
-    def __init__(self, *, history: History | None = None):
+    def __init__(self, *, history: History | None = None, quantized: bool = False):
         self.history = history
+        self.quantized = quantized
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        self.k_scale: torch.Tensor | None = None  # quantized: one per row and head
+        self.v_scale: torch.Tensor | None = None
+        self.dtype: torch.dtype | None = None  # the entries' dtype (of the views handed out)
         self.n_prefix = 0  # always-visible entries at the front (a window's image tokens)
         self.n_slots = 0  # token entries held after the prefix
         self.seen = 0  # tokens ever appended: the absolute index of the next one
@@ -71,13 +105,17 @@ class KVCache:
         """Bytes of the keys and values held (not of the spare capacity)."""
         if self.k is None:
             return 0
-        per_entry = self.k[0, :, 0].numel() * self.k.element_size()
-        return 2 * self.tokens * per_entry
+        return self.tokens * self._row_bytes()
 
     @property
     def allocated_bytes(self) -> int:
         """Bytes of the buffers, spare capacity included."""
-        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+        return 0 if self.k is None else self.k.shape[2] * self._row_bytes()
+
+    def _row_bytes(self) -> int:
+        """Bytes of one entry: its key and value in every head (and their scales)."""
+        heads, width = self.k.shape[1], self.k.shape[3]
+        return 2 * heads * (width * self.k.element_size() + (4 if self.quantized else 0))
 
     # -------------------------------------------------------------- storage
     def _reserve(self, k: torch.Tensor, size: int, *, heads: int | None = None, width: int | None = None) -> None:
@@ -90,16 +128,42 @@ class KVCache:
         if self.history is not None:
             cap = max(size, min(cap, self.n_prefix + self.history.sink + self.history.window))
         heads, width = heads or k.shape[2], width or k.shape[3]
-        new_k = k.new_empty(1, heads, cap, width)
-        new_v = k.new_empty(1, heads, cap, width)
+        self.dtype = k.dtype
+        stored = torch.int8 if self.quantized else k.dtype
+        new = [k.new_empty(1, heads, cap, width, dtype=stored) for _ in range(2)]
+        if self.quantized:
+            new += [k.new_empty(1, heads, cap, dtype=torch.float32) for _ in range(2)]
+        old = [self.k, self.v, self.k_scale, self.v_scale]
         if self.k is not None and self.tokens:
-            new_k[:, :, : self.tokens] = self.k[:, :, : self.tokens]
-            new_v[:, :, : self.tokens] = self.v[:, :, : self.tokens]
-        self.k, self.v = new_k, new_v
+            for n, o in zip(new, old):
+                n[:, :, : self.tokens] = o[:, :, : self.tokens]
+        self.k, self.v = new[:2]
+        self.k_scale, self.v_scale = new[2:] if self.quantized else (None, None)
 
-    def _held(self):
-        """Head-major views `[1, Hkv, prefix + tokens, D]` of everything held."""
-        return self.k[:, :, : self.tokens], self.v[:, :, : self.tokens]
+    def _store(self, at, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write head-major `k, v` `[1, Hkv, t, D]` at rows `at` (a slice or index tensor)."""
+        if self.quantized:
+            self.k[:, :, at], self.k_scale[:, :, at] = quantize(k)
+            self.v[:, :, at], self.v_scale[:, :, at] = quantize(v)
+        else:
+            self.k[:, :, at] = k
+            self.v[:, :, at] = v
+
+    def _rows(self, stop: int):
+        """Head-major `(keys, values)` `[1, Hkv, stop, D]` of rows `[0, stop)`: views, or
+        dequantized copies of an int8 cache."""
+        if not self.quantized:
+            return self.k[:, :, :stop], self.v[:, :, :stop]
+        return (dequantize(self.k[:, :, :stop], self.k_scale[:, :, :stop], self.dtype),
+                dequantize(self.v[:, :, :stop], self.v_scale[:, :, :stop], self.dtype))
+
+    def _as_stored(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` as the cache would hand it back once written (quantized and back, or itself)."""
+        return dequantize(*quantize(x), x.dtype) if self.quantized else x
+
+    def held(self):
+        """Head-major `[1, Hkv, prefix + tokens, D]` of everything held (`_rows`)."""
+        return self._rows(self.tokens)
 
     def reset(self) -> None:
         """Forget everything (a new window); the buffer is kept for reuse."""
@@ -112,15 +176,14 @@ class KVCache:
             raise RuntimeError("KVCache.add_prefix: tokens were already appended; reset() first")
         n = k.shape[1]
         self._reserve(k, self.n_prefix + n)
-        self.k[:, :, self.n_prefix : self.n_prefix + n] = _head_major(k)
-        self.v[:, :, self.n_prefix : self.n_prefix + n] = _head_major(v)
+        self._store(slice(self.n_prefix, self.n_prefix + n), _head_major(k), _head_major(v))
         self.n_prefix += n
 
     def prefix(self):
         """`(keys, values)` of the prefix alone, `[1, Hkv, P, D]` each (None, None when empty)."""
         if not self.n_prefix:
             return None, None
-        return self.k[:, :, : self.n_prefix], self.v[:, :, : self.n_prefix]
+        return self._rows(self.n_prefix)
 
     def prefix_keys(self):
         """`(keys, values, mask)` a query of the window reads when the window holds
@@ -148,11 +211,10 @@ class KVCache:
     def _extend_full(self, k, v):
         t, start = k.shape[1], self.tokens
         self._reserve(k, start + t)
-        self.k[:, :, start : start + t] = _head_major(k)
-        self.v[:, :, start : start + t] = _head_major(v)
+        self._store(slice(start, start + t), _head_major(k), _head_major(v))
         self.n_slots += t
         self.seen += t
-        keys, values = self._held()
+        keys, values = self.held()
         if t == 1:  # one query sees every key held (the rule's newest entry)
             return keys, values, None
         new = torch.arange(self.seen - t, self.seen, device=k.device)
@@ -166,9 +228,10 @@ class KVCache:
             like: a tensor of the entries' dtype and device.
         Returns:
             `(row, held)`: write the token's key/value at `row` of `k`/`v` (`[1, heads, capacity,
-            width]`, contiguous), then attend rows `[0, held)`, which is what `extend` would
-            return for it (one token sees every entry held); then call `commit_row()`. Until
-            then the cache is unchanged but for spare capacity.
+            width]`, contiguous; quantized: int8 rows and their scales at `row` of `k_scale` /
+            `v_scale`, by `quantize`'s rule), then attend rows `[0, held)`, which is what `extend`
+            would return for it (one token sees every entry held); then call `commit_row()`.
+            Until then the cache is unchanged but for spare capacity.
         """
         if self.history is None:
             row, held = self.tokens, self.tokens + 1
@@ -205,8 +268,7 @@ class KVCache:
     def _write(self, k, v, absolute: torch.Tensor) -> None:
         """Write tokens `[1, t, Hkv, D]` at `absolute` indices into their slots (sink or ring)."""
         slots = self._slot(absolute)
-        self.k[:, :, self.n_prefix + slots] = _head_major(k)
-        self.v[:, :, self.n_prefix + slots] = _head_major(v)
+        self._store(self.n_prefix + slots, _head_major(k), _head_major(v))
         self.slot_abs[slots] = absolute
 
     def _extend_bounded(self, k, v):
@@ -221,11 +283,11 @@ class KVCache:
             # longer sees, so afterwards it sees every entry held: no mask.
             self._write(k, v, absolute)
             self.seen, self.n_slots = last, min(last, s + w)
-            keys, values = self._held()
+            keys, values = self.held()
             return keys, values, None
-        held_k, held_v = self._held()
-        keys = torch.cat([held_k, _head_major(k)], dim=2)
-        values = torch.cat([held_v, _head_major(v)], dim=2)
+        held_k, held_v = self.held()
+        keys = torch.cat([held_k, self._as_stored(_head_major(k))], dim=2)
+        values = torch.cat([held_v, self._as_stored(_head_major(v))], dim=2)
         key_abs = torch.cat([self.slot_abs[: self.n_slots], absolute])
         mask = cached_mask(absolute, key_abs, n_prefix=self.n_prefix, history=self.history)
         # Keep rule: hold what the chunk's newest token sees (the sink and the

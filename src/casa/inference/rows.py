@@ -59,7 +59,7 @@ class RowCache:
         self.v = torch.zeros_like(self.k)
         for b, c in enumerate(caches):
             if c.tokens:
-                held_k, held_v = c.k[:, :, : c.tokens], c.v[:, :, : c.tokens]
+                held_k, held_v = c.held()  # (an int8 cache hands them out dequantized)
                 self.k[b, :, : c.tokens] = held_k[0]
                 self.v[b, :, : c.tokens] = held_v[0]
         self.rows = torch.arange(len(caches), device=device)

@@ -27,6 +27,11 @@ Design decisions:
 - With `history=History(sink, window)` every cache keeps an attention sink
   plus a sliding window (`cache.py`); for `insertion` the window counts image
   tokens too.
+- With `cache_dtype=torch.int8` every cache stores int8 keys/values with a
+  scale per row and head (`cache.quantize`): a quarter of fp32's bytes, so
+  the per-token cost that grows with the stream (reading the text cache)
+  shrinks by as much. Logits then differ from the uncached forward by the
+  rounding (tested within a stated tolerance).
 - The invariant, tested for every variant and placement: any split of a
   document into `add_images` and `forward_text` calls gives the logits of one
   uncached `CasaModel.forward`.
@@ -54,16 +59,22 @@ class Session:
         model: the model (its parameters' device and dtype are used throughout).
         history: bounded history for every cache, or None to keep everything.
         backend: attention backend name, validated as in the forward.
+        cache_dtype: None (the model's dtype) or `torch.int8` (quantized keys/values).
     """
 
-    def __init__(self, model: CasaModel, *, history: History | None = None, backend: str = "auto"):
+    def __init__(self, model: CasaModel, *, history: History | None = None, backend: str = "auto",
+                 cache_dtype: torch.dtype | None = None):
+        if cache_dtype not in (None, torch.int8):
+            raise ValueError(f"Session: cache_dtype {cache_dtype}: use None (the model's dtype) or torch.int8")
         self.model = model
         self.config = model.config
         self.history = history
         self.backend = backend
         self.insertion = model.config.fusion.variant == "insertion"
-        self.sa = [KVCache(history=history) for _ in model.blocks]
-        self.windows = [KVCache(history=history) if b.fusion is not None else None for b in model.blocks]
+        quantized = cache_dtype == torch.int8
+        self.sa = [KVCache(history=history, quantized=quantized) for _ in model.blocks]
+        self.windows = [KVCache(history=history, quantized=quantized) if b.fusion is not None else None
+                        for b in model.blocks]
         self.stream = StreamWindows()  # where windows start, as the batch layout would say
         self.position = 0  # RoPE position of the next token
         self.images = 0  # images fed so far
