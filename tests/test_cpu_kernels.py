@@ -69,6 +69,48 @@ def test_attend_equals_sdpa(dtype, D, S):
 
 
 @needs_kernels
+@pytest.mark.parametrize("D", [8, 40, 64])
+@pytest.mark.parametrize("S", [1, 31, 100])
+def test_attend_reads_an_int8_cache_as_its_dequantized_values(D, S):
+    """int8 keys/values with a scale per row and head, read in place (the scales folded into
+    the sums), attend like SDPA over the dequantized values; a missing scale is refused."""
+    from casa.inference.cache import dequantize, quantize
+
+    g = torch.Generator().manual_seed(D * S + 1)
+    Hkv, groups, T = 2, 3, 2
+    (k, ks), (v, vs) = (quantize(torch.randn(Hkv, S + 5, D, generator=g) * 3) for _ in range(2))
+    k, v, ks, vs = k[:, :S], v[:, :S], ks[:, :S], vs[:, :S]  # slices of a larger buffer, as a cache holds them
+    q = torch.randn(Hkv, groups * T, D, generator=g) * 2
+    mask = torch.rand(T, S, generator=g) > 0.4
+    mask[0, 0] = True
+    kf, vf = dequantize(k, ks, torch.float32), dequantize(v, vs, torch.float32)
+    for m in (None, mask):
+        got = cpu_kernels.attend(q, k, v, m, scale=D ** -0.5, k_scale=ks, v_scale=vs)
+        torch.testing.assert_close(got, _reference(q, kf, vf, m, D ** -0.5), **TOL)
+    with pytest.raises(ValueError, match="k_scale/v_scale"):
+        cpu_kernels.attend(q, k, v, scale=D ** -0.5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_equals_the_reference(dtype):
+    """The C quantizer (a frame's image keys/values, a decoded token's row) gives the bits of
+    `inference.cache.quantize_reference`, ties and all-zero rows included."""
+    from casa.inference.cache import quantize_reference
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 40, 2, 64, generator=g) * torch.logspace(-3, 3, 40)[None, :, None, None]
+    x[0, 0] = 0  # all-zero rows
+    x[1, 1, :, :8] = torch.arange(-4, 4) + 0.5  # halves after scaling by a power-of-two amax
+    x[1, 1, :, 8] = 127 * 2.0 ** -3
+    x = x.to(dtype)
+    q, s = cpu_kernels.quantize(x)
+    rq, rs = quantize_reference(x)
+    assert q.dtype == torch.int8 and torch.equal(q, rq) and torch.equal(s, rs)
+    assert s[0, 0].eq(0).all() and q[0, 0].eq(0).all()
+
+
+@needs_kernels
 def test_attend_gives_zeros_to_a_query_that_sees_nothing():
     q, k, v = torch.randn(1, 2, 64), torch.randn(1, 9, 64), torch.randn(1, 9, 64)
     mask = torch.ones(2, 9, dtype=torch.bool)
@@ -204,6 +246,49 @@ def test_fused_attention_step_equals_the_per_op_kernels(dtype, rope, bias, bound
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bounded", [False, True])
+def test_fused_attention_step_quantizes_where_it_writes(dtype, bounded, one_thread, monkeypatch):
+    """With an int8 cache the fused step quantizes the token's key/value by `inference.cache.
+    quantize`'s rule where it writes them (the same int8 rows and scales as the per-op path, which
+    quantizes in PyTorch) and attends over them in place; its outputs are the per-op path's, which
+    attends over dequantized copies, up to summation order (fp32) or bf16's rounding of the copies."""
+    import casa.core.lm as lm
+    from casa.core.decode import decoding
+    from casa.core.layout import History
+    from casa.inference.cache import KVCache
+
+    torch.manual_seed(1)
+    attn = lm.Attention(d_model=72, n_heads=6, n_kv_heads=2, head_dim=16).to(dtype)
+    norm = lm.RMSNorm(dim=72).to(dtype)
+    history = History(sink=2, window=4) if bounded else None
+    caches = [KVCache(history=history, quantized=True), KVCache(history=history, quantized=True)]
+    k_img, v_img = torch.randn(2, 1, 3, 2, 16).to(dtype)
+    for c in caches:
+        c.add_prefix(k_img, v_img)
+    calls, real = [], cpu_kernels.attn_step
+    monkeypatch.setattr(cpu_kernels, "attn_step", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    per_op = lm.attention_row
+    tol = TOL if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    with torch.no_grad(), decoding():
+        for i in range(12):
+            x = torch.randn(1, 1, 72).to(dtype)
+            rotary = lm.Rotary.at(torch.tensor([[i]]), head_dim=16, theta=10000.0)
+            got = attn.step(x, norm=norm, rotary=rotary, cache=caches[0], backend="windowed")
+            monkeypatch.setattr(lm, "attention_row", lambda *a: None)
+            want = attn.step(x, norm=norm, rotary=rotary, cache=caches[1], backend="windowed")
+            monkeypatch.setattr(lm, "attention_row", per_op)
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.float(), want.float(), **tol)
+    assert len(calls) == 12
+    fused, ref = caches
+    assert (fused.tokens, fused.seen) == (ref.tokens, ref.seen)
+    n = fused.tokens
+    for a, b in ((fused.k, ref.k), (fused.v, ref.v), (fused.k_scale, ref.k_scale), (fused.v_scale, ref.v_scale)):
+        assert torch.equal(a[:, :, :n], b[:, :, :n])
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_mlp_step_equals_norm_then_mlp(dtype, one_thread):
     """`MLP.step` (norm and feed-forward in one call) gives the bits of the norm then the
     feed-forward through their own kernels."""
@@ -234,7 +319,7 @@ def test_fused_attention_step_rejects_disagreeing_shapes():
                               None, k, k.clone(), row=8, held=8, heads=6)
 
 
-def _decode_with_and_without_block_steps(m, dtype, history, monkeypatch):
+def _decode_with_and_without_block_steps(m, dtype, history, monkeypatch, cache_dtype=None):
     """Logits and caches of one token stream through `Session`, once with a kernel call per block
     and once through `Block.step`; the number of `block_step` calls of the first."""
     import casa.inference.session as session_mod
@@ -248,7 +333,7 @@ def _decode_with_and_without_block_steps(m, dtype, history, monkeypatch):
     for name in ("blocks", "per_block"):
         if name == "per_block":
             monkeypatch.setattr(session_mod, "blocks_of", lambda *a: None)
-        s, out = Session(m, history=history), []
+        s, out = Session(m, history=history, cache_dtype=cache_dtype), []
         with torch.no_grad():
             for t in range(len(ids)):
                 if t in (2, 6):  # two text tokens before the first image: windows start empty
@@ -297,6 +382,46 @@ def test_block_steps_equal_the_per_block_path(dtype, variant, placement, options
         if a is not None:
             assert (a.tokens, a.seen) == (b.tokens, b.seen)
             assert a.tokens == 0 or all(torch.equal(x, y) for x, y in zip(a.held(), b.held()))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant,placement,bounded", [
+    ("casa", "parallel", False), ("casa", "before", False), ("casa", "replace", False), ("insertion", "parallel", False),
+    ("gated_ca", "parallel", False), ("casa", "parallel", True), ("ca", "parallel", False)])
+def test_block_steps_with_an_int8_cache_equal_the_per_block_path(dtype, variant, placement, bounded, one_thread,
+                                                                  monkeypatch):
+    """With int8 caches a block is still one kernel call: it writes and reads the int8 rows in
+    place, as `Attention.step`'s fused call does, so logits and caches have the per-block path's
+    bits; `ca` reads its window through `prefix_keys` there (dequantized copies), so the same
+    up to summation order (fp32) or bf16's rounding of the copies."""
+    from conftest import tiny_config
+
+    from casa.core.layout import History
+    from casa.core.model import CasaModel
+
+    torch.manual_seed(0)
+    # gated_ca: every other block, so that the blocks without a fusion layer take the kernel
+    m = CasaModel(tiny_config(variant, placement, **({"every": 2} if variant == "gated_ca" else {}))).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    m = m.to(dtype)
+    history = History(sink=2, window=5) if bounded else None
+    (got, fused), (want, ref), calls = _decode_with_and_without_block_steps(m, dtype, history, monkeypatch,
+                                                                           cache_dtype=torch.int8)
+    held = [c for c in [*fused.sa, *fused.windows] if c is not None and c.k is not None]
+    assert calls > 0 and held and all(c.k.dtype == torch.int8 for c in held)
+    if variant == "ca":
+        tol = TOL if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(got.float(), want.float(), **tol)
+        return
+    assert torch.equal(got, want)
+    for a, b in zip([*fused.sa, *fused.windows], [*ref.sa, *ref.windows]):
+        if a is not None and a.tokens:
+            n = a.tokens
+            assert all(torch.equal(x[:, :, :n], y[:, :, :n]) for x, y in
+                       ((a.k, b.k), (a.v, b.v), (a.k_scale, b.k_scale), (a.v_scale, b.v_scale)))
 
 
 @needs_kernels

@@ -140,6 +140,22 @@ def test_caption_cli_on_a_video(video, checkpoint, tmp_path, capsys):
     assert "captioned 4 frames" in out.err and "[   0.000s]" in out.out
 
 
+def test_caption_cli_with_an_int8_cache(video, checkpoint, tmp_path):
+    """`--cache-dtype int8`: the same frames captioned from caches of a byte per element plus a
+    4-byte scale per row and head (head width 8 here: 12 / 32 of fp32's bytes)."""
+    out = {}
+    for dtype in ("model", "int8"):
+        srt, jsonl = tmp_path / f"{dtype}.srt", tmp_path / f"{dtype}.jsonl"
+        assert main(["caption", str(video), "--checkpoint", str(checkpoint), "--fps", "2", "--srt", str(srt),
+                     "--jsonl", str(jsonl), "--max-new-tokens", "4", "--min-new-tokens", "4", "--threads", "1",
+                     "--quiet", "--cache-dtype", dtype]) == 0
+        out[dtype] = read_outputs(srt, jsonl, summary=True)[1]
+    assert len(out["int8"]) == len(out["model"]) == 4
+    for a, b in zip(out["model"], out["int8"]):
+        assert b["cache_bytes"] * 32 == a["cache_bytes"] * 12 and b["kv_tokens"] == a["kv_tokens"]
+    assert [a["text"] for a in out["model"]] == [b["text"] for b in out["int8"]]  # greedy: the same captions here
+
+
 def test_captioner_api_any_iterator_and_bounded_history(checkpoint):
     model, tok = from_pretrained(checkpoint), load_tokenizer(checkpoint)
     from casa.inference.cache import History
@@ -356,6 +372,24 @@ def test_bench_stream_bound_columns_and_bfloat16():
             assert t["bound_ratio"] == pytest.approx(t["decode_ms_per_token"] / t["bound_ms"], rel=1e-2)
     f32, b16 = runs["float32"]["casa"]["turns"], runs["bfloat16"]["casa"]["turns"]
     assert [t["cache_bytes"] for t in f32] == [2 * t["cache_bytes"] for t in b16]
+
+
+def test_bench_stream_int8_cache():
+    """`--cache-dtype int8`: the caches hold a byte per element and a 4-byte scale per row and head,
+    which the bytes per token (and so the bound) count; casa's cache still grows by its text only."""
+    kw = dict(variants=["casa"], turns=3, image_tokens=16, new_tokens=2, d_model=32, layers=2, heads=4,
+              kv_heads=2, d_ff=64, bandwidth_mib=8)
+    runs = {c: bench_run(StreamBench(**kw, cache_dtype=c), isolate=False, log=None)["runs"][0]
+            for c in ("model", "int8")}
+    D = 32 // 4
+    weights = runs["int8"]["summary"]["decode_weight_bytes"]
+    for f32, i8 in zip(runs["model"]["turns"], runs["int8"]["turns"], strict=True):
+        assert i8["cache_bytes"] * 4 * D == f32["cache_bytes"] * (D + 4) and i8["kv_tokens"] == f32["kv_tokens"]
+        assert i8["bytes_per_token"] == weights + i8["cache_bytes"]
+    summary = runs["int8"]["summary"]
+    assert summary["cache_growth_bytes_per_turn"] == summary["text_kv_bytes_per_turn"] == 3 * 2 * 2 * 2 * (D + 4)
+    with pytest.raises(ValueError, match="--cache-dtype 'fp8'"):
+        StreamBench(cache_dtype="fp8")
 
 
 def test_bench_stream_isolated_and_cli(tmp_path):

@@ -169,7 +169,8 @@ def _run_variant(cfg: StreamBench, variant: str, emit) -> dict:
     frame = lambda: torch.randn(cfg.image_tokens, cfg.d_model, generator=g).to(dev)  # noqa: E731
     prompt = torch.randint(0, cfg.vocab, (cfg.prompt_tokens,), generator=g).tolist()
     cache_dtype = CACHE_DTYPES[cfg.cache_dtype]
-    warm = Session(model, history=cfg.history, cache_dtype=cache_dtype)  # first-call costs (thread pools, kernels) out of turn 0
+    # first-call costs (thread pools, kernels) out of turn 0
+    warm = Session(model, history=cfg.history, cache_dtype=cache_dtype)
     for _ in range(2):
         _turn(warm, frame(), prompt, cfg.new_tokens, dev)
     del warm

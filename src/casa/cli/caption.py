@@ -42,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     cap.add_argument("--end-slope", type=float, default=0.0, help="added to it per generated token")
     cap.add_argument("--sink", type=non_negative_int, default=None, help="bounded history: attention-sink tokens")
     cap.add_argument("--window", type=positive_int, default=None, help="bounded history: sliding-window tokens")
+    cap.add_argument("--cache-dtype", default="model", choices=("model", "int8"),
+                    help="key/value caches in the model's dtype, or int8 with a scale per row and head")
     cap.add_argument("--instruction", default="Caption each frame.", help="user text with the first frame")
     cap.add_argument("--allow-size-change", action="store_true", help="accept frames of varying sizes")
     cap.add_argument("--seed", type=int, default=0)
@@ -89,7 +91,7 @@ def run(args) -> int:
     result = caption_file(args.video, checkpoint=args.checkpoint, fps=args.fps, srt=args.srt, jsonl=args.jsonl,
                           frames=frames, sampling=sampling, processors_fn=processors, history=history,
                           instruction=args.instruction, allow_size_change=args.allow_size_change, on_caption=show,
-                          seed=args.seed)
+                          seed=args.seed, cache_dtype=args.cache_dtype)
     skipped = f" ({result.undecodable} undecodable frames skipped)" if result.undecodable else ""
     wrote = "".join(f"; wrote {p}" for p in result.outputs)
     if result.interrupted:

@@ -28,7 +28,8 @@ and SDPA reads a one-query cache at about a fifth of it. The two kernels in
   round, so both give the same bits (tested).
 
 Design decisions:
-- Built at first use with the machine's C compiler (`cc -O3 -march=native`,
+- Built at first use, from `cpu_steps.c` (the fused steps, which includes
+  `cpu_kernels.c`, the primitives), with the machine's C compiler (`cc -O3 -march=native`,
   about a second) into `~/.cache/casa/kernels/` (or `$CASA_KERNEL_DIR`),
   loaded through ctypes: no build step at install, no torch headers. Without
   a compiler, or with `CASA_CPU_KERNELS=0`, `available()` is False and the
@@ -65,11 +66,12 @@ from pathlib import Path
 import torch
 
 __all__ = ["CACHE_INT8", "MAX_HEAD_DIM", "MAX_NORM_WIDTH", "PLACEMENTS", "AttnPlan", "BlockPlan", "attend", "attn_step", "available",
-           "block_step", "gemv", "mlp_step", "rmsnorm", "rope", "swiglu", "usable"]
+           "block_step", "gemv", "mlp_step", "quantize", "rmsnorm", "rope", "swiglu", "usable"]
 
 MAX_HEAD_DIM = 256  # DMAX in cpu_kernels.c
 
-_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+# the library is built from cpu_steps.c, which includes cpu_kernels.c: one translation unit
+_SOURCES = (Path(__file__).with_name("cpu_steps.c"), Path(__file__).with_name("cpu_kernels.c"))
 _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
@@ -82,7 +84,7 @@ def _build() -> Path | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         return None
-    source = _SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in _SOURCES)
     key = hashlib.sha256(source + f"{platform.machine()} {platform.processor()} {cc}".encode()).hexdigest()[:16]
     lib = _cache_dir() / f"casa_kernels_{key}.so"
     if lib.is_file():
@@ -95,7 +97,7 @@ def _build() -> Path | None:
     if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
         flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native")
     try:
-        subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE), "-lm"], check=True, capture_output=True, timeout=120)
+        subprocess.run([cc, *flags, "-o", tmp, str(_SOURCES[0]), "-lm"], check=True, capture_output=True, timeout=120)
         os.replace(tmp, lib)
     except (OSError, subprocess.SubprocessError) as e:
         Path(tmp).unlink(missing_ok=True)
@@ -123,6 +125,8 @@ def _lib():
         getattr(lib, name).restype = None
     lib.casa_attend_i8.argtypes = [p, p, p, p, p, i, p, p, p, i, i, i, i, i, i, i, f]
     lib.casa_attend_i8.restype = None
+    lib.casa_quantize.argtypes = [p, p, p, i, i]
+    lib.casa_quantize.restype = None
     for name in ("casa_rmsnorm_f32", "casa_rmsnorm_bf16"):
         getattr(lib, name).argtypes = [p, p, p, i, i, f]
         getattr(lib, name).restype = None
@@ -303,6 +307,22 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     else:
         _fns()["attend", k.dtype](q.data_ptr(), k.data_ptr(), v.data_ptr(), *common)
     return out
+
+
+def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`inference.cache.quantize` (int8 rows, one fp32 scale each, the same bits) in one call.
+
+    Args:
+        x: `[..., D]`, fp32 or bf16 (read as fp32).
+    Returns:
+        `(q [..., D] int8, scale [...] fp32)`.
+    """
+    D = x.shape[-1]
+    x = _f32(x)
+    q = torch.empty(x.shape, dtype=torch.int8)
+    scale = torch.empty(x.shape[:-1], dtype=torch.float32)
+    _lib().casa_quantize(x.data_ptr(), q.data_ptr(), scale.data_ptr(), x.numel() // D, D)
+    return q, scale
 
 
 def attn_step(h: torch.Tensor, norm_weight: torch.Tensor, eps: float, qkv: torch.Tensor, bias: torch.Tensor | None,

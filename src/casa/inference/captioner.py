@@ -65,12 +65,14 @@ class Captioner:
         model: a `CasaModel`.
         processor: the model's `data.Processor` (or a bare tokenizer: built-in markup).
         interval: seconds between frames given as bare images.
+        cache_dtype: None (the model's dtype) or `torch.int8` (`Session`).
     """
 
     def __init__(self, model, processor, *, sampling: Sampling | None = None, processors=(),
                  history: History | None = None, instruction: str = "Caption each frame.",
-                 allow_size_change: bool = False, interval: float = 1.0, backend: str = "auto", generator=None):
-        self.session = Session(model, history=history, backend=backend)
+                 allow_size_change: bool = False, interval: float = 1.0, backend: str = "auto", generator=None,
+                 cache_dtype=None):
+        self.session = Session(model, history=history, backend=backend, cache_dtype=cache_dtype)
         self.chat = Chat(self.session, processor, sampling=sampling or Sampling(max_new_tokens=16),
                          processors=tuple(processors), generator=generator)
         self.instruction = instruction
@@ -117,7 +119,7 @@ class CaptionRun:
 def caption_file(source, *, checkpoint, fps: float | None, srt=None, jsonl=None, frames=None,
                  sampling: Sampling | None = None, processors_fn=None, history: History | None = None,
                  instruction: str = "Caption each frame.", allow_size_change: bool = False, on_caption=None,
-                 seed: int = 0) -> CaptionRun:
+                 seed: int = 0, cache_dtype: str = "model") -> CaptionRun:
     """Caption a video file or an image folder with a casa model directory.
 
     Args:
@@ -129,6 +131,7 @@ def caption_file(source, *, checkpoint, fps: float | None, srt=None, jsonl=None,
             refuse a bad video before torch is even imported), else opened here.
         processors_fn: `processor -> [logits processors]`, given the model's processor.
         on_caption: called with each `Caption` as it is made.
+        cache_dtype: "model" (the model's dtype) or "int8" (quantized keys/values, `Session`).
     Returns:
         a `CaptionRun`; Ctrl-C ends the run early with `interrupted=True`.
     """
@@ -137,6 +140,8 @@ def caption_file(source, *, checkpoint, fps: float | None, srt=None, jsonl=None,
     from casa.pretrained.directory import load
     from casa.pretrained.runs import resolve_model_dir
 
+    if cache_dtype not in ("model", "int8"):
+        raise ValueError(f"cache_dtype {cache_dtype!r}: use 'model' or 'int8'")
     srt, jsonl = check_caption_outputs(source, srt, jsonl)
     frames = open_frames(source, fps=fps) if frames is None else frames
     try:
@@ -147,7 +152,8 @@ def caption_file(source, *, checkpoint, fps: float | None, srt=None, jsonl=None,
     captioner = Captioner(model, processor, sampling=sampling,
                           processors=processors_fn(processor) if processors_fn else (), history=history,
                           instruction=instruction, allow_size_change=allow_size_change,
-                          interval=1.0 / fps if fps else 1.0, generator=torch.Generator().manual_seed(seed))
+                          interval=1.0 / fps if fps else 1.0, generator=torch.Generator().manual_seed(seed),
+                          cache_dtype=torch.int8 if cache_dtype == "int8" else None)
     writers = [w(p) for w, p in ((SrtWriter, srt), (JsonlWriter, jsonl)) if p]
     interrupted = False
     try:
