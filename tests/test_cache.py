@@ -254,7 +254,7 @@ def test_int8_cache_hands_out_what_it_stored_chunk_or_token(history):
             assert keys.dtype == torch.float32
             if history is None:  # everything held, in order: exactly the stored values
                 assert torch.equal(keys, stored_k[:, :, : t + c]) and torch.equal(values, stored_v[:, :, : t + c])
-            outs.append(F.scaled_dot_product_attention(queries[:, :, t: t + c], keys, values, attn_mask=None if mask is None else mask))
+            outs.append(F.scaled_dot_product_attention(queries[:, :, t: t + c], keys, values, attn_mask=mask))
             t += c
         assert cache.k.dtype == torch.int8 and cache.k_scale.shape == (1, Hkv, cache.k.shape[2])
         assert cache.nbytes == cache.tokens * 2 * Hkv * (D + 4)

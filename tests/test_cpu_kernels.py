@@ -387,8 +387,9 @@ def test_block_steps_equal_the_per_block_path(dtype, variant, placement, options
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant,placement,bounded", [
-    ("casa", "parallel", False), ("casa", "before", False), ("casa", "replace", False), ("insertion", "parallel", False),
-    ("gated_ca", "parallel", False), ("casa", "parallel", True), ("ca", "parallel", False)])
+    ("casa", "parallel", False), ("casa", "before", False), ("casa", "replace", False),
+    ("insertion", "parallel", False), ("gated_ca", "parallel", False), ("casa", "parallel", True),
+    ("ca", "parallel", False)])
 def test_block_steps_with_an_int8_cache_equal_the_per_block_path(dtype, variant, placement, bounded, one_thread,
                                                                   monkeypatch):
     """With int8 caches a block is still one kernel call: it writes and reads the int8 rows in

@@ -349,7 +349,8 @@ def plot(result: dict, path) -> None:
     axes[0].legend(title="x = stopped (time / memory limit)")
     c = result["config"]
     cache = "" if c.get("cache_dtype", "model") == "model" else f", {c['cache_dtype']} cache"
-    fig.suptitle(f"streaming ({c.get('dtype', 'float32')}{cache}): d_model {c['d_model']}, {c['layers']} layers, {c['image_tokens']} image tokens "
+    fig.suptitle(f"streaming ({c.get('dtype', 'float32')}{cache}): d_model {c['d_model']}, {c['layers']} layers, "
+                 f"{c['image_tokens']} image tokens "
                  f"+ {c['prompt_tokens']}+{c['new_tokens']} text tokens per turn"
                  + (f", history sink {c['sink']} + window {c['window']}" if c.get("sink") is not None else ""))
     fig.tight_layout()

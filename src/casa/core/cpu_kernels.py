@@ -65,8 +65,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CACHE_INT8", "MAX_HEAD_DIM", "MAX_NORM_WIDTH", "PLACEMENTS", "AttnPlan", "BlockPlan", "attend", "attn_step", "available",
-           "block_step", "gemv", "mlp_step", "quantize", "rmsnorm", "rope", "swiglu", "usable"]
+__all__ = ["CACHE_INT8", "MAX_HEAD_DIM", "MAX_NORM_WIDTH", "PLACEMENTS", "AttnPlan", "BlockPlan", "attend", "attn_step",
+           "available", "block_step", "gemv", "mlp_step", "quantize", "rmsnorm", "rope", "swiglu", "usable"]
 
 MAX_HEAD_DIM = 256  # DMAX in cpu_kernels.c
 
