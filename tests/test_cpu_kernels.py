@@ -101,13 +101,15 @@ def test_quantize_equals_the_reference(dtype):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(3, 40, 2, 64, generator=g) * torch.logspace(-3, 3, 40)[None, :, None, None]
     x[0, 0] = 0  # all-zero rows
-    x[1, 1, :, :8] = torch.arange(-4, 4) + 0.5  # halves after scaling by a power-of-two amax
-    x[1, 1, :, 8] = 127 * 2.0 ** -3
+    x[1, 1, :, 8:] = 0
+    x[1, 1, :, 8] = 127 * 2.0 ** -3  # amax: the scale is 1/8 exactly
+    x[1, 1, :, :8] = (torch.arange(-4, 4) + 0.5) / 8  # ties: x / scale = -3.5 ... 3.5
     x = x.to(dtype)
     q, s = cpu_kernels.quantize(x)
     rq, rs = quantize_reference(x)
     assert q.dtype == torch.int8 and torch.equal(q, rq) and torch.equal(s, rs)
     assert s[0, 0].eq(0).all() and q[0, 0].eq(0).all()
+    assert q[1, 1, 0, :9].tolist() == [-4, -2, -2, -0, 0, 2, 2, 4, 127]  # half to even
 
 
 @needs_kernels
