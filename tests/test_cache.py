@@ -215,8 +215,11 @@ def test_session_rejects_bad_input():
 def test_quantize_rule_rounds_half_to_even_per_row(kernel):
     """One scale per row, max|x| / 127; values divided by it and rounded half to even; an all-zero
     row gets scale 0 and zeros (the C kernel where it is built, and the PyTorch reference)."""
+    from casa.core import cpu_kernels
     from casa.inference import cache
 
+    if kernel and not cpu_kernels.available():
+        pytest.skip("no C compiler: CPU kernels not built")
     dequantize = cache.dequantize
     quantize = cache.quantize if kernel else cache.quantize_reference
 
@@ -224,7 +227,7 @@ def test_quantize_rule_rounds_half_to_even_per_row(kernel):
     q, scale = quantize(x)
     assert q.dtype == torch.int8 and scale.dtype == torch.float32
     assert q[0].tolist() == [127, -64, 0, 2, 2, -127] and q[1].tolist() == [0] * 6
-    assert q[2].tolist() == [127, 0, 0, 0, 0, -64] or q[2].tolist() == [127, 0, 0, 0, 0, -63]
+    assert q[2].tolist() == [127, 0, 0, 0, 0, -64]  # -0.127 / (0.254 / 127) = -63.5 (in fp32: -63.50...)
     torch.testing.assert_close(scale, torch.tensor([1.0, 0.0, 0.254 / 127]))
     r = torch.randn(50, 64, dtype=torch.float64).to(torch.bfloat16)  # any float dtype is read as fp32
     q, scale = quantize(r)

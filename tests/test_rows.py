@@ -65,3 +65,5 @@ def test_row_cache_pads_and_masks():
     assert mask[:, 0, 0].sum(-1).tolist() == [3, 4, 1]
     with pytest.raises(RuntimeError, match="room"):
         rows.extend(torch.zeros(3, 1, 1, 3), torch.zeros(3, 1, 1, 3))
+    with pytest.raises(ValueError, match="int8 caches are not supported"):  # its new rows would skip quantizing
+        RowCache([a, KVCache(quantized=True)], room=1, n_kv_heads=1, head_dim=3, dtype=torch.float32, device="cpu")

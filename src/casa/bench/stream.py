@@ -61,13 +61,13 @@ from casa.config import (
 )
 from casa.core.layout import History
 from casa.core.model import CasaModel
-from casa.inference.session import Session
+from casa.inference.cache import entry_bytes
+from casa.inference.session import CACHE_DTYPES, Session, cache_dtype_named
 from casa.workers import exit_with_parent
 
-__all__ = ["CACHE_DTYPES", "DTYPES", "FIELDS", "StreamBench", "compare", "plot", "run", "run_variant", "summarize"]
+__all__ = ["DTYPES", "FIELDS", "StreamBench", "compare", "plot", "run", "run_variant", "summarize"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-CACHE_DTYPES = {"model": None, "int8": torch.int8}  # `Session(cache_dtype=...)`: the model's, or int8 + scales
 FIELDS = ("ttft_ms", "decode_tok_s", "decode_ms_per_token", "bound_ratio", "kv_tokens", "cache_bytes", "peak_mem_bytes", "session_mem_bytes")
 
 
@@ -168,7 +168,7 @@ def _run_variant(cfg: StreamBench, variant: str, emit) -> dict:
     g = torch.Generator().manual_seed(cfg.seed + 1)
     frame = lambda: torch.randn(cfg.image_tokens, cfg.d_model, generator=g).to(dev)  # noqa: E731
     prompt = torch.randint(0, cfg.vocab, (cfg.prompt_tokens,), generator=g).tolist()
-    cache_dtype = CACHE_DTYPES[cfg.cache_dtype]
+    cache_dtype = cache_dtype_named(cfg.cache_dtype)
     # first-call costs (thread pools, kernels) out of turn 0
     warm = Session(model, history=cfg.history, cache_dtype=cache_dtype)
     for _ in range(2):
@@ -291,10 +291,9 @@ def summarize(cfg: StreamBench, turns: list[dict], state: dict) -> dict:
         "peak_mem_ratio_last_first": ratio("peak_mem_bytes"),
         "session_mem_ratio_last_first": ratio("session_mem_bytes"),
         "cache_growth_bytes_per_turn": growth,
-        # what the SA caches grow by per turn if only text enters them (int8: a byte per element
-        # and a 4-byte scale per row and head)
-        "text_kv_bytes_per_turn": text_per_turn * cfg.layers * 2 * lm.n_kv_heads
-        * (lm.head_dim * DTYPES[cfg.dtype].itemsize if cfg.cache_dtype == "model" else lm.head_dim + 4),
+        # what the SA caches grow by per turn if only text enters them
+        "text_kv_bytes_per_turn": text_per_turn * cfg.layers * entry_bytes(
+            heads=lm.n_kv_heads, width=lm.head_dim, dtype=DTYPES[cfg.dtype], quantized=cfg.cache_dtype == "int8"),
     }
 
 

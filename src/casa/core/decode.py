@@ -335,8 +335,8 @@ class BlockSteps:
         plan.kc, plan.vc, plan.hs = (0, 0, 0) if cache.k is None else \
             (cache.k.data_ptr(), cache.v.data_ptr(), cache.k.shape[2] * plan.D)
         plan.cache = cpu_kernels.CACHE_INT8 if cache.quantized else 0
-        if cache.quantized and cache.k is not None:  # scales [1, Hkv, capacity]
-            plan.ksc, plan.vsc, plan.ss = cache.k_scale.data_ptr(), cache.v_scale.data_ptr(), cache.k.shape[2]
+        plan.ksc, plan.vsc, plan.ss = (0, 0, 0) if cache.k_scale is None else \
+            (cache.k_scale.data_ptr(), cache.v_scale.data_ptr(), cache.k.shape[2])  # scales [1, Hkv, capacity]
 
     def _bound(self, plan, sa, window, like: torch.Tensor) -> list | None:
         """Bind `plan` to this token's caches: the SA's unless the fusion layer replaces it, the

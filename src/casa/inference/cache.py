@@ -29,12 +29,14 @@ Design decisions:
   eviction and costs nothing per step.
 - int8 storage (`quantized=True`, an option): each entry's key and value
   are stored per head as int8 with one fp32 scale (`quantize`: max|x| / 127,
-  round half to even), a quarter of fp32's bytes plus 4 per row and head.
-  The views handed out are dequantized copies in the entries' dtype, so
-  every attention path reads the same values; casa's CPU kernels instead
-  read the int8 rows in place and fold the scales into their sums
-  (`core.decode`). A chunk's own keys are seen as stored (quantized), as the
-  same tokens decoded one by one see them.
+  round half to even), a quarter of fp32's bytes (half of bf16's) plus 4 per
+  row and head. casa's CPU kernels (one decoded token at one thread,
+  `core.decode`) read the int8 rows in place and fold the scales into their
+  sums: that is where the smaller cache is faster. Every other path gets
+  dequantized copies in the entries' dtype (`held`, `prefix`), made anew at
+  every step: the same values, at a cost above a plain cache's. A chunk's
+  own keys are seen as stored (quantized), as the same tokens decoded one by
+  one see them.
 """
 
 from __future__ import annotations
@@ -45,15 +47,17 @@ from casa.core import cpu_kernels
 from casa.core.layout import History, cached_mask
 
 # History is defined with the other mask rules, in core.layout
-__all__ = ["History", "KVCache", "dequantize", "quantize", "quantize_reference"]
+__all__ = ["History", "KVCache", "dequantize", "entry_bytes", "quantize", "quantize_reference"]
 
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of `x` as int8 with one fp32 scale each (symmetric, per row; the one home of the rule,
-    which `cpu_kernels.c`'s `quantize_row` follows bit for bit).
+    """Rows of `x` as int8 with one fp32 scale each (symmetric, per row; the one home of the rule:
+    `quantize_reference` in PyTorch ops, and `cpu_kernels.c`'s `quantize_row`, bit-equal to it,
+    which this calls on CPU where the kernels are built. On other devices PyTorch may divide by
+    127 through a reciprocal, a last-bit difference in the scale).
 
     Args:
-        x: `[..., D]`, any float dtype (rounded from fp32 values).
+        x: `[..., D]`, finite, any float dtype (rounded from fp32 values).
     Returns:
         `(q, scale)`: `q [..., D]` int8 = round_half_even(x / scale) in [-127, 127], `scale [...]`
         fp32 = max|x| / 127 (0 for an all-zero row, whose q is 0).
@@ -64,7 +68,8 @@ def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quantize` in PyTorch ops: the reference the kernel is tested against."""
+    """`quantize` in PyTorch ops: `x [..., D]` -> `(q [..., D] int8, scale [...] fp32)`; the
+    reference the kernel is tested against."""
     x = x.float()
     scale = x.abs().amax(-1) / 127
     q = torch.round(x / torch.where(scale > 0, scale, 1.0)[..., None]).clamp_(-127, 127)
@@ -74,6 +79,12 @@ def quantize_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`q [..., D]` int8 times `scale [...]` (fp32), as `dtype`: what `quantize` stored."""
     return (q.float() * scale[..., None]).to(dtype)
+
+
+def entry_bytes(*, heads: int, width: int, dtype: torch.dtype, quantized: bool) -> int:
+    """Bytes of one cached entry: its key and value in `heads` heads of `width` elements of
+    `dtype`, or, quantized, of one byte each plus a 4-byte scale per head."""
+    return 2 * heads * (width + 4 if quantized else width * dtype.itemsize)
 
 
 def _head_major(x: torch.Tensor) -> torch.Tensor:
@@ -123,8 +134,7 @@ class KVCache:
 
     def _row_bytes(self) -> int:
         """Bytes of one entry: its key and value in every head (and their scales)."""
-        heads, width = self.k.shape[1], self.k.shape[3]
-        return 2 * heads * (width * self.k.element_size() + (4 if self.quantized else 0))
+        return entry_bytes(heads=self.k.shape[1], width=self.k.shape[3], dtype=self.k.dtype, quantized=self.quantized)
 
     # -------------------------------------------------------------- storage
     def _reserve(self, k: torch.Tensor, size: int, *, heads: int | None = None, width: int | None = None) -> None:
@@ -169,7 +179,7 @@ class KVCache:
                 dequantize(self.v[:, :, :stop], self.v_scale[:, :, :stop], self.dtype))
 
     def _as_stored(self, x: torch.Tensor) -> torch.Tensor:
-        """`x` as the cache would hand it back once written (quantized and back, or itself)."""
+        """`x [..., D]` as the cache would hand it back once written (quantized and back, or itself)."""
         return dequantize(*quantize(x), x.dtype) if self.quantized else x
 
     def held(self):

@@ -27,11 +27,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from casa.core.layout import History
 from casa.inference.generate import Chat, Sampling
-from casa.inference.session import Session
+from casa.inference.session import Session, cache_dtype_named
 from casa.inference.sources import (
     Frame,
     StreamError,
@@ -40,6 +40,9 @@ from casa.inference.sources import (
     open_frames,
 )
 from casa.inference.writers import JsonlWriter, SrtWriter, check_caption_outputs
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Caption", "CaptionRun", "Captioner", "caption_file"]
 
@@ -71,7 +74,7 @@ class Captioner:
     def __init__(self, model, processor, *, sampling: Sampling | None = None, processors=(),
                  history: History | None = None, instruction: str = "Caption each frame.",
                  allow_size_change: bool = False, interval: float = 1.0, backend: str = "auto", generator=None,
-                 cache_dtype=None):
+                 cache_dtype: torch.dtype | None = None):
         self.session = Session(model, history=history, backend=backend, cache_dtype=cache_dtype)
         self.chat = Chat(self.session, processor, sampling=sampling or Sampling(max_new_tokens=16),
                          processors=tuple(processors), generator=generator)
@@ -140,8 +143,7 @@ def caption_file(source, *, checkpoint, fps: float | None, srt=None, jsonl=None,
     from casa.pretrained.directory import load
     from casa.pretrained.runs import resolve_model_dir
 
-    if cache_dtype not in ("model", "int8"):
-        raise ValueError(f"cache_dtype {cache_dtype!r}: use 'model' or 'int8'")
+    cache_dtype = cache_dtype_named(cache_dtype)  # a bad name is refused before the model loads
     srt, jsonl = check_caption_outputs(source, srt, jsonl)
     frames = open_frames(source, fps=fps) if frames is None else frames
     try:
@@ -153,7 +155,7 @@ def caption_file(source, *, checkpoint, fps: float | None, srt=None, jsonl=None,
                           processors=processors_fn(processor) if processors_fn else (), history=history,
                           instruction=instruction, allow_size_change=allow_size_change,
                           interval=1.0 / fps if fps else 1.0, generator=torch.Generator().manual_seed(seed),
-                          cache_dtype=torch.int8 if cache_dtype == "int8" else None)
+                          cache_dtype=cache_dtype)
     writers = [w(p) for w, p in ((SrtWriter, srt), (JsonlWriter, jsonl)) if p]
     interrupted = False
     try:

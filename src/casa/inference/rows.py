@@ -52,6 +52,8 @@ class RowCache:
                  dtype: torch.dtype, device: torch.device):
         if any(c.history is not None for c in caches):
             raise ValueError("RowCache: bounded-history caches are not supported")
+        if any(c.quantized for c in caches):  # its new rows would be written unquantized
+            raise ValueError("RowCache: int8 caches are not supported")
         self.counts = torch.tensor([c.tokens for c in caches], dtype=torch.long, device=device)  # [B]
         capacity = max(1, int(self.counts.max()) + room)
         # zeros: padding and the zero key/value of a row without any entry (see the module docstring)
@@ -59,7 +61,7 @@ class RowCache:
         self.v = torch.zeros_like(self.k)
         for b, c in enumerate(caches):
             if c.tokens:
-                held_k, held_v = c.held()  # (an int8 cache hands them out dequantized)
+                held_k, held_v = c.held()
                 self.k[b, :, : c.tokens] = held_k[0]
                 self.v[b, :, : c.tokens] = held_v[0]
         self.rows = torch.arange(len(caches), device=device)

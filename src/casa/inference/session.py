@@ -28,10 +28,12 @@ Design decisions:
   plus a sliding window (`cache.py`); for `insertion` the window counts image
   tokens too.
 - With `cache_dtype=torch.int8` every cache stores int8 keys/values with a
-  scale per row and head (`cache.quantize`): a quarter of fp32's bytes, so
-  the per-token cost that grows with the stream (reading the text cache)
-  shrinks by as much. Logits then differ from the uncached forward by the
-  rounding (tested within a stated tolerance).
+  scale per row and head (`cache.quantize`): a quarter of fp32's bytes (half
+  of bf16's). Where casa's CPU kernels decode (one thread), the per-token
+  cost that grows with the stream, reading the text cache, shrinks with
+  them; other paths read dequantized copies and are slower than with a
+  plain cache. Logits differ from the uncached forward by the rounding
+  (tested within a stated tolerance).
 - The invariant, tested for every variant and placement: any split of a
   document into `add_images` and `forward_text` calls gives the logits of one
   uncached `CasaModel.forward`.
@@ -49,7 +51,16 @@ from casa.inference.cache import KVCache
 from casa.vision.dynamic import preprocess_dynamic
 from casa.vision.preprocess import check_pixels, preprocess
 
-__all__ = ["Session"]
+__all__ = ["CACHE_DTYPES", "Session", "cache_dtype_named"]
+
+CACHE_DTYPES = {"model": None, "int8": torch.int8}  # `--cache-dtype` names -> `Session(cache_dtype=...)`
+
+
+def cache_dtype_named(name: str) -> torch.dtype | None:
+    """The `Session` cache dtype a `--cache-dtype` name stands for ("model": None, "int8")."""
+    if name not in CACHE_DTYPES:
+        raise ValueError(f"cache dtype {name!r}: choose from {list(CACHE_DTYPES)}")
+    return CACHE_DTYPES[name]
 
 
 class Session:
