@@ -62,7 +62,7 @@ from casa.config import (
 from casa.core.layout import History
 from casa.core.model import CasaModel
 from casa.inference.cache import entry_bytes
-from casa.inference.session import CACHE_DTYPES, Session, cache_dtype_named
+from casa.inference.session import Session, cache_dtype_named
 from casa.workers import exit_with_parent
 
 __all__ = ["DTYPES", "FIELDS", "StreamBench", "compare", "plot", "run", "run_variant", "summarize"]
@@ -98,8 +98,7 @@ class StreamBench:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: choose from {list(DTYPES)}")
-        if self.cache_dtype not in CACHE_DTYPES:
-            raise ValueError(f"--cache-dtype {self.cache_dtype!r}: choose from {list(CACHE_DTYPES)}")
+        cache_dtype_named(self.cache_dtype)  # a bad name is refused here, before any worker starts
         bad = [v for v in self.variants if v not in FUSION_VARIANTS]
         if bad:
             raise ValueError(f"--variants: unknown {bad}; choose from {list(FUSION_VARIANTS)}")

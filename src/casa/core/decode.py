@@ -201,12 +201,8 @@ def _mlp_weights(mlp: nn.Module, norm: nn.Module, dtype: torch.dtype) -> tuple[_
 
 def _cache_takes(cache, dtype: torch.dtype) -> bool:
     """Whether a fused kernel can write a row of `dtype` into `cache` in place (`next_row`): a
-    `KVCache` of that dtype, or an int8 one holding entries of that dtype."""
-    if not hasattr(cache, "next_row"):
-        return False
-    if cache.quantized:
-        return cache.dtype is None or cache.dtype == dtype
-    return cache.k is None or cache.k.dtype == dtype
+    `KVCache` holding entries of that dtype (stored as such, or as int8), or none yet."""
+    return hasattr(cache, "next_row") and cache.dtype in (None, dtype)
 
 
 def attention_row(h: torch.Tensor, attn: nn.Module, norm: nn.Module, rope, cache) -> torch.Tensor | None:

@@ -59,7 +59,7 @@ CACHE_DTYPES = {"model": None, "int8": torch.int8}  # `--cache-dtype` names -> `
 def cache_dtype_named(name: str) -> torch.dtype | None:
     """The `Session` cache dtype a `--cache-dtype` name stands for ("model": None, "int8")."""
     if name not in CACHE_DTYPES:
-        raise ValueError(f"cache dtype {name!r}: choose from {list(CACHE_DTYPES)}")
+        raise ValueError(f"--cache-dtype {name!r}: choose from {list(CACHE_DTYPES)}")
     return CACHE_DTYPES[name]
 
 
@@ -75,7 +75,7 @@ class Session:
 
     def __init__(self, model: CasaModel, *, history: History | None = None, backend: str = "auto",
                  cache_dtype: torch.dtype | None = None):
-        if cache_dtype not in (None, torch.int8):
+        if cache_dtype not in CACHE_DTYPES.values():
             raise ValueError(f"Session: cache_dtype {cache_dtype}: use None (the model's dtype) or torch.int8")
         self.model = model
         self.config = model.config
