@@ -1,6 +1,7 @@
 """casa's CPU decode kernels (`core.cpu_kernels`) against PyTorch's reference ops: the
 matrix-vector product and few-query attention, fp32 and bf16, odd sizes, strided caches,
-masks; and the decode paths that take them at one thread."""
+masks; and the kernel decode path (`decode="kernels"`) against the torch path, the plain
+reference of `core/lm.py` and `core/model.py`."""
 
 import shutil
 
@@ -128,8 +129,10 @@ def test_attend_gives_zeros_to_a_query_that_sees_nothing():
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t", [1, 3])
-def test_cached_attend_takes_the_kernel_at_one_thread(one_thread, dtype, t, monkeypatch):
-    """`cached_attend` at one thread equals its SDPA path (forced by hiding the kernel)."""
+def test_cached_attend_takes_the_kernel_on_the_kernel_path(one_thread, dtype, t, monkeypatch):
+    """`cached_attend` on the kernel path equals its SDPA path (the torch path)."""
+    from casa.core.decode import decoding
+
     g = torch.Generator().manual_seed(t)
     q = torch.randn(1, t, 4, 64, generator=g).to(dtype)
     k, v = (torch.randn(1, 2, 70, 64, generator=g).to(dtype)[:, :, :50] for _ in range(2))
@@ -138,9 +141,10 @@ def test_cached_attend_takes_the_kernel_at_one_thread(one_thread, dtype, t, monk
     real = cpu_kernels.attend
     monkeypatch.setattr(cpu_kernels, "attend", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     with torch.no_grad():
-        got = cached_attend(q, k, v, mask=mask, backend="windowed")
-        monkeypatch.setattr(cpu_kernels, "usable", lambda *a: False)
-        want = cached_attend(q, k, v, mask=mask, backend="windowed")
+        with decoding("kernels"):
+            got = cached_attend(q, k, v, mask=mask)
+        with decoding("torch"):
+            want = cached_attend(q, k, v, mask=mask)
     assert calls == [1] and got.shape == want.shape == (1, t, 4, 64) and got.dtype == dtype
     torch.testing.assert_close(got.float(), want.float(), **(TOL if dtype == torch.float32 else
                                                             dict(atol=0.02, rtol=0.02)))
@@ -149,9 +153,9 @@ def test_cached_attend_takes_the_kernel_at_one_thread(one_thread, dtype, t, monk
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rmsnorm_and_rope_equal_the_modules(dtype, one_thread):
-    """The one-call norm and rotation give the modules' values, roundings included (bf16 to one ulp
-    at most: the norm's 1/sqrt may differ from rsqrt in its last bit)."""
-    from casa.core.decode import decoding
+    """The kernels' norm and rotation (the row helpers of the fused steps) give the modules'
+    values, roundings included (bf16 to one ulp at most: the norm's 1/sqrt may differ from rsqrt in
+    its last bit)."""
     from casa.core.lm import RMSNorm, Rotary
 
     g = torch.Generator().manual_seed(0)
@@ -164,16 +168,8 @@ def test_rmsnorm_and_rope_equal_the_modules(dtype, one_thread):
     heads = torch.randn(1, 1, 5 * 16 + 8, generator=g).to(dtype)[..., :80].unflatten(-1, (5, 16))  # a strided view
     with torch.no_grad():
         want_norm, want_rope = norm(x), rot.apply(heads)
-        calls = []
-        with decoding():
-            real_norm, real_rope = cpu_kernels.rmsnorm, cpu_kernels.rope
-            try:
-                cpu_kernels.rmsnorm = lambda *a: calls.append("norm") or real_norm(*a)
-                cpu_kernels.rope = lambda *a: calls.append("rope") or real_rope(*a)
-                got_norm, got_rope = norm(x), rot.apply(heads)
-            finally:
-                cpu_kernels.rmsnorm, cpu_kernels.rope = real_norm, real_rope
-    assert calls == ["norm", "rope"] and got_norm.dtype == got_rope.dtype == dtype
+        got_norm, got_rope = cpu_kernels.rmsnorm(x, norm.weight, norm.eps), cpu_kernels.rope(heads, *rot.tables(dtype))
+    assert got_norm.dtype == got_rope.dtype == dtype
     assert torch.equal(got_rope, want_rope)
     ulp = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=0, rtol=2 ** -7)
     torch.testing.assert_close(got_norm, want_norm, **ulp)
@@ -195,7 +191,7 @@ def test_swiglu_equals_the_mlp(dtype, one_thread):
         want = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
         try:
             cpu_kernels.swiglu = lambda *a: calls.append(1) or real(*a)
-            with decoding():
+            with decoding("kernels"):
                 got = mlp(x)
         finally:
             cpu_kernels.swiglu = real
@@ -204,15 +200,29 @@ def test_swiglu_equals_the_mlp(dtype, one_thread):
     torch.testing.assert_close(got, want, **tol)
 
 
+def _fused_attention(attn, norm, x, rotary, cache):
+    """One token through `attn` after `norm` in one `cpu_kernels.attn_step` call, its key/value
+    written into `cache` in place (as `core.decode.BlockSteps` calls it)."""
+    qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    bias = None if attn.q_proj.bias is None else torch.cat([attn.q_proj.bias, attn.k_proj.bias,
+                                                           attn.v_proj.bias]).float()
+    row, held = cache.next_row(x, heads=attn.n_kv_heads, width=attn.head_dim)
+    y = cpu_kernels.attn_step(x, norm.weight, norm.eps, qkv, bias, attn.o_proj.weight,
+                              None if rotary is None else rotary.tables(x.dtype), cache.k, cache.v, row=row,
+                              held=held, heads=attn.n_heads, k_scale=cache.k_scale, v_scale=cache.v_scale)
+    cache.commit_row()
+    return y.to(x.dtype).view(x.shape)
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rope,bias,bounded,prefix", [(True, False, False, 0), (True, True, True, 0),
                                                       (False, False, False, 5), (True, False, True, 3)])
-def test_fused_attention_step_equals_the_per_op_kernels(dtype, rope, bias, bounded, prefix, one_thread, monkeypatch):
-    """`Attention.step` of one token at one thread runs norm, q/k/v, RoPE, cache write, attention
-    and output in one kernel call; token after token it gives the same bits, and leaves the same
-    cache, as the per-op kernels (grouped heads, a bias, a ring-buffer history that wraps, an
-    image prefix)."""
+def test_fused_attention_step_equals_the_torch_step(dtype, rope, bias, bounded, prefix, one_thread):
+    """`cpu_kernels.attn_step` runs norm, q/k/v, RoPE, cache write, attention and output of one
+    token in one call; token after token it gives `Attention.step`'s output on the torch path, and
+    leaves the same cache (grouped heads, a bias, a ring-buffer history that wraps, an image
+    prefix), up to summation order (fp32) or bf16's roundings, which fall in other places."""
     import casa.core.lm as lm
     from casa.core.decode import decoding
     from casa.core.layout import History
@@ -230,22 +240,19 @@ def test_fused_attention_step_equals_the_per_op_kernels(dtype, rope, bias, bound
         k_img, v_img = torch.randn(2, 1, prefix, 2, 16).to(dtype)
         for c in caches:
             c.add_prefix(k_img, v_img)
-    calls, real = [], cpu_kernels.attn_step
-    monkeypatch.setattr(cpu_kernels, "attn_step", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    per_op = lm.attention_row
-    with torch.no_grad(), decoding():
+    tol = TOL if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    with torch.no_grad(), decoding("torch"):
         for i in range(12):
             x = torch.randn(1, 1, 72).to(dtype)
             rotary = lm.Rotary.at(torch.tensor([[i]]), head_dim=16, theta=10000.0) if rope else None
-            got = attn.step(x, norm=norm, rotary=rotary, cache=caches[0], backend="windowed")
-            monkeypatch.setattr(lm, "attention_row", lambda *a: None)
-            want = attn.step(x, norm=norm, rotary=rotary, cache=caches[1], backend="windowed")
-            monkeypatch.setattr(lm, "attention_row", per_op)
-            assert got.dtype == dtype and torch.equal(got, want), f"token {i}"
-    assert len(calls) == 12
+            got = _fused_attention(attn, norm, x, rotary, caches[0])
+            want = attn.step(x, norm=norm, rotary=rotary, cache=caches[1])
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.float(), want.float(), **tol, msg=f"token {i}")
     fused, ref = caches
     assert (fused.tokens, fused.seen, fused.n_slots) == (ref.tokens, ref.seen, ref.n_slots)
-    assert all(torch.equal(a, b) for a, b in zip(fused.held(), ref.held()))
+    for a, b in zip(fused.held(), ref.held()):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
     if bounded:
         assert torch.equal(fused.slot_abs, ref.slot_abs)
 
@@ -253,19 +260,17 @@ def test_fused_attention_step_equals_the_per_op_kernels(dtype, rope, bias, bound
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bounded", [False, True])
-def test_fused_attention_step_quantizes_where_it_writes(dtype, bounded, one_thread, monkeypatch):
+def test_fused_attention_step_quantizes_where_it_writes(dtype, bounded, one_thread):
     """With an int8 cache the fused step quantizes the token's key/value by `inference.cache.
-    quantize`'s rule where it writes them, in C (the same int8 rows and scales as the per-op path,
-    made here by the PyTorch reference) and attends over them in place; its outputs are the per-op
-    path's, which attends over dequantized copies, up to summation order (fp32) or bf16's rounding
-    of the copies."""
+    quantize`'s rule where it writes them, in C, and attends over them in place: the int8 rows
+    equal the torch path's (which quantizes the same values in PyTorch) but where the two sums
+    round a value onto the other side of a rounding tie (at most one step), the scales agree
+    to summation order, and the outputs equal the torch path's, which attends over dequantized
+    copies, up to summation order (fp32) or bf16's rounding of the copies."""
     import casa.core.lm as lm
-    import casa.inference.cache as cache_mod
     from casa.core.decode import decoding
     from casa.core.layout import History
     from casa.inference.cache import KVCache
-
-    monkeypatch.setattr(cache_mod, "quantize", cache_mod.quantize_reference)
 
     torch.manual_seed(1)
     attn = lm.Attention(d_model=72, n_heads=6, n_kv_heads=2, head_dim=16).to(dtype)
@@ -275,34 +280,29 @@ def test_fused_attention_step_quantizes_where_it_writes(dtype, bounded, one_thre
     k_img, v_img = torch.randn(2, 1, 3, 2, 16).to(dtype)
     for c in caches:
         c.add_prefix(k_img, v_img)
-    calls, real = [], cpu_kernels.attn_step
-    monkeypatch.setattr(cpu_kernels, "attn_step", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    per_op = lm.attention_row
-    tol = TOL if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    with torch.no_grad(), decoding():
+    tol = TOL if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    with torch.no_grad(), decoding("torch"):
         for i in range(12):
             x = torch.randn(1, 1, 72).to(dtype)
             rotary = lm.Rotary.at(torch.tensor([[i]]), head_dim=16, theta=10000.0)
-            got = attn.step(x, norm=norm, rotary=rotary, cache=caches[0], backend="windowed")
-            monkeypatch.setattr(lm, "attention_row", lambda *a: None)
-            want = attn.step(x, norm=norm, rotary=rotary, cache=caches[1], backend="windowed")
-            monkeypatch.setattr(lm, "attention_row", per_op)
+            got = _fused_attention(attn, norm, x, rotary, caches[0])
+            want = attn.step(x, norm=norm, rotary=rotary, cache=caches[1])
             assert got.dtype == dtype
             torch.testing.assert_close(got.float(), want.float(), **tol)
-    assert len(calls) == 12
     fused, ref = caches
     assert (fused.tokens, fused.seen) == (ref.tokens, ref.seen)
     n = fused.tokens
-    for a, b in ((fused.k, ref.k), (fused.v, ref.v), (fused.k_scale, ref.k_scale), (fused.v_scale, ref.v_scale)):
-        assert torch.equal(a[:, :, :n], b[:, :, :n])
+    for a, b in ((fused.k, ref.k), (fused.v, ref.v)):
+        assert a.dtype == torch.int8 and (a[:, :, :n].int() - b[:, :, :n].int()).abs().max() <= 1
+    for a, b in ((fused.k_scale, ref.k_scale), (fused.v_scale, ref.v_scale)):
+        torch.testing.assert_close(a[:, :, :n], b[:, :, :n], **tol)
 
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_mlp_step_equals_norm_then_mlp(dtype, one_thread):
-    """`MLP.step` (norm and feed-forward in one call) gives the bits of the norm then the
-    feed-forward through their own kernels."""
-    from casa.core.decode import decoding
+    """`cpu_kernels.mlp_step` (norm and feed-forward in one call) gives the norm then the
+    feed-forward of the modules, up to summation order (bf16: an ulp of the output's scale)."""
     from casa.core.lm import MLP, RMSNorm
 
     torch.manual_seed(2)
@@ -311,14 +311,13 @@ def test_fused_mlp_step_equals_norm_then_mlp(dtype, one_thread):
         norm.weight.normal_()
     norm = norm.to(dtype)
     h = torch.randn(1, 1, 72).to(dtype) * 2
-    calls, real = [], cpu_kernels.mlp_step
-    try:
-        cpu_kernels.mlp_step = lambda *a: calls.append(1) or real(*a)
-        with torch.no_grad(), decoding():
-            got, want = mlp.step(h, norm=norm), mlp(norm(h))
-    finally:
-        cpu_kernels.mlp_step = real
-    assert calls == [1] and got.dtype == dtype and torch.equal(got, want)
+    with torch.no_grad():
+        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        got = cpu_kernels.mlp_step(h, norm.weight, norm.eps, gate_up, mlp.down_proj.weight).to(dtype).view(h.shape)
+        want = mlp(norm(h))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2 ** -6 * want.abs().max().item(), rtol=0)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, **tol)
 
 
 @needs_kernels
@@ -329,10 +328,9 @@ def test_fused_attention_step_rejects_disagreeing_shapes():
                               None, k, k.clone(), row=8, held=8, heads=6)
 
 
-def _decode_with_and_without_block_steps(m, dtype, history, monkeypatch, cache_dtype=None):
-    """Logits and caches of one token stream through `Session`, once with a kernel call per block
-    and once through `Block.step`; the number of `block_step` calls of the first."""
-    import casa.inference.session as session_mod
+def _decode_on_both_paths(m, dtype, history, monkeypatch, cache_dtype=None):
+    """Logits and sessions of one token stream through `Session`, on the kernel path (a kernel call
+    per block) and on the torch path (`Block.step`); the number of `block_step` calls."""
     from casa.inference.session import Session
 
     calls, real = [], cpu_kernels.block_step
@@ -340,17 +338,37 @@ def _decode_with_and_without_block_steps(m, dtype, history, monkeypatch, cache_d
     g = torch.Generator().manual_seed(3)
     ids, embeds = torch.randint(0, 61, (14,), generator=g), torch.randn(2, 4, 32, generator=g).to(dtype)
     sessions = {}
-    for name in ("blocks", "per_block"):
-        if name == "per_block":
-            monkeypatch.setattr(session_mod, "blocks_of", lambda *a: None)
-        s, out = Session(m, history=history, cache_dtype=cache_dtype), []
+    for path in ("kernels", "torch"):
+        s, out = Session(m, history=history, cache_dtype=cache_dtype, decode=path), []
+        assert s.decode == path
         with torch.no_grad():
             for t in range(len(ids)):
                 if t in (2, 6):  # two text tokens before the first image: windows start empty
                     s.add_image_embeds(embeds[t // 6])
                 out.append(s.forward_text(ids[t: t + 1]))
-        sessions[name] = (torch.cat(out), s)
-    return sessions["blocks"], sessions["per_block"], len(calls)
+        sessions[path] = (torch.cat(out), s)
+    return sessions["kernels"], sessions["torch"], len(calls)
+
+
+def _close(got, want, dtype, *, int8=False):
+    """Kernel-path values against the torch path's, relative to the largest (these models' logits
+    reach the hundreds): fp32 to summation order; bf16 rounds in other places; an int8 cache may
+    round a value to the neighbouring step (1/127 of its row's largest) where the two paths' sums
+    differ in their last bit. Measured over these tests: fp32 within 9e-7 of the largest value
+    (int8 caches too: no value changed step), bf16 within 1.9%."""
+    scale = want.float().abs().max().item()
+    rel = {torch.float32: 2e-2 if int8 else 1e-5, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=rel * scale, rtol=0)
+    assert not torch.equal(got, torch.zeros_like(got))
+
+
+def _caches_close(fused, ref, dtype):
+    """The caches the two paths leave: the same entries, values to `_close`'s tolerance."""
+    for a, b in zip([*fused.sa, *fused.windows], [*ref.sa, *ref.windows]):
+        if a is not None:
+            assert (a.tokens, a.seen) == (b.tokens, b.seen)
+            for x, y in zip(a.held(), b.held()) if a.tokens else ():
+                _close(x, y, dtype, int8=a.quantized)
 
 
 @needs_kernels
@@ -361,12 +379,13 @@ def _decode_with_and_without_block_steps(m, dtype, history, monkeypatch, cache_d
     ("ca", "replace", {"every": 2}),
     ("gated_ca", "parallel", {"every": 2}), ("casa", "parallel", {"bias": True, "bounded": True}),
     ("ca", "parallel", {"bias": True, "bounded": True})])
-def test_block_steps_equal_the_per_block_path(dtype, variant, placement, options, one_thread, monkeypatch):
+def test_block_steps_equal_the_torch_path(dtype, variant, placement, options, one_thread, monkeypatch):
     """A decoded token takes one kernel call per block (`core.decode.BlockSteps`): token after
-    token the logits have the bits of `Block.step`'s path, and the caches are left the same, for
-    every placement, shared projections, `insertion` (no fusion layer), a q/k/v bias and a bounded
-    history; `ca`-family fusion layers read their window's image prefix without joining it, also
-    while it is empty; blocks whose fusion layer the kernel does not take (`gated_ca`) keep `Block.step`."""
+    token the logits are those of `Block.step` on the torch path, and the caches are left the same
+    (up to float summation order), for every placement, shared projections, `insertion` (no fusion
+    layer), a q/k/v bias and a bounded history; `ca`-family fusion layers read their window's image
+    prefix without joining it, also while it is empty; blocks whose fusion layer the kernel does
+    not take (`gated_ca`) keep `Block.step`."""
     import dataclasses
 
     from conftest import tiny_config
@@ -384,14 +403,12 @@ def test_block_steps_equal_the_per_block_path(dtype, variant, placement, options
             p.normal_(0, 0.3)
     m = m.to(dtype)
     history = History(sink=2, window=5) if options.get("bounded") else None
-    (got, fused), (want, ref), calls = _decode_with_and_without_block_steps(m, dtype, history, monkeypatch)
-    assert got.dtype == dtype and torch.equal(got, want)
+    (got, fused), (want, ref), calls = _decode_on_both_paths(m, dtype, history, monkeypatch)
+    assert got.dtype == dtype
+    _close(got, want, dtype)
     kernel_blocks = sum(b.fusion is None or variant != "gated_ca" for b in m.blocks)
     assert calls == 14 * kernel_blocks and kernel_blocks >= 1
-    for a, b in zip([*fused.sa, *fused.windows], [*ref.sa, *ref.windows]):
-        if a is not None:
-            assert (a.tokens, a.seen) == (b.tokens, b.seen)
-            assert a.tokens == 0 or all(torch.equal(x, y) for x, y in zip(a.held(), b.held()))
+    _caches_close(fused, ref, dtype)
 
 
 @needs_kernels
@@ -400,12 +417,12 @@ def test_block_steps_equal_the_per_block_path(dtype, variant, placement, options
     ("casa", "parallel", False), ("casa", "before", False), ("casa", "replace", False),
     ("insertion", "parallel", False), ("gated_ca", "parallel", False), ("casa", "parallel", True),
     ("ca", "parallel", False)])
-def test_block_steps_with_an_int8_cache_equal_the_per_block_path(dtype, variant, placement, bounded, one_thread,
-                                                                  monkeypatch):
+def test_block_steps_with_an_int8_cache_equal_the_torch_path(dtype, variant, placement, bounded, one_thread,
+                                                             monkeypatch):
     """With int8 caches a block is still one kernel call: it writes and reads the int8 rows in
-    place, as `Attention.step`'s fused call does, so logits and caches have the per-block path's
-    bits; `ca` reads its window through `prefix_keys` there (dequantized copies), so the same
-    up to summation order (fp32) or bf16's rounding of the copies."""
+    place; the torch path quantizes the same values in PyTorch and attends over dequantized
+    copies. Logits and caches agree within `_close`'s int8 tolerance (a value may round to the
+    neighbouring int8 step where the two paths' sums differ in their last bit)."""
     from conftest import tiny_config
 
     from casa.core.layout import History
@@ -419,41 +436,35 @@ def test_block_steps_with_an_int8_cache_equal_the_per_block_path(dtype, variant,
             p.normal_(0, 0.3)
     m = m.to(dtype)
     history = History(sink=2, window=5) if bounded else None
-    (got, fused), (want, ref), calls = _decode_with_and_without_block_steps(m, dtype, history, monkeypatch,
-                                                                           cache_dtype=torch.int8)
+    (got, fused), (want, ref), calls = _decode_on_both_paths(m, dtype, history, monkeypatch, cache_dtype=torch.int8)
     held = [c for c in [*fused.sa, *fused.windows] if c is not None and c.k is not None]
     assert calls > 0 and held and all(c.k.dtype == torch.int8 for c in held)
-    if variant == "ca":
-        tol = TOL if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
-        torch.testing.assert_close(got.float(), want.float(), **tol)
-        return
-    assert torch.equal(got, want)
-    for a, b in zip([*fused.sa, *fused.windows], [*ref.sa, *ref.windows]):
-        if a is not None and a.tokens:
-            n = a.tokens
-            assert all(torch.equal(x[:, :, :n], y[:, :, :n]) for x, y in
-                       ((a.k, b.k), (a.v, b.v), (a.k_scale, b.k_scale), (a.v_scale, b.v_scale)))
+    _close(got, want, dtype, int8=True)
+    _caches_close(fused, ref, dtype)
 
 
 @needs_kernels
 def test_block_steps_follow_changed_weights(one_thread, monkeypatch):
-    """The per-model plans point into packed weights and norms: an in-place update of any of
+    """A stream's plans point into packed weights and norms: an in-place update of any of
     them (an optimizer step) rebuilds them before the next token."""
     from conftest import tiny_config
 
-    from casa.core.decode import blocks_of, decoding
+    from casa.core.decode import block_steps, decoding
     from casa.core.model import CasaModel
 
     torch.manual_seed(0)
     m = CasaModel(tiny_config("casa")).eval()
     h = torch.randn(1, 1, 32)
-    with torch.no_grad(), decoding():
-        first = blocks_of(m, h)
-        assert blocks_of(m, h) is first
+    with torch.no_grad(), decoding("kernels"):
+        first = block_steps(m, h, None)
+        assert block_steps(m, h, first) is first
         m.blocks[1].post_attention_layernorm.weight.mul_(2)  # a norm, not a packed weight
-        second = blocks_of(m, h)
+        second = block_steps(m, h, first)
         assert second is not first
         m.blocks[2].fusion.attn.k_proj.weight.add_(1)
-        assert blocks_of(m, h) is not second
-    (got, _), (want, _), calls = _decode_with_and_without_block_steps(m, torch.float32, None, monkeypatch)
-    assert calls and torch.equal(got, want)
+        assert block_steps(m, h, second) is not second
+    with torch.no_grad(), decoding("torch"):
+        assert block_steps(m, h, None) is None  # the torch path runs `Block.step`
+    (got, _), (want, _), calls = _decode_on_both_paths(m, torch.float32, None, monkeypatch)
+    assert calls
+    _close(got, want, torch.float32)

@@ -43,7 +43,7 @@ def test_packed_linear_equals_the_modules(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_row_at_one_thread_takes_the_kernel(dtype, monkeypatch):
+def test_one_row_on_the_kernel_path_takes_the_kernel(dtype, monkeypatch):
     from casa.core import cpu_kernels
 
     if not cpu_kernels.available():
@@ -54,18 +54,13 @@ def test_one_row_at_one_thread_takes_the_kernel(dtype, monkeypatch):
     x = torch.randn(1, 1, 40, dtype=dtype)
     calls, real = [], cpu_kernels.gemv
     monkeypatch.setattr(cpu_kernels, "gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    n = torch.get_num_threads()
-    try:
-        with torch.no_grad():
-            want = torch.cat([a(x), b(x)], dim=-1)
-            for threads, kernel_calls in ((1, [1]), (2, [1]), (1, [1, 1])):  # the layout follows the threads
-                torch.set_num_threads(threads)
-                with decoding():  # a decode step decides on entry
-                    got = packed_linear(x, owner, "ab", (a, b))
-                assert calls == kernel_calls and got.shape == (1, 1, 40) and got.dtype == dtype
-                torch.testing.assert_close(got, want, **TOL[dtype])
-    finally:
-        torch.set_num_threads(n)
+    with torch.no_grad():
+        want = torch.cat([a(x), b(x)], dim=-1)
+        for path, kernel_calls in (("kernels", [1]), ("torch", [1]), ("kernels", [1, 1])):
+            with decoding(path):  # the layout follows the path; each path keeps its own packed copy
+                got = packed_linear(x, owner, "ab", (a, b))
+            assert calls == kernel_calls and got.shape == (1, 1, 40) and got.dtype == dtype
+            torch.testing.assert_close(got, want, **TOL[dtype])
 
 
 def test_rotary_equals_the_rotate_half_form():
@@ -84,14 +79,14 @@ def test_rotary_equals_the_rotate_half_form():
 def test_packed_path_only_when_decoding_without_grad():
     x = torch.randn(1, 4, 32)
     assert not use_packed(x)  # the full forward keeps F.linear
-    with decoding():
+    with decoding("torch"):
         assert not use_packed(x)  # grad enabled: autograd needs F.linear
         with torch.no_grad():
             assert use_packed(x) and not use_packed(torch.randn(65, 32))
     torch.manual_seed(0)
     attn, mlp = Attention(d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, qkv_bias=True), MLP(d_model=32, d_ff=64)
     y = torch.randn(1, 1, 32)
-    with torch.no_grad(), decoding():
+    with torch.no_grad(), decoding("torch"):
         q, k, v = attn.qkv(y)
         out, o = mlp(y), attn.out(q)
     with torch.no_grad():

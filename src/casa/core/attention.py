@@ -34,12 +34,13 @@ Design decisions:
   folded windows, window ids, varlen offsets); none restates it.
 - Queries that see no key at all (`ca` text in a window without an image) get
   a zero update; no backend produces NaN for them, forward or backward.
-- Incremental attention is SDPA on every backend: one query or a short chunk
-  has no window structure left for flex or flash to exploit. At one CPU
-  thread, where casa's kernel is built (`core.cpu_kernels`), up to
-  `KERNEL_MAX_TOKENS` new tokens take it instead: it reads the cache once for
-  all the queries sharing a key/value head, where SDPA reads it at a fraction
-  of the bandwidth.
+- Incremental attention is SDPA whatever the backend (so it takes none: a
+  stream validates its backend once, when it starts): one query or a short
+  chunk has no window structure left for flex or flash to exploit. On the
+  kernel decode path (`core.decode.resolve_decode`), up to
+  `KERNEL_MAX_TOKENS` new tokens take casa's kernel instead: it reads the
+  cache once for all the queries sharing a key/value head, where SDPA reads
+  it at a fraction of the bandwidth.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from einops import rearrange
 from torch.nn.attention.bias import causal_lower_right
 
 from casa.core import cpu_kernels
+from casa.core.decode import kernels_on
 from casa.core.layout import Layout
 
 __all__ = ["BACKENDS", "FLEX_BLOCK", "KERNEL_MAX_TOKENS", "cached_attend", "causal_attend", "flash_available",
@@ -344,7 +346,7 @@ def _causal_flash(q, k, v, layout):
 
 
 # ------------------------------------------------------- incremental
-def cached_attend(q, k, v, *, mask: torch.Tensor | None, backend: str):
+def cached_attend(q, k, v, *, mask: torch.Tensor | None):
     """New queries of one stream against its cached keys/values (docs/design.md §5).
 
     Args:
@@ -352,7 +354,6 @@ def cached_attend(q, k, v, *, mask: torch.Tensor | None, backend: str):
         k, v: `[1, Hkv, S, D]` cached keys/values (head-major, as `KVCache` stores them).
         mask: bool `[t, S]` from `core.layout.cached_mask` (True = attend), or
             None when every key is visible to every query (one decoded token).
-        backend: validated like the other entry points; SDPA runs on every backend.
     Returns:
         `[1, t, H, D]`, dtype of `q`.
 
@@ -362,9 +363,9 @@ def cached_attend(q, k, v, *, mask: torch.Tensor | None, backend: str):
     slower there on CPU. With a mask (a chunk), `enable_gqa` and the `[t, S]`
     mask broadcast over heads are the faster of the two.
     """
-    resolve_backend(backend, q.device)  # same validation as the other entry points
-    if (q.shape[0] == 1 and q.shape[1] <= KERNEL_MAX_TOKENS and q.shape[-1] <= cpu_kernels.MAX_HEAD_DIM
-            and (mask is None or mask.dim() == 2) and cpu_kernels.usable(q, k, v)):
+    if (kernels_on() and q.shape[0] == 1 and q.shape[1] <= KERNEL_MAX_TOKENS
+            and q.shape[-1] <= cpu_kernels.MAX_HEAD_DIM and (mask is None or mask.dim() == 2)
+            and cpu_kernels.usable(q, k, v)):
         return _cached_kernel(q, k, v, mask)
     if mask is not None:
         out = F.scaled_dot_product_attention(_heads_first(q), k, v, attn_mask=mask, enable_gqa=True)

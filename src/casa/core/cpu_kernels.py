@@ -156,8 +156,9 @@ def available() -> bool:
 
 
 def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels serve these operands: built, one torch thread, CPU, fp32/bf16, no autograd."""
-    if torch.is_grad_enabled() or torch.get_num_threads() != 1 or _lib() is None:
+    """Whether the kernels serve these operands: built, CPU, fp32/bf16, no autograd (whether a
+    step takes them at all is the stream's decode path: `core.decode.resolve_decode`)."""
+    if torch.is_grad_enabled() or _lib() is None:
         return False
     for t in tensors:  # a loop, not all(...): this runs for every cached attention of a decode step
         if not t.is_cpu or t.dtype not in _DTYPES:

@@ -13,9 +13,31 @@ their per-op overhead. At one thread, where casa's own kernel is built
 on the `[out, in]` layout it streams at the core's bandwidth, and a whole
 attention sublayer or feed-forward of one token is one kernel call
 (`attention_row`, `mlp_row`), and a session's whole block is one call
-(`BlockSteps`, a per-model plan of pointers, rebuilt when a weight changes).
+(`BlockSteps`, a plan of pointers, rebuilt when a weight changes).
+
+This module is the one home of the CPU decode path: which path a stream
+decodes on (`resolve_decode`, decided once per stream and reported), the
+packed layouts, and every call into casa's kernels for one decoded row. The
+building blocks of `core/lm.py` and `core/model.py` stay plain PyTorch: the
+reference the kernel path is tested against.
 
 Design decisions:
+- The decode path is a named option, `decode="auto" | "kernels" | "torch"`,
+  resolved once when a stream starts (`resolve_decode`): "auto" takes the
+  kernels where they are built, the weights are fp32/bf16 on CPU and torch
+  runs one thread (the kernels are single-threaded: with more threads,
+  PyTorch's products use them). A step reads the resolved choice from a
+  context variable (`decoding(path)`), so streams decoding on other threads
+  never see each other's choice.
+- Decoding state belongs to the stream. What a step writes (a `BlockSteps`
+  plan's cache pointers and row numbers, rotary tables, caches) is owned by
+  the stream that decodes (`inference.Session` keeps its `BlockSteps`);
+  what is shared between streams over one model is read-only once built:
+  the packed weights, built once under a lock (`_packed_entry`) and kept
+  per layout. The kernels release the GIL, so a plan shared between two
+  threads would be rewritten by one while the other's kernel reads it (one
+  stream's keys written into another's cache): tests/test_concurrency.py
+  decodes streams on several threads at once against their solo runs.
 - The state dict does not change: the packed copies (`[in, sum(out)]` in
   fp32, `[sum(out), in]` otherwise, `transposed_layout`) are
   built lazily from the `nn.Linear` modules on first use and kept beside
@@ -25,7 +47,7 @@ Design decisions:
   records each parameter's storage pointer and version counter (bumped by
   every in-place update: optimizer steps, `load_state_dict`, `.to()`), and
   the layout it was built for.
-- Used only inside `decoding()` (entered by the incremental paths,
+- Used only inside `decoding(path)` (entered by the incremental paths,
   `inference.Session` and `inference.rows.RowDecoder`), without autograd
   and for few rows (`use_packed`): training and the full forward keep
   `F.linear`, so the uncached forward stays the plain reference that the
@@ -37,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from typing import NamedTuple
 
 import torch
@@ -44,35 +67,80 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from casa.core import cpu_kernels
+from casa.core.caches import RowWriter, StepCache
 
-__all__ = ["PACKED_MAX_ROWS", "BlockSteps", "attention_row", "blocks_of", "decoding", "kernel_row", "mlp_row",
-           "packed_linear", "packed_swiglu", "transposed_layout", "use_packed"]
+__all__ = ["DECODE_PATHS", "PACKED_MAX_ROWS", "BlockSteps", "block_steps", "decoding", "kernel_row", "kernels_on",
+           "packed_linear", "packed_swiglu", "resolve_decode", "transposed_layout", "use_packed"]
 
+DECODE_PATHS = ("auto", "kernels", "torch")  # the `decode=` option of a stream (`resolve_decode`)
 PACKED_MAX_ROWS = 64  # rows (tokens x streams) up to which the packed layout is used
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+# inside `decoding(path)`: True on the kernel path, False on the torch path; None outside
 _DECODING: contextvars.ContextVar[bool | None] = contextvars.ContextVar("casa_decoding", default=None)
+_PACKING = threading.Lock()  # packed weights are built once, whichever stream asks first
+
+
+def _kernels_refused(weight: torch.Tensor) -> str | None:
+    """Why casa's kernels cannot decode a model whose weights are like `weight`, or None."""
+    if not weight.is_cpu:
+        return f"the model is on {weight.device} (the kernels run on CPU)"
+    if weight.dtype not in _KERNEL_DTYPES:
+        return f"the model's dtype is {weight.dtype} (the kernels take float32 and bfloat16)"
+    if not cpu_kernels.available():
+        return "casa's CPU kernels are not built on this machine (they need a C compiler: cc)"
+    return None
+
+
+def resolve_decode(path: str, weight: torch.Tensor) -> str:
+    """The decode path of a stream over a model whose weights are like `weight`, decided once.
+
+    Args:
+        path: "auto" (the kernels where they apply and torch runs one thread, else torch),
+            "kernels" (an error where they cannot), or "torch" (PyTorch ops only: the reference).
+    Returns:
+        "kernels" or "torch".
+    """
+    if path not in DECODE_PATHS:
+        raise ValueError(f"decode={path!r}: choose from {list(DECODE_PATHS)}")
+    if path == "torch":
+        return path
+    refused = _kernels_refused(weight)
+    if path == "kernels":
+        if refused:
+            raise ValueError(f"decode='kernels': {refused}; use decode='auto' or 'torch'")
+        return path
+    # the kernels are single-threaded: with more torch threads, PyTorch's products use them
+    return "kernels" if refused is None and torch.get_num_threads() == 1 else "torch"
 
 
 @contextlib.contextmanager
-def decoding():
-    """Projections inside take the packed layouts (for the few rows `use_packed` allows); whether
-    casa's CPU kernels take one-row work (one thread, built) is decided here, once per step."""
-    token = _DECODING.set(torch.get_num_threads() == 1 and cpu_kernels.available())
+def decoding(path: str):
+    """A decode step on `path` ("kernels" or "torch", from `resolve_decode`): projections
+    inside take the packed layouts (for the few rows `use_packed` allows), and one-row work
+    takes casa's kernels on the kernel path."""
+    if path not in ("kernels", "torch"):
+        raise ValueError(f"decoding({path!r}): a resolved path, 'kernels' or 'torch' (resolve_decode)")
+    token = _DECODING.set(path == "kernels")
     try:
         yield
     finally:
         _DECODING.reset(token)
 
 
+def kernels_on() -> bool:
+    """Whether this step decodes on the kernel path (inside `decoding("kernels")`)."""
+    return bool(_DECODING.get())
+
+
 def use_packed(x: torch.Tensor) -> bool:
-    """Whether a projection of `x: [..., in]` takes the packed path: inside `decoding()`,
+    """Whether a projection of `x: [..., in]` takes the packed path: inside `decoding(path)`,
     no autograd, at most `PACKED_MAX_ROWS` rows."""
     return _DECODING.get() is not None and not torch.is_grad_enabled() and x.shape[:-1].numel() <= PACKED_MAX_ROWS
 
 
 def kernel_row(x: torch.Tensor, *, width_dims: int = 1) -> bool:
     """Whether `x` is one decoded row (its dims before the last `width_dims` hold one element) that
-    casa's CPU kernels take: inside `decoding()`, one CPU thread, fp32/bf16, no autograd, built.
+    casa's CPU kernels take: inside `decoding("kernels")`, CPU, fp32/bf16, no autograd.
     (Called ~70 times per decoded token: the cheapest tests first.)"""
     if not _DECODING.get() or torch.is_grad_enabled() or x.dtype not in _KERNEL_DTYPES or not x.is_cpu:
         return False
@@ -80,13 +148,13 @@ def kernel_row(x: torch.Tensor, *, width_dims: int = 1) -> bool:
 
 
 def transposed_layout(dtype: torch.dtype) -> bool:
-    """Whether packed weights of `dtype` are stored `[in, out]` (fp32 without casa's kernel at one
-    thread) rather than `[out, in]`."""
+    """Whether packed weights of `dtype` are stored `[in, out]` (fp32 off the kernel path) rather
+    than `[out, in]`."""
     return dtype == torch.float32 and not _kernel_rows()
 
 
 def _kernel_rows() -> bool:
-    """Whether one-row work goes through casa's kernels (inside `decoding()`, one thread, built, no autograd)."""
+    """Whether one-row work goes through casa's kernels (the kernel path, no autograd)."""
     return bool(_DECODING.get()) and not torch.is_grad_enabled()
 
 
@@ -113,12 +181,22 @@ def _packed(owner: nn.Module, name: str, linears: tuple[nn.Linear, ...]):
 
 
 def _packed_entry(owner: nn.Module, name: str, linears: tuple[nn.Linear, ...]) -> _Packed:
-    """`_packed`'s cache entry, sources included."""
-    cache = owner.__dict__.setdefault("_packed_for_decode", {})
-    hit = cache.get(name)
-    if hit is not None and hit.transposed == transposed_layout(hit.weight.dtype) and _fresh(hit.sources):
-        return hit
+    """`_packed`'s cache entry, sources included: shared by every stream over the model, read-only
+    once built, kept per layout (streams on the two paths do not rebuild each other's)."""
     transposed = transposed_layout(linears[0].weight.dtype)
+    cache = owner.__dict__.setdefault("_packed_for_decode", {})
+    hit = cache.get((name, transposed))
+    if hit is not None and _fresh(hit.sources):
+        return hit
+    with _PACKING:  # another stream may be building it right now: build once, then share
+        hit = cache.get((name, transposed))
+        if hit is None or not _fresh(hit.sources):
+            cache[name, transposed] = hit = _pack(linears, transposed)
+    return hit
+
+
+def _pack(linears: tuple[nn.Linear, ...], transposed: bool) -> _Packed:
+    """A new packed copy of `linears` (see `_packed`)."""
     sources = tuple((m._parameters, key, p, p.data_ptr(), p._version)
                     for m in linears for key, p in m._parameters.items() if p is not None)
     with torch.no_grad():
@@ -129,8 +207,7 @@ def _packed_entry(owner: nn.Module, name: str, linears: tuple[nn.Linear, ...]) -
         if any(m.bias is not None for m in linears):
             bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
                               for m in linears])
-    cache[name] = hit = _Packed(weight, bias, transposed, sources)
-    return hit
+    return _Packed(weight, bias, transposed, sources)
 
 
 def packed_swiglu(x: torch.Tensor, owner: nn.Module, gate: nn.Linear, up: nn.Linear, down: nn.Linear) -> torch.Tensor:
@@ -199,54 +276,11 @@ def _mlp_weights(mlp: nn.Module, norm: nn.Module, dtype: torch.dtype) -> tuple[_
     return gate_up, _packed_entry(mlp, "down", (mlp.down_proj,))
 
 
-def _cache_takes(cache, dtype: torch.dtype) -> bool:
-    """Whether a fused kernel can write a row of `dtype` into `cache` in place (`next_row`): a
-    `KVCache` holding entries of that dtype (stored as such, or as int8), or none yet."""
-    return hasattr(cache, "next_row") and cache.dtype in (None, dtype)
-
-
-def attention_row(h: torch.Tensor, attn: nn.Module, norm: nn.Module, rope, cache) -> torch.Tensor | None:
-    """One decoded token through an attention sublayer whose key/value join `cache`, in one
-    kernel call (`cpu_kernels.attn_step`: norm, fused q/k/v product, RoPE, cache write, attention,
-    output product), or None where that kernel does not apply (the caller takes the per-op path).
-
-    Args:
-        h: `[1, 1, d]` states before `norm` (an RMSNorm).
-        attn: a `core.lm.Attention` (its packed q/k/v and o weights are used).
-        rope: `(cos, signed_sin)` tables of `h`'s dtype with `head_dim` elements each, or None.
-        cache: a `KVCache`-like object with `next_row` / `commit_row` (others: None is returned).
-    Returns:
-        `[1, 1, d]` in `h`'s dtype, or None.
-    """
-    if not kernel_row(h) or not h.is_contiguous() or not _cache_takes(cache, h.dtype):
-        return None
-    weights = _attention_weights(attn, norm, h.dtype)
-    if weights is None:
-        return None
-    qkv, o = weights
-    row, held = cache.next_row(h, heads=attn.n_kv_heads, width=attn.head_dim)
-    y = cpu_kernels.attn_step(h, norm.weight, norm.eps, qkv.weight, None if qkv.bias is None else qkv.bias.float(),
-                              o.weight, rope, cache.k, cache.v, row=row, held=held, heads=attn.n_heads,
-                              k_scale=cache.k_scale, v_scale=cache.v_scale)
-    cache.commit_row()
-    return (y if y.dtype == h.dtype else y.to(h.dtype)).view(h.shape)
-
-
-def mlp_row(h: torch.Tensor, mlp: nn.Module, norm: nn.Module) -> torch.Tensor | None:
-    """`mlp(norm(h))` of one decoded token in one kernel call (`cpu_kernels.mlp_step`), or None
-    where it does not apply.
-
-    Args:
-        h: `[1, 1, d]`; `mlp` a `core.lm.MLP`, `norm` an RMSNorm.
-    Returns:
-        `[1, 1, d]` in `h`'s dtype, or None.
-    """
-    weights = _mlp_weights(mlp, norm, h.dtype) if kernel_row(h) and h.is_contiguous() else None
-    if weights is None:
-        return None
-    gate_up, down = weights
-    y = cpu_kernels.mlp_step(h, norm.weight, norm.eps, gate_up.weight, down.weight)
-    return (y if y.dtype == h.dtype else y.to(h.dtype)).view(h.shape)
+def _cache_takes(cache: StepCache, dtype: torch.dtype) -> bool:
+    """Whether a fused kernel can write a row of `dtype` into `cache` in place: a `RowWriter`
+    (`core.caches`) holding entries of that dtype (stored as such, or as int8), or none yet."""
+    # an attribute test, not isinstance against the Protocol: that walks its members, per token and layer
+    return getattr(cache, "next_row", None) is not None and cache.dtype in (None, dtype)
 
 
 _REPLACE = cpu_kernels.PLACEMENTS["replace"]
@@ -254,11 +288,13 @@ _REPLACE = cpu_kernels.PLACEMENTS["replace"]
 
 class BlockSteps:
     """A model's decoder blocks, each one kernel call per decoded token (`cpu_kernels.block_step`):
-    the attention sublayers by placement, the residual adds and the feed-forward of `Block.step`,
-    with the same bits, without its ~20 Python-level calls per block.
+    the attention sublayers by placement, the residual adds and the feed-forward of `Block.step`
+    (equal within float summation order: tests/test_cpu_kernels.py), without its ~20
+    Python-level calls per block.
 
-    Built once per model and dtype from the packed weights (`blocks_of`), and rebuilt when any of
-    them, or a norm's weight, changed. A fusion layer without text keys (the `ca` family) reads
+    Owned by one stream (`block_steps`): its plans hold that stream's cache pointers and rows,
+    rewritten for every token while the kernel runs without the GIL. Built from the shared packed
+    weights, and rebuilt when any of them, or a norm's weight, changed. A fusion layer without text keys (the `ca` family) reads
     its window's image prefix without joining it (`AttnPlan.row` -1); a block whose fusion layer
     the kernel does not take (`gated_ca`'s gates and FFN) keeps `Block.step`.
     """
@@ -324,7 +360,7 @@ class BlockSteps:
         return plan
 
     @staticmethod
-    def _point(plan, cache, row: int, held: int) -> None:
+    def _point(plan, cache: RowWriter, row: int, held: int) -> None:
         """Set `plan`'s cache fields: attend rows `[0, held)` of `cache`, the token's key/value at `row`
         (-1: read only)."""
         plan.row, plan.held = row, held
@@ -334,7 +370,7 @@ class BlockSteps:
         plan.ksc, plan.vsc, plan.ss = (0, 0, 0) if cache.k_scale is None else \
             (cache.k_scale.data_ptr(), cache.v_scale.data_ptr(), cache.k.shape[2])  # scales [1, Hkv, capacity]
 
-    def _bound(self, plan, sa, window, like: torch.Tensor) -> list | None:
+    def _bound(self, plan, sa: StepCache, window: StepCache | None, like: torch.Tensor) -> list | None:
         """Bind `plan` to this token's caches: the SA's unless the fusion layer replaces it, the
         window's where there is a fusion layer, joined (text keys) or only read (its image prefix:
         row -1). Returns the caches the token joins, to commit after the call, or None where
@@ -354,7 +390,8 @@ class BlockSteps:
             self._point(sub, cache, *cache.next_row(like, heads=sub.Hkv, width=sub.D))
         return joins
 
-    def __call__(self, h: torch.Tensor, rotary, sa_caches, windows, *, backend: str) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, rotary, sa_caches: list[StepCache],
+                 windows: list[StepCache | None]) -> torch.Tensor:
         """`h` through every block, as `Block.step` for each (one decoded token of one stream).
 
         Args:
@@ -368,8 +405,7 @@ class BlockSteps:
         for block, plan, sa, window in zip(self.model.blocks, self.plans, sa_caches, windows):
             joins = self._bound(plan, sa, window, x)
             if joins is None:
-                x = block.step(x.view(h.shape), rotary=rotary, sa_cache=sa, window=window,
-                               backend=backend).reshape(-1)
+                x = block.step(x.view(h.shape), rotary=rotary, sa_cache=sa, window=window).reshape(-1)
                 continue
             cpu_kernels.block_step(plan, x, rope)
             for _, cache in joins:
@@ -377,13 +413,12 @@ class BlockSteps:
         return x.view(h.shape)
 
 
-def blocks_of(model: nn.Module, h: torch.Tensor) -> BlockSteps | None:
-    """`model`'s `BlockSteps` for decoding `h` (`[1, 1, d]`, one token), kept on the model and
-    rebuilt when its weights changed; None where casa's kernels do not take one-row work."""
+def block_steps(model: nn.Module, h: torch.Tensor, previous: BlockSteps | None) -> BlockSteps | None:
+    """The `BlockSteps` a stream decodes `h` (`[1, 1, d]`, one token) with: its `previous` one
+    while that still fits (same dtype, weights unchanged), else a new one; None off the kernel
+    path. The caller owns what it gets (see `BlockSteps`)."""
     if not kernel_row(h) or not h.is_contiguous():
         return None
-    steps = model.__dict__.setdefault("_block_steps", {})
-    hit = steps.get(h.dtype)
-    if hit is None or not hit.fresh():
-        steps[h.dtype] = hit = BlockSteps(model, h.dtype)
-    return hit
+    if previous is not None and previous.model is model and previous.dtype == h.dtype and previous.fresh():
+        return previous
+    return BlockSteps(model, h.dtype)

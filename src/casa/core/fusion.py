@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from casa.config import FusionConfig, LMConfig
 from casa.core.attention import cached_attend, fusion_attend
+from casa.core.caches import StepCache
 from casa.core.layout import Layout
 from casa.core.lm import MLP, Attention, RMSNorm, Rotary
 
@@ -129,7 +130,7 @@ class FusionLayer(nn.Module):
             out = out + torch.tanh(self.ffn_gate) * self.ffn(self.ffn_norm(h + out))
         return out
 
-    def step(self, h, window, *, norm: nn.Module, sa: Attention, rotary: Rotary, backend: str):
+    def step(self, h, window: StepCache, *, norm: nn.Module, sa: Attention, rotary: Rotary):
         """Residual update of new text states of one stream from its window state.
 
         Args:
@@ -142,10 +143,9 @@ class FusionLayer(nn.Module):
         """
         attn = self.attn if self.attn is not None else sa
         if self.text_keys:  # the window's text joins its keys: a cached attention step over the window
-            return self._gate(h, attn.step(h, norm=norm, rotary=rotary if self.positional else None, cache=window,
-                                           backend=backend))
+            return self._gate(h, attn.step(h, norm=norm, rotary=rotary if self.positional else None, cache=window))
         q = attn.q(norm(h))
         keys, values, mask = window.prefix_keys()
         if keys is None:  # no image in this window: zero update, as in forward()
             return self._gate(h, torch.zeros_like(h))
-        return self._gate(h, attn.out(cached_attend(q, keys, values, mask=mask, backend=backend)))
+        return self._gate(h, attn.out(cached_attend(q, keys, values, mask=mask)))

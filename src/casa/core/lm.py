@@ -13,6 +13,9 @@ Design decisions:
   components (text) it is exactly 1-D RoPE.
 - RMSNorm computes in fp32 and casts back before the weight, as HF does, so
   bf16 logits match transformers'.
+- Plain PyTorch throughout: the reference the kernel path of `core/decode.py`
+  is tested against. Only the projections ask `core.decode` for their packed
+  layouts while a stream decodes (`use_packed`).
 """
 
 from __future__ import annotations
@@ -23,16 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from casa.core import cpu_kernels
 from casa.core.attention import cached_attend, causal_attend
-from casa.core.decode import (
-    attention_row,
-    kernel_row,
-    mlp_row,
-    packed_linear,
-    packed_swiglu,
-    use_packed,
-)
+from casa.core.caches import StepCache
+from casa.core.decode import packed_linear, packed_swiglu, use_packed
 from casa.core.layout import Layout
 
 __all__ = ["MLP", "Attention", "RMSNorm", "Rotary", "mrope_angles"]
@@ -47,8 +43,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        if kernel_row(x) and x.dtype == self.weight.dtype and x.is_contiguous():  # one decoded token
-            return cpu_kernels.rmsnorm(x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -78,8 +72,6 @@ class Rotary:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate `x: [..., H, D]` whose leading dims match the positions'."""
         cos, signed_sin = self.tables(x.dtype)
-        if kernel_row(x, width_dims=2) and x.stride(-1) == 1 and cos.shape[:-1].numel() == 1:  # one decoded token
-            return cpu_kernels.rope(x, cos, signed_sin)
         # HF's rotate_half(x) * sin is roll(x, D/2) * [-sin, sin] (the halves of sin are equal):
         # the same products, in three ops instead of six (a decode step applies this 2-4x per layer)
         return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
@@ -171,25 +163,22 @@ class Attention(nn.Module):
         k = rotary.apply(k)
         return self.out(causal_attend(q, k, v, layout, backend=backend))
 
-    def step(self, x, *, norm: nn.Module, rotary: Rotary | None, cache, backend: str):
+    def step(self, x, *, norm: nn.Module, rotary: Rotary | None, cache: StepCache):
         """Attention of new tokens of one stream against its cache, which they join (the
         block's causal SA, and `casa`'s fusion layer over its window).
 
         Args:
             x: `[1, t, d]` states of the new tokens, before `norm`; `rotary` at `[1, t]`
                 positions, or None (no RoPE).
-            cache: an `inference.cache.KVCache` (the new keys/values are appended).
+            cache: the stream's cache (`core.caches.StepCache`; the new keys/values are appended).
         Returns:
             `[1, t, d]`.
         """
-        fused = attention_row(x, self, norm, None if rotary is None else rotary.tables(x.dtype), cache)
-        if fused is not None:  # one token at one thread: the whole sublayer in one kernel call
-            return fused
         q, k, v = self.qkv(norm(x))
         if rotary is not None:
             q, k = rotary.apply(q), rotary.apply(k)
         keys, values, mask = cache.extend(k, v)
-        return self.out(cached_attend(q, keys, values, mask=mask, backend=backend))
+        return self.out(cached_attend(q, keys, values, mask=mask))
 
 
 class MLP(nn.Module):
@@ -200,12 +189,6 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
         self.up_proj = nn.Linear(d_model, d_ff, bias=False)
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
-
-    def step(self, h, *, norm: nn.Module):
-        """`forward(norm(h))` for new tokens of a decoded stream, `[1, t, d] -> [1, t, d]` (one
-        token at one thread: norm and feed-forward in one kernel call)."""
-        fused = mlp_row(h, self, norm)
-        return fused if fused is not None else self(norm(h))
 
     def forward(self, x):
         if use_packed(x):  # decoding: gate and up in one packed product, or all of it in one kernel (core.decode)

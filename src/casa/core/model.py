@@ -37,6 +37,7 @@ from einops import rearrange
 
 from casa.config import FusionConfig, LMConfig, ModelConfig
 from casa.core.batch import Batch
+from casa.core.caches import StepCache
 from casa.core.fusion import FusionLayer
 from casa.core.layout import Layout
 from casa.core.lm import MLP, Attention, RMSNorm, Rotary
@@ -122,7 +123,7 @@ class Block(nn.Module):
             image_tokens = self.update_image_tokens(image_tokens)
         return h, image_tokens
 
-    def step(self, h: torch.Tensor, *, rotary: Rotary, sa_cache, window, backend: str) -> torch.Tensor:
+    def step(self, h: torch.Tensor, *, rotary: Rotary, sa_cache: StepCache, window: StepCache | None) -> torch.Tensor:
         """Incremental `forward` of new tokens of one stream.
 
         Args:
@@ -136,14 +137,13 @@ class Block(nn.Module):
         """
 
         def self_attention(x):
-            return self.attn.step(x, norm=self.input_layernorm, rotary=rotary, cache=sa_cache, backend=backend)
+            return self.attn.step(x, norm=self.input_layernorm, rotary=rotary, cache=sa_cache)
 
         def fusion(x):
-            return self.fusion.step(x, window, norm=self._fusion_norm(), sa=self.attn, rotary=rotary,
-                                    backend=backend)
+            return self.fusion.step(x, window, norm=self._fusion_norm(), sa=self.attn, rotary=rotary)
 
         h = self._mix(h, self_attention, fusion)
-        return h + self.mlp.step(h, norm=self.post_attention_layernorm)
+        return h + self.mlp(self.post_attention_layernorm(h))
 
     # -------------------------------------------------------------- helpers
     def _fusion_norm(self) -> nn.Module:

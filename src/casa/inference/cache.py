@@ -44,6 +44,7 @@ from __future__ import annotations
 import torch
 
 from casa.core import cpu_kernels
+from casa.core.caches import RowWriter
 from casa.core.layout import History, cached_mask
 
 # History is defined with the other mask rules, in core.layout
@@ -92,8 +93,9 @@ def _head_major(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2)  # a view; einops' parsing would cost more than the copy it feeds
 
 
-class KVCache:
-    """Keys/values of one attention layer of one stream: a prefix, then tokens.
+class KVCache(RowWriter):
+    """Keys/values of one attention layer of one stream: a prefix, then tokens (core's
+    `RowWriter` contract: a step appends, the kernel path writes rows in place).
 
     Shapes: stored `k, v: [1, Hkv, capacity, D]` (int8 when `quantized`, with
     `k_scale, v_scale: [1, Hkv, capacity]` fp32); `extend` and `add_prefix`

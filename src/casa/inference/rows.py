@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from casa.core.caches import StepCache
 from casa.core.decode import decoding
 from casa.inference.cache import KVCache
 from casa.inference.session import Session
@@ -35,11 +36,11 @@ from casa.inference.session import Session
 __all__ = ["RowCache", "RowDecoder"]
 
 
-class RowCache:
+class RowCache(StepCache):
     """The caches of one layer for `B` streams, padded into one buffer.
 
-    Duck-types the part of `KVCache` that `Attention.step` and
-    `FusionLayer.step` use for one decoded token (`extend`, `prefix_keys`).
+    Implements core's `StepCache` contract (`extend`, `prefix_keys`), which `Attention.step`
+    and `FusionLayer.step` use for one decoded token of every row.
 
     Args:
         caches: one `KVCache` per row (unbounded; copied, not modified).
@@ -112,7 +113,7 @@ class RowDecoder:
 
     def __init__(self, sessions: list[Session], *, max_new_tokens: int):
         model = sessions[0].model
-        self.model, self.backend = model, sessions[0].backend
+        self.model, self.decode = model, sessions[0].decode
         lm = model.config.lm
         param = model.embed.weight
 
@@ -136,8 +137,8 @@ class RowDecoder:
         """
         h = self.model.embed(ids.to(self.positions.device))[:, None]  # [B, 1, d]
         rotary = self.model.text_rotary(self.positions[:, None])  # [B, 1]
-        with decoding():  # packed weight layouts (core/decode.py)
+        with decoding(self.decode):  # packed weight layouts (core/decode.py), the sessions' path
             for block, sa, window in zip(self.model.blocks, self.sa, self.windows):
-                h = block.step(h, rotary=rotary, sa_cache=sa, window=window, backend=self.backend)
+                h = block.step(h, rotary=rotary, sa_cache=sa, window=window)
         self.positions += 1
         return self.model.lm_head(self.model.norm(h))[:, 0]

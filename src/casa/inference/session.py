@@ -34,6 +34,14 @@ Design decisions:
   them; other paths read dequantized copies and are slower than with a
   plain cache. Logits differ from the uncached forward by the rounding
   (tested within a stated tolerance).
+- A session owns everything a decode step writes: its caches, its rotary
+  tables and its one-call block plan (`core.decode.BlockSteps`, whose
+  pointers change every token). Sessions over one model share only what is
+  read-only once built (the weights and their packed copies), so sessions on
+  different threads decode side by side, each giving the tokens it gives
+  alone (tests/test_concurrency.py).
+- The decode path (`decode="auto" | "kernels" | "torch"`) and the attention
+  backend are resolved once, here, and kept (`decode` says which was taken).
 - The invariant, tested for every variant and placement: any split of a
   document into `add_images` and `forward_text` calls gives the logits of one
   uncached `CasaModel.forward`.
@@ -43,7 +51,8 @@ from __future__ import annotations
 
 import torch
 
-from casa.core.decode import blocks_of, decoding
+from casa.core.attention import resolve_backend
+from casa.core.decode import BlockSteps, block_steps, decoding, resolve_decode
 from casa.core.layout import History, StreamWindows
 from casa.core.model import CasaModel
 from casa.core.positions import grid_positions
@@ -69,18 +78,24 @@ class Session:
     Args:
         model: the model (its parameters' device and dtype are used throughout).
         history: bounded history for every cache, or None to keep everything.
-        backend: attention backend name, validated as in the forward.
+        backend: attention backend name, validated once as in the forward (incremental attention
+            is the same on every backend: `core.attention.cached_attend`).
         cache_dtype: None (the model's dtype) or `torch.int8` (quantized keys/values).
+        decode: "auto", "kernels" or "torch" (`core.decode.resolve_decode`); `self.decode` is
+            the path taken, "kernels" or "torch".
     """
 
     def __init__(self, model: CasaModel, *, history: History | None = None, backend: str = "auto",
-                 cache_dtype: torch.dtype | None = None):
+                 cache_dtype: torch.dtype | None = None, decode: str = "auto"):
         if cache_dtype not in CACHE_DTYPES.values():
             raise ValueError(f"Session: cache_dtype {cache_dtype}: use None (the model's dtype) or torch.int8")
         self.model = model
         self.config = model.config
         self.history = history
+        resolve_backend(backend, model.embed.weight.device)
         self.backend = backend
+        self.decode = resolve_decode(decode, model.embed.weight)
+        self._block_steps: BlockSteps | None = None  # this session's one-call block plan (kernel path)
         self.insertion = model.config.fusion.variant == "insertion"
         quantized = cache_dtype == torch.int8
         self.sa = [KVCache(history=history, quantized=quantized) for _ in model.blocks]
@@ -110,12 +125,13 @@ class Session:
             self.position += t
         else:
             rotary = self.model.rotary(positions[None])
-        with decoding():  # packed weight layouts for the few-token projections (core/decode.py)
-            steps = blocks_of(self.model, h) if positions is None else None
-            if steps is not None:  # one token at one thread: one kernel call per block
-                return steps(h, rotary, self.sa, self.windows, backend=self.backend)
+        with decoding(self.decode):  # packed weight layouts for the few-token projections (core/decode.py)
+            steps = block_steps(self.model, h, self._block_steps) if positions is None else None
+            if steps is not None:  # one token on the kernel path: one call per block
+                self._block_steps = steps
+                return steps(h, rotary, self.sa, self.windows)
             for block, sa, window in zip(self.model.blocks, self.sa, self.windows):
-                h = block.step(h, rotary=rotary, sa_cache=sa, window=window, backend=self.backend)
+                h = block.step(h, rotary=rotary, sa_cache=sa, window=window)
         return h
 
     def _image_positions(self, grids: torch.Tensor, time_steps: torch.Tensor, device) -> torch.Tensor:

@@ -1,0 +1,145 @@
+"""Streams decoded at once, on several threads over one model, each equal to its solo run bit for
+bit: every variant, both cache dtypes, bounded history, both decode paths.
+
+Why this can fail: casa's kernels release the GIL, so two sessions' kernel calls really overlap.
+Decoding state written per token (the one-call block plan's cache pointers and rows) must
+belong to the session (`core.decode.BlockSteps`); when it lived on the model, another thread
+rewrote it while a kernel read it, and replies came out different or NaN. Checked by hand: with
+`block_steps` patched to share one plan per model (the old behaviour), these tests fail.
+"""
+
+import threading
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from casa.core import cpu_kernels
+from casa.core.layout import History
+from casa.core.model import CasaModel
+from casa.inference.session import Session
+
+STREAMS = 4
+NEW_TOKENS = 24
+VARIANTS = [("casa", "parallel"), ("casa", "before"), ("casa", "replace"), ("casa_shared", "parallel"),
+            ("insertion", "parallel"), ("ca", "parallel"), ("ca_ffn", "parallel"), ("gated_ca", "parallel")]
+
+
+def make_model(variant, placement, seed=0):
+    torch.manual_seed(seed)
+    config = tiny_config(variant, placement, **({"every": 2} if variant == "gated_ca" else {}))
+    m = CasaModel(config).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.3)
+    return m
+
+
+def decode_stream(model, seed, *, history, cache_dtype, decode):
+    """One stream: a prompt with two windows of images, then greedy tokens fed back one by one.
+    Returns `(logits [steps, vocab], tokens)`: every step's logits, to compare bit for bit."""
+    g = torch.Generator().manual_seed(100 + seed)
+    d, vocab = model.config.lm.d_model, model.config.lm.vocab_size
+    session = Session(model, history=history, cache_dtype=cache_dtype, decode=decode)
+    out = []
+    with torch.no_grad():
+        out.append(session.forward_text(torch.randint(0, vocab, (3,), generator=g))[-1:])
+        session.add_image_embeds(torch.randn(2, model.tokens_per_image, d, generator=g))
+        out.append(session.forward_text(torch.randint(0, vocab, (5,), generator=g))[-1:])
+        tokens = []
+        for t in range(NEW_TOKENS):
+            if t == NEW_TOKENS // 2:  # a second window halfway
+                session.add_image_embeds(torch.randn(1, model.tokens_per_image, d, generator=g))
+            token = int(out[-1][-1].argmax())
+            tokens.append(token)
+            out.append(session.forward_text([token]))
+    return torch.cat(out), tokens
+
+
+def on_threads(fns, *, together: bool):
+    """Run each of `fns` on its own thread, all released at once (`together`) or one after
+    another; their results in order (an exception in one is raised here)."""
+    results, errors = [None] * len(fns), []
+    barrier = threading.Barrier(len(fns)) if together else None
+
+    def run(i):
+        try:
+            if barrier is not None:
+                barrier.wait()
+            results[i] = fns[i]()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+        if not together:
+            t.join()
+    for t in threads:
+        t.join(timeout=120)
+    if errors:
+        raise errors[0]
+    return results
+
+
+def assert_concurrent_equals_solo(model, **options):
+    fns = [lambda i=i: decode_stream(model, i, **options) for i in range(STREAMS)]
+    solo = on_threads(fns, together=False)
+    for _ in range(2):  # twice: a race that corrupts one run in a few would still show
+        together = on_threads(fns, together=True)
+        for i, ((got, got_tokens), (want, want_tokens)) in enumerate(zip(together, solo)):
+            assert got_tokens == want_tokens, f"stream {i}: tokens differ from its solo run"
+            assert torch.equal(got, want), f"stream {i}: logits differ from its solo run"
+    # the streams differ from each other: equal replies would hide a cross-stream mix-up
+    assert len({tuple(tokens) for _, tokens in solo}) == STREAMS
+
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: CPU kernels not built")
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant,placement", VARIANTS)
+@pytest.mark.parametrize("cache_dtype", [None, torch.int8], ids=["model", "int8"])
+def test_streams_on_threads_equal_their_solo_runs(variant, placement, cache_dtype, one_thread):
+    assert_concurrent_equals_solo(make_model(variant, placement), history=None, cache_dtype=cache_dtype,
+                                  decode="kernels")
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", ["casa", "insertion", "ca"])
+@pytest.mark.parametrize("cache_dtype", [None, torch.int8], ids=["model", "int8"])
+def test_bounded_streams_on_threads_equal_their_solo_runs(variant, cache_dtype, one_thread):
+    """A ring-buffer history that wraps several times during the run."""
+    assert_concurrent_equals_solo(make_model(variant, "parallel"), history=History(sink=2, window=6),
+                                  cache_dtype=cache_dtype, decode="kernels")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streams_on_the_torch_path_equal_their_solo_runs(dtype, one_thread):
+    """The torch path too (its packed weights are built by whichever stream asks first, once)."""
+    assert_concurrent_equals_solo(make_model("casa", "parallel").to(dtype), history=None, cache_dtype=None,
+                                  decode="torch")
+
+
+@needs_kernels
+def test_streams_on_both_paths_at_once_equal_their_solo_runs(one_thread):
+    """Sessions on the kernel path and on the torch path over one model at the same time: each
+    path keeps its own packed layout, so neither rebuilds the other's under it."""
+    model = make_model("casa", "parallel")
+    fns = [lambda i=i: decode_stream(model, i, history=None, cache_dtype=None,
+                                     decode=("kernels", "torch")[i % 2]) for i in range(STREAMS)]
+    solo = on_threads(fns, together=False)
+    together = on_threads(fns, together=True)
+    for (got, _), (want, _) in zip(together, solo):
+        assert torch.equal(got, want)
+
+
+def test_the_decode_path_is_resolved_once_and_named(one_thread):
+    model = make_model("casa", "parallel")
+    assert Session(model, decode="torch").decode == "torch"
+    expected = "kernels" if cpu_kernels.available() else "torch"
+    assert Session(model).decode == expected  # "auto" at one thread
+    with pytest.raises(ValueError, match=r"decode='fast': choose from \['auto', 'kernels', 'torch'\]"):
+        Session(model, decode="fast")
+    with pytest.raises(ValueError, match="decode='kernels': the model's dtype is torch.float16"):
+        Session(make_model("casa", "parallel").half(), decode="kernels")
