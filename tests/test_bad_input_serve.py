@@ -18,9 +18,11 @@ from PIL import Image
 from test_serve import (
     MODEL,
     data_url,
+    health,
     image_array,
     make_checkpoint,
     read_events,
+    slot_held,
     wait_for,
 )
 from test_stream import encode_video
@@ -147,7 +149,8 @@ def test_bad_chat_request(server, case):
 
 def test_malformed_json_oversized_body_and_unknown_routes(server):
     url = server[0]
-    r = httpx.post(url + "/v1/chat/completions", content=b'{"model": "tiny", "messages": [', timeout=30)
+    r = httpx.post(url + "/v1/chat/completions", content=b'{"model": "tiny", "messages": [', timeout=30,
+                   headers={"Content-Type": "application/json"})
     assert_refused(r, 400, "not valid JSON")
     big = message("x" * (1024 * 1024 + 10))
     assert_refused(chat(url, big), 413, "limit of 1048576 bytes")
@@ -232,40 +235,46 @@ def test_a_truncated_video_is_captioned_as_far_as_it_decodes_and_says_so(server,
 
 # -------------------------------------------------------------- concurrency
 def test_over_the_limits_429_then_503_and_back_to_serving(server):
-    """One slot, one queue place: a live session holds the slot; a chat waits
-    in the queue; the next is refused at once (429); the queued one gives up
-    after --queue-timeout (503); once the slot is free, chats run again."""
+    """One slot, one queue place: a running session holds the slot; a chat waits
+    in the queue; the next is refused at once (429), and so is a live viewer;
+    the queued one gives up after --queue-timeout (503); once the slot is
+    free, chats run again."""
     url, state = server
-    held = httpx.post(url + "/live/sessions", json={"video": "clip.mp4", "fps": 1})
-    assert held.status_code == 201
+    waiting = httpx.post(url + "/live/sessions", json={"video": "clip.mp4", "fps": 1})  # waits for a viewer
+    assert waiting.status_code == 201
     queued: list = []
-    waiter = threading.Thread(target=lambda: queued.append(chat(url, GOOD)))
-    waiter.start()
-    wait_for(lambda: state.admission.queued == 1, "a request to be queued")
-    refused = chat(url, GOOD)
-    error = assert_refused(refused, 429, "server busy", "--max-sessions 1", "--max-queue 1")
-    assert error["code"] == "rate_limit_exceeded" and refused.headers["retry-after"] == "1"
-    assert_refused(httpx.post(url + "/live/sessions", json={"video": "clip.mp4", "fps": 1}), 429, "server busy")
-    waiter.join()
-    assert_refused(queued[0], 503, "within 1 s", "--queue-timeout")
-    # a queued request gets the slot as soon as it is freed
-    queued.clear()
-    waiter = threading.Thread(target=lambda: queued.append(chat(url, GOOD)))
-    waiter.start()
-    wait_for(lambda: state.admission.queued == 1, "a request to be queued")
-    assert httpx.post(f"{url}/live/sessions/{held.json()['id']}/stop").json()["state"] == "stopped"
+    with slot_held(state):
+        waiter = threading.Thread(target=lambda: queued.append(chat(url, GOOD)))
+        waiter.start()
+        wait_for(lambda: state.admission.queued == 1, "a request to be queued")
+        refused = chat(url, GOOD)
+        error = assert_refused(refused, 429, "server busy", "--max-sessions 1", "--max-queue 1")
+        assert error["code"] == "rate_limit_exceeded" and refused.headers["retry-after"] == "1"
+        viewer = httpx.get(f"{url}/live/sessions/{waiting.json()['id']}/events")
+        assert_refused(viewer, 429, "server busy")
+        assert httpx.get(f"{url}/live/sessions/{waiting.json()['id']}").json()["state"] == "waiting"  # may retry
+        waiter.join()
+        assert_refused(queued[0], 503, "within 1 s", "--queue-timeout")
+        # a queued request gets the slot as soon as it is freed
+        queued.clear()
+        waiter = threading.Thread(target=lambda: queued.append(chat(url, GOOD)))
+        waiter.start()
+        wait_for(lambda: state.admission.queued == 1, "a request to be queued")
     waiter.join()
     assert queued[0].status_code == 200
+    assert httpx.post(f"{url}/live/sessions/{waiting.json()['id']}/stop").json()["state"] == "stopped"
     assert_still_serving(url)
 
 
 def test_a_session_nobody_watches_expires(server):
+    """A created session waits for its viewer holding no slot: chat runs meanwhile."""
     url, state = server
     sid = httpx.post(url + "/live/sessions", json={"video": "clip.mp4", "fps": 1}).json()["id"]
-    assert state.admission.active == 1
+    assert (state.admission.active, health(url)["live_waiting"]) == (0, 1)
+    assert_still_serving(url)
     wait_for(lambda: httpx.get(f"{url}/live/sessions/{sid}").json()["state"] == "expired", "the session to expire",
              timeout=LIMITS.connect_timeout + 5)
-    assert state.admission.active == 0
+    assert (state.admission.active, health(url)["live_waiting"]) == (0, 0)
     assert_refused(httpx.get(f"{url}/live/sessions/{sid}/events"), 409, "already expired")
     assert_still_serving(url)
 
@@ -309,15 +318,14 @@ def test_limits_name_their_flag():
 
 def test_a_queued_client_that_leaves_gives_its_place_back(server):
     url, state = server
-    held = httpx.post(url + "/live/sessions", json={"video": "clip.mp4", "fps": 1}).json()["id"]
     payload = json.dumps(GOOD).encode()
     host, port = url[len("http://"):].split(":")
-    with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
-        wait_for(lambda: state.admission.queued == 1, "the request to be queued")
-    wait_for(lambda: state.admission.queued == 0, "the queue place to be given back", timeout=0.9)  # < queue timeout
-    assert state.admission.active == 1  # the live session only: the leaver never got a slot
-    httpx.post(f"{url}/live/sessions/{held}/stop")
-    assert state.admission.active == 0
+    with slot_held(state):
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % (host.encode(), port.encode(), len(payload)) + payload)
+            wait_for(lambda: state.admission.queued == 1, "the request to be queued")
+        wait_for(lambda: state.admission.queued == 0, "the queue place to be given back", timeout=0.9)  # < timeout
+        assert state.admission.active == 1  # the held slot only: the leaver never got one
+    wait_for(lambda: state.admission.active == 0, "the slot to be released")
     assert_still_serving(url)

@@ -3,7 +3,9 @@ by the official `openai` client and by plain HTTP for the live-captioning
 routes. Every answer is checked against the plain path on the same model:
 `Chat` over a `Session` for chat, `caption_file` for live captions."""
 
+import asyncio
 import base64
+import contextlib
 import io
 import json
 import time
@@ -113,6 +115,16 @@ def health(url):
     return httpx.get(url + "/health").json()
 
 
+@contextlib.contextmanager
+def slot_held(state):
+    """Hold one session slot through the server's own admission, as a running session does."""
+    asyncio.run_coroutine_threadsafe(state.acquire_slot(queue=False), state.loop).result(timeout=5)
+    try:
+        yield
+    finally:
+        state.loop.call_soon_threadsafe(state.release)
+
+
 # ----------------------------------------------------------------- chat
 def test_models_and_a_greedy_chat_with_two_images(server, client, model, files):
     assert [m.id for m in client.models.list().data] == [MODEL]
@@ -220,8 +232,8 @@ def test_a_dropped_client_frees_its_session(server):
     payload = json.dumps(body).encode()
     host, port = url[len("http://"):].split(":")
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (host.encode(), port.encode(), len(payload)) + payload)
         wait_for(lambda: health(url)["sessions"] == 1, "the generation to start")
     wait_for(lambda: state.counts["chat_cancelled"] == before + 2 and health(url)["sessions"] == 0,
              "the non-streaming generation to be cancelled")

@@ -66,13 +66,13 @@ def test_captioning_a_video_in_the_browser(server, page, tmp_path):
     requested = []
     page.on("request", lambda r: requested.append(r.url))
     page.goto(url + "/")
-    page.wait_for_function("document.getElementById('status').textContent === 'ready'")
+    page.wait_for_function("() => document.getElementById('status').textContent === 'ready'")
     assert page.text_content("#model") == f"model {MODEL}"
     page.select_option("#video", "shapes.mp4")
     page.fill("#fps", "2")
     page.click("#start")
-    page.wait_for_function("document.querySelectorAll('#captions li').length === 6", timeout=30_000)
-    page.wait_for_function("document.getElementById('status').textContent.startsWith('finished')")
+    page.wait_for_function("() => document.querySelectorAll('#captions li').length === 6", timeout=30_000)
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('finished')")
     assert page.text_content("#status") == "finished: 6 frames captioned"
     assert page.get_attribute("#frame", "src").startswith("data:image/jpeg;base64,")
     times = page.eval_on_selector_all("#captions time", "els => els.map(e => e.textContent)")
@@ -93,13 +93,13 @@ def test_captioning_a_video_in_the_browser(server, page, tmp_path):
 def test_uploading_then_stopping_in_the_browser(server, page):
     url, state, media = server
     page.goto(url + "/")
-    page.wait_for_function("document.getElementById('status').textContent === 'ready'")
+    page.wait_for_function("() => document.getElementById('status').textContent === 'ready'")
     page.set_input_files("#file", str(media / "shapes.mp4"))
     page.fill("#fps", "1")
     page.click("#start")
-    page.wait_for_function("document.querySelectorAll('#captions li').length >= 1", timeout=30_000)
+    page.wait_for_function("() => document.querySelectorAll('#captions li').length >= 1", timeout=30_000)
     page.click("#stop")
-    page.wait_for_function("document.getElementById('status').textContent.startsWith('stopped')")
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('stopped')")
     assert page.is_enabled("#start") and not page.is_enabled("#stop")
     wait_for(lambda: httpx.get(url + "/health").json()["live_sessions"] == 0, "the session to be freed")
     assert list(state.upload_dir.iterdir()) == []

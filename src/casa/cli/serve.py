@@ -3,16 +3,25 @@
 Design decisions:
 - Flags are checked by argparse (ranged types) and the checkpoint and media
   directory before the server binds, so a typo is a one-line error (exit 2).
+- The limit flags are made from the fields of `casa.serve.limits.Limits`
+  (name, type, default, help): the dataclass is the one home of every bound.
+- The API key may come from `$CASA_API_KEY` instead of `--api-key`, so that
+  it does not show in the process list (`ps`); the flag wins when both are set.
 - The server itself lives in `casa.serve`; this module maps flags onto it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+from dataclasses import MISSING, fields
 
 from casa.cli.values import non_negative_int, positive_float, positive_int
+from casa.serve.limits import Limits, flag_name
 
-__all__ = ["add_arguments", "register", "run"]
+__all__ = ["API_KEY_ENV", "add_arguments", "register", "run"]
+
+API_KEY_ENV = "CASA_API_KEY"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,23 +38,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads per session (default: the free cores shared by --max-sessions)")
+    a = p.add_argument_group("access")
+    a.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on every route but GET /health and the page's own "
+                        f"files (default: ${API_KEY_ENV} if set, else no key)")
+    a.add_argument("--allowed-hosts", default="",
+                   help="comma-separated extra names clients may reach the server by (Host header), 'name' (any "
+                        "port) or 'name:port'; '*' turns the check off. Always allowed: the bound address, "
+                        "localhost, 127.0.0.1, [::1] with the server's port")
     g = p.add_argument_group("limits")
-    g.add_argument("--max-sessions", type=positive_int, default=2,
-                   help="chat generations + live-captioning viewers running at once")
-    g.add_argument("--max-queue", type=positive_int, default=8, help="chat requests waiting for a slot (beyond: 429)")
-    g.add_argument("--queue-timeout", type=positive_float, default=60.0, help="seconds a request waits (beyond: 503)")
-    g.add_argument("--max-tokens", type=positive_int, default=512, help="tokens per chat completion (and the default)")
-    g.add_argument("--max-prompt-tokens", type=positive_int, default=8192,
-                   help="text + image tokens of a chat request's conversation")
-    g.add_argument("--max-images", type=positive_int, default=8, help="images per chat request")
-    g.add_argument("--max-image-pixels", type=positive_int, default=4096 * 4096)
-    g.add_argument("--max-request-mb", type=positive_float, default=16.0, help="a chat request's body")
-    g.add_argument("--max-upload-mb", type=positive_float, default=64.0, help="an uploaded video")
-    g.add_argument("--max-video-seconds", type=positive_float, default=600.0)
-    g.add_argument("--max-fps", type=positive_float, default=10.0, help="live-captioning frame rate")
-    g.add_argument("--max-caption-tokens", type=positive_int, default=64)
-    g.add_argument("--connect-timeout", type=positive_float, default=30.0,
-                   help="seconds a live session waits for its viewer")
+    for f in fields(Limits):
+        kind = positive_int if f.type == "int" else positive_float
+        assert f.default is not MISSING
+        shown = f.default if isinstance(f.default, int) else f"{f.default:g}"
+        g.add_argument(flag_name(f.name), type=kind, default=f.default, help=f"{f.metadata['help']} (default: {shown})")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)
 
@@ -53,16 +59,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from casa.serve.app import bind, create_app, serve
     from casa.serve.engine import Engine
-    from casa.serve.limits import Limits
+    from casa.serve.guard import Access
     from casa.serve.media import MediaDir
     from casa.threads import free_cores, set_threads
 
-    limits = Limits(max_sessions=args.max_sessions, max_queue=args.max_queue, queue_timeout=args.queue_timeout,
-                    max_request_mb=args.max_request_mb, max_upload_mb=args.max_upload_mb,
-                    max_video_seconds=args.max_video_seconds, max_tokens=args.max_tokens,
-                    max_prompt_tokens=args.max_prompt_tokens, max_images=args.max_images,
-                    max_image_pixels=args.max_image_pixels, max_fps=args.max_fps,
-                    max_caption_tokens=args.max_caption_tokens, connect_timeout=args.connect_timeout)
+    limits = Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
+    key, key_from = (args.api_key, "--api-key") if args.api_key is not None else (os.environ.get(API_KEY_ENV),
+                                                                                     f"${API_KEY_ENV}")
+    access = Access.from_options(key, args.allowed_hosts, key_from=key_from)
     MediaDir(args.media_dir)  # refuse a bad --media-dir before loading the model
     sock = bind(args.host, args.port)  # and a port in use
     try:
@@ -70,10 +74,15 @@ def run(args) -> int:
         # and each running session has its own team of them: share the free cores out
         threads = set_threads(args.threads or max(1, free_cores() // args.max_sessions))
         engine = Engine(args.checkpoint, name=args.model_name, device=args.device)
-        app = create_app(engine, limits=limits, media_dir=args.media_dir)
+        app = create_app(engine, limits=limits, media_dir=args.media_dir, access=access)
         host, port = sock.getsockname()[:2]
         print(f"casa serve: model {engine.name!r} at http://{host}:{port}/ (OpenAI API under /v1, live captioning "
-              f"at /; media dir {args.media_dir or 'none'}; {threads} threads per session)", flush=True)
+              f"at /; media dir {args.media_dir or 'none'}; {threads} threads per session; "
+              f"{'API key required' if access.api_key else 'no API key'})", flush=True)
+        if access.api_key is None and host not in ("127.0.0.1", "::1", "localhost"):
+            print(f"casa serve: warning: listening on {host} without an API key: anyone who can reach this port "
+                  f"can use the model (set --api-key or ${API_KEY_ENV}; no TLS: put a reverse proxy in front for "
+                  "remote users)", flush=True)
         serve(app, sock, log_level=args.log_level)
     finally:
         sock.close()

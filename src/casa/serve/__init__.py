@@ -7,6 +7,8 @@ Modules, in the order they depend on each other:
     limits      every bound the operator sets; admission of sessions (429/503)
     media       the allowed media directory, image data URLs, video probing
     http        OpenAI error bodies, bounded bodies, event streams, disconnects
+    guard       Host, Origin and API-key checks, security headers, 500 bodies
+    connections how many connections, how long for headers (uvicorn's h11)
     engine      the model, and the one place that drives casa.inference
     state       what the routes share: engine, limits, workers, counters
     openai_api  /v1/models, /v1/chat/completions
@@ -14,6 +16,6 @@ Modules, in the order they depend on each other:
     app         the Starlette app; running it with uvicorn (also in a thread)
 
 Nothing is imported here, so `import casa.serve` stays cheap; the optional
-dependencies (starlette, uvicorn) are needed only by `http`, `state` and the
-modules that use them.
+dependencies (starlette, uvicorn) are needed only by `http`, `connections`,
+`state` and the modules that use them.
 """

@@ -3,9 +3,14 @@
 Design decisions:
 - Plain Starlette: the OpenAI wire format and the validation are written out
   in `openai_api.py`, where each error can name its field.
+- Every request passes `guard.Guard` first (Host, Origin, API key; security
+  headers on every response), and every connection the bounds of
+  `connections.py` (how many, how long for headers).
 - Every error, an unknown route included, is answered with the OpenAI error
   body; a `ValueError` out of casa is the client's input (400), anything else
-  a 500 whose message says what happened. Neither stops the server.
+  a 500 that says only "internal error" and a request id (the guard logs the
+  traceback beside it). Neither stops the server. A client that leaves
+  before its body has arrived is one log line, not an error.
 - The server binds its socket itself, so `--port 0` picks a free port and
   the printed address is the real one; it binds to 127.0.0.1 unless told
   otherwise.
@@ -15,6 +20,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import shutil
@@ -24,15 +30,18 @@ import threading
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from casa.serve import live, openai_api
+from casa.serve.connections import uvicorn_options
 from casa.serve.engine import Engine
+from casa.serve.guard import Access, Guard
 from casa.serve.http import ApiError, error_body, error_response
-from casa.serve.limits import Limits
+from casa.serve.limits import Limits, shown
 from casa.serve.media import MediaDir
 from casa.serve.state import ServeState
 
@@ -42,36 +51,42 @@ log = logging.getLogger("casa.serve")
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    request.app.state.casa.trim_when_idle()  # a refused body (or decoded images) leaves freed heap
     return error_response(exc)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
-    message = {404: f"no route {request.url.path!r} (see GET /v1/models, POST /v1/chat/completions, GET /)",
-               405: f"method {request.method} is not allowed on {request.url.path!r}"}.get(exc.status_code, exc.detail)
+    path = shown(request.url.path)
+    message = {404: f"no route {path} (see GET /v1/models, POST /v1/chat/completions, GET /)",
+               405: f"method {request.method} is not allowed on {path}"}.get(exc.status_code, exc.detail)
     return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code)
 
 
 async def _value_error(request: Request, exc: ValueError) -> JSONResponse:
     status = getattr(exc, "status", 400)  # a MediaError carries its own
-    return JSONResponse(error_body(status, str(exc)), status_code=status)
+    request.app.state.casa.trim_when_idle()
+    return JSONResponse(error_body(status, str(exc), getattr(exc, "what", None)), status_code=status)
 
 
-async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("error on %s %s", request.method, request.url.path)
-    return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}: {exc}"), status_code=500)
+async def _client_left(request: Request, exc: ClientDisconnect) -> Response:
+    log.info("client left during %s %s before its request body had arrived", request.method, request.url.path)
+    return Response(status_code=499)  # "client closed request": nobody reads it
 
 
 async def _health(request: Request) -> JSONResponse:
     return JSONResponse(request.app.state.casa.health())
 
 
-def create_app(engine: Engine, *, limits: Limits | None = None, media_dir=None) -> Starlette:
-    """The server's application: the OpenAI API under /v1, live captioning at /, GET /health."""
+def create_app(engine: Engine, *, limits: Limits | None = None, media_dir=None,
+               access: Access | None = None) -> Starlette:
+    """The server's application: the OpenAI API under /v1, live captioning at /, GET /health;
+    `access`: its API key and extra host names (default: no key, local names only)."""
     state = ServeState(engine, limits or Limits(), MediaDir(media_dir))
     state.live = live.LiveSessions(state)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        state.loop = asyncio.get_running_loop()
         try:
             yield
         finally:
@@ -82,8 +97,9 @@ def create_app(engine: Engine, *, limits: Limits | None = None, media_dir=None) 
     app = Starlette(
         routes=[Route("/health", _health, methods=["GET"]), *openai_api.routes, *live.routes,
                 Mount("/static", StaticFiles(directory=live.STATIC), name="static")],
+        middleware=[Middleware(Guard, access=access or Access())],
         exception_handlers={ApiError: _api_error, HTTPException: _http_error, ValueError: _value_error,
-                            Exception: _internal_error},
+                            ClientDisconnect: _client_left},
         lifespan=lifespan,
     )
     app.state.casa = state
@@ -105,7 +121,9 @@ def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
 
 
 def _server(app, log_level: str) -> uvicorn.Server:
-    config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
+    state = app.state.casa
+    config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5,
+                            **uvicorn_options(state.limits, state.counts))
     return uvicorn.Server(config)
 
 

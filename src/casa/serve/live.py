@@ -17,9 +17,17 @@ Design decisions:
   media directory), the container (a video, within the duration limit) and
   its first frame (decodable) - a bad file is an HTTP error, not a failed
   stream.
-- It holds an admission slot from creation (never queued) and starts
-  decoding when its viewer connects; a session nobody connects to within
-  `connect_timeout` is closed. One viewer per session.
+- Admission before work: a new session first takes a place among the
+  sessions waiting for their viewer (`--max-pending-live`, else 429); an
+  upload then takes one among the uploads being received (`--max-uploads`,
+  else 429) before a byte of its body is read, and is written to disk within
+  `--max-upload-mb` and `--body-timeout`. Only then is the video probed and
+  opened. A session that waits holds its open file and first frame, never a
+  session slot.
+- The slot is taken when the viewer connects (its event stream opens; 429
+  when none is free, and the session keeps waiting, so the viewer may try
+  again) and held while it is connected; a session nobody connects to
+  within `connect_timeout` is closed. One viewer per session.
 - Frames are decoded at the chosen rate and, with `realtime` (the default),
   captioned at their moment in the video (never waiting when captioning
   falls behind, never skipping a frame).
@@ -51,6 +59,7 @@ from starlette.routing import Route
 
 from casa.serve.engine import Caption, OpenVideo
 from casa.serve.http import ApiError, EventStream, read_json, receive_upload, sse
+from casa.serve.limits import shown
 from casa.serve.media import MediaError, probe_video
 from casa.serve.memory import rss_bytes
 from casa.serve.state import ServeState
@@ -114,37 +123,46 @@ class LiveSessions:
 
     def get(self, ident: str) -> LiveSession:
         if ident not in self.sessions:
-            raise ApiError(404, f"live session {ident!r} does not exist (or has been forgotten)")
+            raise ApiError(404, f"live session {shown(ident)} does not exist (or has been forgotten)", param="id")
         return self.sessions[ident]
 
-    async def create(self, path: Path, *, video: str, options: dict, upload: Path | None = None) -> LiveSession:
-        """Check the video and open it; holds a slot from here on (429 when none is free)."""
+    async def create(self, video: str, options: dict, *, path: Path | None = None,
+                     upload: Request | None = None, suffix: str = "") -> LiveSession:
+        """A session waiting for its viewer, from the media directory's file `path` or
+        from the body of `upload` (saved with `suffix`): places first, then the body,
+        then the checks (see the module doc). Holds no slot."""
         state = self.state
+        state.take(state.pending_live)
+        saved = None
         try:
-            await state.acquire_slot(queue=False)
-        except ApiError:
             if upload is not None:
-                upload.unlink(missing_ok=True)
+                state.take(state.uploads)
+                try:
+                    saved = path = state.upload_dir / f"{uuid.uuid4().hex}{suffix}"
+                    await receive_upload(upload, path, limit=state.limits.max_upload_bytes,
+                                         timeout=state.limits.body_timeout)
+                finally:
+                    state.uploads.give_back()
+            frames = await asyncio.to_thread(self._check_and_open, path, video, options["fps"])
+        except BaseException:
+            state.pending_live.give_back()
+            if saved is not None:
+                saved.unlink(missing_ok=True)
             raise
-
-        def check_and_open() -> OpenVideo:
-            probe_video(path, max_seconds=state.limits.max_video_seconds, what=video)
-            return state.engine.open_video(path, fps=options["fps"])
-
-        try:
-            frames = await asyncio.to_thread(check_and_open)
-        except (MediaError, ValueError) as e:
-            state.release()
-            if upload is not None:
-                upload.unlink(missing_ok=True)
-            status = e.status if isinstance(e, MediaError) else 400
-            message = str(e).replace(str(path), video)  # name the file as the viewer knows it
-            raise ApiError(status, message, param="video") from None
-        session = LiveSession(uuid.uuid4().hex[:16], video, path, frames=frames, upload=upload, **options)
+        session = LiveSession(uuid.uuid4().hex[:16], video, path, frames=frames, upload=saved, **options)
         self.sessions[session.id] = session
         asyncio.get_running_loop().call_later(state.limits.connect_timeout, self._expire, session)
         self._forget_old()
         return session
+
+    def _check_and_open(self, path: Path, video: str, fps: float) -> OpenVideo:
+        try:
+            probe_video(path, max_seconds=self.state.limits.max_video_seconds, what=video)
+            return self.state.engine.open_video(path, fps=fps)
+        except (MediaError, ValueError) as e:
+            status = e.status if isinstance(e, MediaError) else 400
+            message = str(e).replace(str(path), video)  # name the file as the viewer knows it
+            raise ApiError(status, message, param="video") from None
 
     def _forget_old(self) -> None:
         ended = [k for k, s in self.sessions.items() if s.state not in ("waiting", "running")]
@@ -157,22 +175,27 @@ class LiveSessions:
         session.frames = None
         if session.upload is not None:
             session.upload.unlink(missing_ok=True)
-        self.state.release()
+        self.state.pending_live.give_back()
 
     def _expire(self, session: LiveSession) -> None:
         if session.state == "waiting":
             self._close_unstarted(session, "expired")
 
-    def start(self, session: LiveSession) -> None:
-        """Start captioning on a worker thread (the viewer is connected)."""
+    async def start(self, session: LiveSession) -> None:
+        """Take a slot (429 if none: the session keeps waiting) and start captioning
+        on a worker thread (the viewer is connected)."""
+        await self.state.acquire_slot(queue=False)
+        self.state.pending_live.give_back()
         session.state = "running"
         loop = asyncio.get_running_loop()
         session.done = self.state.run_session(self._run, session, loop)
         session.done.add_done_callback(lambda f: self._ended(session, f))
 
     def _ended(self, session: LiveSession, future: asyncio.Future) -> None:
-        if not future.cancelled() and future.exception() is not None:
-            session.state, session.message = "failed", f"internal error: {future.exception()!r}"
+        if not future.cancelled() and future.exception() is not None:  # _run reports its own errors: a bug
+            ident = uuid.uuid4().hex[:12]
+            log.error("internal error %s in live session %s", ident, session.id, exc_info=future.exception())
+            session.state, session.message = "failed", f"internal error (request id {ident}; see the server's log)"
         self.state.counts[f"live_{session.state}"] += 1
         if session.viewer_gone:
             _drain(session.events)
@@ -222,9 +245,10 @@ class LiveSessions:
         except ValueError as e:  # a frame that cannot be decoded or used: the captions so far stay
             session.state, session.message = "failed", str(e).replace(str(session.path), session.video)
             emit("failure", {"message": session.message, "frames": len(session.captions)})
-        except Exception as e:
-            log.exception("live session %s failed", session.id)
-            session.state, session.message = "failed", f"internal error: {type(e).__name__}: {e}"
+        except Exception:
+            ident = uuid.uuid4().hex[:12]
+            log.exception("internal error %s in live session %s", ident, session.id)
+            session.state, session.message = "failed", f"internal error (request id {ident}; see the server's log)"
             emit("failure", {"message": session.message, "frames": len(session.captions)})
         finally:
             captioner = None  # the session's model state goes with it
@@ -262,7 +286,7 @@ def _options(values, limits) -> dict:
     try:
         fps = float(fps)
     except (TypeError, ValueError):
-        raise ApiError(400, f"fps={fps!r}: expected a number", param="fps") from None
+        raise ApiError(400, f"fps={shown(fps)}: expected a number", param="fps") from None
     if not 0 < fps <= limits.max_fps:
         raise ApiError(400, f"fps={fps:g}: must be in (0, {limits.max_fps:g}] (--max-fps)", param="fps")
     realtime = values.get("realtime", True)
@@ -272,8 +296,8 @@ def _options(values, limits) -> dict:
     tokens = values.get("max_tokens", default_tokens)
     try:
         tokens = int(tokens)
-    except (TypeError, ValueError):
-        raise ApiError(400, f"max_tokens={tokens!r}: expected an integer", param="max_tokens") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ApiError(400, f"max_tokens={shown(tokens)}: expected an integer", param="max_tokens") from None
     if not 1 <= tokens <= limits.max_caption_tokens:
         raise ApiError(400, f"max_tokens={tokens}: must be in [1, {limits.max_caption_tokens}] "
                             "(--max-caption-tokens)", param="max_tokens")
@@ -299,7 +323,8 @@ async def config(request: Request) -> JSONResponse:
 
 async def create_session(request: Request) -> JSONResponse:
     state: ServeState = request.app.state.casa
-    body = await read_json(request, limit=64 * 1024, flag="a live session's options")
+    body = await read_json(request, limit=64 * 1024, timeout=state.limits.body_timeout,
+                           flag="a live session's options")
     options = _options(body, state.limits)
     video = body.get("video")
     if not isinstance(video, str):
@@ -308,7 +333,7 @@ async def create_session(request: Request) -> JSONResponse:
         path = state.media.resolve(video, "video")
     except MediaError as e:
         raise ApiError(e.status, str(e), param="video") from None
-    session = await _live(request).create(path, video=video, options=options)
+    session = await _live(request).create(video, options, path=path)
     return JSONResponse(session.summary(), status_code=201)
 
 
@@ -318,9 +343,7 @@ async def upload_session(request: Request) -> JSONResponse:
     name = request.query_params.get("filename", "upload")[:200]
     suffix = Path(name).suffix.lower()
     suffix = suffix if re.fullmatch(r"\.[a-z0-9]{1,5}", suffix) else ""  # a hint for the demuxer only
-    path = state.upload_dir / f"{uuid.uuid4().hex}{suffix}"
-    await receive_upload(request, path, limit=state.limits.max_upload_bytes)
-    session = await _live(request).create(path, video=name, options=options, upload=path)
+    session = await _live(request).create(name, options, upload=request, suffix=suffix)
     return JSONResponse(session.summary(), status_code=201)
 
 
@@ -328,8 +351,9 @@ async def session_events(request: Request) -> EventStream:
     live = _live(request)
     session = live.get(request.path_params["id"])
     if session.state != "waiting":
-        raise ApiError(409, f"live session {session.id}: already {session.state} (one viewer per session)")
-    live.start(session)
+        raise ApiError(409, f"live session {session.id}: already {session.state} (one viewer per session)",
+                       param="id")
+    await live.start(session)
 
     async def events():
         yield sse({"id": session.id, "video": session.video, "fps": session.fps}, "start")

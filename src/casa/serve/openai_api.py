@@ -17,6 +17,20 @@ Design decisions:
 - `usage.prompt_tokens` counts the text tokens of the rendered conversation
   plus the image tokens (`tokens_per_image` per image), as OpenAI counts
   images in the prompt; `completion_tokens` counts every sampled token.
+- Admission before work. A request is checked in this order, and nothing
+  expensive runs before it holds a slot:
+  1. the body: JSON, its size, its deadline (`http.read_json`);
+  2. the fields, cheap checks only: model, roles, parts, `max_tokens`,
+     `seed` (int64), ... and the conversation's size in characters
+     (`Limits.max_prompt_chars`, derived from `--max-prompt-tokens`) and
+     images (`--max-images`), all without tokenizing or decoding anything;
+  3. a slot, or a place in the queue (429 when full, 503 after the wait);
+  4. on the slot's worker: every image's header (`--max-image-pixels`, and
+     `--max-request-pixels` for their sum), then the images decoded, then
+     the conversation tokenized and counted (`--max-prompt-tokens`);
+  5. generation.
+  A refusal in step 4 frees the slot; any refusal hands the freed heap
+  back to the system once the server is idle.
 - A client that disconnects (streaming or not) stops its generation at the
   next token; the slot is freed when the worker has returned.
 """
@@ -24,6 +38,7 @@ Design decisions:
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 
@@ -40,13 +55,16 @@ from casa.serve.http import (
     sse,
     until_disconnect,
 )
-from casa.serve.media import MediaError, load_image
+from casa.serve.limits import shown
+from casa.serve.media import MediaError, load_images
 from casa.serve.state import ClientGone, ServeState
 
 __all__ = ["ChatRequest", "StopText", "parse_chat_request", "routes"]
 
 MAX_MESSAGES = 256
 MAX_STOPS = 4
+SEED_RANGE = (-(2**63), 2**63 - 1)  # int64, as the OpenAI API; torch's generator takes them all
+log = logging.getLogger("casa.serve")
 
 
 # ------------------------------------------------------------- validation
@@ -55,15 +73,15 @@ def _number(body: dict, key: str, default: float, low: float, high: float, *, lo
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ApiError(400, f"{key}={value!r}: expected a number", param=key)
+        raise ApiError(400, f"{key}={shown(value)}: expected a number", param=key)
     if not (low < value if low_open else low <= value) or value > high:
         bound = f"({low:g}, {high:g}]" if low_open else f"[{low:g}, {high:g}]"
-        raise ApiError(400, f"{key}={value!r}: must be in {bound}", param=key)
+        raise ApiError(400, f"{key}={shown(value)}: must be in {bound}", param=key)
     return float(value)
 
 
-def _text_parts(content, where: str, *, images: bool) -> tuple[str, list[str]]:
-    """(text, image URLs) of a message's content: a string or a list of parts."""
+def _text_parts(content, where: str, *, images: bool) -> tuple[str, list[tuple[str, str]]]:
+    """(text, [(image URL, where)]) of a message's content: a string or a list of parts."""
     if content is None:
         return "", []
     if isinstance(content, str):
@@ -76,19 +94,19 @@ def _text_parts(content, where: str, *, images: bool) -> tuple[str, list[str]]:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
             if not isinstance(part.get("text"), str):
-                raise ApiError(400, f"{at}.text: expected a string", param=at)
+                raise ApiError(400, f"{at}.text: expected a string", param=f"{at}.text")
             texts.append(part["text"])
         elif kind == "image_url" and images:
             image = part.get("image_url")
             url = image.get("url") if isinstance(image, dict) else image
             if not isinstance(url, str):
-                raise ApiError(400, f"{at}.image_url.url: expected a URL string", param=at)
-            urls.append(url)
+                raise ApiError(400, f"{at}.image_url.url: expected a URL string", param=f"{at}.image_url.url")
+            urls.append((url, f"{at}.image_url.url"))
         elif kind == "image_url":
             raise ApiError(400, f"{at}: images are allowed in user messages only", param=at)
         else:
-            raise ApiError(400, f"{at}: unsupported content part type {kind!r} (expected 'text' or 'image_url')",
-                           param=at)
+            raise ApiError(400, f"{at}: unsupported content part type {shown(kind)} (expected 'text' or "
+                                "'image_url')", param=at)
     return "".join(texts), urls
 
 
@@ -100,45 +118,46 @@ class ChatRequest:
         if not isinstance(name, str):
             raise ApiError(400, "model: required, the model's id (GET /v1/models)", param="model")
         if name != model:
-            raise ApiError(404, f"model {name!r} does not exist; this server serves {model!r} (GET /v1/models)",
+            raise ApiError(404, f"model {shown(name)} does not exist; this server serves {model!r} (GET /v1/models)",
                            param="model", code="model_not_found")
         if body.get("n") not in (None, 1):
-            raise ApiError(400, f"n={body['n']!r}: this server returns one choice (n=1)", param="n")
+            raise ApiError(400, f"n={shown(body['n'])}: this server returns one choice (n=1)", param="n")
         for key in ("tools", "functions"):
             if body.get(key):
                 raise ApiError(400, f"{key}: tool calling is not supported by this server", param=key)
-        self.turns, self.image_urls = self._messages(body.get("messages"), limits.max_images)
+        self.turns, self.image_urls = self._messages(body.get("messages"), limits)
         key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         value = body.get(key)
         if value is None:
             value = limits.max_tokens
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limits.max_tokens:
-            raise ApiError(400, f"{key}={value!r}: must be an integer in [1, {limits.max_tokens}] (the server's "
-                                "--max-tokens)", param=key)
+            raise ApiError(400, f"{key}={shown(value)}: must be an integer in [1, {limits.max_tokens}] (the "
+                                "server's --max-tokens)", param=key)
         self.max_tokens = value
         self.temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
         self.top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
         seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ApiError(400, f"seed={seed!r}: expected an integer", param="seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                 or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+            raise ApiError(400, f"seed={shown(seed)}: expected an integer in [-2**63, 2**63 - 1]", param="seed")
         self.seed = seed
         stop = body.get("stop")
         stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
         if (not isinstance(stops, list) or len(stops) > MAX_STOPS
                 or not all(isinstance(s, str) and s for s in stops)):
-            raise ApiError(400, f"stop={stop!r}: expected a non-empty string or a list of at most {MAX_STOPS}",
+            raise ApiError(400, f"stop={shown(stop)}: expected a non-empty string or a list of at most {MAX_STOPS}",
                            param="stop")
         self.stops = stops
         self.stream = body.get("stream") or False
         if not isinstance(self.stream, bool):
-            raise ApiError(400, f"stream={self.stream!r}: expected true or false", param="stream")
+            raise ApiError(400, f"stream={shown(self.stream)}: expected true or false", param="stream")
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise ApiError(400, "stream_options: expected an object", param="stream_options")
         self.include_usage = bool(options.get("include_usage"))
 
     @staticmethod
-    def _messages(messages, max_images: int) -> tuple[list[Turn], list[tuple[int, str, str]]]:
+    def _messages(messages, limits) -> tuple[list[Turn], list[tuple[int, str, str]]]:
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages: required, a non-empty list", param="messages")
         if len(messages) > MAX_MESSAGES:
@@ -149,32 +168,41 @@ class ChatRequest:
             role = message.get("role") if isinstance(message, dict) else None
             role = "system" if role == "developer" else role
             if role not in ("system", "user", "assistant"):
-                raise ApiError(400, f"{where}.role={role!r}: expected 'system', 'user' or 'assistant'",
+                raise ApiError(400, f"{where}.role={shown(role)}: expected 'system', 'user' or 'assistant'",
                                param=f"{where}.role")
             text, found = _text_parts(message.get("content"), f"{where}.content", images=role == "user")
-            urls += [(len(turns), url, f"{where}.content image {k}") for k, url in enumerate(found)]
+            urls += [(len(turns), url, at) for url, at in found]
             turns.append(Turn(role, text))
         if turns[-1].role != "user":
             raise ApiError(400, f"messages[{len(turns) - 1}]: the last message must be a user message",
                            param="messages")
-        if len(urls) > max_images:
-            raise ApiError(400, f"messages: {len(urls)} images, at most {max_images} per request (--max-images)",
+        if len(urls) > limits.max_images:
+            raise ApiError(400, f"messages: {len(urls)} images, at most {limits.max_images} per request "
+                                "(--max-images)", param="messages")
+        chars = sum(len(t.text) for t in turns)
+        if chars > limits.max_prompt_chars:  # refused before tokenizing: see the module doc of limits
+            raise ApiError(400, f"messages: the conversation's text is {chars} characters, above the limit of "
+                                f"{limits.max_prompt_chars} (--max-prompt-tokens {limits.max_prompt_tokens} at "
+                                f"{limits.max_prompt_chars // limits.max_prompt_tokens} characters a token)",
                            param="messages")
         return turns, urls
 
     def prepare(self, state: ServeState) -> None:
-        """Decode the images into their turns and check the conversation's size
-        (raises ApiError naming the image or the limit). CPU work: run off the loop."""
-        for turn, url, where in self.image_urls:
-            try:
-                image = load_image(url, state.media, max_pixels=state.limits.max_image_pixels, what=where)
-            except MediaError as e:
-                raise ApiError(e.status, str(e), param=where) from None
+        """Decode the images into their turns and check the conversation's size in
+        tokens (raises ApiError naming the image or the limit). Steps 4 of the
+        module doc: CPU work, on the slot's worker thread."""
+        lim = state.limits
+        try:
+            images = load_images([(url, where) for _, url, where in self.image_urls], state.media,
+                                 max_pixels=lim.max_image_pixels, max_total_pixels=lim.max_request_pixels)
+        except MediaError as e:
+            raise ApiError(e.status, str(e), param=e.what) from None
+        for (turn, _, _), image in zip(self.image_urls, images):
             self.turns[turn].images.append(image)
-        size, limit = state.engine.prompt_tokens(self.turns), state.limits.max_prompt_tokens
-        if size > limit:
+        size = state.engine.prompt_tokens(self.turns)
+        if size > lim.max_prompt_tokens:
             raise ApiError(400, f"messages: the conversation is {size} tokens (text and images), above the limit "
-                                f"of {limit} (--max-prompt-tokens)", param="messages")
+                                f"of {lim.max_prompt_tokens} (--max-prompt-tokens)", param="messages")
 
 
 def parse_chat_request(body: dict, state: ServeState) -> ChatRequest:
@@ -247,8 +275,9 @@ def _usage(result: ChatResult) -> dict:
 
 async def chat_completions(request: Request):
     state = _state(request)
-    req = parse_chat_request(await read_json(request, limit=state.limits.max_request_bytes), state)
-    await asyncio.to_thread(req.prepare, state)
+    body = await read_json(request, limit=state.limits.max_request_bytes, timeout=state.limits.body_timeout)
+    req = parse_chat_request(body, state)
+    del body  # the validated request keeps what it needs
     acquiring = asyncio.ensure_future(state.acquire_slot())
     try:
         await until_disconnect(request, acquiring)
@@ -258,6 +287,15 @@ async def chat_completions(request: Request):
         if not acquiring.cancelled() and acquiring.exception() is None:
             state.release()
         return Response(status_code=499)  # "client closed request": nobody reads it
+    preparing = state.in_slot(req.prepare, state)  # images and tokens: only now, holding the slot
+    try:
+        await until_disconnect(request, preparing)
+    except ConnectionAbortedError:
+        preparing.add_done_callback(lambda _: state.release())
+        return Response(status_code=499)
+    except BaseException:  # refused (images, tokens): the slot goes to the next request
+        state.release()
+        raise
     loop = asyncio.get_running_loop()
     stopper = StopText(req.stops)
     gone = False
@@ -303,8 +341,11 @@ async def chat_completions(request: Request):
             yield chunk({"content": piece})
         try:
             result = future.result()
-        except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream
-            yield sse(error_body(500, f"generation failed: {type(e).__name__}: {e}"))
+        except Exception:  # noqa: BLE001 - the status line is sent: report in the stream
+            ident = uuid.uuid4().hex[:12]
+            log.exception("internal error %s in a streamed chat completion", ident)
+            yield sse(error_body(500, f"internal error (request id {ident}; the server's log has the details)",
+                                 code="internal_error"))
             yield sse("[DONE]")
             return
         rest = stopper.finish(result.text)

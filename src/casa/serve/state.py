@@ -1,14 +1,16 @@
 """What the routes of one server share: the engine, the limits and their
-admission counter, the media directory, the worker threads, the counters
+admission counters, the media directory, the worker threads, the counters
 `/health` reports.
 
 Design decisions:
 - Model work runs on a pool of exactly `max_sessions` threads, never on the
   event loop: the loop keeps answering (health, errors, 429s) while every
-  slot generates.
+  slot generates. A slot holder always finds a free thread.
 - A session's slot is released when its worker has *returned* (its KV cache
   is garbage by then), not when its client leaves; when the last one is
-  released the freed heap goes back to the system (`memory.py`).
+  released the freed heap goes back to the system (`memory.py`). A refused
+  request does the same once the server is idle: a large refused body (or
+  images decoded before a refusal) leaves freed heap too.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from casa.serve.engine import Engine
 from casa.serve.http import ApiError
-from casa.serve.limits import Admission, Busy, Limits
+from casa.serve.limits import Admission, Busy, Limits, Places
 from casa.serve.media import MediaDir
 from casa.serve.memory import peak_rss_bytes, release_freed_memory, rss_bytes
 
@@ -31,6 +33,11 @@ __all__ = ["ClientGone", "ServeState"]
 
 class ClientGone(Exception):
     """Raised on a worker thread to abandon a session whose client has left."""
+
+
+def _busy(e: Busy) -> ApiError:
+    return ApiError(e.status, str(e), code="rate_limit_exceeded" if e.status == 429 else "overloaded",
+                    headers={"Retry-After": "1"})
 
 
 @dataclass
@@ -44,10 +51,15 @@ class ServeState:
     counts: Counter = field(default_factory=Counter)  # "completed", "cancelled", "refused", "failed", ...
 
     def __post_init__(self):
-        self.admission = Admission(self.limits)
-        self.executor = ThreadPoolExecutor(max_workers=self.limits.max_sessions, thread_name_prefix="casa-session")
+        lim = self.limits
+        self.admission = Admission(lim)
+        self.pending_live = Places(lim.max_pending_live, "live sessions wait for their viewer", "--max-pending-live")
+        self.uploads = Places(lim.max_uploads, "uploads are being received", "--max-uploads")
+        self.executor = ThreadPoolExecutor(max_workers=lim.max_sessions, thread_name_prefix="casa-session")
         self.upload_dir = Path(tempfile.mkdtemp(prefix="casa-serve-uploads-"))
         self.live = None  # the live-captioning sessions (`live.LiveSessions`), set by the app
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's event loop, once it runs
+        self._trim_pending = False
 
     async def acquire_slot(self, *, queue: bool = True) -> None:
         """Take a session slot (queueing if `queue`), or raise the 429/503 `ApiError`."""
@@ -58,8 +70,15 @@ class ServeState:
                 self.admission.try_acquire()
         except Busy as e:
             self.counts["refused"] += 1
-            raise ApiError(e.status, str(e), code="rate_limit_exceeded" if e.status == 429 else "overloaded",
-                           headers={"Retry-After": "1"}) from None
+            raise _busy(e) from None
+
+    def take(self, places: Places) -> None:
+        """Take one of `places` (pending live sessions, uploads), or raise the 429 `ApiError`."""
+        try:
+            places.take()
+        except Busy as e:
+            self.counts["refused"] += 1
+            raise _busy(e) from None
 
     def count_outcome(self, future: asyncio.Future, kind: str) -> None:
         """Count a finished session as completed, cancelled (client gone) or failed."""
@@ -67,27 +86,40 @@ class ServeState:
         outcome = "cancelled" if future.cancelled() or isinstance(error, ClientGone) else "failed" if error else "completed"
         self.counts[f"{kind}_{outcome}"] += 1
 
+    def in_slot(self, fn, *args) -> asyncio.Future:
+        """Run `fn(*args)` on a worker thread for a slot already held (not released here)."""
+        return asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
     def run_session(self, fn, *args) -> asyncio.Future:
         """Run `fn(*args)` on a worker thread, holding an admission slot (already
         acquired) until it returns; the slot is released then."""
-        future = asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        future = self.in_slot(fn, *args)
         future.add_done_callback(lambda _: self.release())
         return future
 
     def release(self) -> None:
         self.admission.release()
-        if self.admission.active == 0:  # idle: hand the sessions' freed memory back
-            try:
-                self.executor.submit(self._release_memory)
-            except RuntimeError:  # shutting down: the process is about to give it all back
-                pass
+        self.trim_when_idle()
+
+    def trim_when_idle(self) -> None:
+        """Hand freed heap back to the system now if no session runs (else the last one does)."""
+        if self.admission.active or self._trim_pending:
+            return
+        self._trim_pending = True
+        try:
+            self.executor.submit(self._release_memory)
+        except RuntimeError:  # shutting down: the process is about to give it all back
+            pass
 
     def _release_memory(self) -> None:
+        self._trim_pending = False
         release_freed_memory()
         self.counts["memory_releases"] += 1  # lets a test wait for it
 
     def health(self) -> dict:
+        live = self.live
         return {"status": "ok", "model": self.engine.name, "sessions": self.admission.active,
                 "queued": self.admission.queued, "max_sessions": self.limits.max_sessions,
-                "max_queue": self.limits.max_queue, "live_sessions": self.live.running() if self.live else 0,
+                "max_queue": self.limits.max_queue, "live_sessions": live.running() if live else 0,
+                "live_waiting": self.pending_live.used, "uploads": self.uploads.used,
                 "rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes(), "counts": dict(self.counts)}
