@@ -143,3 +143,49 @@ def test_the_decode_path_is_resolved_once_and_named(one_thread):
         Session(model, decode="fast")
     with pytest.raises(ValueError, match="decode='kernels': the model's dtype is torch.float16"):
         Session(make_model("casa", "parallel").half(), decode="kernels")
+
+
+# ------------------------------------------------------------------ the server
+def test_concurrent_chat_and_live_captions_equal_each_request_alone(tmp_path, one_thread):
+    """`casa serve` with 6 chat requests and a live-captioning session in flight at once, on the
+    kernel path: every reply, and every caption, equals the same request run alone on the same
+    server (greedy). Before the plans belonged to sessions, 8 of 120 such replies differed."""
+    import httpx2 as httpx
+    from test_serve import data_url, image_array, make_checkpoint, read_events
+    from test_stream import encode_video
+
+    from casa.serve.app import ServerThread, create_app
+    from casa.serve.engine import Engine
+    from casa.serve.limits import Limits
+
+    media = tmp_path / "media"
+    media.mkdir()
+    encode_video(media / "clip.mp4", 30)  # 3 s at 10 fps
+    engine = Engine(make_checkpoint(tmp_path / "tiny"))
+    assert engine.decode == ("kernels" if cpu_kernels.available() else "torch")
+    app = create_app(engine, limits=Limits(max_sessions=7, max_queue=4, max_tokens=64), media_dir=media)
+
+    def chat_body(i):
+        content = [{"type": "image_url", "image_url": {"url": data_url(image_array(10 + i))}},
+                   {"type": "text", "text": f"Describe picture {i}."}]
+        return {"model": "tiny", "temperature": 0, "max_tokens": 24, "messages": [{"role": "user", "content": content}]}
+
+    with ServerThread(app) as url:
+        def chat(i):
+            r = httpx.post(url + "/v1/chat/completions", json=chat_body(i), timeout=120)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"]
+
+        def live():
+            r = httpx.post(url + "/live/sessions", json={"video": "clip.mp4", "fps": 4, "realtime": False,
+                                                         "max_tokens": 8}, timeout=60)
+            assert r.status_code == 201, r.text
+            events = read_events(url, r.json()["id"])
+            assert events[-1][0] == "end", events[-1]
+            return [data["text"] for kind, data in events if kind == "caption"]
+
+        fns = [lambda i=i: chat(i) for i in range(6)] + [live]
+        alone = on_threads(fns, together=False)
+        for _ in range(2):
+            assert on_threads(fns, together=True) == alone
+    assert len(set(alone[:6])) == 6 and len(alone[6]) == 12  # distinct replies; a caption per frame

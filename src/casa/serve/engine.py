@@ -3,9 +3,12 @@ API (`Chat`, `Captioner`, the video frame source, the SRT writer) for it.
 
 Design decisions:
 - One model, tokenizer and processor per server, loaded once; every session
-  gets its own `Session` (its own text-only KV cache, docs/design.md §5) over
-  the shared, read-only weights, so sessions run side by side on worker
-  threads.
+  gets its own `Session` (its own text-only KV cache and decoding state,
+  docs/design.md §5) over the shared, read-only weights, so sessions run
+  side by side on worker threads, each giving the reply it gives alone.
+- The decode path (`decode="auto" | "kernels" | "torch"`) is resolved once,
+  when the model loads, and every session takes it (`Engine.decode` names it;
+  `casa serve` prints it and `/health` reports it).
 - The chat API is stateless: each request brings the whole conversation, and
   `Engine.chat` replays it into a fresh session, rendered by the model's own
   processor (`data.Processor`: the built-in template or the tokenizer's chat
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from casa.core.decode import resolve_decode
 from casa.inference.captioner import Caption, Captioner
 from casa.inference.generate import Chat, Sampling
 from casa.inference.session import Session
@@ -89,10 +93,11 @@ class _StopRequested(Exception):
 class Engine:
     """A casa model directory (or training run), ready to chat and caption."""
 
-    def __init__(self, checkpoint, *, name: str | None = None, device: str = "cpu"):
+    def __init__(self, checkpoint, *, name: str | None = None, device: str = "cpu", decode: str = "auto"):
         path = resolve_model_dir(checkpoint)  # a training run: its latest checkpoint
         self.path = path
         self.model, self.tokenizer, self.processor = load(path, device=device)
+        self.decode = resolve_decode(decode, self.model.embed.weight)  # "kernels" or "torch", for every session
         self.name = name or Path(checkpoint).resolve().name
         self.created = int((path / "config.json").stat().st_mtime)
 
@@ -114,7 +119,7 @@ class Engine:
             raise ValueError("the last message must be a user message")
         generator = torch.Generator(self.model.embed.weight.device)
         generator.manual_seed(seed if seed is not None else random.getrandbits(63))
-        session = Session(self.model)
+        session = Session(self.model, decode=self.decode)
         chat = Chat(session, self.processor, generator=generator,
                     sampling=Sampling(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p))
         for turn in turns:
@@ -152,7 +157,8 @@ class Engine:
         `instruction`: the user text with the first frame (None: the captioner's default)."""
         extra = {} if instruction is None else {"instruction": instruction}
         return Captioner(self.model, self.processor, sampling=Sampling(max_new_tokens=max_tokens),
-                         allow_size_change=False, generator=torch.Generator().manual_seed(seed), **extra)
+                         allow_size_change=False, generator=torch.Generator().manual_seed(seed),
+                         decode=self.decode, **extra)
 
     @staticmethod
     def srt(captions: list[Caption]) -> str:
