@@ -2,6 +2,7 @@
 the input, and keeps serving: after every refusal a good request succeeds.
 One server for the module, with small limits so that each one is reachable."""
 
+import base64
 import io
 import json
 import socket
@@ -113,38 +114,107 @@ def image_message(url):
 
 
 # ------------------------------------------------------------ chat requests
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n0 0 moveto 10 10 lineto stroke\nshowpage\n%%EOF\n"
+NESTED = {"a": 0}
+for _ in range(70):
+    NESTED = {"a": NESTED}
+URL = "messages[0].content[1].image_url.url"
+# case: (body, status, the `param` naming the field, words of the message)
 CHAT_CASES = {
-    "list body": ([1, 2], 400, "must be a JSON object"),
-    "unknown model": ({**GOOD, "model": "nope"}, 404, "'nope' does not exist", "'tiny'"),
-    "no messages": ({"model": MODEL}, 400, "messages: required"),
-    "bad role": ({**GOOD, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role='robot'"),
-    "assistant last": ({**GOOD, "messages": [{"role": "assistant", "content": "x"}]}, 400, "last message"),
-    "bad part": (message([{"type": "audio", "audio": "x"}]), 400, "messages[0].content[0]", "'audio'"),
-    "etc passwd": (image_message("file:///etc/passwd"), 403, "outside the media directory"),
-    "remote url": (image_message("https://example.com/cat.png"), 400, "does not fetch remote URLs"),
-    "text data url": (image_message("data:text/plain;base64,aGVsbG8="), 400, "'text/plain'", "not an image"),
-    "bad base64": (image_message("data:image/png;base64,@@@"), 400, "invalid base64"),
-    "not an image": (image_message("data:image/png;base64,aGVsbG8="), 400, "cannot decode the image"),
+    "list body": ([1, 2], 400, None, "must be a JSON object"),
+    "unknown model": ({**GOOD, "model": "nope"}, 404, "model", "'nope' does not exist", "'tiny'"),
+    "no messages": ({"model": MODEL}, 400, "messages", "messages: required"),
+    "bad role": ({**GOOD, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role",
+                 "messages[0].role='robot'"),
+    "assistant last": ({**GOOD, "messages": [{"role": "assistant", "content": "x"}]}, 400, "messages[0].role",
+                       "last message"),
+    "bad part": (message([{"type": "audio", "audio": "x"}]), 400, "messages[0].content[0]", "messages[0].content[0]",
+                 "'audio'"),
+    "etc passwd": (image_message("file:///etc/passwd"), 403, URL, "outside the media directory"),
+    "remote url": (image_message("https://example.com/cat.png"), 400, URL, "does not fetch remote URLs"),
+    "text data url": (image_message("data:text/plain;base64,aGVsbG8="), 400, URL, "'text/plain'", "not an image"),
+    "eps data url": (image_message("data:image/x-eps;base64," + base64.b64encode(EPS).decode()), 400, URL,
+                     "'image/x-eps'", "PNG, JPEG, WebP, GIF or BMP"),
+    "bad base64": (image_message("data:image/png;base64,@@@"), 400, URL, "invalid base64"),
+    "not an image": (image_message("data:image/png;base64,aGVsbG8="), 400, URL, "cannot decode the image",
+                     "not a PNG, JPEG, WebP, GIF or BMP file"),
     "too many images": (message([{"type": "image_url", "image_url": {"url": data_url(image_array(k))}}
-                                 for k in range(3)]), 400, "3 images, at most 2"),
-    "long prompt": (message("y" * 2001), 400, "2001 tokens", "limit of 2000 (--max-prompt-tokens)"),
-    "max_tokens 0": ({**GOOD, "max_tokens": 0}, 400, "max_tokens=0", "[1, 64]"),
-    "max_tokens huge": ({**GOOD, "max_tokens": 10**9}, 400, "max_tokens=1000000000"),
-    "max_tokens text": ({**GOOD, "max_tokens": "5"}, 400, "max_tokens='5'"),
-    "temperature": ({**GOOD, "temperature": 3}, 400, "temperature=3"),
-    "top_p 0": ({**GOOD, "top_p": 0}, 400, "top_p=0"),
-    "five stops": ({**GOOD, "stop": list("abcde")}, 400, "stop="),
-    "n 2": ({**GOOD, "n": 2}, 400, "n=2"),
-    "stream text": ({**GOOD, "stream": "yes"}, 400, "stream='yes'"),
+                                 for k in range(3)]), 400, "messages", "3 images, at most 2"),
+    "long prompt": (message("y" * 2001), 400, "messages", "2001 tokens", "limit of 2000 (--max-prompt-tokens)"),
+    "max_tokens 0": ({**GOOD, "max_tokens": 0}, 400, "max_tokens", "max_tokens=0", "[1, 64]"),
+    "max_tokens huge": ({**GOOD, "max_tokens": 10**9}, 400, "max_tokens", "max_tokens=1000000000"),
+    "max_tokens text": ({**GOOD, "max_tokens": "5"}, 400, "max_tokens", "max_tokens='5'"),
+    "temperature": ({**GOOD, "temperature": 3}, 400, "temperature", "temperature=3"),
+    "top_p 0": ({**GOOD, "top_p": 0}, 400, "top_p", "top_p=0"),
+    "seed 2**70": ({**GOOD, "seed": 2**70}, 400, "seed", f"seed={2**70}", "[-2**63, 2**63 - 1]"),
+    "five stops": ({**GOOD, "stop": list("abcde")}, 400, "stop", "stop="),
+    "n 2": ({**GOOD, "n": 2}, 400, "n", "n=2"),
+    "stream text": ({**GOOD, "stream": "yes"}, 400, "stream", "stream='yes'"),
+    "deep nesting": ({**GOOD, "metadata": NESTED}, 400, "metadata", "nested more than 64 levels"),
 }
 
 
 @pytest.mark.parametrize("case", list(CHAT_CASES))
 def test_bad_chat_request(server, case):
-    body, status, *words = CHAT_CASES[case]
+    body, status, param, *words = CHAT_CASES[case]
     error = assert_refused(chat(server[0], body), status, *words)
     assert error["type"] == {400: "invalid_request_error", 403: "permission_error", 404: "not_found_error"}[status]
+    assert error["param"] == param
     assert_still_serving(server[0])
+
+
+def raw_post(url, path, body: bytes):
+    return httpx.post(url + path, content=body, headers={"Content-Type": "application/json"}, timeout=30)
+
+
+def test_bodies_that_were_500s_are_400s_naming_the_field(server):
+    """Deep nesting (a RecursionError), a lone surrogate (UnicodeEncodeError far from
+    the input), NaN, a file name too long: each was an internal error."""
+    url = server[0]
+    assert_refused(raw_post(url, "/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000), 400,
+                   "request body: JSON nested too deeply")
+    for text in (b'"a\\ud800b"', b'"a\xed\xa0\x80b"'):  # escaped, and as (invalid) UTF-8 bytes
+        body = b'{"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": %s}]}' % text
+        error = assert_refused(raw_post(url, "/v1/chat/completions", body), 400, "lone UTF-16 surrogate")
+        assert error["param"] == "messages[0].content"
+    error = assert_refused(raw_post(url, "/live/sessions", b'{"video": "\\udfff.mp4"}'), 400, "surrogate")
+    assert error["param"] == "video"
+    assert_refused(raw_post(url, "/v1/chat/completions", b'{"model": "tiny", "temperature": NaN}'), 400,
+                   "not valid JSON", "NaN")
+    error = assert_refused(httpx.post(url + "/live/sessions", json={"video": "a" * 5000}), 400,
+                           "not a usable file name")
+    assert error["param"] == "video"
+    surrogate_pair = b'{"model": "tiny", "max_tokens": 2, "temperature": 0, "messages": [{"role": "user", ' \
+                     b'"content": "\\ud83d\\ude00"}]}'  # an escaped pair is text (an emoji)
+    assert raw_post(url, "/v1/chat/completions", surrogate_pair).status_code == 200
+    assert_still_serving(url)
+
+
+def test_images_are_decoded_from_five_formats_only(server, monkeypatch):
+    """An EPS sent as data:image/png reached Pillow's Ghostscript plugin."""
+    from PIL import EpsImagePlugin
+
+    opened = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(self))
+    url = "data:image/png;base64," + base64.b64encode(EPS).decode()
+    error = assert_refused(chat(server[0], image_message(url)), 400, "not a PNG, JPEG, WebP, GIF or BMP file")
+    assert error["param"] == URL and opened == [] and "Ghostscript" not in error["message"]
+    assert_still_serving(server[0])
+
+
+def test_base64_data_urls_in_any_case_and_wrapped_over_lines(server):
+    """RFC 2397 and MIME: `;BASE64` is the same parameter; base64 is wrapped at 76 columns."""
+    png = io.BytesIO()
+    Image.fromarray(image_array(4)).save(png, format="PNG")
+    text = base64.b64encode(png.getvalue()).decode()
+    wrapped = "\r\n".join(text[i : i + 76] for i in range(0, len(text), 76))
+    replies = []
+    for url in ("data:image/png;base64," + text, "data:image/png;BASE64," + text,
+                "data:image/png;Base64," + wrapped, "data:image/PNG;base64," + text.replace("=", "%3D")):
+        r = chat(server[0], {**image_message(url), "temperature": 0})
+        assert r.status_code == 200, r.text
+        replies.append((r.json()["choices"][0]["message"]["content"], r.json()["usage"]))
+    assert replies[1:] == replies[:1] * 3
 
 
 def test_malformed_json_oversized_body_and_unknown_routes(server):

@@ -123,7 +123,7 @@ def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
 def _server(app, log_level: str) -> uvicorn.Server:
     state = app.state.casa
     config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5,
-                            **uvicorn_options(state.limits, state.counts))
+                            **uvicorn_options(state.limits, state.counts, state.connections))
     return uvicorn.Server(config)
 
 

@@ -24,8 +24,8 @@ Design decisions:
   (`http.py`, `--body-timeout`).
 - h11 always, never httptools where installed: these bounds are written for it.
 - Refusals are counted (`/health` counts `connections_refused`,
-  `header_timeouts`) and logged at most once a minute each, so a flood of
-  them cannot fill the log.
+  `header_timeouts`, and reports the connections open) and logged at most
+  once a minute each, so a flood of them cannot fill the log.
 """
 
 from __future__ import annotations
@@ -45,15 +45,16 @@ LOG_EVERY = 60.0  # seconds between two log lines about the same kind of refusal
 log = logging.getLogger("casa.serve")
 
 
-def uvicorn_options(limits: Limits, counts: Counter) -> dict:
+def uvicorn_options(limits: Limits, counts: Counter, connections: set) -> dict:
     """The keyword arguments of `uvicorn.Config` that bound connections."""
-    return {"http": bounded_h11(limits, counts), "limit_concurrency": limits.max_connections + 1,
+    return {"http": bounded_h11(limits, counts, connections), "limit_concurrency": limits.max_connections + 1,
             "timeout_keep_alive": limits.keep_alive_timeout, "h11_max_incomplete_event_size": MAX_HEADER_BYTES}
 
 
-def bounded_h11(limits: Limits, counts: Counter) -> type[H11Protocol]:
+def bounded_h11(limits: Limits, counts: Counter, connections: set) -> type[H11Protocol]:
     """uvicorn's h11 protocol with `limits.max_connections` and `limits.header_timeout`
-    (see the module doc); refusals are counted in `counts`."""
+    (see the module doc); refusals are counted in `counts`, admitted connections
+    kept in `connections` while open."""
     logged: dict[str, float] = {}
 
     def note(kind: str, message: str) -> None:
@@ -74,6 +75,7 @@ def bounded_h11(limits: Limits, counts: Counter) -> type[H11Protocol]:
                                             "(--max-connections)")
                 transport.close()
                 return
+            connections.add(self)
             self._arm()
 
         def _arm(self) -> None:
@@ -105,6 +107,7 @@ def bounded_h11(limits: Limits, counts: Counter) -> type[H11Protocol]:
             super().on_response_complete()
 
         def connection_lost(self, exc) -> None:
+            connections.discard(self)
             self._disarm()
             super().connection_lost(exc)
 

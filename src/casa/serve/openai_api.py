@@ -175,7 +175,7 @@ class ChatRequest:
             turns.append(Turn(role, text))
         if turns[-1].role != "user":
             raise ApiError(400, f"messages[{len(turns) - 1}]: the last message must be a user message",
-                           param="messages")
+                           param=f"messages[{len(turns) - 1}].role")
         if len(urls) > limits.max_images:
             raise ApiError(400, f"messages: {len(urls)} images, at most {limits.max_images} per request "
                                 "(--max-images)", param="messages")

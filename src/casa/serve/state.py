@@ -49,6 +49,7 @@ class ServeState:
     executor: ThreadPoolExecutor = field(init=False)
     upload_dir: Path = field(init=False)
     counts: Counter = field(default_factory=Counter)  # "completed", "cancelled", "refused", "failed", ...
+    connections: set = field(default_factory=set)  # open HTTP connections (kept by `connections.py`)
 
     def __post_init__(self):
         lim = self.limits
@@ -122,4 +123,5 @@ class ServeState:
                 "queued": self.admission.queued, "max_sessions": self.limits.max_sessions,
                 "max_queue": self.limits.max_queue, "live_sessions": live.running() if live else 0,
                 "live_waiting": self.pending_live.used, "uploads": self.uploads.used,
+                "connections": len(self.connections),
                 "rss_bytes": rss_bytes(), "peak_rss_bytes": peak_rss_bytes(), "counts": dict(self.counts)}
