@@ -10,6 +10,7 @@ from casa.core.model import CasaModel
 from casa.inference.generate import (
     Chat,
     EndOfTurnBias,
+    NoRepeatNGram,
     RepetitionPenalty,
     Sampling,
     generate,
@@ -80,7 +81,8 @@ def test_greedy_chat_equals_uncached_argmax(variant):
     for r, start in zip(replies, starts):
         stopped = r.generation.stop_reason == "stop_token"
         ids = r.tokens[:-1] if stopped else r.tokens
-        assert s.ids[start : start + len(ids) + 1] == ids + [end]  # the reply, then the template's closing
+        closing = r.tokens[-1] if stopped else end  # the end of turn the model emitted, else the template's
+        assert s.ids[start : start + len(ids) + 1] == ids + [closing]  # the reply, then the closing
         for j, tok in enumerate(r.tokens):
             assert uncached_next(m, s, start + j) == tok
             checked += 1
@@ -93,7 +95,11 @@ def test_greedy_chat_equals_uncached_argmax(variant):
         messages += [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "ids", "ids": ids}]}]
     messages.append({"role": "user", "content": [{"type": "text", "text": "bye"}]})
     full = chat.processor.tokenize(chat.processor.render(messages, generation_prompt=True))
-    assert s.ids == full.ids + bye.tokens[:-1]
+    emitted = list(full.ids)  # with the stop tokens the model emitted where the template closes its replies
+    for r, start in zip(replies, starts):
+        if r.generation.stop_reason == "stop_token":
+            emitted[start + len(r.tokens) - 1] = r.tokens[-1]
+    assert s.ids == emitted + bye.tokens[:-1]
     assert s.points == full.points
     assert s.ids[:2] == [TOK.token_id("<bos>"), TOK.token_id("<|user|>")]
     assert s.points[0] == s.points[1] and s.ids[s.points[0]] == TOK.token_id("<|gist|>")
@@ -154,6 +160,68 @@ def test_repetition_penalty_spans_frames():
     out = small(logits, [])
     assert out[5] == 1 and out[6] == 0.5 and out[7] == 0.5
     assert small(-logits, [])[7] == -2
+
+
+def test_no_repeat_ngram_spans_frames_not_turn_boundaries():
+    block = NoRepeatNGram(n=2, window=8, ignore=(99,))
+
+    def turn(tokens):  # as `generate` calls it: before each token, then observe
+        banned = []
+        for i, t in enumerate(tokens):
+            out = block(torch.zeros(100), tokens[:i])
+            banned.append({int(j) for j in torch.nonzero(out.isinf()).flatten()})
+            block.observe(t)
+        return banned
+
+    assert turn([1, 2, 3, 99]) == [set(), set(), set(), set()]  # the stop token is not recorded
+    # the next frame: after 1, the 2 of "1 2" is forbidden; "3 4" never ran across the turns
+    assert turn([1, 5, 3]) == [set(), {2}, set()]
+    assert turn([3, 4]) == [set(), set()]
+    for t in range(10, 20):  # the window is a bound: 10 tokens later "1 2" is forgotten
+        block.observe(t)
+    assert not block(torch.zeros(100), [1]).isinf().any() and block(torch.zeros(100), [1]).shape == (100,)
+    assert len(block.recent) == 7 and sum(sum(c.values()) for c in block.follow.values()) == 7
+    with pytest.raises(ValueError, match="n=0"):
+        NoRepeatNGram(n=0)
+    # in a chat over frames: no bigram of the generated text comes back in a later frame
+    m = chat_model()
+    chat = Chat(Session(m), TOK, sampling=Sampling(max_new_tokens=6), processors=(NoRepeatNGram(n=2, window=100),))
+    g = torch.Generator().manual_seed(0)
+    grams = []
+    for _ in range(4):
+        r = chat.ask("", images=[torch.randn(4, 32, generator=g)])
+        ids = r.tokens[:-1] if r.generation.stop_reason == "stop_token" else r.tokens
+        grams += list(zip(ids, ids[1:]))
+    assert len(grams) >= 8 and len(grams) == len(set(grams))
+
+
+class ForceAt:
+    """A logits processor that forces `token` as the `at`-th token of every turn."""
+
+    def __init__(self, token, at):
+        self.token, self.at = token, at
+
+    def __call__(self, logits, generated):
+        if len(generated) != self.at:
+            return logits
+        out = torch.full_like(logits, float("-inf"))
+        out[self.token] = 0
+        return out
+
+
+@pytest.mark.parametrize("stop", ["<eos>", "<|end|>"])
+def test_the_end_of_turn_fed_back_is_the_one_the_model_emitted(stop):
+    m = chat_model()
+    s = Recorder(m)
+    token = TOK.token_id(stop)
+    chat = Chat(s, TOK, sampling=Sampling(max_new_tokens=6), processors=(ForceAt(token, 2),))
+    r = chat.ask("x")
+    assert r.generation.stop_reason == "stop_token" and r.tokens[-1] == token and len(r.tokens) == 3
+    start = len(s.ids) - 2  # the reply's two tokens were fed; the stop token was not
+    chat.ask("y")
+    assert s.ids[start : start + 3] == r.tokens  # the reply, then the stop token the model emitted
+    assert chat.processor.end_of_turn_id == TOK.token_id("<|end|>")  # what the template alone would feed
+    assert s.ids[start + 3] == TOK.token_id("<|user|>")  # then the rest of the template's markup
 
 
 def test_end_of_turn_bias():

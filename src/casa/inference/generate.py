@@ -8,8 +8,8 @@ Design decisions:
   text (one forward instead of two; `Chat` does this).
 - Logits processors are objects with `__call__(logits, generated)` and an
   optional `observe(token)`; they may keep state across calls. That is how
-  the repetition penalty spans frames: its history is its own, not the
-  current turn's.
+  the repetition penalty and the no-repeat n-gram blocker span frames: their
+  history is their own (bounded), not the current turn's.
 - Order: processors, then temperature, top-k, top-p (on the processed
   logits). `temperature=0` is greedy (argmax), without randomness.
 - `Chat` renders turns with the model's own processor
@@ -20,8 +20,10 @@ Design decisions:
   part) get one window each, each closed by the gist token (docs/design.md
   §2): the processor decides, `_feed` feeds each insertion point's images
   together. Generated replies are fed as generated (never
-  re-tokenised); a reply's stop token is not fed: the template's closing
-  markup is, as in training.
+  re-tokenised); a reply's stop token is not fed by itself: the template's
+  closing markup is, as in training, with its end-of-turn token replaced by
+  the stop token the model emitted when they differ (a model that ended on
+  its EOS token finds that token in its cache, not one it did not say).
 - Chat stops at the processor's stop tokens (`Processor.stop_ids`), the
   same set evaluation stops at.
 """
@@ -38,7 +40,8 @@ from casa.data.processor import Processor
 from casa.inference.session import Session
 from casa.vision.dynamic import preprocess_images
 
-__all__ = ["Chat", "EndOfTurnBias", "Generation", "RepetitionPenalty", "Reply", "Sampling", "generate", "sample"]
+__all__ = ["Chat", "EndOfTurnBias", "Generation", "NoRepeatNGram", "RepetitionPenalty", "Reply", "Sampling", "generate",
+           "sample"]
 
 
 @dataclass
@@ -92,6 +95,52 @@ class RepetitionPenalty:
         sel = logits[idx]
         logits = logits.clone()
         logits[idx] = torch.where(sel > 0, sel / self.penalty, sel * self.penalty)
+        return logits
+
+
+class NoRepeatNGram:
+    """Forbid a token that would complete an `n`-gram already generated, in this
+    turn or an earlier one (the frames of a stream), among the n-grams of the
+    last `window` tokens it has observed. n-grams do not cross turns (a turn
+    starts where `generated` is empty); tokens of `ignore` (stop tokens) are
+    not recorded."""
+
+    def __init__(self, *, n: int = 3, window: int = 256, ignore: tuple[int, ...] = ()):
+        if n < 1:
+            raise ValueError(f"NoRepeatNGram.n={n}: must be >= 1")
+        if window < n:
+            raise ValueError(f"NoRepeatNGram.window={window}: must be >= n ({n})")
+        self.n, self.ignore = n, set(ignore)
+        self.recent: deque[tuple[int, ...]] = deque(maxlen=window - n + 1)  # n-grams, oldest first
+        self.follow: dict[tuple[int, ...], Counter[int]] = {}  # (n-1)-gram -> tokens seen after it
+        self.turn: list[int] = []  # this turn's tokens (the last n - 1 are enough)
+
+    def observe(self, token: int) -> None:
+        if token in self.ignore:
+            return
+        self.turn = [*self.turn[-(self.n - 1):], token] if self.n > 1 else [token]
+        if len(self.turn) < self.n:
+            return
+        if len(self.recent) == self.recent.maxlen:
+            old = self.recent[0]
+            after = self.follow[old[:-1]]
+            after[old[-1]] -= 1
+            if not after[old[-1]]:
+                del after[old[-1]]
+                if not after:
+                    del self.follow[old[:-1]]
+        gram = tuple(self.turn[-self.n:])
+        self.recent.append(gram)
+        self.follow.setdefault(gram[:-1], Counter())[gram[-1]] += 1
+
+    def __call__(self, logits: torch.Tensor, generated: list[int]) -> torch.Tensor:
+        if not generated:
+            self.turn = []  # a new turn: n-grams do not run across turns
+        banned = self.follow.get(tuple(self.turn[-(self.n - 1):]) if self.n > 1 else ())
+        if not banned or len(self.turn) < self.n - 1:
+            return logits
+        logits = logits.clone()
+        logits[list(banned)] = float("-inf")
         return logits
 
 
@@ -228,6 +277,7 @@ class Chat:
         self.last_exchange: list[dict] = []
         self.new: list[dict] = []  # messages recorded, not fed yet
         self.unfed: list[int] = []  # the last reply's final token, when it was not a stop token
+        self.stopped: int | None = None  # the stop token that ended the last reply (not fed yet)
         self.turns = 0
 
     def user(self, text: str = "", images=(), *, video=()) -> None:
@@ -263,8 +313,10 @@ class Chat:
         """Feed a continuation's ids with its images at their insertion points;
         returns the ids after the last image (the caller's prompt)."""
         ids, fed = self.unfed + enc.ids, 0
+        if self.stopped is not None and enc.ids and enc.ids[0] != self.stopped and enc.ids[0] == self._end_of_turn():
+            ids[len(self.unfed)] = self.stopped  # the end of turn the model emitted, not the template's
         points = [p + len(self.unfed) for p in enc.points]
-        self.unfed = []
+        self.unfed, self.stopped = [], None
         i = 0
         while i < len(points):
             j = i
@@ -284,6 +336,13 @@ class Chat:
             i = j
         return ids[fed:]
 
+    def _end_of_turn(self) -> int | None:
+        """The template's end-of-turn token (None when it puts nothing after a reply)."""
+        try:
+            return self.processor.end_of_turn_id
+        except ValueError:
+            return None
+
     def reply(self, *, on_token=None) -> Reply:
         """Generate the assistant's answer to the turns added since the last reply."""
         if not self.new:
@@ -294,6 +353,8 @@ class Chat:
         reply_ids = gen.tokens[:-1] if gen.stop_reason == "stop_token" else gen.tokens
         if gen.stop_reason != "stop_token":  # cut short: its last token is not in the cache yet
             self.unfed = [gen.tokens[-1]]
+        else:
+            self.stopped = gen.tokens[-1]
         self.last_exchange = [*self.new, {"role": "assistant", "content": [{"type": "ids", "ids": reply_ids}]}]
         self.new = []
         return Reply(self.tokenizer.decode(reply_ids), gen.tokens, gen)
