@@ -18,3 +18,13 @@ def test_readme_python_blocks_run():
             B, T = namespace["batch"].input_ids.shape
             assert namespace["logits"].shape == (B, T, namespace["config"].lm.vocab_size)
             assert namespace["logits"].isfinite().all()
+
+
+def test_every_casa_serve_flag_is_documented_in_its_section():
+    from dataclasses import fields
+
+    from casa.serve.limits import Limits, flag_name
+
+    section = README.read_text().split("## Serve a model", 1)[1].split("\n## ", 1)[0]
+    flags = [flag_name(f.name) for f in fields(Limits)] + ["--api-key", "--allowed-hosts"]
+    assert not [f for f in flags if f"`{f}" not in section]

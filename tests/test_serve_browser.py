@@ -17,6 +17,7 @@ from test_stream import encode_video
 from casa.inference.writers import parse_srt
 from casa.serve.app import ServerThread, create_app
 from casa.serve.engine import Engine
+from casa.serve.guard import Access
 from casa.serve.limits import Limits
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -39,12 +40,36 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def keyed_server(server):
+    """A second server on the same model and media, with an API key."""
+    state, media = server[1], server[2]
+    app = create_app(state.engine, limits=Limits(max_sessions=1), media_dir=media, access=Access("page-key-42"))
+    with ServerThread(app) as url:
+        yield url, app.state.casa
+
+
+@pytest.fixture(scope="module")
+def browser():
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1280, "height": 860})
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser):
+    """The page, with every message the browser logs kept in `page.console` (a Content-Security-Policy
+    violation would be one)."""
+    page = browser.new_page(viewport={"width": 1280, "height": 860})
+    page.console = []
+    page.on("console", lambda m: page.console.append(f"{m.type}: {m.text}"))
+    page.on("pageerror", lambda e: page.console.append(f"pageerror: {e}"))
+    yield page
+    page.close()
+
+
+def assert_no_policy_violation(page):
+    assert not [m for m in page.console if "Content Security Policy" in m or m.startswith("pageerror")], page.console
 
 
 def painted_pixels(page, canvas_id: str) -> int:
@@ -88,6 +113,7 @@ def test_captioning_a_video_in_the_browser(server, page, tmp_path):
     shot = os.environ.get("CASA_SERVE_SCREENSHOT") or str(tmp_path / "serve.png")
     page.screenshot(path=shot, full_page=True)
     assert os.path.getsize(shot) > 10_000
+    assert_no_policy_violation(page)
 
 
 def test_uploading_then_stopping_in_the_browser(server, page):
@@ -103,3 +129,40 @@ def test_uploading_then_stopping_in_the_browser(server, page):
     assert page.is_enabled("#start") and not page.is_enabled("#stop")
     wait_for(lambda: httpx.get(url + "/health").json()["live_sessions"] == 0, "the session to be freed")
     assert list(state.upload_dir.iterdir()) == []
+    assert_no_policy_violation(page)
+
+
+def test_the_page_asks_for_the_api_key_and_sends_it(keyed_server, browser, tmp_path):
+    """With --api-key the page asks for the key, then sends it on every request: the
+    event stream (read with fetch) and the SRT download included."""
+    url, state = keyed_server
+    page = browser.new_page(accept_downloads=True)
+    sent = []
+    page.on("request", lambda r: sent.append((r.url, r.headers.get("authorization"))))
+    page.goto(url + "/")
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('needs an API key')")
+    assert page.is_visible("#key")
+    page.fill("#key", "wrong")
+    page.click("#use-key")
+    page.wait_for_function("() => document.getElementById('status').textContent.includes('invalid API key')")
+    page.fill("#key", "page-key-42")
+    page.click("#use-key")
+    page.wait_for_function("() => document.getElementById('status').textContent === 'ready'")
+    assert not page.is_visible("#key")
+    page.select_option("#video", "shapes.mp4")
+    page.fill("#fps", "1")
+    page.uncheck("#realtime")
+    page.click("#start")
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('finished')",
+                           timeout=30_000)
+    assert page.text_content("#status") == "finished: 3 frames captioned"
+    with page.expect_download() as download:
+        page.click("#srt")
+    saved = tmp_path / "captions.srt"
+    download.value.save_as(saved)
+    assert download.value.suggested_filename == "shapes.srt" and len(parse_srt(saved.read_text())) == 3
+    api = [(u, auth) for u, auth in sent if "/live/" in u]
+    assert {u.rsplit("/", 1)[1] for u, _ in api} >= {"config", "sessions", "events", "captions.srt"}
+    assert all(auth == "Bearer page-key-42" for u, auth in api[2:]), api  # after the two tries of the key
+    assert not [u for u, _ in sent if "key" in u.split("?")[-1]]  # never in a URL
+    page.close()

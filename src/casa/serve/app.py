@@ -128,7 +128,14 @@ def _server(app, log_level: str) -> uvicorn.Server:
 
 
 def serve(app, sock: socket.socket, *, log_level: str = "info") -> None:
-    """Run `app` on `sock` until interrupted (Ctrl-C / SIGTERM)."""
+    """Run `app` on `sock` until interrupted (Ctrl-C / SIGTERM); the server's own log
+    lines (`casa.serve`) go to stderr beside uvicorn's, at the same level."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(log_level.upper())
     _server(app, log_level).run(sockets=[sock])
 
 
