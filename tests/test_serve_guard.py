@@ -94,7 +94,8 @@ def test_json_endpoints_refuse_other_content_types(server):
         headers = {**AUTH, **({"Content-Type": kind} if kind else {})}
         r = httpx.post(url + "/v1/chat/completions", content=body, headers=headers)
         refused(r, 415, "Content-Type", "application/json")
-    r = httpx.post(url + "/live/sessions", content=b'{"video": "a.mp4"}', headers={**AUTH, "Content-Type": "text/plain"})
+    r = httpx.post(url + "/live/sessions", content=b'{"video": "a.mp4"}',
+                   headers={**AUTH, "Content-Type": "text/plain"})
     refused(r, 415, "Content-Type")
     r = httpx.post(url + "/live/uploads", content=b"x" * 100, headers={**AUTH, "Content-Type": "multipart/form-data"})
     refused(r, 415, "Content-Type", "application/octet-stream")
@@ -164,7 +165,7 @@ def test_slow_and_idle_connections_are_closed_and_their_number_is_bounded(server
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: " + host.encode())  # and never the end of the headers
     extra = socket.create_connection((host, int(port)))  # the limit is reached: closed at once
     assert closed_within(extra, 0.5)
-    for k in range(3):  # one of them trickles a byte at a time (slowloris): it is closed all the same
+    for _ in range(3):  # one of them trickles a byte at a time (slowloris): it is closed all the same
         slow[0].sendall(b"x")
         time.sleep(0.2)
     assert all(closed_within(sock, LIMITS.header_timeout + 1.0) for sock in slow)

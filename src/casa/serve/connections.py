@@ -22,7 +22,9 @@ Design decisions:
   they notice.
 - A request's body has its own deadline where the body is read
   (`http.py`, `--body-timeout`).
-- h11 always, never httptools where installed: these bounds are written for it.
+- h11 always, never httptools where installed: these bounds are written for
+  it; and no WebSocket upgrade (the server has no WebSocket route, and an
+  upgraded connection would leave these bounds).
 - Refusals are counted (`/health` counts `connections_refused`,
   `header_timeouts`, and reports the connections open) and logged at most
   once a minute each, so a flood of them cannot fill the log.
@@ -47,8 +49,9 @@ log = logging.getLogger("casa.serve")
 
 def uvicorn_options(limits: Limits, counts: Counter, connections: set) -> dict:
     """The keyword arguments of `uvicorn.Config` that bound connections."""
-    return {"http": bounded_h11(limits, counts, connections), "limit_concurrency": limits.max_connections + 1,
-            "timeout_keep_alive": limits.keep_alive_timeout, "h11_max_incomplete_event_size": MAX_HEADER_BYTES}
+    return {"http": bounded_h11(limits, counts, connections), "ws": "none",
+            "limit_concurrency": limits.max_connections + 1, "timeout_keep_alive": limits.keep_alive_timeout,
+            "h11_max_incomplete_event_size": MAX_HEADER_BYTES}
 
 
 def bounded_h11(limits: Limits, counts: Counter, connections: set) -> type[H11Protocol]:

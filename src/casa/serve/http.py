@@ -139,7 +139,7 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON (numbers must be finite)")
 
 
-def _parse_json(body: bytes):
+def _parse_json(body: bytes | bytearray):
     try:
         data = json.loads(body, parse_constant=_no_constant)
     except RecursionError:
@@ -162,7 +162,7 @@ async def read_json(request: Request, *, limit: int, timeout: float, flag: str =
     body = bytearray()
     await _receive(request, body.extend, what="request body", limit=limit, flag=flag, timeout=timeout)
     if len(body) > _PARSE_OFF_LOOP:
-        return await asyncio.to_thread(_parse_json, bytes(body))
+        return await asyncio.to_thread(_parse_json, body)  # nothing else holds `body`: no copy
     return _parse_json(body)
 
 
