@@ -1,6 +1,15 @@
-"""`casa caption`: caption a video file or an image folder, frame by frame, live.
+"""`casa caption`: caption a video file, an image folder or a live stream, frame by frame.
 
 Design decisions:
+- A live source (a URL, a camera, a named pipe, `-` for stdin, or any source
+  with `--input-format`) and a file with `--realtime` go through the live
+  scheduler (`casa.inference.live`): the newest frame is captioned whenever
+  the model is free, the others are dropped and counted; each caption
+  reports its lag. The source is opened (and a bad one refused) before the
+  model loads. Live runs keep a bounded history by default (sink + window,
+  said on stderr when the run starts); `--history full` opts out.
+- A live run writes its SRT / JSONL in place, readable while it runs; a
+  file run writes `<file>.partial` and replaces the destination at the end.
 - Bad values are refused by argparse (`--fps 0`, `--threads -1`, ...); bad
   paths (outputs that name a folder, a file as a parent, the same file twice,
   a missing video) are refused by `caption_file` before the model loads.
@@ -24,8 +33,10 @@ INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIG
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    cap = sub.add_parser("caption", help="caption a video file or image folder, frame by frame, live")
-    cap.add_argument("video", help="a video file (decoded with PyAV) or a folder of images")
+    cap = sub.add_parser("caption", help="caption a video file, an image folder or a live stream, frame by frame")
+    cap.add_argument("video", help="a video file (decoded with PyAV), a folder of images, or a live stream: a URL "
+                                   "FFmpeg opens (rtsp://, rtmp://, http(s)://, udp://, tcp://, srt://), a camera "
+                                   "(/dev/video0), a named pipe, or - for stdin")
     cap.add_argument("--checkpoint", required=True, help="a casa model directory, or a training run (its latest checkpoint)")
     cap.add_argument("--fps", type=positive_float, default=None,
                      help="frames per second to caption (video: default every frame; folder: default 1)")
@@ -40,8 +51,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     cap.add_argument("--repetition-window", type=positive_int, default=64)
     cap.add_argument("--end-bias", type=float, default=0.0, help="added to the end token's logit")
     cap.add_argument("--end-slope", type=float, default=0.0, help="added to it per generated token")
+    cap.add_argument("--no-repeat-ngram", type=non_negative_int, default=0,
+                     help="forbid repeating an n-gram of this size generated in earlier frames or this one (0: off)")
+    cap.add_argument("--no-repeat-window", type=positive_int, default=256, help="tokens the n-grams come from")
     cap.add_argument("--sink", type=non_negative_int, default=None, help="bounded history: attention-sink tokens")
     cap.add_argument("--window", type=positive_int, default=None, help="bounded history: sliding-window tokens")
+    cap.add_argument("--history", choices=("bounded", "full"), default=None,
+                     help="bounded (sink + window; the default for live sources) or full (the default for files)")
+    live = cap.add_argument_group("live sources")
+    live.add_argument("--realtime", action="store_true",
+                      help="a file at its own pace through the live scheduler (newest frame wins, late frames dropped)")
+    live.add_argument("--input-format", default=None,
+                      help="FFmpeg input format (x11grab, v4l2, mpegts, ...); makes the source live")
+    live.add_argument("--input-option", action="append", default=[], metavar="KEY=VALUE",
+                      help="FFmpeg input option, repeatable (e.g. rtsp_transport=tcp, video_size=1280x720)")
+    live.add_argument("--open-timeout", type=positive_float, default=10.0, help="seconds to wait for a stream to open")
+    live.add_argument("--read-timeout", type=positive_float, default=5.0,
+                      help="seconds without data before a stream counts as stalled")
+    live.add_argument("--reconnect", type=non_negative_int, default=5,
+                      help="reconnection attempts after a network stream drops (0: its end ends the run)")
+    live.add_argument("--reconnect-delay", type=positive_float, default=0.5,
+                      help="seconds before the first attempt, doubled for each next one")
     cap.add_argument("--cache-dtype", default="model", choices=("model", "int8"),
                     help="key/value caches in the model's dtype, or int8 with a scale per row and head")
     cap.add_argument("--instruction", default="Caption each frame.", help="user text with the first frame")
@@ -52,19 +82,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     cap.set_defaults(func=run)
 
 
+def _input_options(items) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--input-option {item!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
 def run(args) -> int:
-    from casa.inference.sources import open_frames
+    from casa.inference.sources import is_live, open_frames
     from casa.inference.writers import check_caption_outputs
 
     if (args.sink is None) != (args.window is None):
         raise ValueError("--sink and --window go together (bounded history)")
-    # bad paths are refused before torch is imported (these modules do not import it)
-    check_caption_outputs(args.video, args.srt, args.jsonl)
-    frames = open_frames(args.video, fps=args.fps)
+    if args.history == "full" and args.sink is not None:
+        raise ValueError("--history full keeps everything: it takes no --sink / --window")
+    live = args.realtime or is_live(args.video, args.input_format)
+    options = _input_options(args.input_option)
+    if live:
+        from casa.inference.live import open_live
+
+        check_caption_outputs(None if args.video == "-" or "://" in args.video else args.video, args.srt, args.jsonl)
+        opened = open_live(args.video, fps=args.fps, realtime=args.realtime, input_format=args.input_format,
+                           options=options, open_timeout=args.open_timeout, read_timeout=args.read_timeout)
+    else:
+        check_caption_outputs(args.video, args.srt, args.jsonl)
+        frames = open_frames(args.video, fps=args.fps)
 
     from casa.core.layout import History
-    from casa.inference.captioner import caption_file
-    from casa.inference.generate import EndOfTurnBias, RepetitionPenalty, Sampling
+    from casa.inference.generate import EndOfTurnBias, NoRepeatNGram, RepetitionPenalty, Sampling
+    from casa.inference.live import LIVE_HISTORY
     from casa.threads import set_threads
 
     set_threads(args.threads)
@@ -77,21 +127,34 @@ def run(args) -> int:
         if args.repetition_penalty > 1:
             out.append(RepetitionPenalty(penalty=args.repetition_penalty, window=args.repetition_window,
                                          ignore=stops))
+        if args.no_repeat_ngram:
+            out.append(NoRepeatNGram(n=args.no_repeat_ngram, window=max(args.no_repeat_window, args.no_repeat_ngram),
+                                     ignore=stops))
         if args.end_bias or args.end_slope or args.min_new_tokens:
             out.append(EndOfTurnBias(token_id=processor.end_of_turn_id, bias=args.end_bias, slope=args.end_slope,
                                      min_tokens=args.min_new_tokens, stop_ids=stops))
         return out
 
+    if args.sink is not None:
+        history = History(sink=args.sink, window=args.window)
+    elif args.history == "bounded" or (live and args.history is None):
+        history = LIVE_HISTORY
+    else:
+        history = None
+    common = dict(checkpoint=args.checkpoint, fps=args.fps, srt=args.srt, jsonl=args.jsonl, sampling=sampling,
+                  processors_fn=processors, history=history, instruction=args.instruction,
+                  allow_size_change=args.allow_size_change, seed=args.seed, cache_dtype=args.cache_dtype)
+    if live:
+        return _run_live(args, opened, common, options)
+
     def show(cap):
         if not args.quiet:
-            print(f"[{cap.time:8.3f}s] {cap.text}  (ttft {cap.ttft_ms:.1f} ms, "
+            print(f"[{cap.time:8.3f}s] {cap.text or '(silent)'}  (ttft {cap.ttft_ms:.1f} ms, "
                   f"cache {cap.cache_bytes / 2**20:.2f} MiB)", flush=True)
 
-    history = History(sink=args.sink, window=args.window) if args.sink is not None else None
-    result = caption_file(args.video, checkpoint=args.checkpoint, fps=args.fps, srt=args.srt, jsonl=args.jsonl,
-                          frames=frames, sampling=sampling, processors_fn=processors, history=history,
-                          instruction=args.instruction, allow_size_change=args.allow_size_change, on_caption=show,
-                          seed=args.seed, cache_dtype=args.cache_dtype)
+    from casa.inference.captioner import caption_file
+
+    result = caption_file(args.video, frames=frames, on_caption=show, **common)
     skipped = f" ({result.undecodable} undecodable frames skipped)" if result.undecodable else ""
     wrote = "".join(f"; wrote {p}" for p in result.outputs)
     if result.interrupted:
@@ -99,4 +162,50 @@ def run(args) -> int:
               file=sys.stderr)
         return INTERRUPTED
     print(f"captioned {result.frames} frames{skipped}{wrote}", file=sys.stderr)
+    return 0
+
+
+def _run_live(args, opened, common: dict, options: dict) -> int:
+    from casa.inference.live import caption_live
+
+    name = "stdin" if args.video == "-" else args.video
+    history = common["history"]
+    kept = (f"bounded history (sink {history.sink} + window {history.window} tokens; --history full keeps "
+            "everything)" if history else "full history (memory grows with the stream)")
+    print(f"casa caption: {'realtime' if args.realtime else 'live'} {name}: newest frame captioned whenever the "
+          f"model is free, late frames dropped; {kept}", file=sys.stderr, flush=True)
+
+    def show(live):
+        cap = live.caption
+        if not args.quiet:
+            print(f"[{cap.time:8.3f}s] {cap.text or '(silent)'}  (lag {live.lag * 1e3:.0f} ms, dropped "
+                  f"{live.dropped}, ttft {cap.ttft_ms:.1f} ms, cache {cap.cache_bytes / 2**20:.2f} MiB)", flush=True)
+
+    def event(e):
+        if e["event"] == "disconnected":
+            print(f"casa: warning: {name}: {e['reason']}; reconnecting ({args.reconnect} attempts, the first in "
+                  f"{args.reconnect_delay:g} s)", file=sys.stderr, flush=True)
+        elif e["event"] == "reconnect_failed":
+            print(f"casa: warning: {name}: reconnection attempt {e['attempt']} failed: {e['reason']}",
+                  file=sys.stderr, flush=True)
+        elif e["event"] == "reconnected":
+            print(f"casa: {name}: reconnected after {e['after_s']:.1f} s (attempt {e['attempt']})", file=sys.stderr,
+                  flush=True)
+
+    result = caption_live(args.video, opened=opened, realtime=args.realtime, input_format=args.input_format,
+                          options=options, open_timeout=args.open_timeout, read_timeout=args.read_timeout,
+                          reconnects=args.reconnect, backoff=args.reconnect_delay, on_caption=show, on_event=event,
+                          **common)
+    st = result.stats
+    lag = st["lag_ms"]
+    figures = (f"{st['captioned']} of {st['captioned'] + st['dropped']} frames captioned, {st['dropped']} dropped "
+               f"({100 * st['drop_rate']:.1f}%)" + (f", lag p50 {lag['p50']:.0f} ms p95 {lag['p95']:.0f} ms max "
+                                                    f"{lag['max']:.0f} ms" if lag else ""))
+    wrote = "".join(f"; wrote {p}" for p in result.outputs)
+    if result.interrupted:
+        print(f"casa caption: interrupted: {figures}{wrote}", file=sys.stderr)
+        return INTERRUPTED
+    if st["end"].startswith("lost"):
+        print(f"casa: warning: {name}: stream {st['end']}", file=sys.stderr)
+    print(f"{figures}; {st['end']}{wrote}", file=sys.stderr)
     return 0

@@ -44,7 +44,7 @@ from casa.inference.writers import JsonlWriter, SrtWriter, check_caption_outputs
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Caption", "CaptionRun", "Captioner", "caption_file"]
+__all__ = ["Caption", "CaptionRun", "Captioner", "caption_file", "load_captioner"]
 
 
 @dataclass
@@ -120,6 +120,28 @@ class CaptionRun:
     outputs: list[Path] = field(default_factory=list)  # files written
 
 
+def load_captioner(checkpoint, *, sampling: Sampling | None = None, processors_fn=None,
+                   history: History | None = None, instruction: str = "Caption each frame.",
+                   allow_size_change: bool = False, interval: float = 1.0, seed: int = 0,
+                   cache_dtype: str = "model") -> Captioner:
+    """A `Captioner` over a casa model directory or training run (its latest checkpoint).
+
+    Args:
+        processors_fn: `processor -> [logits processors]`, given the model's processor.
+        cache_dtype: "model" (the model's dtype) or "int8" (quantized keys/values, `Session`).
+    """
+    import torch
+
+    from casa.pretrained.directory import load
+    from casa.pretrained.runs import resolve_model_dir
+
+    dtype = cache_dtype_named(cache_dtype)  # a bad name is refused before the model loads
+    model, _, processor = load(resolve_model_dir(checkpoint))
+    return Captioner(model, processor, sampling=sampling, processors=processors_fn(processor) if processors_fn else (),
+                     history=history, instruction=instruction, allow_size_change=allow_size_change,
+                     interval=interval, generator=torch.Generator().manual_seed(seed), cache_dtype=dtype)
+
+
 def caption_file(source, *, checkpoint, fps: float | None, srt=None, jsonl=None, frames=None,
                  sampling: Sampling | None = None, processors_fn=None, history: History | None = None,
                  instruction: str = "Caption each frame.", allow_size_change: bool = False, on_caption=None,
@@ -139,24 +161,16 @@ def caption_file(source, *, checkpoint, fps: float | None, srt=None, jsonl=None,
     Returns:
         a `CaptionRun`; Ctrl-C ends the run early with `interrupted=True`.
     """
-    import torch
-
-    from casa.pretrained.directory import load
-    from casa.pretrained.runs import resolve_model_dir
-
-    cache_dtype = cache_dtype_named(cache_dtype)  # a bad name is refused before the model loads
+    cache_dtype_named(cache_dtype)  # a bad name is refused before the model loads
     srt, jsonl = check_caption_outputs(source, srt, jsonl)
     frames = open_frames(source, fps=fps) if frames is None else frames
     try:
-        model, _, processor = load(resolve_model_dir(checkpoint))
+        captioner = load_captioner(checkpoint, sampling=sampling, processors_fn=processors_fn, history=history,
+                                   instruction=instruction, allow_size_change=allow_size_change,
+                                   interval=1.0 / fps if fps else 1.0, seed=seed, cache_dtype=cache_dtype)
     except BaseException:
         getattr(frames, "close", lambda: None)()
         raise
-    captioner = Captioner(model, processor, sampling=sampling,
-                          processors=processors_fn(processor) if processors_fn else (), history=history,
-                          instruction=instruction, allow_size_change=allow_size_change,
-                          interval=1.0 / fps if fps else 1.0, generator=torch.Generator().manual_seed(seed),
-                          cache_dtype=cache_dtype)
     writers = [w(p) for w, p in ((SrtWriter, srt), (JsonlWriter, jsonl)) if p]
     interrupted = False
     try:

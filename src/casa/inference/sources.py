@@ -1,4 +1,4 @@
-"""Frame sources for streaming: video files (PyAV), image folders, any iterable.
+"""Frame sources for streaming: video files (PyAV), image folders, live streams, any iterable.
 
 Design decisions:
 - A frame is a `Frame(time, image, source, duration)`; `duration` is how long
@@ -18,11 +18,35 @@ Design decisions:
   video stream or no frame at all, is an error (`StreamError`).
 - `folder_frames` reads an image folder in name order, frame `i` at `i / fps`;
   an unreadable image is an error naming the file.
+- A live source (`LiveVideo`: a URL FFmpeg can open, `rtsp://`, `http(s)://`,
+  `udp://`, `tcp://`, `srt://`...; a camera `/dev/video*`; a named pipe; `-`
+  for stdin; anything with an explicit FFmpeg input format such as `x11grab`)
+  hands out each frame as soon as it is decoded: no one-frame-late hand-out,
+  its duration is the sampling interval. It opens for low latency: FFmpeg's
+  default probing reads about 20 frames to guess the frame rate before the
+  first one is returned (2.3 s at 10 fps on a loopback stream), so the probe
+  stops once the codec is known (`LIVE_OPTIONS`), and the decoder runs with
+  `low_delay` and slice threads (frame threads hold frames back). What is
+  left is the container's own framing (an MPEG-TS PES ends when the next one
+  starts, the parser waits for the next access unit): two to three source
+  frames.
+- A live source that cannot be opened, or stays silent past `open_timeout`, is
+  a `StreamError` naming it and the timeout; once open, a read that waits
+  past `read_timeout` is one too ("no data for N s"). Pipes and stdin are
+  read through `select` (FFmpeg's own timeout cannot interrupt a blocking
+  read of a pipe). Reconnecting is the caller's business
+  (`casa.inference.live.LiveReader`): one `LiveVideo` is one connection.
+  Packets that fail to decode (a UDP stream joined between key frames,
+  datagrams lost) are skipped and counted (`undecodable`).
 """
 
 from __future__ import annotations
 
+import os
+import select
+import stat
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -30,11 +54,13 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-__all__ = ["IMAGE_SUFFIXES", "Frame", "StreamError", "VideoFrames", "as_frames", "folder_frames", "frame_size",
-           "open_frames", "video_frames"]
+__all__ = ["IMAGE_SUFFIXES", "LIVE_OPTIONS", "Frame", "LiveVideo", "StreamError", "VideoFrames", "as_frames",
+           "folder_frames", "frame_size", "is_live", "open_frames", "video_frames"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 EPS = 1e-6  # seconds: timestamps are rationals turned into floats
+# FFmpeg options a live input opens with (overridable): probe until the codec is known, not the frame rate
+LIVE_OPTIONS = {"fpsprobesize": "0", "analyzeduration": "1000000"}
 
 
 class StreamError(ValueError):
@@ -218,6 +244,182 @@ def open_frames(path, *, fps: float | None = None, warn: Callable[[str], None] =
     if not p.exists():
         raise StreamError(f"{path}: no such file or folder")
     return folder_frames(p, fps=fps) if p.is_dir() else video_frames(p, fps=fps, warn=warn)
+
+
+# -------------------------------------------------------------------- live
+def is_live(source, input_format: str | None = None) -> bool:
+    """Whether `source` is read as a live stream: `-` (stdin), a URL (`scheme://`, not
+    `file://`), a camera or other device, a named pipe, or any source given an
+    explicit FFmpeg input format (`x11grab`, `v4l2`, ...)."""
+    source = str(source)
+    if input_format or source == "-" or source.startswith("/dev/video"):
+        return True
+    if "://" in source:
+        return not source.startswith("file://")
+    try:
+        mode = os.stat(source).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode)  # not a regular file
+
+
+def _is_fifo(path: str) -> bool:
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+class _PipeInput:
+    """A pipe (stdin or a named pipe) as a file object PyAV reads, with timeouts:
+    `read` waits at most `timeout` seconds for data (TimeoutError), in short
+    slices so that `stop()` ends a wait at once."""
+
+    def __init__(self, fd: int, name: str, *, timeout: float, wait_for_writer: bool):
+        self.fd, self.name, self.timeout = fd, name, timeout
+        self.wait_for_writer = wait_for_writer  # a named pipe opened before its writer reads as empty
+        self.seen = False
+        self.stopped = False
+
+    def read(self, n: int) -> bytes:
+        deadline = time.monotonic() + self.timeout
+        while not self.stopped:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{self.name}: no data for {self.timeout:g} s")
+            ready, _, _ = select.select([self.fd], [], [], min(left, 0.1))
+            if not ready:
+                continue
+            data = os.read(self.fd, n)
+            if data or self.seen or not self.wait_for_writer:
+                self.seen = self.seen or bool(data)
+                return data
+            time.sleep(0.02)  # no writer yet: the pipe reads as empty
+        return b""
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+class LiveVideo:
+    """RGB frames of a live input (one connection), as an iterator of `Frame`s
+    handed out as soon as they are decoded; see the module docstring.
+
+    Args:
+        source: a URL, a device, a named pipe, or `-` (stdin).
+        fps: frames per second to keep, by timestamp (None: every decoded frame).
+        input_format: an FFmpeg input format (`x11grab`, `v4l2`, `mpegts`...;
+            None: guessed, `video4linux2` for `/dev/video*`).
+        options: FFmpeg options over `LIVE_OPTIONS`.
+        open_timeout, read_timeout: seconds without data before opening, or a
+            read, fails (`StreamError`).
+        stdin: the file descriptor `-` reads (default: this process's stdin).
+    A frame's `time` counts from this connection's first frame (its timestamps,
+    or the arrival times where frames have none); `duration` is the sampling
+    interval (or the stream's frame interval).
+    """
+
+    def __init__(self, source, *, fps: float | None = None, input_format: str | None = None,
+                 options: dict | None = None, open_timeout: float = 10.0, read_timeout: float = 5.0,
+                 stdin: int | None = None):
+        import av
+
+        self.source = str(source)
+        self.name = "stdin" if self.source == "-" else self.source
+        if fps is not None and not fps > 0:
+            raise StreamError(f"{self.name}: fps={fps}: must be > 0")
+        for name, value in (("open_timeout", open_timeout), ("read_timeout", read_timeout)):
+            if not value > 0:
+                raise StreamError(f"{self.name}: {name}={value}: must be > 0")
+        self.fps, self.read_timeout = fps, read_timeout
+        self.undecodable = 0
+        self._pipe = None
+        target, fmt = self.source, input_format
+        if self.source == "-":
+            fd = sys.stdin.fileno() if stdin is None else stdin
+            self._pipe = target = _PipeInput(fd, self.name, timeout=open_timeout, wait_for_writer=False)
+        elif not input_format and _is_fifo(self.source):
+            fd = os.open(self.source, os.O_RDONLY | os.O_NONBLOCK)  # at once, even before a writer opens it
+            self._pipe = target = _PipeInput(fd, self.name, timeout=open_timeout, wait_for_writer=True)
+        elif fmt is None and self.source.startswith("/dev/video"):
+            fmt = "video4linux2"
+        try:
+            self.container = av.open(target, format=fmt, options={**LIVE_OPTIONS, **(options or {})},
+                                     timeout=(open_timeout, read_timeout))
+        except (av.error.ExitError, TimeoutError):
+            self._close_pipe()
+            raise StreamError(f"{self.name}: no data within {open_timeout:g} s (--open-timeout)") from None
+        except (av.error.FFmpegError, OSError, ValueError) as e:
+            self._close_pipe()
+            raise StreamError(f"{self.name}: cannot open the stream: {e}") from None
+        if self._pipe is not None:
+            self._pipe.timeout = read_timeout
+        if not self.container.streams.video:
+            self.close()
+            raise StreamError(f"{self.name}: no video stream")
+        stream = self.container.streams.video[0]
+        stream.codec_context.thread_type = "SLICE"  # frame threads hold frames back, one per thread
+        stream.codec_context.flags |= av.codec.context.Flags.low_delay
+        rate = stream.average_rate or stream.guessed_rate  # a guess: the probe stopped before measuring it
+        self.duration = 1.0 / fps if fps else 1.0 / float(rate) if rate else 0.04  # then measured between frames
+        self._frames = self._decoded()
+
+    def __iter__(self) -> Iterator[Frame]:
+        return self
+
+    def __next__(self) -> Frame:
+        return next(self._frames)
+
+    def _close_pipe(self) -> None:
+        if self._pipe is not None and self.source != "-":  # stdin stays open: it is not ours
+            os.close(self._pipe.fd)
+        self._pipe = None
+
+    def stop(self) -> None:
+        """Make a pipe read that waits return at once (any thread); network reads wait their timeout."""
+        pipe = self._pipe  # read once: the reading thread may be closing it
+        if pipe is not None:
+            pipe.stop()
+
+    def close(self) -> None:
+        """Release the input (also done when iteration ends); from the thread that reads it."""
+        if hasattr(self, "_frames"):
+            self._frames.close()
+        self.container.close()
+        self._close_pipe()
+
+    def _decoded(self):
+        import av
+
+        stream = self.container.streams.video[0]
+        step = 1.0 / self.fps if self.fps else None
+        first, due, previous, opened = None, None, None, time.monotonic()
+        try:
+            for packet in self.container.demux(stream):
+                try:
+                    frames = packet.decode()
+                except av.error.InvalidDataError:  # joined between key frames, or data lost
+                    self.undecodable += 1
+                    continue
+                for frame in frames:
+                    t = frame.time if frame.time is not None else time.monotonic() - opened
+                    first = t if first is None else first
+                    t -= first
+                    if step is None and previous is not None and 0 < t - previous < 10:
+                        self.duration = t - previous
+                    previous = t
+                    if step is not None:
+                        if due is not None and t < due - EPS:
+                            continue
+                        due = t + step if due is None or t - due >= step else due + step
+                    yield Frame(t, frame.to_ndarray(format="rgb24"), f"{self.name}@{t:.3f}s", self.duration)
+        except (av.error.ExitError, TimeoutError):
+            raise StreamError(f"{self.name}: no data for {self.read_timeout:g} s (--read-timeout)") from None
+        except (av.error.FFmpegError, OSError) as e:
+            raise StreamError(f"{self.name}: the stream broke: {e}") from None
+        finally:
+            self.container.close()
+            self._close_pipe()
 
 
 # ---------------------------------------------------------------- iterables

@@ -9,11 +9,21 @@ Design decisions:
   is never lost) and keeps the partial file, valid, if it holds any entry.
   (`casa.files.atomic_file` does not fit: it hides the file being written and
   removes it on every exception, Ctrl-C included.)
-- An empty caption gets a JSONL line but no SRT cue (SRT has no empty cue);
-  a caption's blank lines are dropped (a blank line would end the cue).
+- A live run writes `in_place`: straight to the destination, one complete
+  entry per write, flushed and synced, so the file is readable while the
+  stream runs (it has no end to wait for) and a kill -9 loses at most the
+  entry being written; the destination's earlier content is replaced when
+  the run starts.
+- An empty caption gets a JSONL line but no SRT cue (SRT has no empty cue:
+  the model may stay silent on a frame); a caption's blank lines are
+  dropped (a blank line would end the cue). A cue never starts before the
+  previous one ends (a live caption's cue lasts until the model was free for
+  the next frame, which may have arrived meanwhile).
 - The JSONL ends with one summary line, `{"summary": true, ...}` (frames
-  captioned, undecodable source frames, whether the run was interrupted),
-  written on commit; every other line is one frame's caption.
+  captioned, undecodable source frames, whether the run was interrupted;
+  live runs add drops, lag percentiles, reconnections), written on commit;
+  live runs also write event lines (`{"event": "reconnected", ...}`); every
+  other line is one frame's caption.
 """
 
 from __future__ import annotations
@@ -54,11 +64,13 @@ def check_caption_outputs(source, srt, jsonl) -> tuple[Path | None, Path | None]
 
 
 class _Writer:
-    """Progressive writing to `<path>.partial`, then `commit()` or `abandon()`."""
+    """Progressive writing to `<path>.partial` (or to `path` itself, `in_place`),
+    then `commit()` or `abandon()`."""
 
-    def __init__(self, path):
+    def __init__(self, path, *, in_place: bool = False):
         self.path = Path(path)
-        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.in_place = in_place
+        self.partial = self.path if in_place else self.path.with_name(self.path.name + ".partial")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.partial, "w", encoding="utf-8")
         self.count = 0  # entries written
@@ -77,13 +89,16 @@ class _Writer:
     def commit(self) -> Path:
         """The destination becomes what was written (atomically); returns it."""
         self._close()
-        os.replace(self.partial, self.path)
+        if not self.in_place:
+            os.replace(self.partial, self.path)
         return self.path
 
     def abandon(self) -> Path | None:
         """Leave the destination untouched; return the partial file if it holds any entry
-        (it is removed otherwise)."""
+        (it is removed otherwise). In place: the file stays as written."""
         self._close()
+        if self.in_place:
+            return self.path
         if self.count:
             return self.partial
         self.partial.unlink(missing_ok=True)
@@ -101,19 +116,30 @@ class _Writer:
 
 
 class SrtWriter(_Writer):
+    def __init__(self, path, *, in_place: bool = False):
+        super().__init__(path, in_place=in_place)
+        self.last_end = 0.0  # seconds: where the previous cue ends
+
     def write(self, cap) -> None:
-        """One cue for a `Caption` (none for an empty caption)."""
+        """One cue for a `Caption` (none for an empty caption), starting no earlier than the previous one ends."""
         text = _cue_text(cap.text)
         if text:
-            self._put(f"{self.count + 1}\n{srt_time(cap.time)} --> {srt_time(cap.end)}\n{text}\n\n")
+            start = max(cap.time, self.last_end)
+            end = max(cap.end, start + 0.001)
+            self._put(f"{self.count + 1}\n{srt_time(start)} --> {srt_time(end)}\n{text}\n\n")
             self.count += 1
+            self.last_end = end
 
 
 class JsonlWriter(_Writer):
-    def write(self, cap) -> None:
-        """One line for a `Caption`: its fields and an SRT-style timestamp."""
-        self._put(json.dumps({"timestamp": srt_time(cap.time), **asdict(cap)}, ensure_ascii=False) + "\n")
+    def write(self, cap, **extra) -> None:
+        """One line for a `Caption`: its fields, an SRT-style timestamp, then `extra` fields."""
+        self._put(json.dumps({"timestamp": srt_time(cap.time), **asdict(cap), **extra}, ensure_ascii=False) + "\n")
         self.count += 1
+
+    def event(self, **fields) -> None:
+        """An event line of a live run (`{"event": ..., **fields}`: a disconnection, a reconnection)."""
+        self._put(json.dumps(fields, ensure_ascii=False) + "\n")
 
     def summary(self, **fields) -> None:
         """The closing summary line (`{"summary": true, **fields}`)."""
