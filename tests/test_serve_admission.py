@@ -200,7 +200,7 @@ def test_an_upload_takes_its_place_before_its_body_is_read_and_has_a_deadline(se
     started = time.monotonic()
     with raw_request(url, f"POST /live/uploads?fps=1 HTTP/1.1\nContent-Length: {len(video)}\n") as second:
         status, text = response_of(second)  # answered without a byte of its body
-    assert status == 429 and "--max-uploads 1" in text and time.monotonic() - started < 0.9
+    assert status == 429 and "--max-uploads 1" in text  # before its body: one that waited for it would hang
     with slow:
         status, text = response_of(slow)
     assert status == 408 and "--body-timeout" in text and "1000 bytes arrived" in text
