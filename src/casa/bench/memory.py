@@ -21,7 +21,7 @@ import re
 
 import torch
 
-__all__ = ["PeakMemory"]
+__all__ = ["PeakMemory", "resident_bytes"]
 
 
 def _trim_heap() -> None:
@@ -39,6 +39,11 @@ def _status_bytes(field: str) -> int | None:
         return None
     m = re.search(rf"{field}:\s+(\d+) kB", text)
     return int(m.group(1)) * 1024 if m else None
+
+
+def resident_bytes() -> int | None:
+    """The process's resident set now (`VmRSS`; None without `/proc`)."""
+    return _status_bytes("VmRSS")
 
 
 def _reset_cpu_peak() -> bool:

@@ -1,4 +1,4 @@
-"""`casa bench attention | train | stream | eval-decode | serve | paper`: the benchmarks, JSON + plot each.
+"""`casa bench attention | train | stream | live | eval-decode | serve | paper`: the benchmarks, JSON + plot each.
 
 Design decisions:
 - Sizes and counts are checked by argparse (`positive_int`, ...), the
@@ -15,7 +15,7 @@ import argparse
 from casa.bench.serve import add_arguments as add_serve_arguments
 from casa.cli.values import non_negative_int, positive_float, positive_int
 
-__all__ = ["attention", "eval_decode", "paper", "register", "serve", "stream", "train"]
+__all__ = ["attention", "eval_decode", "live", "paper", "register", "serve", "stream", "train"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -74,6 +74,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     bs.add_argument("--seed", type=int, default=0)
     bs.add_argument("--no-isolate", action="store_true", help="run every variant in this process")
     bs.set_defaults(func=stream)
+
+    bl = bench.add_parser("live", help="a simulated live stream through the live scheduler on an accelerated clock: "
+                                       "lag, drops, memory and cache over hours")
+    bl.add_argument("--frames", type=positive_int, default=10_000, help="frames the simulated camera sends")
+    bl.add_argument("--fps", type=positive_float, default=2.0, help="its frame rate, in stream time")
+    bl.add_argument("--load", type=positive_float, default=0.5,
+                    help="real frame rate / the caption rate the model sustains (2 = twice what it can keep up with)")
+    bl.add_argument("--speed", type=positive_float, default=None, help="clock acceleration (default: from --load)")
+    bl.add_argument("--json", default="benchmarks/live.json")
+    bl.add_argument("--plot", default=None, help="PNG of lag, drops, memory and cache against stream time")
+    bl.add_argument("--d-model", type=positive_int, default=256)
+    bl.add_argument("--layers", type=positive_int, default=4)
+    bl.add_argument("--new-tokens", type=positive_int, default=8, help="tokens per caption")
+    bl.add_argument("--sink", type=non_negative_int, default=4, help="bounded history: attention-sink tokens")
+    bl.add_argument("--window", type=positive_int, default=1024, help="bounded history: sliding-window tokens")
+    bl.add_argument("--history", choices=("bounded", "full"), default="bounded")
+    bl.add_argument("--sample-every", type=positive_int, default=100, help="captions per reported block")
+    bl.add_argument("--seed", type=int, default=0)
+    bl.set_defaults(func=live)
 
     be = bench.add_parser("eval-decode", help="evaluation decoding: cached batched vs the uncached loop")
     be.add_argument("--variants", default="casa,insertion")
@@ -144,6 +163,18 @@ def stream(args) -> int:
                       window=args.window, seed=args.seed, threads=args.threads or None, device=args.device,
                       dtype=args.dtype, cache_dtype=args.cache_dtype)
     run(cfg, json_path=args.json, plot_path=args.plot, isolate=not args.no_isolate)
+    return 0
+
+
+def live(args) -> int:
+    from casa.bench.live import LiveBench, run
+
+    _check_outputs(args)
+    full = args.history == "full"
+    cfg = LiveBench(frames=args.frames, fps=args.fps, load=args.load, speed=args.speed, d_model=args.d_model,
+                    layers=args.layers, new_tokens=args.new_tokens, sink=None if full else args.sink,
+                    window=None if full else args.window, sample_every=args.sample_every, seed=args.seed)
+    run(cfg, json_path=args.json, plot_path=args.plot)
     return 0
 
 
