@@ -189,3 +189,22 @@ def test_concurrent_chat_and_live_captions_equal_each_request_alone(tmp_path, on
         for _ in range(2):
             assert on_threads(fns, together=True) == alone
     assert len(set(alone[:6])) == 6 and len(alone[6]) == 12  # distinct replies; a caption per frame
+
+
+def test_casa_serve_offers_the_decode_paths_and_reports_the_one_taken(tmp_path, one_thread):
+    import argparse
+
+    import httpx2 as httpx
+    from test_serve import make_checkpoint
+
+    from casa.cli.serve import add_arguments
+    from casa.core.decode import DECODE_PATHS
+    from casa.serve.app import ServerThread, create_app
+    from casa.serve.engine import Engine
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert next(a for a in parser._actions if a.dest == "decode").choices == DECODE_PATHS
+    engine = Engine(make_checkpoint(tmp_path / "tiny"), decode="torch")
+    with ServerThread(create_app(engine)) as url:
+        assert httpx.get(url + "/health").json()["decode"] == "torch"

@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads per session (default: the free cores shared by --max-sessions)")
+    p.add_argument("--decode", choices=("auto", "kernels", "torch"), default="auto",
+                   help="decode path of every session: casa's CPU kernels, PyTorch's ops, or auto (the kernels "
+                        "where they are built and a session runs one thread; default: auto)")
     a = p.add_argument_group("access")
     a.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on every route but GET /health and the page's own "
@@ -73,11 +76,11 @@ def run(args) -> int:
         # OpenMP threads that outnumber the cores spin at barriers and slow everyone down (casa/threads.py),
         # and each running session has its own team of them: share the free cores out
         threads = set_threads(args.threads or max(1, free_cores() // args.max_sessions))
-        engine = Engine(args.checkpoint, name=args.model_name, device=args.device)
+        engine = Engine(args.checkpoint, name=args.model_name, device=args.device, decode=args.decode)
         app = create_app(engine, limits=limits, media_dir=args.media_dir, access=access)
         host, port = sock.getsockname()[:2]
         print(f"casa serve: model {engine.name!r} at http://{host}:{port}/ (OpenAI API under /v1, live captioning "
-              f"at /; media dir {args.media_dir or 'none'}; {threads} threads per session; "
+              f"at /; media dir {args.media_dir or 'none'}; {threads} threads per session; decode {engine.decode}; "
               f"{'API key required' if access.api_key else 'no API key'})", flush=True)
         if access.api_key is None and host not in ("127.0.0.1", "::1", "localhost"):
             print(f"casa serve: warning: listening on {host} without an API key: anyone who can reach this port "

@@ -119,7 +119,8 @@ class ServeState:
 
     def health(self) -> dict:
         live = self.live
-        return {"status": "ok", "model": self.engine.name, "sessions": self.admission.active,
+        return {"status": "ok", "model": self.engine.name, "decode": self.engine.decode,
+                "sessions": self.admission.active,
                 "queued": self.admission.queued, "max_sessions": self.limits.max_sessions,
                 "max_queue": self.limits.max_queue, "live_sessions": live.running() if live else 0,
                 "live_waiting": self.pending_live.used, "uploads": self.uploads.used,
