@@ -35,12 +35,12 @@ def make_model(variant, placement, seed=0):
     return m
 
 
-def decode_stream(model, seed, *, history, cache_dtype, decode):
+def decode_stream(model, seed, *, history, cache_dtype, decode, batcher=None):
     """One stream: a prompt with two windows of images, then greedy tokens fed back one by one.
     Returns `(logits [steps, vocab], tokens)`: every step's logits, to compare bit for bit."""
     g = torch.Generator().manual_seed(100 + seed)
     d, vocab = model.config.lm.d_model, model.config.lm.vocab_size
-    session = Session(model, history=history, cache_dtype=cache_dtype, decode=decode)
+    session = Session(model, history=history, cache_dtype=cache_dtype, decode=decode, batcher=batcher)
     out = []
     with torch.no_grad():
         out.append(session.forward_text(torch.randint(0, vocab, (3,), generator=g))[-1:])
@@ -208,3 +208,102 @@ def test_casa_serve_offers_the_decode_paths_and_reports_the_one_taken(tmp_path, 
     engine = Engine(make_checkpoint(tmp_path / "tiny"), decode="torch")
     with ServerThread(create_app(engine)) as url:
         assert httpx.get(url + "/health").json()["decode"] == "torch"
+
+
+
+# --------------------------------------------------------- batched decoding
+@needs_kernels
+@pytest.mark.parametrize("variant,placement", VARIANTS)
+@pytest.mark.parametrize("cache_dtype", [None, torch.int8], ids=["model", "int8"])
+def test_streams_decoded_in_batched_steps_equal_their_solo_runs(variant, placement, cache_dtype, one_thread):
+    """Sessions whose one-token steps a `DecodeBatcher` takes together (the weights read once per
+    step for all of them) give the logits they give alone, bit for bit; the steps did batch."""
+    from casa.inference.batching import DecodeBatcher
+
+    model = make_model(variant, placement)
+    options = dict(history=None, cache_dtype=cache_dtype, decode="kernels")
+    solo = on_threads([lambda i=i: decode_stream(model, i, **options) for i in range(STREAMS)], together=False)
+    batcher = DecodeBatcher(model)
+    try:
+        together = on_threads([lambda i=i: decode_stream(model, i, **options, batcher=batcher)
+                               for i in range(STREAMS)], together=True)
+    finally:
+        batcher.close()
+    for i, ((got, got_tokens), (want, want_tokens)) in enumerate(zip(together, solo)):
+        assert got_tokens == want_tokens and torch.equal(got, want), f"stream {i}"
+    assert batcher.rows == STREAMS * NEW_TOKENS and batcher.steps < batcher.rows  # rows shared steps
+
+
+@needs_kernels
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_batched_bounded_streams_of_mixed_caches_equal_their_solo_runs(bf16, one_thread):
+    """One batch mixes sessions with an int8 and a plain cache, bounded and full histories."""
+    from casa.inference.batching import DecodeBatcher
+
+    model = make_model("casa", "parallel")
+    model = model.bfloat16() if bf16 else model
+    kinds = [dict(history=History(sink=2, window=6), cache_dtype=None), dict(history=None, cache_dtype=torch.int8),
+             dict(history=History(sink=1, window=5), cache_dtype=torch.int8), dict(history=None, cache_dtype=None)]
+    solo = on_threads([lambda i=i: decode_stream(model, i, **kinds[i], decode="kernels") for i in range(STREAMS)],
+                      together=False)
+    batcher = DecodeBatcher(model)
+    try:
+        together = on_threads([lambda i=i: decode_stream(model, i, **kinds[i], decode="kernels", batcher=batcher)
+                               for i in range(STREAMS)], together=True)
+    finally:
+        batcher.close()
+    for (got, _), (want, _) in zip(together, solo):
+        assert torch.equal(got, want)
+    assert batcher.steps < batcher.rows
+
+
+@needs_kernels
+def test_forward_tokens_refuses_what_it_cannot_batch(one_thread):
+    model = make_model("casa", "parallel")
+    a, b = Session(model, decode="kernels"), Session(model, decode="torch")
+    with pytest.raises(ValueError, match="distinct sessions over one model, on the kernel path"):
+        Session.forward_tokens([a, b], [1, 2])
+    with pytest.raises(ValueError, match="distinct sessions"):
+        Session.forward_tokens([a, a], [1, 2])
+    with pytest.raises(ValueError, match=r"one id in \[0, 61\) per session"):
+        Session.forward_tokens([a], [61])
+    from casa.inference.batching import DecodeBatcher
+
+    with pytest.raises(ValueError, match="a batcher decodes sessions over its own model on the kernel path"):
+        Session(model, decode="torch", batcher=DecodeBatcher(model))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_threads_give_the_same_bits(dtype, one_thread):
+    """The kernels split work over threads only where no sum changes (output rows, heads): a model
+    and a cache large enough that both splits run (their thresholds: 65536 multiply-adds)."""
+    import dataclasses
+
+    if not cpu_kernels.openmp():
+        pytest.skip("kernels built without OpenMP: one thread only")
+    config = tiny_config("casa")
+    config = dataclasses.replace(config, lm=dataclasses.replace(config.lm, d_model=256, n_heads=4, n_kv_heads=2,
+                                                                head_dim=64, d_ff=512, n_layers=2))
+    torch.manual_seed(0)
+    model = CasaModel(config).eval().to(dtype)
+    g = torch.Generator().manual_seed(0)
+    prompt, image = torch.randint(0, 61, (300,), generator=g), torch.randn(1, model.tokens_per_image, 256, generator=g)
+
+    def run():
+        session, out = Session(model, decode="kernels"), []
+        with torch.no_grad():
+            session.add_image_embeds(image)
+            out.append(session.forward_text(prompt)[-1:])
+            for _ in range(6):
+                out.append(session.forward_text([int(out[-1][-1].argmax())]))
+        return torch.cat(out)
+
+    one = run()
+    cpu_kernels.set_threads(2)
+    try:
+        assert cpu_kernels.threads() == 2
+        two = run()
+    finally:
+        cpu_kernels.set_threads(1)
+    assert torch.equal(one, two)

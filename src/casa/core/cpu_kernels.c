@@ -101,20 +101,64 @@ static inline __m256 exp8(__m256 x) {
 
 enum { KIND_F32, KIND_BF16, KIND_I8 };  /* a cache's stored element */
 
-void casa_gemv_f32(const float *W, const float *x, const float *b, float *y, long O, long I) {
+static inline float dot_f32(const float *w, const float *x, long I) {
+    ROW_DOT(load8_f32, F32)
+    return s;
+}
+
+static inline float dot_bf16(const uint16_t *w, const float *x, long I) {
+    ROW_DOT(load8_bf16, BF16)
+    return s;
+}
+
+/* The kernels' threads: `casa_set_threads` (casa.core.cpu_kernels.set_threads), 1 by default. Work
+ * is split where it changes no sum: output rows of a product, heads of an attention; so every
+ * thread count gives the same bits. */
+static int n_threads = 1;
+
+void casa_set_threads(int n) { n_threads = n < 1 ? 1 : n; }
+int casa_get_threads(void) { return n_threads; }
+int casa_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Y[b, o] = W[o, :] . X[b, :] (+ bias[o]) for B rows (rows of X `ldx` apart, of Y `ldy` apart): each
+ * weight row is read from memory once for all B rows (it stays in L1 while their dots read it),
+ * and each dot sums in ROW_DOT's order, so a row's outputs have the bits it gets alone (B = 1).
+ * Output rows are split over the threads in contiguous runs: each still one linear stream. */
+static void gemm_rows(const void *W, int bf16, const float *X, long ldx, const float *bias, float *Y, long ldy,
+                      long O, long I, long B) {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1 && O * I * B >= 65536)
+#endif
     for (long o = 0; o < O; o++) {
-        const float *w = W + o * I;
-        ROW_DOT(load8_f32, F32)
-        y[o] = b ? s + b[o] : s;
+        for (long b = 0; b < B; b++) {
+            float s = bf16 ? dot_bf16((const uint16_t *)W + o * I, X + b * ldx, I)
+                           : dot_f32((const float *)W + o * I, X + b * ldx, I);
+            Y[b * ldy + o] = bias ? s + bias[o] : s;
+        }
     }
 }
 
+void casa_gemv_f32(const float *W, const float *x, const float *b, float *y, long O, long I) {
+    gemm_rows(W, 0, x, I, b, y, O, O, I, 1);
+}
+
 void casa_gemv_bf16(const uint16_t *W, const float *x, const float *b, float *y, long O, long I) {
-    for (long o = 0; o < O; o++) {
-        const uint16_t *w = W + o * I;
-        ROW_DOT(load8_bf16, BF16)
-        y[o] = b ? s + b[o] : s;
-    }
+    gemm_rows(W, 1, x, I, b, y, O, O, I, 1);
+}
+
+/* the B-row product's entry points: X [B, I] fp32, Y [B, O] fp32 */
+void casa_gemm_rows_f32(const float *W, const float *X, const float *b, float *Y, long O, long I, long B) {
+    gemm_rows(W, 0, X, I, b, Y, O, O, I, B);
+}
+
+void casa_gemm_rows_bf16(const uint16_t *W, const float *X, const float *b, float *Y, long O, long I, long B) {
+    gemm_rows(W, 1, X, I, b, Y, O, O, I, B);
 }
 
 /* ------------------------------------------------------- few-query attention

@@ -68,7 +68,8 @@ from pathlib import Path
 import torch
 
 __all__ = ["CACHE_INT8", "MAX_HEAD_DIM", "MAX_NORM_WIDTH", "PLACEMENTS", "AttnPlan", "BlockPlan", "attend", "attn_step",
-           "available", "block_step", "gemv", "mlp_step", "quantize", "rmsnorm", "rope", "swiglu", "usable"]
+           "available", "block_rows", "block_step", "gemm_rows", "gemv", "mlp_step", "openmp", "quantize", "rmsnorm",
+           "rope", "set_threads", "swiglu", "threads", "usable"]
 
 MAX_HEAD_DIM = 256  # DMAX in cpu_kernels.c
 
@@ -86,8 +87,13 @@ def _build() -> Path | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         return None
+    flags = ["-O3", "-shared", "-fPIC", "-std=c99"]
+    if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
+        flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native")
     source = b"".join(path.read_bytes() for path in _SOURCES)
-    key = hashlib.sha256(source + f"{platform.machine()} {platform.processor()} {cc}".encode()).hexdigest()[:16]
+    # the flags are part of the key: a library built another way is another library
+    build = f"{platform.machine()} {platform.processor()} {cc} {' '.join(flags)} -fopenmp?"
+    key = hashlib.sha256(source + build.encode()).hexdigest()[:16]
     lib = _cache_dir() / f"casa_kernels_{key}.so"
     if lib.is_file():
         return lib
@@ -95,11 +101,13 @@ def _build() -> Path | None:
     # built beside its final name and renamed: a concurrent process never loads a half-written file
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
     os.close(fd)
-    flags = ["-O3", "-shared", "-fPIC", "-std=c99"]
-    if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
-        flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native")
     try:
-        subprocess.run([cc, *flags, "-o", tmp, str(_SOURCES[0]), "-lm"], check=True, capture_output=True, timeout=120)
+        try:  # OpenMP where the compiler has it (the kernels' threads); without it they run on one
+            subprocess.run([cc, *flags, "-fopenmp", "-o", tmp, str(_SOURCES[0]), "-lm"], check=True,
+                           capture_output=True, timeout=120)
+        except subprocess.CalledProcessError:
+            subprocess.run([cc, *flags, "-o", tmp, str(_SOURCES[0]), "-lm"], check=True, capture_output=True,
+                           timeout=120)
         os.replace(tmp, lib)
     except (OSError, subprocess.SubprocessError) as e:
         Path(tmp).unlink(missing_ok=True)
@@ -147,6 +155,15 @@ def _lib():
     for name in ("casa_block_step_f32", "casa_block_step_bf16"):
         getattr(lib, name).argtypes = [ctypes.POINTER(BlockPlan), p, p, p]
         getattr(lib, name).restype = ctypes.c_int
+    for name in ("casa_block_rows_f32", "casa_block_rows_bf16"):
+        getattr(lib, name).argtypes = [ctypes.POINTER(ctypes.POINTER(BlockPlan)), i, p, p, p]
+        getattr(lib, name).restype = ctypes.c_int
+    for name in ("casa_gemm_rows_f32", "casa_gemm_rows_bf16"):
+        getattr(lib, name).argtypes = [p, p, p, p, i, i, i]
+        getattr(lib, name).restype = None
+    lib.casa_set_threads.argtypes, lib.casa_set_threads.restype = [ctypes.c_int], None
+    lib.casa_get_threads.argtypes, lib.casa_get_threads.restype = [], ctypes.c_int
+    lib.casa_openmp.argtypes, lib.casa_openmp.restype = [], ctypes.c_int
     return lib
 
 
@@ -181,12 +198,32 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 def _fns() -> dict:
     """The kernels by (name, operand dtype)."""
     lib = _lib()
-    names = ("gemv", "attend", "rmsnorm", "rope", "swiglu", "attn_step", "mlp_step", "block_step")
+    names = ("gemv", "gemm_rows", "attend", "rmsnorm", "rope", "swiglu", "attn_step", "mlp_step", "block_step",
+             "block_rows")
     return {(name, dtype): getattr(lib, f"casa_{name}_{suffix}") for name in names for dtype, suffix in _DTYPES.items()}
 
 
+def set_threads(n: int) -> None:
+    """The threads the kernels split their work over (output rows of a product, heads of an
+    attention: every count gives the same bits); 1 by default. A process-wide setting, as
+    `torch.set_num_threads` is. Without OpenMP (`openmp()` False) the kernels run on one."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"kernel threads {n!r}: expected an integer >= 1")
+    _lib().casa_set_threads(n)
+
+
+def threads() -> int:
+    """The kernels' thread count (`set_threads`)."""
+    return _lib().casa_get_threads()
+
+
+def openmp() -> bool:
+    """Whether the kernels were built with OpenMP (and so can use several threads)."""
+    return bool(_lib().casa_openmp())
+
+
 def gemv(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`weight @ x (+ bias)` in one pass over `weight`.
+    """`weight @ x (+ bias)` in one pass over `weight`: `gemm_rows` of one row.
 
     Args:
         weight: `[O, I]`, fp32 or bf16, rows contiguous (`stride(1) == 1`, `stride(0) == I`).
@@ -195,13 +232,29 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None
     Returns:
         `[O]` fp32.
     """
+    return gemm_rows(weight, x.reshape(1, weight.shape[1]), bias)[0]
+
+
+def gemm_rows(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ weight.T (+ bias)` for a few rows, each weight row read once for all of them; a row's
+    outputs have the bits `gemv` gives it alone.
+
+    Args:
+        weight: `[O, I]`, fp32 or bf16, rows contiguous.
+        x: `[B, I]` (any float dtype; read as fp32).
+        bias: `[O]` or None (read as fp32).
+    Returns:
+        `[B, O]` fp32.
+    """
     O, I = weight.shape
     if not weight.is_contiguous():
-        raise ValueError(f"gemv: weight of shape {tuple(weight.shape)} must be row-contiguous, "
+        raise ValueError(f"gemm_rows: weight of shape {tuple(weight.shape)} must be row-contiguous, "
                          f"got strides {weight.stride()}")
-    x, bias = _f32(x.reshape(I)), None if bias is None else _f32(bias)
-    y = torch.empty(O, dtype=torch.float32)
-    _fns()["gemv", weight.dtype](weight.data_ptr(), x.data_ptr(), _ptr(bias), y.data_ptr(), O, I)
+    if x.dim() != 2 or x.shape[1] != I:
+        raise ValueError(f"gemm_rows: x of shape {tuple(x.shape)} for a weight of shape {tuple(weight.shape)}")
+    x, bias = _f32(x), None if bias is None else _f32(bias)
+    y = torch.empty(x.shape[0], O, dtype=torch.float32)
+    _fns()["gemm_rows", weight.dtype](weight.data_ptr(), x.data_ptr(), _ptr(bias), y.data_ptr(), O, I, x.shape[0])
     return y
 
 
@@ -430,3 +483,25 @@ def block_step(plan: BlockPlan, h: torch.Tensor, rope: tuple[torch.Tensor, torch
         raise ValueError(f"block_step: h {tuple(h.shape)} for a block of width {plan.I}")
     if _fns()["block_step", h.dtype](ctypes.byref(plan), h.data_ptr(), rope[0].data_ptr(), rope[1].data_ptr()):
         raise MemoryError("block_step: no memory for its scratch")
+
+
+def block_rows(plans: list[BlockPlan], hs: list[torch.Tensor], ropes: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Several streams' decoded tokens through one decoder block, in place, in one call: each row
+    as `block_step` gives it alone (same bits), the block's weights read once for all of them.
+
+    Args:
+        plans: one per row, over the same weights, each pointing into its stream's caches.
+        hs: `[I]` states per row, one dtype, contiguous; overwritten with the block's output.
+        ropes: `(cos, signed_sin)` per row (its position), `D` elements each, the states' dtype.
+    """
+    B = len(plans)
+    if not (B == len(hs) == len(ropes)) or any(h.numel() != plans[0].I or not h.is_contiguous()
+                                                or h.dtype != hs[0].dtype for h in hs):
+        raise ValueError(f"block_rows: {B} plans, {len(hs)} states and {len(ropes)} tables of width "
+                         f"{plans[0].I if plans else '?'} in one dtype expected")
+    P = (ctypes.POINTER(BlockPlan) * B)(*(ctypes.pointer(p) for p in plans))
+    H = (ctypes.c_void_p * B)(*(h.data_ptr() for h in hs))
+    C = (ctypes.c_void_p * B)(*(r[0].data_ptr() for r in ropes))
+    S = (ctypes.c_void_p * B)(*(r[1].data_ptr() for r in ropes))
+    if _fns()["block_rows", hs[0].dtype](P, B, H, C, S):
+        raise MemoryError("block_rows: no memory for its scratch")

@@ -70,7 +70,7 @@ from casa.core import cpu_kernels
 from casa.core.caches import RowWriter, StepCache
 
 __all__ = ["DECODE_PATHS", "PACKED_MAX_ROWS", "BlockSteps", "block_steps", "decoding", "kernel_row", "kernels_on",
-           "packed_linear", "packed_swiglu", "resolve_decode", "transposed_layout", "use_packed"]
+           "logits", "packed_linear", "packed_swiglu", "resolve_decode", "transposed_layout", "use_packed"]
 
 DECODE_PATHS = ("auto", "kernels", "torch")  # the `decode=` option of a stream (`resolve_decode`)
 PACKED_MAX_ROWS = 64  # rows (tokens x streams) up to which the packed layout is used
@@ -390,6 +390,40 @@ class BlockSteps:
             self._point(sub, cache, *cache.next_row(like, heads=sub.Hkv, width=sub.D))
         return joins
 
+    @staticmethod
+    def rows(steps: list[BlockSteps], hs: list[torch.Tensor], rotaries: list, sa_caches: list[list[StepCache]],
+             windows: list[list[StepCache | None]]) -> list[torch.Tensor]:
+        """One decoded token of each of several streams through every block: per block one kernel
+        call for all of them (`cpu_kernels.block_rows`: the weights read once), each row with the
+        bits it gets alone (`__call__`). A row whose block the kernel does not take runs `Block.step`.
+
+        Args:
+            steps: each stream's own `BlockSteps`, over the same model and dtype.
+            hs: `[1, 1, d]` states per stream; `rotaries`: RoPE at each stream's position.
+            sa_caches, windows: per stream, per block, as `__call__` takes them.
+        Returns:
+            `[1, 1, d]` per stream.
+        """
+        model, dtype = steps[0].model, steps[0].dtype
+        if any(s.model is not model or s.dtype != dtype for s in steps):
+            raise ValueError("BlockSteps.rows: the streams' plans must be over one model and dtype")
+        ropes = [r.tables(dtype) for r in rotaries]
+        xs = [h.reshape(-1).clone() for h in hs]  # overwritten block by block
+        for i, block in enumerate(model.blocks):
+            bound = [s._bound(s.plans[i], sa[i], win[i], x) for s, sa, win, x in zip(steps, sa_caches, windows, xs)]
+            together = [b for b, joins in enumerate(bound) if joins is not None]
+            if together:
+                cpu_kernels.block_rows([steps[b].plans[i] for b in together], [xs[b] for b in together],
+                                       [ropes[b] for b in together])
+                for b in together:
+                    for _, cache in bound[b]:
+                        cache.commit_row()
+            for b, joins in enumerate(bound):
+                if joins is None:
+                    xs[b] = block.step(xs[b].view(hs[b].shape), rotary=rotaries[b], sa_cache=sa_caches[b][i],
+                                       window=windows[b][i]).reshape(-1)
+        return [x.view(h.shape) for x, h in zip(xs, hs)]
+
     def __call__(self, h: torch.Tensor, rotary, sa_caches: list[StepCache],
                  windows: list[StepCache | None]) -> torch.Tensor:
         """`h` through every block, as `Block.step` for each (one decoded token of one stream).
@@ -422,3 +456,23 @@ def block_steps(model: nn.Module, h: torch.Tensor, previous: BlockSteps | None) 
     if previous is not None and previous.model is model and previous.dtype == h.dtype and previous.fresh():
         return previous
     return BlockSteps(model, h.dtype)
+
+
+def logits(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """`model.lm_head(model.norm(h))`; on the kernel path, up to `PACKED_MAX_ROWS` rows through
+    the kernels (the norm, then `cpu_kernels.gemm_rows`), so that a stream's logits have the same
+    bits whether its row was computed alone or beside other streams' (`BlockSteps.rows`).
+
+    Args:
+        h: `[..., d]` final hidden states, the model's dtype.
+    Returns:
+        `[..., vocab]`, `h`'s dtype.
+    """
+    norm, head = model.norm, model.lm_head
+    if (kernels_on() and not torch.is_grad_enabled() and h.is_cpu and h.dtype in _KERNEL_DTYPES
+            and h.shape[:-1].numel() <= PACKED_MAX_ROWS and h.shape[-1] <= cpu_kernels.MAX_NORM_WIDTH
+            and norm.weight.dtype == h.dtype == head.weight.dtype and head.bias is None
+            and head.weight.is_contiguous()):
+        rows = cpu_kernels.rmsnorm(h.reshape(-1, h.shape[-1]).contiguous(), norm.weight, norm.eps)
+        return cpu_kernels.gemm_rows(head.weight, rows).to(h.dtype).view(*h.shape[:-1], -1)
+    return head(norm(h))

@@ -52,7 +52,7 @@ from __future__ import annotations
 import torch
 
 from casa.core.attention import resolve_backend
-from casa.core.decode import BlockSteps, block_steps, decoding, resolve_decode
+from casa.core.decode import BlockSteps, block_steps, decoding, logits, resolve_decode
 from casa.core.layout import History, StreamWindows
 from casa.core.model import CasaModel
 from casa.core.positions import grid_positions
@@ -83,10 +83,13 @@ class Session:
         cache_dtype: None (the model's dtype) or `torch.int8` (quantized keys/values).
         decode: "auto", "kernels" or "torch" (`core.decode.resolve_decode`); `self.decode` is
             the path taken, "kernels" or "torch".
+        batcher: a `batching.DecodeBatcher` over the same model: the session's one-token steps
+            (kernel path) are then taken beside other sessions' (`forward_tokens`), with the same
+            logits; None: alone.
     """
 
     def __init__(self, model: CasaModel, *, history: History | None = None, backend: str = "auto",
-                 cache_dtype: torch.dtype | None = None, decode: str = "auto"):
+                 cache_dtype: torch.dtype | None = None, decode: str = "auto", batcher=None):
         if cache_dtype not in CACHE_DTYPES.values():
             raise ValueError(f"Session: cache_dtype {cache_dtype}: use None (the model's dtype) or torch.int8")
         self.model = model
@@ -96,6 +99,10 @@ class Session:
         self.backend = backend
         self.decode = resolve_decode(decode, model.embed.weight)
         self._block_steps: BlockSteps | None = None  # this session's one-call block plan (kernel path)
+        if batcher is not None and (batcher.model is not model or self.decode != "kernels"):
+            raise ValueError("Session: a batcher decodes sessions over its own model on the kernel path "
+                             f"(this session: decode {self.decode!r}); give none")
+        self.batcher = batcher
         self.insertion = model.config.fusion.variant == "insertion"
         quantized = cache_dtype == torch.int8
         self.sa = [KVCache(history=history, quantized=quantized) for _ in model.blocks]
@@ -253,11 +260,52 @@ class Session:
         vocab = self.config.lm.vocab_size
         if int(ids.min()) < 0 or int(ids.max()) >= vocab:
             raise ValueError(f"Session.forward_text: token ids out of range [0, {vocab}): {ids.tolist()[:10]}")
+        if ids.numel() == 1 and self.batcher is not None:  # a decoded token: beside the other sessions'
+            return self.batcher.feed(self, int(ids[0]))[None]
+        return self._forward_alone(ids)
+
+    def _forward_alone(self, ids: torch.Tensor) -> torch.Tensor:
         h = self._run_blocks(self.model.embed(ids)[None])
         self.stream.add_text(ids.numel())
-        logits = self.model.lm_head(self.model.norm(h))[0]
-        self.last_logits = logits[-1]
-        return logits
+        with decoding(self.decode):
+            out = logits(self.model, h)[0]
+        self.last_logits = out[-1]
+        return out
+
+    @staticmethod
+    @torch.inference_mode()
+    def forward_tokens(sessions: list[Session], ids: list[int]) -> list[torch.Tensor]:
+        """One new text token for each of several sessions over one model, in one step: each block
+        reads its weights once for all of them (`core.decode.BlockSteps.rows`); each session's
+        state advances as `forward_text([id])` advances it, with the same logits, bit for bit.
+
+        Args:
+            sessions: distinct sessions on the kernel path over one model (any cache lengths,
+                windows, history bounds and cache dtypes).
+            ids: the next token id of each.
+        Returns:
+            `[vocab]` logits per session, the model's dtype.
+        """
+        model = sessions[0].model
+        if len({id(s) for s in sessions}) != len(sessions) or any(
+                s.model is not model or s.decode != "kernels" for s in sessions):
+            raise ValueError("Session.forward_tokens: distinct sessions over one model, on the kernel path")
+        vocab = model.config.lm.vocab_size
+        if len(ids) != len(sessions) or any(not 0 <= i < vocab for i in ids):
+            raise ValueError(f"Session.forward_tokens: one id in [0, {vocab}) per session, got {ids}")
+        device = model.embed.weight.device
+        hs = [model.embed(torch.tensor([[i]], device=device)) for i in ids]  # [1, 1, d] each
+        with decoding("kernels"):
+            steps = [block_steps(model, h, s._block_steps) for s, h in zip(sessions, hs)]
+            if any(st is None for st in steps):  # rows the kernels do not take: each alone
+                return [s._forward_alone(torch.tensor([i], device=device))[-1] for s, i in zip(sessions, ids)]
+            rotaries = [model.text_rotary(torch.tensor([[s.position]], device=device)) for s in sessions]
+            outs = BlockSteps.rows(steps, hs, rotaries, [s.sa for s in sessions], [s.windows for s in sessions])
+            rows = logits(model, torch.cat(outs))[:, -1]  # [B, vocab]
+        for s, st, row in zip(sessions, steps, rows):
+            s._block_steps, s.position, s.last_logits = st, s.position + 1, row
+            s.stream.add_text(1)
+        return list(rows)
 
     # ---------------------------------------------------------- accounting
     def kv_tokens(self) -> int:
