@@ -18,7 +18,7 @@ LAYERS = {
     "data": 3,
     "pretrained": 4,
     "inference": 5,
-    "eval": 6,
+    "eval": 6, "hub": 6,
     "training": 7,
     "bench": 8,
     "study": 9, "serve": 9,

@@ -9,6 +9,7 @@ this list; see docs/design.md, "Package map"):
     data         samples, processor, synthetic tasks, packing
     pretrained   HF checkpoints in/out, casa model directories, build, tokenizers
     inference    Session (text-only KV cache), generation, streaming captioner
+    hub          CasaForConditionalGeneration (from_pretrained / generate / chat), export to transformers
     eval         greedy evaluation, standard benchmarks, lmms-eval plugin
     training     trainer (1 process, DDP, FSDP2), checkpoints
     study, bench the variant comparison and the benchmarks
@@ -33,6 +34,8 @@ _EXPORTS = {
     "load_tokenizer": "casa.pretrained.tokenizer",
     "Session": "casa.inference.session", "Chat": "casa.inference.generate", "Sampling": "casa.inference.generate",
     "generate": "casa.inference.generate", "History": "casa.core.layout",
+    "load_processor": "casa.pretrained.directory", "ModelInputs": "casa.data.inputs",
+    "CasaForConditionalGeneration": "casa.hub.model", "export_transformers": "casa.hub.export",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -81,7 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     for f in dataclasses.fields(FusionConfig):  # every fusion field, as declared in casa.config
         add_field_flag(b, FusionConfig, f.name, FUSION_FLAGS.get(f.name), dest=_DEST + f.name)
     b.add_argument("--train-lm", action="store_true", help="keep the LM trainable (default: frozen)")
-    for name in ("vision_trainable_blocks", "dtype", "token_reduction", "reduction_factor", "image_size"):
+    for name in ("vision_trainable_blocks", "dtype", "token_reduction", "reduction_factor", "image_size",
+                 "zero_fusion_output"):
         add_field_flag(b, BuildConfig, name)
     b.add_argument("--tokenizer", default="lm", help="'lm' (the LM directory's), 'byte', or a tokenizer directory")
     b.add_argument("--image-prefix", default=None, help="token before each image (default: from the template)")
@@ -100,7 +101,7 @@ def run(args) -> int:
                       vision_trainable_blocks=args.vision_trainable_blocks, dtype=args.dtype,
                       token_reduction=args.token_reduction, reduction_factor=args.reduction_factor,
                       image_size=args.image_size, tokenizer=args.tokenizer, image_prefix=args.image_prefix,
-                      gist_token=args.gist_token, gist=not args.no_gist)
+                      gist_token=args.gist_token, gist=not args.no_gist, zero_fusion_output=args.zero_fusion_output)
     from casa.pretrained.build import run
 
     run(cfg, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite)

@@ -3,6 +3,8 @@ suite, answer metrics, sample sources, and the packing collator.
 
 - `sample`: `Sample`, JSONL reading (checked line by line) and writing.
 - `processor`: a sample to token ids, targets, pixels and insertion points.
+- `inputs`: the processor called as in transformers (text with `<image>`
+  placeholders, or chat messages, to the model's inputs; ids back to text).
 - `tasks`: the synthetic suite, rendered from a seed.
 - `metrics`: answer normalisation, ANLS, number parsing, per-metric scores.
 - `dataset`: data specs and endless, deterministic sample sources.
@@ -15,6 +17,7 @@ Design decisions:
   (packing builds tensors), so the command line imports it lazily.
 """
 
+from casa.data.inputs import ModelInputs
 from casa.data.dataset import JsonlSource, SyntheticSource, make_source, parse_data_spec
 from casa.data.metrics import score
 from casa.data.packing import Pack, Packer, pack_row, sequence_tokens, stack_rows
@@ -22,6 +25,6 @@ from casa.data.processor import Encoded, Processor
 from casa.data.sample import DataError, Sample, check_sample, read_jsonl, write_jsonl
 from casa.data.tasks import COARSE, TASKS, Difficulty, difficulty, make_sample
 
-__all__ = ["COARSE", "TASKS", "DataError", "Difficulty", "Encoded", "JsonlSource", "Pack", "Packer", "Processor",
+__all__ = ["COARSE", "TASKS", "DataError", "Difficulty", "Encoded", "JsonlSource", "ModelInputs", "Pack", "Packer", "Processor",
            "Sample", "SyntheticSource", "check_sample", "difficulty", "make_sample", "make_source", "pack_row",
            "parse_data_spec", "read_jsonl", "score", "sequence_tokens", "stack_rows", "write_jsonl"]

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 import torch
 
 from casa.config import VisionConfig
+from casa.data.inputs import call_processor, chat_inputs, chat_text, decode_ids
 from casa.data.sample import DataError, Sample, check_sample
 from casa.vision.dynamic import grid_of, preprocess_images
 
@@ -149,6 +150,40 @@ class Processor:
                 raise ValueError("the chat template puts nothing after an assistant reply")
             self._end_of_turn = closing.ids[0]
         return self._end_of_turn
+
+    # ------------------------------------------------- transformers-style calls (data/inputs.py)
+    def __call__(self, text=None, images=None, videos=None, *, return_tensors: str | None = "pt", **_):
+        """The model's inputs (`data.inputs.ModelInputs`) of a text, or a list of texts (a batch).
+
+        Args:
+            text: a string with `<image>` where each image goes and `<video>` where each video
+                goes (each expands to the markup the model was trained with: image prefix, the
+                image, gist token), e.g. the output of `apply_chat_template(..., tokenize=False)`.
+            images: PIL images / uint8 arrays / paths / float pixels, one per `<image>` in order
+                (or, for a batch, one list per text).
+            videos: one video (a list of frames) or a list of them, one per `<video>`.
+        Returns:
+            `input_ids [B, T]`, `attention_mask [B, T]`, and with images `pixel_values`,
+            `insertion_points [N]`, `image_rows [N]`; a dict, so `model.generate(**inputs)`.
+        """
+        return call_processor(self, text, images, videos, return_tensors=return_tensors)
+
+    def apply_chat_template(self, messages, *, add_generation_prompt: bool = False, tokenize: bool = False, **_):
+        """Render chat messages (`[{"role": "user", "content": [{"type": "image", "image": img},
+        {"type": "text", "text": "..."}]}, ...]`, or a list of conversations): a string with
+        `<image>` / `<video>` placeholders, or with `tokenize=True` the model's inputs (`ModelInputs`),
+        exactly as `encode` and `inference.Chat` render them."""
+        if tokenize:
+            return chat_inputs(self, messages, add_generation_prompt=add_generation_prompt)
+        return chat_text(self, messages, add_generation_prompt=add_generation_prompt)
+
+    def decode(self, ids, *, skip_special_tokens: bool = True, **_) -> str:
+        """Token ids (a list or 1-D tensor) as text."""
+        return decode_ids(self, ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, sequences, *, skip_special_tokens: bool = True, **_) -> list[str]:
+        """Rows of token ids (`[B, T]` tensor or lists) as texts."""
+        return [decode_ids(self, row, skip_special_tokens=skip_special_tokens) for row in sequences]
 
     # ------------------------------------------------------------- encoding
     def encode(self, sample, *, pixels: bool = True, blind: bool = False) -> Encoded:

@@ -37,7 +37,7 @@ from pathlib import Path
 from casa.data.metrics import METRICS
 from casa.files import atomic_directory, atomic_file
 
-__all__ = ["ROLES", "DataError", "Sample", "check_sample", "read_jsonl", "write_jsonl"]
+__all__ = ["ROLES", "DataError", "Sample", "check_messages", "check_sample", "read_jsonl", "write_jsonl"]
 
 ROLES = ("system", "user", "assistant")
 
@@ -73,7 +73,7 @@ def _check_part(part, where: str, base: Path | None) -> dict:
             raise DataError(f"{where}: image part without a 'path'")
         return {"type": "image", "path": _resolve(path, base)}
     if kind == "video":
-        frames = part.get("frames")
+        frames = part.get("frames", part.get("video"))  # "video": the frames, as transformers' messages name them
         if not isinstance(frames, list) or not frames:
             raise DataError(f"{where}: video part without a non-empty 'frames' list")
         return {"type": "video", "frames": [f if not isinstance(f, str) else _resolve(f, base) for f in frames]}
@@ -84,12 +84,15 @@ def _resolve(path: str, base: Path | None) -> str:
     return path if base is None or os.path.isabs(path) else str(base / path)
 
 
-def check_sample(obj, where: str = "<memory>", base: Path | None = None) -> Sample:
-    """A validated `Sample` from a decoded JSON object, or a DataError naming `where`."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
-        raise DataError(f"{where}: expected an object with a 'messages' list")
-    messages = []
-    for i, m in enumerate(obj["messages"]):
+def check_messages(messages, where: str = "<memory>", base: Path | None = None) -> list[dict]:
+    """Chat messages in the shape of the module docstring, normalised (string contents become text parts,
+    image paths are resolved against `base`, a video part's `"video": [frames]` becomes `"frames"`), or a
+    DataError naming `where` and the message. No assistant turn is required (a prompt has none)."""
+    if not isinstance(messages, list):
+        raise DataError(f"{where}: expected a list of messages ({{'role': ..., 'content': ...}}), "
+                        f"got {type(messages).__name__}")
+    out = []
+    for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise DataError(f"{where}: message {i} has no role in {ROLES}")
         content = m.get("content")
@@ -99,7 +102,15 @@ def check_sample(obj, where: str = "<memory>", base: Path | None = None) -> Samp
         parts = [_check_part(p, f"{where}: message {i}", base) for p in parts]
         if m["role"] == "assistant" and any(p["type"] != "text" for p in parts):
             raise DataError(f"{where}: message {i}: assistant messages may only hold text")
-        messages.append({"role": m["role"], "content": parts})
+        out.append({"role": m["role"], "content": parts})
+    return out
+
+
+def check_sample(obj, where: str = "<memory>", base: Path | None = None) -> Sample:
+    """A validated `Sample` from a decoded JSON object, or a DataError naming `where`."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+        raise DataError(f"{where}: expected an object with a 'messages' list")
+    messages = check_messages(obj["messages"], where, base)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: sample has no assistant turn (nothing to train on or to evaluate)")
     meta = {k: v for k, v in obj.items() if k != "messages"}

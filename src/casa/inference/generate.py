@@ -18,7 +18,7 @@ Design decisions:
   trained with, exactly as training and evaluation render them. A turn's
   images share a window; a turn's video frames (`user(video=...)`, a video
   part) get one window each, each closed by the gist token (docs/design.md
-  §2): the processor decides, `_feed` feeds each insertion point's images
+  §2): the processor decides, `feed` feeds each insertion point's images
   together. Generated replies are fed as generated (never
   re-tokenised); a reply's stop token is not fed by itself: the template's
   closing markup is, as in training, with its end-of-turn token replaced by
@@ -40,8 +40,8 @@ from casa.data.processor import Processor
 from casa.inference.session import Session
 from casa.vision.dynamic import preprocess_images
 
-__all__ = ["Chat", "EndOfTurnBias", "Generation", "NoRepeatNGram", "RepetitionPenalty", "Reply", "Sampling", "generate",
-           "sample"]
+__all__ = ["Chat", "EndOfTurnBias", "Generation", "NoRepeatNGram", "RepetitionPenalty", "Reply", "Sampling", "feed",
+           "generate", "sample"]
 
 
 @dataclass
@@ -197,6 +197,10 @@ def generate(session: Session, prompt_ids=(), *, sampling: Sampling | None = Non
     """Sample up to `max_new_tokens` after `prompt_ids` (which may be empty:
     then the logits of the last token fed are used). `on_token(token)` is
     called as each token is sampled (a live stream)."""
+    if not hasattr(session, "forward_text"):
+        raise TypeError(f"generate: expected a casa.Session (one stream's state), got {type(session).__name__}; "
+                        "pass casa.Session(model), e.g. casa.generate(casa.Session(model), ids), or call "
+                        "model.generate(input_ids) on a casa.CasaForConditionalGeneration")
     sampling = sampling or Sampling()
     t0 = time.perf_counter()
     if len(prompt_ids):
@@ -231,6 +235,40 @@ def generate(session: Session, prompt_ids=(), *, sampling: Sampling | None = Non
     return Generation(tokens, stop_reason, (t_first - t0) * 1e3, (t_end - t_first) * 1e3, commit)
 
 
+def feed(session: Session, ids, images, points) -> list[int]:
+    """Feed text `ids` to `session` with `images` inserted before text index `points` (sorted;
+    images at one point share a window), up to the last image; returns the ids after it (the
+    prompt of the generation that follows, fed by `generate`).
+
+    Args:
+        ids: token ids (a list or 1-D tensor).
+        images: one per point, each `[C, S, S]` pixels, a `[C, H, W]` / `[F, C, H, W]` item
+            (dynamic resolution) or `[n, d]` LM-width tokens.
+        points: each image's insertion point, in `[0, len(ids)]`.
+    """
+    ids, points, fed, i = [int(t) for t in ids], [int(p) for p in points], 0, 0
+    if len(images) != len(points) or points != sorted(points) or (points and not 0 <= points[0] <= points[-1] <= len(ids)):
+        raise ValueError(f"feed: {len(images)} images at points {points[:10]}: expected one sorted point per "
+                         f"image, within [0, {len(ids)}]")
+    while i < len(points):
+        j = i
+        while j < len(points) and points[j] == points[i]:
+            j += 1
+        if points[i] > fed:
+            session.forward_text(ids[fed : points[i]])
+            fed = points[i]
+        group = list(images[i:j])
+        if group[0].dim() == 2:  # [n, d] each: LM-width image tokens
+            same = all(x.shape == group[0].shape for x in group)
+            session.add_image_embeds(torch.stack(group) if same else group)
+        elif session.config.vision.dynamic:  # items of their own sizes
+            session.add_images(group)
+        else:
+            session.add_images(torch.stack(group))
+        i = j
+    return ids[fed:]
+
+
 # -------------------------------------------------------------------- chat
 @dataclass
 class Reply:
@@ -258,6 +296,9 @@ class Chat:
 
     def __init__(self, session: Session, processor, *, sampling: Sampling | None = None, processors=(),
                  generator: torch.Generator | None = None):
+        if processor is None:
+            raise ValueError("Chat: no processor; give the model's processor (casa.load(dir).processor or "
+                             "casa.load_processor(dir)); a model saved without a tokenizer has none")
         if not isinstance(processor, Processor):
             try:
                 processor = Processor(processor, session.config.vision)
@@ -312,29 +353,12 @@ class Chat:
     def _feed(self, enc) -> list[int]:
         """Feed a continuation's ids with its images at their insertion points;
         returns the ids after the last image (the caller's prompt)."""
-        ids, fed = self.unfed + enc.ids, 0
+        ids = self.unfed + enc.ids
         if self.stopped is not None and enc.ids and enc.ids[0] != self.stopped and enc.ids[0] == self._end_of_turn():
             ids[len(self.unfed)] = self.stopped  # the end of turn the model emitted, not the template's
         points = [p + len(self.unfed) for p in enc.points]
         self.unfed, self.stopped = [], None
-        i = 0
-        while i < len(points):
-            j = i
-            while j < len(points) and points[j] == points[i]:
-                j += 1
-            if points[i] > fed:
-                self.session.forward_text(ids[fed : points[i]])
-                fed = points[i]
-            group = enc.images[i:j]
-            if group[0].dim() == 2:  # [n, d] each: LM-width image tokens
-                same = all(x.shape == group[0].shape for x in group)
-                self.session.add_image_embeds(torch.stack(group) if same else list(group))
-            elif self.session.config.vision.dynamic:  # items of their own sizes
-                self.session.add_images(list(group))
-            else:
-                self.session.add_images(torch.stack(group))
-            i = j
-        return ids[fed:]
+        return feed(self.session, ids, enc.images, points)
 
     def _end_of_turn(self) -> int | None:
         """The template's end-of-turn token (None when it puts nothing after a reply)."""

@@ -7,7 +7,9 @@ Design decisions:
   from its (`hf_vision.load_vision_weights`). Peak memory is the model plus
   one tensor, whatever the checkpoint sizes. What no checkpoint holds is new:
   the projector (fresh init), and the fusion layers, copies of their block's
-  SA when `init_from_sa` (the paper's init), fresh otherwise.
+  SA when `init_from_sa` (the paper's init), fresh otherwise; with
+  `--zero-fusion-output` their output projections start at zero, so that the
+  built model equals its LM exactly (parallel and before placements).
 - Tokenizer and chat template come from the LM directory. The tokens around an
   image are read off the template itself: a probe conversation with one image
   part is rendered and the special tokens the template puts in its place are
@@ -42,7 +44,7 @@ from casa.files import read_json
 from casa.pretrained.build_config import DTYPE_NAMES, BuildConfig
 from casa.pretrained.directory import empty_model, save_pretrained
 from casa.pretrained.freeze import FreezePolicy, apply_freeze, trainable_summary
-from casa.pretrained.hf_lm import lm_config_from_hf, load_lm_weights
+from casa.pretrained.hf_lm import lm_config_from_hf, load_lm_weights, zero_fusion_outputs
 from casa.pretrained.model_dir import check_model_output
 from casa.weights import materialize, meta_parameters
 
@@ -156,8 +158,10 @@ def model_config(cfg: BuildConfig) -> ModelConfig:
     return ModelConfig(lm=lm, vision=vision, fusion=cfg.fusion)
 
 
-def load_parts(config: ModelConfig, lm_dir, *, dtype: torch.dtype = torch.float32, device=None) -> CasaModel:
-    """A CasaModel filled from the LM checkpoint `lm_dir` and, for kind="hf", the encoder's.
+def load_parts(config: ModelConfig, lm_dir, *, dtype: torch.dtype = torch.float32, device=None,
+               zero_fusion_output: bool = False) -> CasaModel:
+    """A CasaModel filled from the LM checkpoint `lm_dir` and, for kind="hf", the encoder's;
+    with `zero_fusion_output`, its fusion output projections zeroed (`hf_lm.zero_fusion_outputs`).
 
     Built on the meta device and loaded lazily (see the module docstring).
     """
@@ -186,14 +190,14 @@ def load_parts(config: ModelConfig, lm_dir, *, dtype: torch.dtype = torch.float3
     left = meta_parameters(model)
     if left:
         raise RuntimeError(f"load_parts: parameters left unloaded: {left[:10]}")
-    return model
+    return zero_fusion_outputs(model) if zero_fusion_output else model
 
 
 def build(cfg: BuildConfig, *, device=None) -> Built:
     """Build (not save) the model, its tokenizer and processor settings."""
     config = model_config(cfg)
     tokenizer, processor = resolve_tokenizer(cfg, config.lm.vocab_size)
-    model = load_parts(config, cfg.lm, dtype=_dtype(cfg), device=device)
+    model = load_parts(config, cfg.lm, dtype=_dtype(cfg), device=device, zero_fusion_output=cfg.zero_fusion_output)
     apply_freeze(model, FreezePolicy(freeze_lm=cfg.freeze_lm, vision_trainable_blocks=cfg.vision_trainable_blocks))
     return Built(model, tokenizer, processor, cfg)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from casa.config import TOKEN_REDUCTIONS, FusionConfig, check_fields, setting
 
-__all__ = ["DTYPE_NAMES", "BuildConfig"]
+__all__ = ["DTYPE_NAMES", "BuildConfig", "check_zero_fusion_output"]
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
@@ -39,7 +39,22 @@ class BuildConfig:
     image_prefix: str | None = None  # default: from the chat template
     gist_token: str | None = None  # default: from the chat template
     gist: bool = True
+    zero_fusion_output: bool = setting(False, help="fusion output projections start at zero, so the built model "
+                                                   "equals its LM exactly (parallel / before placements)")
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         check_fields(self, "build")
+        if self.zero_fusion_output:
+            check_zero_fusion_output(self.fusion, "build")
+
+
+def check_zero_fusion_output(fusion: FusionConfig, where: str) -> None:
+    """ValueError unless zeroing the fusion output projections (`hf_lm.zero_fusion_outputs`) can make a
+    model of `fusion` equal its LM: not for the shared variants, not in `replace` placement."""
+    if fusion.shares_sa_projections:
+        raise ValueError(f"{where}: zero_fusion_output with variant={fusion.variant!r}: its output projection "
+                         "is the block's self-attention's, which zeroing would remove; use casa or ca")
+    if fusion.placement == "replace":
+        raise ValueError(f"{where}: zero_fusion_output with placement='replace' would leave those blocks without "
+                         "attention; with 'replace', casa's copy-of-SA init already equals the LM on text alone")

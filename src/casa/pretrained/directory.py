@@ -45,6 +45,7 @@ from casa.config import ModelConfig
 from casa.core.model import CasaModel
 from casa.files import atomic_directory
 from casa.pretrained.model_dir import FORMAT, check_model_output, read_config
+from casa.pretrained.runs import resolve_model_dir
 from casa.vision.hf import structure_only
 from casa.weights import (
     check_shapes,
@@ -191,10 +192,10 @@ def _stored_dtype(files: dict[str, Path]) -> torch.dtype:
     return torch.float32
 
 
-def empty_model(config: ModelConfig) -> CasaModel:
-    """A CasaModel whose parameters are on the meta device (nothing allocated, nothing loaded)."""
+def empty_model(config: ModelConfig, model_class=CasaModel) -> CasaModel:
+    """A CasaModel (or `model_class`) whose parameters are on the meta device (nothing allocated, nothing loaded)."""
     with empty_parameters(), structure_only():
-        return CasaModel(config)
+        return model_class(config)
 
 
 # Parameter names of earlier casa versions -> today's (directories stay loadable).
@@ -208,10 +209,11 @@ def current_name(name: str) -> str:
     return name
 
 
-def from_pretrained(path, *, dtype: torch.dtype | None = None, device=None) -> CasaModel:
-    """Load a casa model directory (dtype: the stored one unless given), in eval mode."""
-    path = Path(path)
-    model = empty_model(model_config(path))
+def from_pretrained(path, *, dtype: torch.dtype | None = None, device=None, model_class=CasaModel) -> CasaModel:
+    """Load a casa model directory, or a training run's latest checkpoint (dtype: the stored one unless
+    given), in eval mode, as a `model_class` (CasaModel or a subclass that adds no parameters)."""
+    path = resolve_model_dir(path)
+    model = empty_model(model_config(path), model_class)
     try:
         files = weight_files(path)
     except FileNotFoundError as e:
@@ -243,17 +245,30 @@ def from_pretrained(path, *, dtype: torch.dtype | None = None, device=None) -> C
 
 def load_processor(path):
     """The processor (tokenizer, chat template, image markers, preprocessing) of a
-    model directory, without loading its weights."""
-    from casa.data import Processor
-    from casa.pretrained.tokenizer import load_tokenizer
+    model directory or a run's latest checkpoint, without loading its weights.
 
+    A directory saved without a tokenizer has no processor: ValueError saying how to
+    load the model alone or save it with one.
+    """
+    from casa.data import Processor
+    from casa.pretrained.tokenizer import has_tokenizer, load_tokenizer
+
+    path = resolve_model_dir(path)
+    if not has_tokenizer(path):
+        raise ValueError(f"{str(path)!r} holds a model saved without a tokenizer (save_pretrained(model, dir) "
+                         "without tokenizer=), so it has no processor; load the model alone with "
+                         "casa.from_pretrained(dir) or casa.CasaForConditionalGeneration.from_pretrained(dir), "
+                         "or save it with its tokenizer: casa.save_pretrained(model, dir, tokenizer=..., "
+                         "overwrite=True)")
     settings = processor_settings(path)
     return Processor(load_tokenizer(path), model_config(path).vision, gist=settings["gist"],
                      gist_token=settings["gist_token"], image_prefix=settings["image_prefix"])
 
 
 def load(path, *, dtype: torch.dtype | None = None, device=None) -> Loaded:
-    """(model, tokenizer, processor) of a model directory, ready for generation."""
+    """(model, tokenizer, processor) of a model directory or a run's latest checkpoint, ready for
+    generation (the processor first: a directory without a tokenizer is refused before any weight loads)."""
+    path = resolve_model_dir(path)
     processor = load_processor(path)
     model = from_pretrained(path, dtype=dtype, device=device)
     return Loaded(model, processor.tok, processor)

@@ -13,7 +13,10 @@ Design decisions:
   model untouched and the peak extra memory is one tensor.
 - Only LM parameters are mapped; the vision tower and the fusion layers are
   not in a text checkpoint. Fusion layers are re-initialised from the loaded
-  SA when `fusion.init_from_sa` is set.
+  SA when `fusion.init_from_sa` is set. `zero_fusion_output` (a build
+  option, not part of `ModelConfig`: it says how the weights start, not what
+  the model is) zeroes their output projections so that a built model
+  equals its LM at step 0.
 - A Qwen2.5-VL directory also serves as an LM: its text model is a Qwen2
   decoder with M-RoPE, whose `mrope_section` the LMConfig keeps (positions
   are `core/positions.py`'s business). Its `visual.` tensors are
@@ -38,6 +41,7 @@ from safetensors.torch import save_file
 from casa.config import FusionConfig, LMConfig, ModelConfig, VisionConfig
 from casa.core.model import CasaModel
 from casa.files import atomic_directory, check_replaceable_dir, read_json
+from casa.pretrained.build_config import check_zero_fusion_output
 from casa.weights import (
     by_file,
     check_shapes,
@@ -47,7 +51,7 @@ from casa.weights import (
 )
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "from_hf_lm", "is_hf_checkpoint", "lm_checkpoint_layout", "lm_config_from_hf",
-           "load_hf_state_dict", "load_lm_weights", "save_lm_as_hf"]
+           "load_hf_state_dict", "load_lm_weights", "save_lm_as_hf", "zero_fusion_outputs"]
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM",
                            "Qwen2_5_VLForConditionalGeneration")
@@ -214,12 +218,35 @@ def load_lm_weights(model: CasaModel, path, *, dtype: torch.dtype | None = None)
     return model
 
 
+def zero_fusion_outputs(model: CasaModel) -> CasaModel:
+    """Zero every fusion layer's output projection (and keep gated_ca's gates closed), in place:
+    a fusion layer then adds exactly nothing, so with `parallel` or `before` placement the model
+    equals its LM on any input at step 0, while its q/k/v keep their init (copies of the block's
+    SA with `init_from_sa`), from which training starts. Refused for the shared variants and
+    `replace` (`check_zero_fusion_output`)."""
+    check_zero_fusion_output(model.config.fusion, "zero_fusion_outputs")
+    with torch.no_grad():
+        for block in model.blocks:
+            if block.fusion is not None:
+                block.fusion.attn.o_proj.weight.zero_()
+    return model
+
+
 def from_hf_lm(path, *, vision: VisionConfig | None = None, fusion: FusionConfig | None = None,
-               dtype: torch.dtype | None = None) -> CasaModel:
-    """A CasaModel whose LM is the HF checkpoint at `path`; text-only (`insertion`) by default."""
-    config = ModelConfig(lm=lm_config_from_hf(path), vision=vision or VisionConfig(),
-                         fusion=fusion or FusionConfig(variant="insertion"))
-    return load_lm_weights(CasaModel(config), path, dtype=dtype)
+               dtype: torch.dtype | None = None, zero_fusion_output: bool = False) -> CasaModel:
+    """A CasaModel whose LM is the HF checkpoint at `path`; text-only (`insertion`) by default.
+
+    Fusion layers start as copies of their block's SA (`fusion.init_from_sa`): `casa` in
+    `parallel` or `before` placement then differs from the LM even on text alone (the copy
+    adds to SA). `zero_fusion_output=True` zeroes their output projections so that the model
+    equals the LM exactly at step 0 (`zero_fusion_outputs`).
+    """
+    fusion = fusion or FusionConfig(variant="insertion")
+    if zero_fusion_output:
+        check_zero_fusion_output(fusion, f"from_hf_lm({str(path)!r})")
+    config = ModelConfig(lm=lm_config_from_hf(path), vision=vision or VisionConfig(), fusion=fusion)
+    model = load_lm_weights(CasaModel(config), path, dtype=dtype)
+    return zero_fusion_outputs(model) if zero_fusion_output else model
 
 
 # ----------------------------------------------------------------------------- export

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from casa.files import read_json
 
-__all__ = ["SPECIALS", "ByteTokenizer", "HFTokenizer", "load_tokenizer"]
+__all__ = ["SPECIALS", "ByteTokenizer", "HFTokenizer", "has_tokenizer", "load_tokenizer"]
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<|user|>", "<|assistant|>", "<|end|>", "<|image|>", "<|gist|>")
 
@@ -164,6 +164,12 @@ class HFTokenizer:
         self.tok.save_pretrained(str(dest))
         cfg = {"casa_tokenizer": self.kind, "path": "hf_tokenizer"}
         (Path(path) / "casa_tokenizer.json").write_text(json.dumps(cfg, indent=2))
+
+
+def has_tokenizer(path) -> bool:
+    """Whether directory `path` holds a saved tokenizer (casa's, or a bare HF tokenizer's files)."""
+    path = Path(path)
+    return (path / "casa_tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
 
 
 def load_tokenizer(path):
