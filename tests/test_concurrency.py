@@ -188,6 +188,9 @@ def test_concurrent_chat_and_live_captions_equal_each_request_alone(tmp_path, on
         alone = on_threads(fns, together=False)
         for _ in range(2):
             assert on_threads(fns, together=True) == alone
+        health = httpx.get(url + "/health").json()
+    if engine.decode == "kernels":  # the sessions' tokens were batched: fewer steps than tokens
+        assert health["decode_steps"] < health["decoded_tokens"]
     assert len(set(alone[:6])) == 6 and len(alone[6]) == 12  # distinct replies; a caption per frame
 
 

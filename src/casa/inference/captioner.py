@@ -70,13 +70,15 @@ class Captioner:
         interval: seconds between frames given as bare images.
         cache_dtype: None (the model's dtype) or `torch.int8` (`Session`).
         decode: the decode path, "auto", "kernels" or "torch" (`Session`).
+        batcher: a `batching.DecodeBatcher` whose steps the stream's tokens join (`Session`).
     """
 
     def __init__(self, model, processor, *, sampling: Sampling | None = None, processors=(),
                  history: History | None = None, instruction: str = "Caption each frame.",
                  allow_size_change: bool = False, interval: float = 1.0, backend: str = "auto", generator=None,
-                 cache_dtype: torch.dtype | None = None, decode: str = "auto"):
-        self.session = Session(model, history=history, backend=backend, cache_dtype=cache_dtype, decode=decode)
+                 cache_dtype: torch.dtype | None = None, decode: str = "auto", batcher=None):
+        self.session = Session(model, history=history, backend=backend, cache_dtype=cache_dtype, decode=decode,
+                               batcher=batcher)
         self.chat = Chat(self.session, processor, sampling=sampling or Sampling(max_new_tokens=16),
                          processors=tuple(processors), generator=generator)
         self.instruction = instruction

@@ -9,6 +9,11 @@ Design decisions:
 - The decode path (`decode="auto" | "kernels" | "torch"`) is resolved once,
   when the model loads, and every session takes it (`Engine.decode` names it;
   `casa serve` prints it and `/health` reports it).
+- On the kernel path the sessions' decoded tokens are batched
+  (`inference.batching.DecodeBatcher`): the chat replies and live captions
+  being generated advance together, one step reading the weights once for
+  all of them, each with the tokens it would get alone; prompts and frames
+  are prefilled on the sessions' own worker threads, beside the steps.
 - The chat API is stateless: each request brings the whole conversation, and
   `Engine.chat` replays it into a fresh session, rendered by the model's own
   processor (`data.Processor`: the built-in template or the tokenizer's chat
@@ -34,6 +39,7 @@ from pathlib import Path
 import torch
 
 from casa.core.decode import resolve_decode
+from casa.inference.batching import DecodeBatcher
 from casa.inference.captioner import Caption, Captioner
 from casa.inference.generate import Chat, Sampling
 from casa.inference.session import Session
@@ -98,6 +104,7 @@ class Engine:
         self.path = path
         self.model, self.tokenizer, self.processor = load(path, device=device)
         self.decode = resolve_decode(decode, self.model.embed.weight)  # "kernels" or "torch", for every session
+        self.batcher = DecodeBatcher(self.model) if self.decode == "kernels" else None
         self.name = name or Path(checkpoint).resolve().name
         self.created = int((path / "config.json").stat().st_mtime)
 
@@ -119,7 +126,7 @@ class Engine:
             raise ValueError("the last message must be a user message")
         generator = torch.Generator(self.model.embed.weight.device)
         generator.manual_seed(seed if seed is not None else random.getrandbits(63))
-        session = Session(self.model, decode=self.decode)
+        session = Session(self.model, decode=self.decode, batcher=self.batcher)
         chat = Chat(session, self.processor, generator=generator,
                     sampling=Sampling(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p))
         for turn in turns:
@@ -158,7 +165,7 @@ class Engine:
         extra = {} if instruction is None else {"instruction": instruction}
         return Captioner(self.model, self.processor, sampling=Sampling(max_new_tokens=max_tokens),
                          allow_size_change=False, generator=torch.Generator().manual_seed(seed),
-                         decode=self.decode, **extra)
+                         decode=self.decode, batcher=self.batcher, **extra)
 
     @staticmethod
     def srt(captions: list[Caption]) -> str:

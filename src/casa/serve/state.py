@@ -119,7 +119,9 @@ class ServeState:
 
     def health(self) -> dict:
         live = self.live
+        batcher = self.engine.batcher
         return {"status": "ok", "model": self.engine.name, "decode": self.engine.decode,
+                "decode_steps": batcher.steps if batcher else None, "decoded_tokens": batcher.rows if batcher else None,
                 "sessions": self.admission.active,
                 "queued": self.admission.queued, "max_sessions": self.limits.max_sessions,
                 "max_queue": self.limits.max_queue, "live_sessions": live.running() if live else 0,
