@@ -35,7 +35,7 @@ try:  # Ctrl-C while the command modules load is an interrupt like any other
     import signal
     import threading
 
-    from casa.cli import bench, build, caption, data, demo, serve, study, train
+    from casa.cli import bench, build, caption, chat, data, demo, export, serve, study, train
     from casa.cli import eval as eval_command
 except KeyboardInterrupt:
     print("casa: interrupted", file=sys.stderr)
@@ -43,7 +43,7 @@ except KeyboardInterrupt:
 
 __all__ = ["COMMANDS", "UsageError", "build_parser", "interrupts_held", "log_traceback", "main"]
 
-COMMANDS = (train, eval_command, demo, data, caption, serve, build, study, bench)
+COMMANDS = (train, eval_command, demo, data, chat, caption, serve, build, export, study, bench)
 EXIT_USER_ERROR, EXIT_INTERNAL_ERROR, EXIT_INTERRUPTED = 2, 1, 130
 
 

@@ -58,8 +58,13 @@ from casa.data.inputs import call_processor, chat_inputs, chat_text, decode_ids
 from casa.data.sample import DataError, Sample, check_sample
 from casa.vision.dynamic import grid_of, preprocess_images
 
-__all__ = ["Encoded", "Processor", "REPLY_SENTINEL", "SENTINEL"]
+__all__ = ["BUILTIN_CHAT_TEMPLATE", "Encoded", "Processor", "REPLY_SENTINEL", "SENTINEL"]
 
+# The built-in chat template (`Processor._render_builtin`) as jinja, for tokenizers that leave casa
+# (`casa export --format transformers`); tests/test_export.py holds the two to the same text.
+BUILTIN_CHAT_TEMPLATE = ("{{ '<bos>' }}{% for message in messages %}{% if message['role'] == 'assistant' %}"
+                         "{{ '<|assistant|>' }}{% else %}{{ '<|user|>' }}{% endif %}{{ message['content'] }}"
+                         "{{ '<|end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 SENTINEL = "\ue000"  # stands for an image inside a rendered HF chat template
 REPLY_SENTINEL = "\ue001"  # stands for a generated reply (`ids` part) inside a rendered HF chat template
 
