@@ -1,4 +1,5 @@
-"""`casa bench attention | train | stream | live | eval-decode | serve | paper`: the benchmarks, JSON + plot each.
+"""`casa bench attention | train | stream | live | batch | eval-decode | serve | paper`: the benchmarks, JSON + plot
+each.
 
 Design decisions:
 - Sizes and counts are checked by argparse (`positive_int`, ...), the
@@ -15,7 +16,7 @@ import argparse
 from casa.bench.serve import add_arguments as add_serve_arguments
 from casa.cli.values import non_negative_int, positive_float, positive_int
 
-__all__ = ["attention", "eval_decode", "live", "paper", "register", "serve", "stream", "train"]
+__all__ = ["attention", "batch", "eval_decode", "live", "paper", "register", "serve", "stream", "train"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -93,6 +94,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     bl.add_argument("--sample-every", type=positive_int, default=100, help="captions per reported block")
     bl.add_argument("--seed", type=int, default=0)
     bl.set_defaults(func=live)
+
+    bb = bench.add_parser("batch", help="sessions decoded in one batched step vs one at a time, and one session "
+                                        "across kernel threads against the bandwidth bound")
+    bb.add_argument("--sessions", type=positive_int, nargs="+", default=[1, 2, 4, 8])
+    bb.add_argument("--contexts", type=positive_int, nargs="+", default=[300, 1500],
+                    help="cached text tokens per session (default: 300 1500)")
+    bb.add_argument("--new-tokens", type=positive_int, default=32, help="greedy tokens per session and run")
+    bb.add_argument("--repeats", type=positive_int, default=3, help="median of, the modes alternating")
+    bb.add_argument("--threads", type=positive_int, nargs="+", default=None,
+                    help="kernel threads of the cores part (default: 1 .. the CPU count)")
+    bb.add_argument("--json", default="benchmarks/batch.json")
+    bb.add_argument("--plot", default="benchmarks/batch.png")
+    bb.set_defaults(func=batch)
 
     be = bench.add_parser("eval-decode", help="evaluation decoding: cached batched vs the uncached loop")
     be.add_argument("--variants", default="casa,insertion")
@@ -174,6 +188,16 @@ def live(args) -> int:
     cfg = LiveBench(frames=args.frames, fps=args.fps, load=args.load, speed=args.speed, d_model=args.d_model,
                     layers=args.layers, new_tokens=args.new_tokens, sink=None if full else args.sink,
                     window=None if full else args.window, sample_every=args.sample_every, seed=args.seed)
+    run(cfg, json_path=args.json, plot_path=args.plot)
+    return 0
+
+
+def batch(args) -> int:
+    from casa.bench.batch import BatchBench, run
+
+    _check_outputs(args)
+    cfg = BatchBench(sessions=tuple(args.sessions), contexts=tuple(args.contexts), new_tokens=args.new_tokens,
+                     repeats=args.repeats, threads=None if args.threads is None else tuple(args.threads))
     run(cfg, json_path=args.json, plot_path=args.plot)
     return 0
 

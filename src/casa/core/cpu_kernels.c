@@ -73,26 +73,52 @@ static inline __m256 exp8(__m256 x) {
 #endif
 
 /* ------------------------------------------------------------ matrix x vector
- * y[o] = sum_i W[o, i] x[i] (+ b[o]); W row-major [O, I]. One row at a time, front to back,
- * with eight independent sums: the weights are then one linear stream, which this kind of core
- * prefetches at full speed (measured on an AVX2 EPYC: 22-24 GB/s, as fast as a plain sum; two
- * or four rows read side by side fall to 9-11 GB/s). x stays in L1. */
+ * y[b, o] = sum_i W[o, i] x[b, i] (+ bias[o]); W row-major [O, I]. One weight row at a time, front
+ * to back: the weights are then one linear stream, which this kind of core prefetches at full
+ * speed (measured on an AVX2 EPYC: 22-24 GB/s, as fast as a plain sum; two or four rows read side
+ * by side fall to 9-11 GB/s). A weight row's 8-float chunks are loaded once for up to three input
+ * rows (a row costs one x load per multiply-add instead of a w and an x load: register blocking),
+ * and each input row keeps four independent sums, combined in one fixed order: a row's dot has
+ * the same bits whether it is computed alone or beside others (ROWS_DOT for R = 1, 2, 3). */
 #ifdef CASA_AVX2
-#define ROW_DOT(LOAD, ELEM)                                                                       \
-    __m256 a[8];                                                                                  \
-    for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();                                       \
-    long i = 0;                                                                                   \
-    for (; i + 64 <= I; i += 64)                                                                  \
-        for (int j = 0; j < 8; j++)                                                               \
-            a[j] = _mm256_fmadd_ps(LOAD(w + i + 8 * j), _mm256_loadu_ps(x + i + 8 * j), a[j]);    \
-    for (; i + 8 <= I; i += 8) a[0] = _mm256_fmadd_ps(LOAD(w + i), _mm256_loadu_ps(x + i), a[0]); \
-    for (int j = 1; j < 8; j++) a[0] = _mm256_add_ps(a[0], a[j]);                                 \
-    float s = hsum8(a[0]);                                                                        \
-    for (; i < I; i++) s += ELEM(w[i]) * x[i];
+/* one 8-float chunk j of the weight row, for rows r < R; named accumulators (gcc spills arrays) */
+#define CHUNK_FMA(LOAD, j, at)                                                                                  \
+    {                                                                                                     \
+        __m256 wv = LOAD(w + (at));                                                                       \
+        a0##j = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x0 + (at)), a0##j);                                   \
+        if (rows > 1) a1##j = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x1 + (at)), a1##j);                     \
+        if (rows > 2) a2##j = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x2 + (at)), a2##j);                     \
+    }
+#define ROW_SUM(ELEM, r, xr)                                                                                    \
+    {                                                                                                     \
+        float v = hsum8(_mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a##r##0, a##r##1), a##r##2), a##r##3)); \
+        for (long k = i; k < I; k++) v += ELEM(w[k]) * xr[k];                                             \
+        s[r] = v;                                                                                         \
+    }
+#define ROWS_DOT(NAME, T, LOAD, ELEM, R)                                                                  \
+    static inline void NAME(const T *w, const float *const *x, float *s, long I) {                        \
+        const int rows = R; /* a constant: the branches on it fold away */                                \
+        const float *x0 = x[0], *x1 = x[R > 1 ? 1 : 0], *x2 = x[R > 2 ? 2 : 0];                           \
+        __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00; \
+        __m256 a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00;                                     \
+        long i = 0;                                                                                       \
+        for (; i + 32 <= I; i += 32) {                                                                    \
+            CHUNK_FMA(LOAD, 0, i) CHUNK_FMA(LOAD, 1, i + 8) CHUNK_FMA(LOAD, 2, i + 16) CHUNK_FMA(LOAD, 3, i + 24)                 \
+        }                                                                                                 \
+        for (; i + 8 <= I; i += 8) CHUNK_FMA(LOAD, 0, i)                                                        \
+        ROW_SUM(ELEM, 0, x0)                                                                              \
+        if (rows > 1) ROW_SUM(ELEM, 1, x1)                                                                \
+        if (rows > 2) ROW_SUM(ELEM, 2, x2)                                                                \
+    }
 #else
-#define ROW_DOT(LOAD, ELEM)                                                                       \
-    float s = 0;                                                                                  \
-    for (long i = 0; i < I; i++) s += ELEM(w[i]) * x[i];
+#define ROWS_DOT(NAME, T, LOAD, ELEM, R)                                                                 \
+    static inline void NAME(const T *w, const float *const *x, float *s, long I) {                       \
+        for (int r = 0; r < R; r++) {                                                                   \
+            float v = 0;                                                                                \
+            for (long i = 0; i < I; i++) v += ELEM(w[i]) * x[r][i];                                     \
+            s[r] = v;                                                                                   \
+        }                                                                                               \
+    }
 #endif
 
 #define F32(v) (v)
@@ -101,14 +127,24 @@ static inline __m256 exp8(__m256 x) {
 
 enum { KIND_F32, KIND_BF16, KIND_I8 };  /* a cache's stored element */
 
-static inline float dot_f32(const float *w, const float *x, long I) {
-    ROW_DOT(load8_f32, F32)
-    return s;
-}
+ROWS_DOT(dots1_f32, float, load8_f32, F32, 1)
+ROWS_DOT(dots2_f32, float, load8_f32, F32, 2)
+ROWS_DOT(dots3_f32, float, load8_f32, F32, 3)
+ROWS_DOT(dots1_bf16, uint16_t, load8_bf16, BF16, 1)
+ROWS_DOT(dots2_bf16, uint16_t, load8_bf16, BF16, 2)
+ROWS_DOT(dots3_bf16, uint16_t, load8_bf16, BF16, 3)
 
-static inline float dot_bf16(const uint16_t *w, const float *x, long I) {
-    ROW_DOT(load8_bf16, BF16)
-    return s;
+/* s[r] = w . x[r] for R <= 3 rows */
+static inline void dots(const void *w, int bf16, const float *const *x, float *s, long R, long I) {
+    if (bf16) {
+        if (R == 3) dots3_bf16(w, x, s, I);
+        else if (R == 2) dots2_bf16(w, x, s, I);
+        else dots1_bf16(w, x, s, I);
+    } else {
+        if (R == 3) dots3_f32(w, x, s, I);
+        else if (R == 2) dots2_f32(w, x, s, I);
+        else dots1_f32(w, x, s, I);
+    }
 }
 
 /* The kernels' threads: `casa_set_threads` (casa.core.cpu_kernels.set_threads), 1 by default. Work
@@ -128,7 +164,7 @@ int casa_openmp(void) {
 
 /* Y[b, o] = W[o, :] . X[b, :] (+ bias[o]) for B rows (rows of X `ldx` apart, of Y `ldy` apart): each
  * weight row is read from memory once for all B rows (it stays in L1 while their dots read it),
- * and each dot sums in ROW_DOT's order, so a row's outputs have the bits it gets alone (B = 1).
+ * and each dot sums in ROWS_DOT's order, so a row's outputs have the bits it gets alone (B = 1).
  * Output rows are split over the threads in contiguous runs: each still one linear stream. */
 static void gemm_rows(const void *W, int bf16, const float *X, long ldx, const float *bias, float *Y, long ldy,
                       long O, long I, long B) {
@@ -136,10 +172,13 @@ static void gemm_rows(const void *W, int bf16, const float *X, long ldx, const f
 #pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1 && O * I * B >= 65536)
 #endif
     for (long o = 0; o < O; o++) {
-        for (long b = 0; b < B; b++) {
-            float s = bf16 ? dot_bf16((const uint16_t *)W + o * I, X + b * ldx, I)
-                           : dot_f32((const float *)W + o * I, X + b * ldx, I);
-            Y[b * ldy + o] = bias ? s + bias[o] : s;
+        const void *w = bf16 ? (const void *)((const uint16_t *)W + o * I) : (const void *)((const float *)W + o * I);
+        for (long b = 0; b < B; b += 3) {  /* input rows three at a time (the rest: two, one) */
+            long R = B - b < 3 ? B - b : 3;
+            const float *x[3] = {X + b * ldx, X + (b + (R > 1)) * ldx, X + (b + 2 * (R > 2)) * ldx};
+            float s[3];
+            dots(w, bf16, x, s, R, I);
+            for (long r = 0; r < R; r++) Y[(b + r) * ldy + o] = bias ? s[r] + bias[o] : s[r];
         }
     }
 }
