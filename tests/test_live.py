@@ -373,7 +373,8 @@ def test_bench_live_smoke(tmp_path):
     for load in ("0.3", "3"):
         out = tmp_path / f"live{load}.json"
         assert main(["bench", "live", "--frames", "100", "--load", load, "--d-model", "64", "--layers", "2",
-                     "--new-tokens", "4", "--sink", "4", "--window", "64", "--sample-every", "20", "--json", str(out),
+                     "--new-tokens", "4", "--sink", "4", "--window", "64", "--sample-every", "20", "--warmup", "40",
+                     "--json", str(out),
                      "--plot", str(tmp_path / f"live{load}.png")]) == 0
         runs[load] = json.loads(out.read_text())
         assert (tmp_path / f"live{load}.png").stat().st_size > 10_000
@@ -383,5 +384,6 @@ def test_bench_live_smoke(tmp_path):
     caption_ms = runs["3"]["measured"]["caption_ms"]
     assert over["lag_ms"]["p50"] < 4 * caption_ms + 20  # bounded by about a caption, not by the backlog
     assert calm["cache_last_first"] == 1.0 and len(runs["0.3"]["blocks"]) >= 3  # the window was full at block 1
-    assert {"rss_first_bytes", "rss_last_bytes", "lag_frame_intervals"} <= set(calm)
+    assert {"rss_first_bytes", "rss_last_bytes", "lag_frame_intervals", "load_mean"} <= set(calm)
+    assert all(0 < b["load"] and b["caption_p50_ms"] > 0 for b in runs["3"]["blocks"])
     assert runs["0.3"]["machine"]["loadavg_start"] and runs["3"]["measured"]["load"] == pytest.approx(3, rel=0.01)

@@ -14,8 +14,11 @@ full). `load` 0.5 is a model with time to spare; `load` 2 is twice the frame
 rate it can sustain.
 
 Reported, per block of `sample_every` captions: lag (end of generation -
-capture) p50 / p95 / max, the drop rate, the process's resident memory and
-the session's cache (bytes and tokens); over the whole run, lag percentiles
+capture) p50 / p95 / max, the drop rate, the caption time and the load it
+makes (real frame rate x mean caption time: on a shared machine the model
+slows when others run, and a load above 1 drops 1 - 1/load of the frames),
+the process's resident memory and the session's cache (bytes and tokens);
+over the whole run, lag percentiles
 (in real milliseconds and in frame intervals of the real rate, the unit that
 does not depend on the acceleration), drop rate, RSS and cache last / first
 (first = the end of the first block, after the bounded history filled).
@@ -75,7 +78,7 @@ class LiveBench:
     sink: int | None = 4  # bounded history (None with window None: full history)
     window: int | None = 1024
     sample_every: int = 100  # captions per block
-    warmup: int = 60  # captions on a throwaway session before measuring the sustained rate
+    warmup: int = 150  # captions on a throwaway session; the rate is timed over the last third (history full)
     seed: int = 0
     threads: int = 1
 
@@ -156,12 +159,14 @@ def run(cfg: LiveBench, *, json_path=None, plot_path=None, log=print) -> dict:
 
     captioner = _captioner(cfg, model, processor)
     reader = LiveReader(camera, name="camera", realtime=True, speed=speed)
-    stats, block, blocks = LagStats(), [], []
-    block_dropped = 0
+    stats, block, spent, blocks = LagStats(), [], [], []
+    block_dropped, spent_total = 0, 0.0
     reader.start()
     for live in caption_newest(captioner.caption, reader.slot, clock=reader.clock):
         stats.add(live.lag, live.dropped)
         block.append(live.lag)
+        spent.append(live.ended - live.started)
+        spent_total += spent[-1]
         block_dropped += live.dropped
         if len(block) == cfg.sample_every:
             lags = np.array(block) * 1e3
@@ -171,13 +176,15 @@ def run(cfg: LiveBench, *, json_path=None, plot_path=None, log=print) -> dict:
                 "lag_p50_ms": round(float(np.percentile(lags, 50)), 2),
                 "lag_p95_ms": round(float(np.percentile(lags, 95)), 2), "lag_max_ms": round(float(lags.max()), 2),
                 "drop_rate": round(block_dropped / (len(block) + block_dropped), 4),
+                "caption_p50_ms": round(float(np.median(spent)) * 1e3, 2),
+                "load": round(real_fps * float(np.mean(spent)), 3),
                 "rss_bytes": resident_bytes(), "cache_bytes": captioner.session.cache_bytes(),
                 "kv_tokens": captioner.session.kv_tokens()})
-            block, block_dropped = [], 0
+            block, spent, block_dropped = [], [], 0
             if log and len(blocks) % 10 == 0:
                 b = blocks[-1]
                 log(f"live: {b['frames']}/{cfg.frames} frames, lag p95 {b['lag_p95_ms']:.1f} ms, drop rate "
-                    f"{b['drop_rate']:.2f}, rss {b['rss_bytes'] / 2**20:.1f} MiB, cache {b['cache_bytes'] / 2**20:.2f} MiB")
+                    f"{b['drop_rate']:.2f} (load {b['load']:.2f}), rss {b['rss_bytes'] / 2**20:.1f} MiB, cache {b['cache_bytes'] / 2**20:.2f} MiB")
     reader.stop()
     summary = stats.summary()
     first, last = (blocks[0], blocks[-1]) if blocks else ({}, {})
@@ -189,6 +196,8 @@ def run(cfg: LiveBench, *, json_path=None, plot_path=None, log=print) -> dict:
         "frames": reader.slot.received, "stream_hours": round(cfg.frames / cfg.fps / 3600, 3),
         "real_seconds": round(reader.clock() - reader.started, 1),
         "lag_frame_intervals": {k: round(v / 1e3 * real_fps, 2) for k, v in summary["lag_ms"].items()},
+        "caption_ms_mean": round(spent_total / max(1, stats.captions) * 1e3, 2),
+        "load_mean": round(real_fps * spent_total / max(1, stats.captions), 3),
         "rss_first_bytes": first.get("rss_bytes"), "rss_last_bytes": last.get("rss_bytes"),
         "rss_last_first": ratio("rss_bytes"), "rss_max_bytes": max((b["rss_bytes"] or 0 for b in blocks), default=None),
         "cache_first_bytes": first.get("cache_bytes"), "cache_last_bytes": last.get("cache_bytes"),
@@ -224,15 +233,18 @@ def plot(result: dict, path) -> None:
     axes[0].set_title("lag per block of captions (ms, real)")
     axes[0].set_ylim(bottom=0)
     axes[0].legend()
-    axes[1].plot(hours, [100 * b["drop_rate"] for b in blocks], lw=1)
+    axes[1].plot(hours, [100 * b["drop_rate"] for b in blocks], lw=1, label="measured")
+    axes[1].plot(hours, [100 * max(0.0, 1 - 1 / b["load"]) for b in blocks], "--", lw=1,
+                 label="1 - 1/load (load: real fps x caption time)")
     axes[1].set_title("frames dropped (%)")
     axes[1].set_ylim(0, 100)
-    axes[2].plot(hours, [(b["rss_bytes"] or 0) / 2**20 for b in blocks], lw=1)
-    axes[2].set_title("process resident memory (MiB)")
-    axes[2].set_ylim(bottom=0)
-    axes[3].plot(hours, [b["cache_bytes"] / 2**20 for b in blocks], lw=1)
-    axes[3].set_title("session cache (MiB)")
-    axes[3].set_ylim(bottom=0)
+    axes[1].legend(loc="upper left", fontsize=8)
+    for ax, key, title in ((axes[2], "rss_bytes", "process resident memory (MiB)"),
+                           (axes[3], "cache_bytes", "session cache (MiB)")):
+        ys = [(b[key] or 0) / 2**20 for b in blocks]
+        ax.plot(hours, ys, lw=1)
+        ax.set_title(title)
+        ax.set_ylim(0, 1.2 * max(ys, default=1))
     for ax in axes:
         ax.set_xlabel("stream time (h)")
         ax.grid(alpha=0.3)

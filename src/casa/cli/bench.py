@@ -92,6 +92,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     bl.add_argument("--window", type=positive_int, default=1024, help="bounded history: sliding-window tokens")
     bl.add_argument("--history", choices=("bounded", "full"), default="bounded")
     bl.add_argument("--sample-every", type=positive_int, default=100, help="captions per reported block")
+    bl.add_argument("--warmup", type=positive_int, default=150,
+                    help="captions before the sustained rate is timed (over the last third)")
     bl.add_argument("--seed", type=int, default=0)
     bl.set_defaults(func=live)
 
@@ -187,7 +189,8 @@ def live(args) -> int:
     full = args.history == "full"
     cfg = LiveBench(frames=args.frames, fps=args.fps, load=args.load, speed=args.speed, d_model=args.d_model,
                     layers=args.layers, new_tokens=args.new_tokens, sink=None if full else args.sink,
-                    window=None if full else args.window, sample_every=args.sample_every, seed=args.seed)
+                    window=None if full else args.window, sample_every=args.sample_every, warmup=args.warmup,
+                    seed=args.seed)
     run(cfg, json_path=args.json, plot_path=args.plot)
     return 0
 

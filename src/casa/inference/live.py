@@ -226,6 +226,8 @@ class LiveReader:
                 self._source = None
             if self._stop.is_set():
                 return "stopped"
+            if problem and not index:
+                raise StreamError(problem)  # never gave a frame: an error, not a lost stream
             if not self.reconnects:
                 return f"lost: {problem}" if problem else "end of stream"
             if not self._reconnect(problem or "the stream ended"):
@@ -234,7 +236,7 @@ class LiveReader:
     def _reconnect(self, problem: str) -> bool:
         """Open the source again, `reconnects` attempts with backoff; True once it opened."""
         self._event("disconnected", reason=problem)
-        _lost = self.clock()
+        lost_at = self.clock()
         delay = self.backoff
         for attempt in range(1, self.reconnects + 1):
             if self._stop.wait(delay):
@@ -245,7 +247,7 @@ class LiveReader:
                 self._event("reconnect_failed", attempt=attempt, reason=str(e))
                 delay = min(delay * 2, MAX_BACKOFF)
                 continue
-            self._event("reconnected", attempt=attempt, after_s=round(self.clock() - _lost, 3))
+            self._event("reconnected", attempt=attempt, after_s=round(self.clock() - lost_at, 3))
             return True
         return False
 
