@@ -77,7 +77,7 @@ PACKED_MAX_ROWS = 64  # rows (tokens x streams) up to which the packed layout is
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 # inside `decoding(path)`: True on the kernel path, False on the torch path; None outside
 _DECODING: contextvars.ContextVar[bool | None] = contextvars.ContextVar("casa_decoding", default=None)
-_PACKING = threading.Lock()  # packed weights are built once, whichever stream asks first
+_PACKING = threading.RLock()  # shared weights are built once, whichever stream asks first (re-entered: plans pack)
 
 
 def _kernels_refused(weight: torch.Tensor) -> str | None:
@@ -286,28 +286,17 @@ def _cache_takes(cache: StepCache, dtype: torch.dtype) -> bool:
 _REPLACE = cpu_kernels.PLACEMENTS["replace"]
 
 
-class BlockSteps:
-    """A model's decoder blocks, each one kernel call per decoded token (`cpu_kernels.block_step`):
-    the attention sublayers by placement, the residual adds and the feed-forward of `Block.step`
-    (equal within float summation order: tests/test_cpu_kernels.py), without its ~20
-    Python-level calls per block.
-
-    Owned by one stream (`block_steps`): its plans hold that stream's cache pointers and rows,
-    rewritten for every token while the kernel runs without the GIL. Built from the shared packed
-    weights, and rebuilt when any of them, or a norm's weight, changed. A fusion layer without text keys (the `ca` family) reads
-    its window's image prefix without joining it (`AttnPlan.row` -1); a block whose fusion layer
-    the kernel does not take (`gated_ca`'s gates and FFN) keeps `Block.step`.
-    """
+class _BlockWeights:
+    """The weight half of a model's block plans, read-only once built and shared by every stream
+    over the model (`_block_weights`): per block a `cpu_kernels.BlockPlan` with its weight
+    pointers set and its cache fields empty, or None where `Block.step` has to run the block;
+    what the plans point into (`sources`, as `_fresh` checks it; `keep`, held alive)."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype):
-        self.model, self.dtype = model, dtype
-        self.sources: list = []  # what the plans point into, as `_fresh` checks it
-        self.keep: list = []  # the tensors the plans point into, held alive
+        self.dtype = dtype
+        self.sources: list = []
+        self.keep: list = []
         self.plans = [self._block(block) for block in model.blocks]
-
-    def fresh(self) -> bool:
-        """Whether every weight the plans point into is unchanged (`_fresh`)."""
-        return _fresh(self.sources)
 
     def _tensor(self, t: torch.Tensor) -> int:
         self.keep.append(t)
@@ -358,6 +347,45 @@ class BlockSteps:
         plan.I, plan.F = down.weight.shape
         plan.placement = cpu_kernels.PLACEMENTS[None if fusion is None else block.placement]
         return plan
+
+
+
+def _block_weights(model: nn.Module, dtype: torch.dtype) -> _BlockWeights:
+    """`model`'s shared `_BlockWeights` for `dtype`, built once (under the packing lock) and
+    rebuilt when a weight it points into changed."""
+    shared = model.__dict__.setdefault("_block_weights", {})
+    hit = shared.get(dtype)
+    if hit is not None and _fresh(hit.sources):
+        return hit
+    with _PACKING:
+        hit = shared.get(dtype)
+        if hit is None or not _fresh(hit.sources):
+            shared[dtype] = hit = _BlockWeights(model, dtype)
+    return hit
+
+
+class BlockSteps:
+    """A model's decoder blocks, each one kernel call per decoded token (`cpu_kernels.block_step`):
+    the attention sublayers by placement, the residual adds and the feed-forward of `Block.step`
+    (equal within float summation order: tests/test_cpu_kernels.py), without its ~20
+    Python-level calls per block.
+
+    Owned by one stream (`block_steps`): its plans, copies of the model's shared `_BlockWeights`,
+    hold that stream's cache pointers and rows, rewritten for every token while the kernel runs
+    without the GIL; rebuilt when a packed weight, or a norm's weight, changed. A fusion layer
+    without text keys (the `ca` family) reads its window's image prefix without joining it
+    (`AttnPlan.row` -1); a block whose fusion layer the kernel does not take (`gated_ca`'s gates
+    and FFN) keeps `Block.step`.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        self.model, self.dtype = model, dtype
+        self.weights = _block_weights(model, dtype)
+        self.plans = [None if p is None else cpu_kernels.BlockPlan.from_buffer_copy(p) for p in self.weights.plans]
+
+    def fresh(self) -> bool:
+        """Whether every weight the plans point into is unchanged (`_fresh`)."""
+        return _fresh(self.weights.sources)
 
     @staticmethod
     def _point(plan, cache: RowWriter, row: int, held: int) -> None:
@@ -447,14 +475,21 @@ class BlockSteps:
         return x.view(h.shape)
 
 
-def block_steps(model: nn.Module, h: torch.Tensor, previous: BlockSteps | None) -> BlockSteps | None:
+def block_steps(model: nn.Module, h: torch.Tensor, previous: BlockSteps | None,
+                checked: dict | None = None) -> BlockSteps | None:
     """The `BlockSteps` a stream decodes `h` (`[1, 1, d]`, one token) with: its `previous` one
     while that still fits (same dtype, weights unchanged), else a new one; None off the kernel
-    path. The caller owns what it gets (see `BlockSteps`)."""
+    path. The caller owns what it gets (see `BlockSteps`). `checked`: freshness already found
+    this step, by shared weights (streams decoded together check their shared weights once)."""
     if not kernel_row(h) or not h.is_contiguous():
         return None
-    if previous is not None and previous.model is model and previous.dtype == h.dtype and previous.fresh():
-        return previous
+    if previous is not None and previous.model is model and previous.dtype == h.dtype:
+        key = id(previous.weights)
+        fresh = checked[key] if checked is not None and key in checked else previous.fresh()
+        if checked is not None:
+            checked[key] = fresh
+        if fresh:
+            return previous
     return BlockSteps(model, h.dtype)
 
 

@@ -296,7 +296,8 @@ class Session:
         device = model.embed.weight.device
         hs = [model.embed(torch.tensor([[i]], device=device)) for i in ids]  # [1, 1, d] each
         with decoding("kernels"):
-            steps = [block_steps(model, h, s._block_steps) for s, h in zip(sessions, hs)]
+            checked: dict = {}  # the sessions share their weights: checked once for all
+            steps = [block_steps(model, h, s._block_steps, checked) for s, h in zip(sessions, hs)]
             if any(st is None for st in steps):  # rows the kernels do not take: each alone
                 return [s._forward_alone(torch.tensor([i], device=device))[-1] for s, i in zip(sessions, ids)]
             rotaries = [model.text_rotary(torch.tensor([[s.position]], device=device)) for s in sessions]
