@@ -72,7 +72,8 @@ class ModelInputs(dict):
     def batch(self) -> Batch:
         """The core `Batch` of these inputs (padding a document of its own per row)."""
         ids = self["input_ids"]
-        lengths = self["attention_mask"].sum(-1).tolist() if "attention_mask" in self else [ids.shape[1]] * len(ids)
+        mask = self.get("attention_mask")
+        lengths = mask.sum(-1).tolist() if mask is not None else [ids.shape[1]] * len(ids)
         doc_lens = [[n] if n == ids.shape[1] else [n, ids.shape[1] - n] for n in map(int, lengths)]
         return Batch(ids, images=self.get("pixel_values"), image_rows=self.get("image_rows"),
                      insertion_points=self.get("insertion_points"), doc_lens=doc_lens)
