@@ -141,6 +141,11 @@ class _Printer:
         self.out.flush()
         self.shown = text
 
+    def finish(self, text: str) -> None:
+        """The rest of the reply `text` (a character cut short at the end shows as U+FFFD), then a newline."""
+        self.out.write(text[len(self.shown):] + "\n")
+        self.out.flush()
+
 
 # ----------------------------------------------------------------------- run
 def run(args) -> int:
@@ -209,9 +214,7 @@ def _interactive(model, args, sampling) -> int:
                 print(f"casa chat: unknown command {command!r}; {HELP}", file=sys.stderr, flush=True)
             elif line.strip() or images or frames:
                 printer = _Printer(model.processor, sys.stdout)
-                chat.ask(line, images, video=frames, on_token=printer)
-                sys.stdout.write("\n")
-                sys.stdout.flush()
+                printer.finish(chat.ask(line, images, video=frames, on_token=printer).text)
                 images, frames = [], []
         except (ValueError, FileNotFoundError) as e:
             print(f"casa: error: {e}", file=sys.stderr, flush=True)
