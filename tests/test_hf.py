@@ -165,6 +165,48 @@ def test_casa_fusion_initialised_from_loaded_sa(tmp_path):
     assert torch.equal(ours.blocks[1].mlp.up_proj.weight, hf.model.layers[1].mlp.up_proj.weight)
 
 
+def test_which_build_equals_the_lm_on_text(tmp_path):
+    """The README's table, measured here: on text alone, which build gives its LM's logits."""
+    from casa.config import VisionConfig
+    from casa.pretrained.build import build
+    from casa.pretrained.build_config import BuildConfig
+
+    hf, path = make_hf(tmp_path, "llama", vocab_size=264, attn_implementation="eager")
+    vision = VisionConfig(image_size=16, patch_size=8, d_model=16, n_layers=1, n_heads=2, d_ff=32)
+    x = ids(vocab=264)
+    g = torch.Generator().manual_seed(0)
+    with_images = Batch(x, images=torch.randn(2, 3, 16, 16, generator=g), image_rows=torch.tensor([0, 1]),
+                        insertion_points=torch.tensor([3, 5]))
+
+    def gap(batch=None, **build_kw):
+        model = from_hf_lm(path, vision=vision, **build_kw).eval()
+        with torch.no_grad():
+            return (model(batch or Batch(x)) - lm).abs().max().item()
+
+    with torch.no_grad():
+        lm = from_hf_lm(path).eval()(Batch(x))
+        assert (lm - hf(input_ids=x).logits).abs().max() <= 1e-4  # the insertion build: transformers' logits
+    copies = {p: gap(fusion=FusionConfig(variant="casa", placement=p, every=2)) for p in ("parallel", "before")}
+    print(f"casa, fusion layers copies of SA: max |logit - LM| {copies}")
+    assert min(copies.values()) > 0.3  # the copy adds to SA: a different model on text alone
+    for placement in ("parallel", "before"):
+        for variant in ("casa", "ca", "gated_ca"):
+            fusion = FusionConfig(variant=variant, placement=placement, every=2)
+            assert gap(fusion=fusion, zero_fusion_output=True) == 0.0, (variant, placement)
+            assert gap(with_images, fusion=fusion, zero_fusion_output=True) == 0.0, (variant, placement)
+    assert gap(fusion=FusionConfig(variant="casa", placement="replace", every=2)) == 0.0  # one window: SA itself
+    assert gap(fusion=FusionConfig(variant="ca", every=2)) == 0.0  # no image, no update
+    for fusion, match in ((FusionConfig(variant="casa", placement="replace"), "replace"),
+                          (FusionConfig(variant="casa_shared"), "casa_shared")):
+        with pytest.raises(ValueError, match=match):
+            from_hf_lm(path, fusion=fusion, zero_fusion_output=True)
+        with pytest.raises(ValueError, match=match):
+            BuildConfig(lm=str(path), fusion=fusion, zero_fusion_output=True)
+    built = build(BuildConfig(lm=str(path), fusion=FusionConfig(every=2), tokenizer="byte", zero_fusion_output=True))
+    assert all(not b.fusion.attn.o_proj.weight.any() for b in built.model.blocks if b.fusion is not None)
+    assert built.model.blocks[0].fusion.attn.q_proj.weight.any()  # the rest still starts as SA's copy
+
+
 # ----------------------------------------------------------------------------- errors
 def test_unknown_architecture(tmp_path):
     _, path = make_hf(tmp_path, "llama")
