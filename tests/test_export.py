@@ -35,7 +35,8 @@ def build(tmp_path, kind, variant):
     if kind == "llama":
         tok, markers = ByteTokenizer(), {}
     else:
-        tok, markers = HFTokenizer(hf_tokenizer_dir(tmp_path / "tok")), dict(gist_token="<|/img|>", image_prefix="<|img|>")
+        tok = HFTokenizer(hf_tokenizer_dir(tmp_path / "tok"))
+        markers = dict(gist_token="<|/img|>", image_prefix="<|img|>")
     _, lm_dir = make_hf(tmp_path, kind, name=f"lm-{kind}", vocab_size=tok.vocab_size)
     model = from_hf_lm(lm_dir, vision=VISION, fusion=FusionConfig(variant=variant, every=2))
     g = torch.Generator().manual_seed(1)
@@ -95,6 +96,37 @@ def test_transformers_generate_gives_casa_greedy_tokens(tmp_path, kind, variant)
         ids = ours.processor.tok.encode(s, specials=True)
         assert tokenizer.encode(s, add_special_tokens=False) == ids
         assert tokenizer.decode(ids, skip_special_tokens=True) == ours.processor.tok.decode(ids)
+
+
+def test_every_other_variant_placement_and_reduction(tmp_path):
+    """The rest of what the modeling file implements, on random casa models: the same logits with images
+    and the same greedy tokens."""
+    tok = ByteTokenizer()
+    cases = [("casa", "before", "pool"), ("casa", "replace", "unshuffle"), ("ca", "replace", "none"),
+             ("casa_shared", "parallel", "none"), ("ca_shared", "before", "none"), ("ca_ffn", "parallel", "none"),
+             ("gated_ca", "parallel", "none"), ("casa", "parallel", "none", False)]
+    for variant, placement, reduction, *text_keys in cases:
+        lm = LMConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=64,
+                      qkv_bias=variant == "ca")
+        vision = VisionConfig(image_size=16, patch_size=4, d_model=16, n_layers=1, n_heads=2, d_ff=32,
+                              token_reduction=reduction)
+        fusion = FusionConfig(variant=variant, placement=placement, every=2, text_keys=(text_keys or [True])[0])
+        torch.manual_seed(0)
+        model = casa.CasaModel(ModelConfig(lm=lm, vision=vision, fusion=fusion))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.3)  # gates open, norms away from 1
+        name = f"{variant}-{placement}-{reduction}-{bool(text_keys)}"
+        src = casa.save_pretrained(model, tmp_path / name, tokenizer=tok, processor=Processor(tok, vision))
+        ours = CasaForConditionalGeneration.from_pretrained(src)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(export_transformers(src, tmp_path / f"hf-{name}"),
+                                                               trust_remote_code=True).eval()
+        inputs = ours.processor.apply_chat_template(conversation(), add_generation_prompt=True, tokenize=True)
+        hf_inputs = {k: inputs[k] for k in ("input_ids", "pixel_values", "insertion_points")}
+        with torch.no_grad():
+            assert (hf(**hf_inputs).logits - ours(**inputs)).abs().max() < 1e-4, name
+        assert hf.generate(**hf_inputs, max_new_tokens=5, do_sample=False).tolist() == \
+            ours.generate(**inputs, max_new_tokens=5).tolist(), name
 
 
 def test_what_cannot_be_exported_is_refused_before_writing(tmp_path):

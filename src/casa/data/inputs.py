@@ -123,8 +123,8 @@ def _per_text(media, counts: list[int], name: str, what: str) -> list[list]:
     placeholder = IMAGE_PLACEHOLDER if name == "images" else VIDEO_PLACEHOLDER
     if media is None:
         if sum(counts):
-            raise ValueError(f"Processor: the text has {sum(counts)} {placeholder!r} placeholder(s) and no {name}=; pass "
-                             f"one {what} per placeholder, in order")
+            raise ValueError(f"Processor: the text has {sum(counts)} {placeholder!r} placeholder(s) and no "
+                             f"{name}=; pass one {what} per placeholder, in order")
         return [[] for _ in counts]
     if name == "images":
         items = list(media) if isinstance(media, (list, tuple)) or torch.is_tensor(media) and media.dim() == 4 \
@@ -140,8 +140,8 @@ def _per_text(media, counts: list[int], name: str, what: str) -> list[list]:
     else:
         items = [media] if _is_video(media) else list(media)
     if len(items) != sum(counts):
-        raise ValueError(f"Processor: {name}=: {len(items)} {what}(s) for {sum(counts)} {placeholder!r} placeholder(s) in "
-                         f"the text; put {placeholder!r} where each {what} goes, in order")
+        raise ValueError(f"Processor: {name}=: {len(items)} {what}(s) for {sum(counts)} {placeholder!r} "
+                         f"placeholder(s) in the text; put {placeholder!r} where each {what} goes, in order")
     out, i = [], 0
     for c in counts:
         out.append(items[i : i + c])

@@ -1,7 +1,8 @@
 """casa the way Hugging Face users already work: a model class with
 `from_pretrained` / `save_pretrained` / `generate` (`model.py`), and export of
 a casa model directory to a transformers one (`export.py`, with the
-self-contained remote-code files of `remote/`).
+self-contained remote-code files of `remote/`; `export_dir.py` recognises
+an export without importing torch, for `casa export`'s checks).
 
 Design decisions:
 - Nothing here is a second implementation of casa: the model class is a

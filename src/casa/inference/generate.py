@@ -247,7 +247,8 @@ def feed(session: Session, ids, images, points) -> list[int]:
         points: each image's insertion point, in `[0, len(ids)]`.
     """
     ids, points, fed, i = [int(t) for t in ids], [int(p) for p in points], 0, 0
-    if len(images) != len(points) or points != sorted(points) or (points and not 0 <= points[0] <= points[-1] <= len(ids)):
+    in_range = not points or 0 <= points[0] <= points[-1] <= len(ids)
+    if len(images) != len(points) or points != sorted(points) or not in_range:
         raise ValueError(f"feed: {len(images)} images at points {points[:10]}: expected one sorted point per "
                          f"image, within [0, {len(ids)}]")
     while i < len(points):

@@ -421,7 +421,8 @@ class CasaForConditionalGeneration(CasaPreTrainedModel, GenerationMixin):
                 state.window[layer] = (torch.cat([prev_k, k_txt[:, lo:hi]], dim=1),
                                        torch.cat([prev_v, v_txt[:, lo:hi]], dim=1))
                 past = prev_k.shape[1]
-                keys, values = torch.cat([keys, state.window[layer][0]], 1), torch.cat([values, state.window[layer][1]], 1)
+                win_k, win_v = state.window[layer]
+                keys, values = torch.cat([keys, win_k], dim=1), torch.cat([values, win_v], dim=1)
             if hi == lo:
                 continue
             if keys.shape[1] == 0:  # ca in a window without images: no key, a zero update
