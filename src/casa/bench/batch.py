@@ -8,9 +8,11 @@ Two measurements on the bench model (`bench stream`'s: casa, d_model 512,
   then decoding `new_tokens` greedy tokens each, either one session after
   another at every step (`alone`: `forward_text` per session) or in one
   batched step (`batched`: `Session.forward_tokens`, the weights read once
-  for all). Reported: aggregate tokens/s, the time of one step (every
-  session's next token: its per-token latency), the ratio batched / alone,
-  and whether every session's tokens are equal in both modes.
+  for all), both with the kernels on one thread, and batched with the
+  kernels on every core (`batched_all_cores`). Reported: aggregate
+  tokens/s, the time of one step (every session's next token: its per-token
+  latency), the ratio batched / alone, and whether every session's tokens
+  are equal in every mode.
 - **Cores:** one session's time per token with the kernels on 1, 2, ...
   threads, against the bandwidth bound measured with as many threads
   (`bench.bandwidth`: weights + cache bytes / streaming read rate).
@@ -132,14 +134,17 @@ def _sessions_part(model: CasaModel, cfg: BatchBench, log) -> list[dict]:
     for context in cfg.contexts:
         for n in cfg.sessions:
             base = _prefilled(model, cfg, n, context)
-            seconds = {"alone": [], "batched": []}
+            modes = ("alone", "batched") + (("batched_all_cores",) if max(cfg.threads) > 1 else ())
+            seconds = {mode: [] for mode in modes}
             equal = True
             for _ in range(cfg.repeats):
                 got = {}
-                for mode in ("alone", "batched"):  # alternated: the same load for both
-                    wall, got[mode] = _decode([_clone(s) for s in base], cfg.new_tokens, mode == "batched")
+                for mode in modes:  # alternated: the same load for all
+                    cpu_kernels.set_threads(max(cfg.threads) if mode == "batched_all_cores" else 1)
+                    wall, got[mode] = _decode([_clone(s) for s in base], cfg.new_tokens, mode != "alone")
                     seconds[mode].append(wall)
-                equal &= got["alone"] == got["batched"]
+                cpu_kernels.set_threads(1)
+                equal &= all(got[mode] == got["alone"] for mode in modes)
             row = {"context": context, "sessions": n, "equal_tokens": equal,
                    "load_1min": round(os.getloadavg()[0], 2)}
             for mode, walls in seconds.items():
@@ -147,13 +152,21 @@ def _sessions_part(model: CasaModel, cfg: BatchBench, log) -> list[dict]:
                 row[mode] = {"tokens_per_s": round(n * steps / wall, 1), "step_ms": round(1e3 * wall / steps, 2)}
             row["speedup"] = round(row["batched"]["tokens_per_s"] / row["alone"]["tokens_per_s"], 2)
             rows.append(row)
+            cores = row.get("batched_all_cores")
             log(f"context {context:5d}, {n} sessions: alone {row['alone']['tokens_per_s']:7.1f} tok/s, batched "
                 f"{row['batched']['tokens_per_s']:7.1f} tok/s ({row['speedup']:.2f}x), step "
-                f"{row['batched']['step_ms']:.1f} ms, equal tokens {equal}")
+                f"{row['batched']['step_ms']:.1f} ms" + (f"; on every core {cores['tokens_per_s']:7.1f} tok/s, step "
+                                                         f"{cores['step_ms']:.1f} ms" if cores else "")
+                + f", equal tokens {equal}")
     one = {r["context"]: r["alone"]["tokens_per_s"] for r in rows if r["sessions"] == 1}
-    for r in rows:  # against one session decoding alone, as the issue's ">= 4x one session's" reads
+    one_all = {r["context"]: r.get("batched_all_cores", r["alone"])["tokens_per_s"] for r in rows
+               if r["sessions"] == 1}
+    for r in rows:  # against one session decoding alone on one thread, and on every core
         if r["context"] in one:
             r["batched_vs_one_session"] = round(r["batched"]["tokens_per_s"] / one[r["context"]], 2)
+            if "batched_all_cores" in r:
+                r["all_cores_vs_one_session_all_cores"] = round(
+                    r["batched_all_cores"]["tokens_per_s"] / one_all[r["context"]], 2)
     return rows
 
 
@@ -223,9 +236,10 @@ def plot(result: dict, path) -> None:
     for context in result["config"]["contexts"]:
         rows = [r for r in result["sessions"] if r["context"] == context]
         n = [r["sessions"] for r in rows]
-        for mode, style in (("alone", "--"), ("batched", "-")):
-            ax.plot(n, [r[mode]["tokens_per_s"] for r in rows], style, marker="o",
-                    label=f"{mode}, {context} cached tokens")
+        for mode, style in (("alone", "--"), ("batched", "-"), ("batched_all_cores", ":")):
+            if mode in rows[0]:
+                ax.plot(n, [r[mode]["tokens_per_s"] for r in rows], style, marker="o",
+                        label=f"{mode.replace('_', ' ')}, {context} cached tokens")
     ax.set_xlabel("sessions")
     ax.set_ylabel("decoded tokens/s (all sessions)")
     ax.set_xticks(result["config"]["sessions"])
