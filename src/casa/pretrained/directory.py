@@ -254,13 +254,13 @@ def load_processor(path):
     from casa.pretrained.tokenizer import has_tokenizer, load_tokenizer
 
     path = resolve_model_dir(path)
+    settings = processor_settings(path)  # first: a folder that is not a casa model is named as such
     if not has_tokenizer(path):
         raise ValueError(f"{str(path)!r} holds a model saved without a tokenizer (save_pretrained(model, dir) "
                          "without tokenizer=), so it has no processor; load the model alone with "
                          "casa.from_pretrained(dir) or casa.CasaForConditionalGeneration.from_pretrained(dir), "
                          "or save it with its tokenizer: casa.save_pretrained(model, dir, tokenizer=..., "
                          "overwrite=True)")
-    settings = processor_settings(path)
     return Processor(load_tokenizer(path), model_config(path).vision, gist=settings["gist"],
                      gist_token=settings["gist_token"], image_prefix=settings["image_prefix"])
 
