@@ -252,8 +252,9 @@ def plot(result: dict, path) -> None:
     history = f"sink {c['sink']} + window {c['window']}" if c["sink"] is not None else "full history"
     fig.suptitle(f"live: {s['frames']:,} frames at {c['fps']:g} fps ({s['stream_hours']:.2f} h of stream) on a clock "
                  f"{m['speed']:.1f}x faster: {m['real_fps']:.1f} frames/s for a model that sustains "
-                 f"{m['sustained_captions_per_s']:.1f} captions/s (load {m['load']:.2f}); casa d_model {c['d_model']}, "
-                 f"{c['layers']} layers, {c['new_tokens']} tokens a caption, {history}")
+                 f"{m['sustained_captions_per_s']:.1f} captions/s (load {m['load']:.2f}; {s['load_mean']:.2f} on average "
+                 f"as the machine's other work came and went)\ncasa d_model {c['d_model']}, {c['layers']} layers, "
+                 f"{c['new_tokens']} tokens a caption, {history}")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
