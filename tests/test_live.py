@@ -26,7 +26,7 @@ from conftest import tiny_config
 
 from casa.cli import main
 from casa.core.model import CasaModel
-from casa.inference.live import LagStats, LatestFrame, LiveFrame, LiveReader, caption_newest
+from casa.inference.live import LagStats, LatestFrame, LiveFrame, LiveReader, caption_live, caption_newest
 from casa.inference.sources import LiveVideo, StreamError, video_frames
 from casa.inference.writers import parse_srt
 from casa.pretrained.directory import save_pretrained
@@ -387,3 +387,15 @@ def test_bench_live_smoke(tmp_path):
     assert {"rss_first_bytes", "rss_last_bytes", "lag_frame_intervals", "load_mean"} <= set(calm)
     assert all(0 < b["load"] and b["caption_p50_ms"] > 0 for b in runs["3"]["blocks"])
     assert runs["0.3"]["machine"]["loadavg_start"] and runs["3"]["measured"]["load"] == pytest.approx(3, rel=0.01)
+
+
+def test_a_source_that_fails_before_its_first_frame_leaves_earlier_outputs(checkpoint, tmp_path):
+    def broken():
+        raise StreamError("camera: broke before its first frame")
+        yield
+
+    out = tmp_path / "keep.srt"
+    out.write_text("earlier\n")
+    with pytest.raises(StreamError, match="broke before its first frame"):
+        caption_live("camera", checkpoint=checkpoint, srt=out, opened=(broken(), None))
+    assert out.read_text() == "earlier\n"  # outputs open at the first caption

@@ -38,7 +38,9 @@ Design decisions:
   sink and a sliding window, docs/design.md §5), so an hours-long stream
   runs in constant memory; `caption_live(history=None)` keeps everything.
 - `caption_live` writes its SRT / JSONL in place (`writers.py`): readable while
-  the stream runs, a kill -9 loses at most the entry being written.
+  the stream runs, a kill -9 loses at most the entry being written. They
+  open at the first caption, so a source that fails before one leaves
+  earlier outputs as they were.
 """
 
 from __future__ import annotations
@@ -385,16 +387,21 @@ def caption_live(source, *, checkpoint, fps: float | None = None, srt=None, json
     except BaseException:
         reader.stop()
         raise
-    writers = [w(p, in_place=True) for w, p in ((SrtWriter, srt), (JsonlWriter, jsonl)) if p]
-    jsonl_writer = next((w for w in writers if isinstance(w, JsonlWriter)), None)
+    # opened at the first caption (or the end): a source that fails before it leaves earlier outputs alone
+    writers: list = []
     stats, interrupted, seen_events = LagStats(), False, 0
 
-    def write_events():
+    def write_events(jsonl_writer):
         nonlocal seen_events
         for event in reader.events[seen_events:]:
             if jsonl_writer is not None:
                 jsonl_writer.event(**event)
             seen_events += 1
+
+    def opened_writers() -> tuple[list, JsonlWriter | None]:
+        if not writers:
+            writers.extend(w(p, in_place=True) for w, p in ((SrtWriter, srt), (JsonlWriter, jsonl)) if p)
+        return writers, next((w for w in writers if isinstance(w, JsonlWriter)), None)
 
     skipped = reader.slot.restart()  # replaced while the model loaded: not the scheduler's drops
     try:
@@ -402,12 +409,13 @@ def caption_live(source, *, checkpoint, fps: float | None = None, srt=None, json
             cap: Caption = live.caption
             cap.end = max(cap.end, cap.time + live.lag)  # shown until the model was free for the next frame
             stats.add(live.lag, live.dropped)
-            write_events()
+            outputs, jsonl_writer = opened_writers()
+            write_events(jsonl_writer)
             t0 = reader.started
             timing = {"capture_s": round(live.captured - t0, 4), "start_s": round(live.started - t0, 4),
                       "end_s": round(live.ended - t0, 4), "lag_ms": round(live.lag * 1e3, 1),
                       "dropped": live.dropped}
-            for w in writers:
+            for w in outputs:
                 w.write(cap, **timing) if w is jsonl_writer else w.write(cap)
             if on_caption is not None:
                 on_caption(live)
@@ -423,7 +431,8 @@ def caption_live(source, *, checkpoint, fps: float | None = None, srt=None, json
         for w in writers:
             w.abandon()
         raise reader.error
-    write_events()
+    outputs, jsonl_writer = opened_writers()
+    write_events(jsonl_writer)
     summary = {**stats.summary(), "received": reader.slot.received, "skipped_at_start": skipped,
                "undecodable_frames": reader.undecodable,
                "reconnects": sum(e["event"] == "reconnected" for e in reader.events),
@@ -431,4 +440,4 @@ def caption_live(source, *, checkpoint, fps: float | None = None, srt=None, json
                "history": {"sink": history.sink, "window": history.window} if history else "full"}
     if jsonl_writer is not None:
         jsonl_writer.summary(source=name, live=True, frames=captioner.frames, **summary, interrupted=interrupted)
-    return LiveRun(summary, interrupted, [w.commit() for w in writers])
+    return LiveRun(summary, interrupted, [w.commit() for w in outputs])

@@ -13,7 +13,8 @@ Design decisions:
   entry per write, flushed and synced, so the file is readable while the
   stream runs (it has no end to wait for) and a kill -9 loses at most the
   entry being written; the destination's earlier content is replaced when
-  the run starts.
+  the writer opens (a live run opens it at its first caption, so a source
+  that fails before one leaves it as it was).
 - An empty caption gets a JSONL line but no SRT cue (SRT has no empty cue:
   the model may stay silent on a frame); a caption's blank lines are
   dropped (a blank line would end the cue). A cue never starts before the
