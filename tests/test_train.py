@@ -121,6 +121,33 @@ def test_resume_gives_the_same_loss_curve(tmp_path):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
 
 
+def test_resume_keeps_the_runs_settings_and_applies_printed_overrides(tmp_path, capsys):
+    """`casa train --config C --resume` after a run with `--set steps=2` continues that run as it was
+    configured (not with the file's steps=6); `--set` given with --resume applies, is printed, and a change
+    of the schedule says so; the peak learning rate set on resume is the one the optimizer uses."""
+    config = tmp_path / "c.json"
+    run = tmp_path / "run"
+    config.write_text(json.dumps({**TINY, "train": {**TINY["train"], "out_dir": str(run), "grad_accum": 1}}))
+    assert main(["train", "--config", str(config), "--quiet", "--set", "steps=2"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--config", str(config), "--quiet", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "the config gives steps=6, the run has 2: the run's value is kept" in err
+    assert load_state(latest_checkpoint(run))["step"] == 2
+    assert json.loads((run / "train_config.json").read_text())["train"]["steps"] == 2
+    assert main(["train", "--config", str(config), "--quiet", "--resume", "--set", "steps=4",
+                 "--set", "lr_new=0.002"]) == 0
+    err = capsys.readouterr().err
+    assert "--set steps: 2 -> 4" in err and "--set lr_new: 0.001 -> 0.002" in err
+    assert "the learning-rate schedule changes (steps, lr_new)" in err and "cosine to step 4 (was 2)" in err
+    state = load_state(latest_checkpoint(run))
+    assert state["step"] == 4 and state["train_config"]["steps"] == 4
+    _, cfg = tiny(tmp_path, "steps=4", "lr_new=0.002")
+    assert state["history"][2]["lr"] == pytest.approx(0.002 * lr_lambda(cfg)(3), rel=1e-12)
+    assert main(["train", "--config", str(config), "--resume", "--set", "model.lm.d_model=64"]) == 2
+    assert "model settings cannot change on --resume" in capsys.readouterr().err
+
+
 def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, monkeypatch):
     model_cfg, cfg = tiny(tmp_path, "steps=5")
     tr = Trainer(model_cfg, cfg, quiet=True)

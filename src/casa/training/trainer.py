@@ -20,6 +20,12 @@ Design decisions:
 - Resume is exact: model, optimizer, scheduler, RNG of every rank, data
   position and loss history are restored from the latest readable checkpoint
   (a damaged newer one is skipped with a warning, see `pretrained.runs`).
+- A resumed run keeps its own settings (`resumed_config`: the train config
+  saved in the checkpoint); only `--set` overrides change them, each printed,
+  and a change of the schedule says what it does at the resumed step. The
+  optimizer's hyperparameters (peak learning rates, weight decay, betas) are
+  then taken from that config, not from the saved optimizer state, so an
+  override applies; unchanged, they are the same numbers bit for bit.
 - RNG states are stored in a JSON-able form (lists of integers, tensors), so
   that the checkpoint needs no pickle (`training.checkpoint`).
 - Everything the user can get wrong is checked before the model is built:
@@ -50,17 +56,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from casa.config import ModelConfig, build
+from casa.config import ConfigError, ModelConfig, build
 from casa.core.batch import Batch
 from casa.core.loss import loss_sum, target_mask
 from casa.core.model import CasaModel
 from casa.data import Packer, Processor, make_source, pack_row
 from casa.data.tasks import Difficulty
 from casa.data.tasks import difficulty as make_difficulty
-from casa.files import atomic_file, check_output_dir
+from casa.files import atomic_file, check_output_dir, read_json
 from casa.pretrained.directory import PROCESSOR_DEFAULTS, processor_settings
 from casa.pretrained.freeze import apply_freeze, resolve_policy
-from casa.pretrained.runs import check_checkpoint, latest_checkpoint, list_checkpoints
+from casa.pretrained.runs import STATE, check_checkpoint, latest_checkpoint, list_checkpoints
 from casa.pretrained.tokenizer import ByteTokenizer, HFTokenizer
 from casa.training.checkpoint import load_state, save_checkpoint
 from casa.training.config import TrainConfig, load_config
@@ -71,11 +77,11 @@ from casa.training.distributed import (
     setup_distributed,
     shutdown,
 )
-from casa.training.optim import make_optimizer, make_scheduler, new_parameter_names
+from casa.training.optim import lr_lambda, make_optimizer, make_scheduler, new_parameter_names
 
 # TrainConfig and load_config live in training.config; they are re-exported here for existing callers.
-__all__ = ["TrainConfig", "Trainer", "build_model", "count_targets", "load_config", "resolve_tokenizer", "rng_state",
-           "set_rng_state", "train"]
+__all__ = ["TrainConfig", "Trainer", "build_model", "checkpoint_to_resume", "count_targets", "load_config",
+           "resolve_tokenizer", "resumed_config", "rng_state", "set_rng_state", "train"]
 
 
 # -------------------------------------------------------------- the model
@@ -225,14 +231,8 @@ class Trainer:
         self._stop = None
 
     def _checkpoint_to_resume(self, resume) -> Path | None:
-        if resume is True:
-            ckpt = latest_checkpoint(self.out)
-            if ckpt is None:
-                raise FileNotFoundError(f"--resume: no checkpoint in {str(self.out / 'checkpoints')!r}")
-            return ckpt
         if resume:
-            check_checkpoint(resume)
-            return Path(resume)
+            return checkpoint_to_resume(self.out, resume)
         found = list_checkpoints(self.out)
         if found:
             raise ValueError(f"train.out_dir {str(self.out)!r} already holds the checkpoints of a run (latest: "
@@ -279,8 +279,25 @@ class Trainer:
         self.step, self.position = state["step"], state["position"]
         self.history, self.evals = state["history"], state.get("evals", [])
         self.packer.skipped = state.get("skipped", 0)
+        self._apply_hyperparameters()
         rngs = state["rng"]
         set_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
+
+    def _apply_hyperparameters(self) -> None:
+        """Peak learning rates, weight decay and betas from `self.cfg` onto the restored optimizer and
+        scheduler (their saved state carries the run's former values); the current learning rate is the
+        scheduler's own formula at the restored step, so unchanged settings give the same bits."""
+        cfg, f = self.cfg, lr_lambda(self.cfg)
+        peaks = []
+        for group in self.optimizer.param_groups:
+            name = group.get("name", "new")
+            peak = cfg.lr_new if name.startswith("new") else cfg.lr_pretrained
+            group["initial_lr"], group["betas"] = peak, tuple(cfg.betas)
+            group["weight_decay"] = 0.0 if name.endswith("_nodecay") else cfg.weight_decay
+            group["lr"] = peak * f(self.scheduler.last_epoch)
+            peaks.append(peak)
+        self.scheduler.base_lrs = peaks
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def save(self) -> Path | None:
         """Write a checkpoint of the current step (rank 0 writes; every rank takes part). Returns its path."""
@@ -433,6 +450,76 @@ class Trainer:
         self.log(("\n" if sys.stderr.isatty() else "") + "eval " +
                  " | ".join(f"{k} {v:.3f}" for k, v in entry.items() if k != "step"))
         return result
+
+
+# --------------------------------------------------------------- resuming a run as it was configured
+SCHEDULE = ("steps", "warmup_steps", "min_lr_ratio", "lr_new", "lr_pretrained")
+
+
+def checkpoint_to_resume(out_dir, resume) -> Path:
+    """The checkpoint `--resume` names: True / "latest": the latest readable one of `out_dir`, else a path."""
+    if resume is True or resume == "latest":
+        ckpt = latest_checkpoint(out_dir)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {str(Path(out_dir) / 'checkpoints')!r}")
+        return ckpt
+    check_checkpoint(resume)
+    return Path(resume)
+
+
+def _saved_train_config(ckpt: Path) -> tuple[dict | None, int | None]:
+    """(the train config the run was saved with, its step), from the checkpoint's JSON state, else from
+    the run's `train_config.json`; (None, None) when neither holds one (the trainer then names the damage)."""
+    try:
+        state = read_json(ckpt / STATE)
+        if isinstance(state, dict) and isinstance(state.get("train_config"), dict):
+            return state["train_config"], state.get("step")
+    except (ValueError, OSError):
+        pass
+    try:
+        saved = read_json(ckpt.parent.parent / "train_config.json")
+        if isinstance(saved, dict) and isinstance(saved.get("train"), dict):
+            return saved["train"], None
+    except (ValueError, OSError):
+        pass
+    return None, None
+
+
+def resumed_config(ckpt, given: TrainConfig, overrides=(), log=print) -> TrainConfig:
+    """The train config a resumed run continues with: the one saved in checkpoint `ckpt`, with `out_dir`
+    as given and the `--set` `overrides` applied. Each override that changes a value is logged
+    (`steps: 2000 -> 6000`), as is a value of the config file that differs and is not used, and a change
+    of the learning-rate schedule says what it does at the resumed step. `model.*` overrides are
+    refused: a resumed model is the checkpoint's."""
+    ckpt = Path(ckpt)
+    model_keys = [o.partition("=")[0].strip() for o in overrides if o.partition("=")[0].strip().startswith("model.")]
+    if model_keys:
+        raise ConfigError(f"--set {model_keys[0]}: a resumed run's model is its checkpoint's; model settings "
+                          "cannot change on --resume (start a new run with train.init=CHECKPOINT instead)")
+    saved, step = _saved_train_config(ckpt)
+    if saved is None:
+        log(f"casa: warning: {str(ckpt)!r} records no train config; resuming with the config as given")
+        return given
+    saved = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    _, cfg = load_config(None, overrides, base={"train": {**saved, "out_dir": given.out_dir}})
+    _, old = load_config(None, (), base={"train": {**saved, "out_dir": given.out_dir}})
+    overridden = {o.partition("=")[0].strip().removeprefix("train.") for o in overrides}
+    log(f"casa: resuming {str(given.out_dir)!r} with the settings it was trained with (from {str(ckpt)!r})")
+    for f in dataclasses.fields(TrainConfig):
+        a, b, g = getattr(old, f.name), getattr(cfg, f.name), getattr(given, f.name)
+        if f.name in overridden and a != b:
+            log(f"casa: --set {f.name}: {a!r} -> {b!r}")
+        elif f.name not in overridden and f.name != "out_dir" and g != a:
+            log(f"casa: note: the config gives {f.name}={g!r}, the run has {a!r}: the run's value is kept "
+                f"(--set {f.name}=... changes it)")
+    changed = [k for k in SCHEDULE if getattr(old, k) != getattr(cfg, k)]
+    if changed:
+        at = step if isinstance(step, int) else 0
+        was, now = lr_lambda(old)(at), lr_lambda(cfg)(at)
+        log(f"casa: the learning-rate schedule changes ({', '.join(changed)}): warmup {cfg.warmup_steps} steps, "
+            f"cosine to step {cfg.steps} (was {old.steps}); at step {at} the learning rate of new parameters goes "
+            f"{old.lr_new * was:.3g} -> {cfg.lr_new * now:.3g}")
+    return cfg
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, *, resume=None, quiet: bool = False) -> dict:
