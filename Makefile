@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --progress-bar off "$(TORCH)" -e ".[dev]" | grep -E "^(Collecting|Successfully installed)" | cut -c1-100
 	touch $@
 
-.PHONY: install test test-gpu demo bench
+.PHONY: install test test-gpu demo bench bench-update
 install: $(VENV)/.installed
 
 # Tests run in one worker per core (pytest-xdist): about 5 minutes on 2 cores, 8 in one process.
@@ -28,5 +28,9 @@ test-gpu: install
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/casa demo
 
+# The attention benchmark into runs/bench/; `make bench-update` rewrites the committed figures in benchmarks/.
 bench: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/casa bench attention --json runs/bench/attention.json --plot runs/bench/attention.png
+
+bench-update: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/casa bench attention --json benchmarks/attention.json --plot benchmarks/attention.png

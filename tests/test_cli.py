@@ -103,3 +103,43 @@ def test_cli_benchmark_names_are_the_benchmarks():
     from casa.eval.stdbench import BENCHMARKS
 
     assert sorted(BENCHMARK_NAMES) == sorted(BENCHMARKS)
+
+
+def _options(parser, name="casa"):
+    """(command, action) for every option and positional of every subcommand, recursively."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, child in action.choices.items():
+                yield from _options(child, f"{name} {sub}")
+        elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            yield name, action
+
+
+def test_every_option_of_every_command_has_help_and_its_default_shows(capsys):
+    from casa.cli import build_parser
+
+    options = list(_options(build_parser()))
+    assert len({name for name, _ in options}) >= 18  # every command and bench / data subcommand was walked
+    undocumented = [f"{name} {'/'.join(a.option_strings) or a.dest}" for name, a in options if not a.help]
+    assert not undocumented, undocumented
+    from casa.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "stream", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "generated tokens per turn (default: 8)" in text and "(default: 4 GiB)" in text
+    assert "--plot PLOT PNG of TTFT, cache and memory vs turn --image-tokens" in text  # no "(default: None)"
+    assert "random seed of the model (default: 0)" in text
+
+
+def test_version_and_task_lists():
+    from casa.cli.values import TASK_NAMES
+    from casa.data.tasks import TASKS
+
+    assert set(TASK_NAMES) == set(TASKS)
+    r = run_casa("--version")
+    assert r.returncode == 0 and re.fullmatch(r"casa \d+\.\d+\.\d+\S*\n", r.stdout), r
+    r = run_casa("data", "export", "--help")
+    assert ", ".join(TASKS) in " ".join(r.stdout.split())

@@ -76,6 +76,28 @@ def test_atomic_file(tmp_path):
     assert path.read_text() == "new"
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_outputs_get_the_users_umask_not_private_modes(tmp_path, umask):
+    """Atomic files and directories (runs, models, results) are readable by whom the umask allows, as files
+    made with open / mkdir are, not 0600 / 0700 like tempfile's temporaries."""
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        with atomic_file(tmp_path / "result.json") as f:
+            f.write("{}")
+        with atomic_directory(tmp_path / "model") as d:
+            (d / "config.json").write_text("{}")
+        (tmp_path / "plain.txt").write_text("")
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(previous)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "result.json") == mode(tmp_path / "plain.txt") == 0o666 & ~umask
+    assert mode(tmp_path / "model") == mode(tmp_path / "plain") == 0o777 & ~umask
+    assert mode(tmp_path / "model" / "config.json") == 0o666 & ~umask
+
+
 # ----------------------------------------------------------------------------- output checks
 def test_check_replaceable_dir(tmp_path):
     def is_ours(p):

@@ -17,6 +17,9 @@ Design decisions:
   its own kind, and only when asked (`check_replaceable_dir`): an existing
   file, or a folder holding anything else, is refused whatever `overwrite`
   says, because the swap would delete it.
+- Outputs get the permissions of any file the user creates (0666 / 0777
+  less the umask), not the 0600 / 0700 of `tempfile`'s private temporaries:
+  others on a shared machine read a run as they read anything else there.
 - A file that exists but cannot be parsed (zero bytes, cut short by a crash
   or a full disk) is a `DamagedFileError` naming the file and saying it is
   damaged or incomplete; `read_json` is the JSON reader that says so.
@@ -74,6 +77,26 @@ def fsync_tree(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (changing it to read it is a race
+    with any thread creating files meanwhile)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_created(path: Path, *, directory: bool) -> None:
+    """Give a `tempfile` temporary the mode `open` / `mkdir` would have given it under the umask."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_directory(final: Path | str) -> Iterator[Path]:
     """Yield an empty temporary directory beside `final`; on success it becomes
@@ -83,6 +106,7 @@ def atomic_directory(final: Path | str) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     old = None
     try:
+        _as_created(tmp, directory=True)
         yield tmp
         fsync_tree(tmp)
         if final.exists():
@@ -111,6 +135,7 @@ def atomic_file(path: Path | str, mode: str = "w", **open_kwargs) -> Iterator:
     fd, name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     os.close(fd)
     try:
+        _as_created(Path(name), directory=False)
         with open(name, mode, **open_kwargs) as f:
             yield f
             f.flush()

@@ -145,7 +145,10 @@ def run(*, json_path: str | None, windows: int = 16, image_tokens: int = 256, te
                  "(images + causal half of text) per second; peak_mem_bytes: one forward+backward "
                  "(forward only where no backward) above the memory in use before it.",
     }
-    print(f"dense GEMM: {gemm:.1f} GFLOP/s; speed-up vs reference: {report['ratios_vs_reference']}")
+    speedups = "; ".join(f"{b} {r['fwd_speedup']:.1f}x forward"
+                         + (f", {r['fwd_bwd_speedup']:.1f}x forward+backward" if r["fwd_bwd_speedup"] else "")
+                         for b, r in report["ratios_vs_reference"].items() if b != "reference")
+    print(f"dense GEMM: {gemm:.1f} GFLOP/s" + (f"; speed-up vs reference: {speedups}" if speedups else ""))
     write_report(report, json_path, plot=_plot, plot_path=plot_path)
     return report
 

@@ -333,15 +333,18 @@ def plot(result: dict, path) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `casa bench serve` (and `python -m casa.bench.serve`)."""
-    p.add_argument("--json", default="benchmarks/serve.json")
-    p.add_argument("--plot", default="benchmarks/serve.png")
+    p.add_argument("--json", default="benchmarks/serve.json", help="where to write the results")
+    p.add_argument("--plot", default="benchmarks/serve.png", help="PNG of latency, throughput and memory")
     p.add_argument("--checkpoint", default=None, help="a casa model directory (default: a random-init model)")
     defaults = ServeBench()
     p.add_argument("--sessions", type=int, nargs="+", default=list(defaults.sessions),
                    help="--max-sessions of the servers, one after another (default: 2 4 8)")
-    for name in ("d_model", "layers", "heads", "image_size", "max_queue", "distinct", "requests", "max_tokens",
-                 "threads"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    helps = {"d_model": "width of the random-init model", "layers": "its decoder blocks", "heads": "its attention heads",
+             "image_size": "image side in pixels", "max_queue": "--max-queue of the servers",
+             "distinct": "distinct requests (each answered alone first)", "requests": "requests per phase",
+             "max_tokens": "greedy tokens per request", "threads": "torch CPU threads per session"}
+    for name, text in helps.items():
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name), help=text)
     p.add_argument("--deadline", type=float, default=defaults.deadline, help="seconds for the whole run")
     p.add_argument("--backoff", type=float, default=defaults.backoff, help="seconds a refused client waits")
 

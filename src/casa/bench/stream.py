@@ -374,8 +374,12 @@ def run(cfg: StreamBench, *, json_path=None, plot_path=None, isolate: bool = Tru
         state = _run_isolated(cfg, variant, on_turn) if isolate else run_variant(cfg, variant, on_turn)
         summary = summarize(cfg, turns, state)
         if log:
-            log(f"{variant}: {summary['turns']} turns, ttft {summary['first_10pct']['ttft_ms']} -> "
-                f"{summary['last_10pct']['ttft_ms']} ms, oom={summary['oom']}, limit_hit={summary['limit_hit']}")
+            ms = [(summary.get(k) or {}).get("ttft_ms") for k in ("first_10pct", "last_10pct")]
+            ms = " -> ".join("?" if m is None else f"{m:.1f}" for m in ms)
+            ended = ("out of memory" if summary["oom"] else
+                     f"stopped at its {summary['limit_hit']} limit" if summary["limit_hit"] else "done")
+            log(f"{variant}: {summary['turns']} turns, time to first token {ms} ms (first / last 10% of turns), "
+                f"{ended}")
         runs.append({"variant": variant, "turns": turns, "summary": summary})
     config = {**asdict(cfg), "torch": torch.__version__, "cpu_count": os.cpu_count(),
               "isolate": isolate, "loadavg_start": load_start, "loadavg_end": os.getloadavg(),

@@ -22,6 +22,9 @@ Design decisions:
   numpy) instead of the interrupt.
 - Heavy modules (torch, models) are imported inside the handlers, after the
   command's `check`, so `casa --help` and flag errors answer at once.
+- Every option has a help text and `--help` shows its default (`_Formatter`;
+  `tests/test_cli.py` walks every subcommand); `casa --version` prints the
+  installed version.
 """
 
 from __future__ import annotations
@@ -51,8 +54,25 @@ class UsageError(ValueError):
     """A command line argparse refused (unknown flag, bad value, missing argument)."""
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help with each option's default appended, unless it says nothing (None, off, empty) or the help
+    text already gives it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default in ([], "")
+        if "default" in text or unset or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, but an error is raised (and reported by `main` in one line) instead of exiting."""
+    """argparse, but an error is raised (and reported by `main` in one line) instead of exiting, and help
+    shows defaults (`_Formatter`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise UsageError(f"{message} (see '{self.prog} --help')")
@@ -60,10 +80,22 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="casa", description="Vision-language fusion with CASA.")
+    parser.add_argument("--version", action="version", version=f"casa {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(sub)
     return parser
+
+
+def version() -> str:
+    """The installed casa's version ("unknown" when casa runs from a tree that was not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("casa")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def log_traceback(argv: list[str]) -> str:

@@ -42,13 +42,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="frames per second to caption (video: default every frame; folder: default 1)")
     cap.add_argument("--srt", default=None, help="SRT file (written to FILE.partial while running)")
     cap.add_argument("--jsonl", default=None, help="JSONL file, one line per frame and a summary line")
-    cap.add_argument("--max-new-tokens", type=positive_int, default=16)
+    cap.add_argument("--max-new-tokens", type=positive_int, default=16, help='most tokens per caption')
     cap.add_argument("--min-new-tokens", type=non_negative_int, default=0, help="no end token before this many tokens")
     cap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    cap.add_argument("--top-k", type=non_negative_int, default=0)
-    cap.add_argument("--top-p", type=probability, default=1.0)
+    cap.add_argument("--top-k", type=non_negative_int, default=0, help='sample from the k most likely tokens (0: all)')
+    cap.add_argument("--top-p", type=probability, default=1.0,
+                     help='nucleus sampling: the smallest set of tokens with this much probability (1: all)')
     cap.add_argument("--repetition-penalty", type=float, default=1.0, help="over the last tokens, across frames")
-    cap.add_argument("--repetition-window", type=positive_int, default=64)
+    cap.add_argument("--repetition-window", type=positive_int, default=64,
+                     help='tokens --repetition-penalty looks back over')
     cap.add_argument("--end-bias", type=float, default=0.0, help="added to the end token's logit")
     cap.add_argument("--end-slope", type=float, default=0.0, help="added to it per generated token")
     cap.add_argument("--no-repeat-ngram", type=non_negative_int, default=0,
@@ -76,9 +78,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help="key/value caches in the model's dtype, or int8 with a scale per row and head")
     cap.add_argument("--instruction", default="Caption each frame.", help="user text with the first frame")
     cap.add_argument("--allow-size-change", action="store_true", help="accept frames of varying sizes")
-    cap.add_argument("--seed", type=int, default=0)
+    cap.add_argument("--seed", type=int, default=0, help='random seed for sampling')
     cap.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the free cores)")
-    cap.add_argument("--quiet", action="store_true")
+    cap.add_argument("--quiet", action="store_true", help='no captions or progress on the terminal')
     cap.set_defaults(func=run)
 
 

@@ -47,10 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--messages", default=None, help="a conversation as JSON (file, or - for stdin): answer it "
                                                     "once and exit, instead of chatting")
     c.add_argument("--json", action="store_true", help="with --messages: print {reply, tokens, stop_reason}")
-    c.add_argument("--max-new-tokens", type=positive_int, default=128)
+    c.add_argument("--max-new-tokens", type=positive_int, default=128, help='most tokens per reply')
     c.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    c.add_argument("--top-k", type=int, default=0)
-    c.add_argument("--top-p", type=probability, default=1.0)
+    c.add_argument("--top-k", type=int, default=0, help='sample from the k most likely tokens (0: all)')
+    c.add_argument("--top-p", type=probability, default=1.0,
+                   help='nucleus sampling: the smallest set of tokens with this much probability (1: all)')
     c.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     c.add_argument("--video-fps", type=positive_float, default=1.0, help="frames per second taken from a video")
     c.add_argument("--max-frames", type=positive_int, default=8, help="most frames taken from a video")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from casa.cli.values import key_values, positive_int
+from casa.cli.values import TASK_NAMES, key_values, positive_int
 
 __all__ = ["check", "register", "run"]
 
@@ -21,10 +21,11 @@ __all__ = ["check", "register", "run"]
 def register(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="data utilities").add_subparsers(dest="data", required=True)
     ex = data.add_parser("export", help="write a synthetic task as JSONL + PNG files")
-    ex.add_argument("--task", required=True)
+    ex.add_argument("--task", required=True, help=f"the synthetic task: one of {', '.join(TASK_NAMES)}")
     ex.add_argument("--n", type=positive_int, default=100, help="samples to write")
-    ex.add_argument("--seed", type=int, default=0)
-    ex.add_argument("--difficulty", action="append", default=[], metavar="KEY=VALUE")
+    ex.add_argument("--seed", type=int, default=0, help='random seed of the samples')
+    ex.add_argument("--difficulty", action="append", default=[], metavar="KEY=VALUE",
+                    help='a difficulty knob, repeatable (e.g. image_size=64, colors=4, max_shapes=3, frames=4)')
     ex.add_argument("dir", help="output directory (created if needed)")
     ex.set_defaults(func=run, check=check)
 

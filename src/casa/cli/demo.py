@@ -17,11 +17,12 @@ __all__ = ["register", "run"]
 
 def register(sub: argparse._SubParsersAction) -> None:
     de = sub.add_parser("demo", help="train a small CASA model on the synthetic suite and show what it sees")
-    de.add_argument("--out", default="runs/demo")
+    de.add_argument("--out", default="runs/demo",
+                    help='run directory (checkpoint, metrics.json, loss.png, example images)')
     de.add_argument("--retrain", action="store_true", help="train again even if the run has a checkpoint")
-    de.add_argument("--steps", type=positive_int, default=None)
+    de.add_argument("--steps", type=positive_int, default=None, help='training steps (default: 1500)')
     de.add_argument("--eval-n", type=positive_int, default=None, help="evaluation samples per task")
-    de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--seed", type=int, default=0, help='random seed of the data and the model')
     de.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the free cores)")
     de.set_defaults(func=run)
 

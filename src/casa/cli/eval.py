@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from casa.cli.values import key_values, positive_int
+from casa.cli.values import TASK_NAMES, key_values, positive_int
 
 __all__ = ["BENCHMARK_NAMES", "check", "register", "run"]
 
@@ -25,15 +25,19 @@ DEFAULT_N = 64
 def register(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="evaluate a checkpoint with greedy decoding")
     ev.add_argument("--checkpoint", required=True, help="model directory or run directory (latest checkpoint)")
-    ev.add_argument("--task", default=None, help="comma-separated synthetic tasks (default: the training tasks)")
+    ev.add_argument("--task", default=None, help="comma-separated synthetic tasks (default: the training tasks); from: "
+                                                          f"{', '.join(TASK_NAMES)}")
     ev.add_argument("--data", default=None, help="a JSONL file instead of synthetic tasks")
     ev.add_argument("--n", type=positive_int, default=None, help=f"samples per synthetic task (default {DEFAULT_N})")
-    ev.add_argument("--seed", type=int, default=None)
-    ev.add_argument("--difficulty", action="append", default=[], metavar="KEY=VALUE")
+    ev.add_argument("--seed", type=int, default=None,
+                    help="seed of the synthetic samples (default: the run's training seed, whose eval samples are held out by + 1000)")
+    ev.add_argument("--difficulty", action="append", default=[], metavar="KEY=VALUE",
+                    help="a difficulty knob of the synthetic tasks, repeatable (e.g. image_size=64; default: the run's)")
     ev.add_argument("--blind", action="store_true", help="withhold the images")
     ev.add_argument("--json", default=None, help="output file (default: CHECKPOINT/eval.json)")
     ev.add_argument("--backend", default="auto", help="attention backend: auto, reference, windowed, flex, flash")
-    ev.add_argument("--skip-bad-samples", action="store_true")
+    ev.add_argument("--skip-bad-samples", action="store_true",
+                    help='count and skip unreadable samples of --data instead of failing')
     ev.add_argument("--max-tokens", type=positive_int, default=None,
                     help="most tokens a prompt plus its answer may take (default: the checkpoint's training "
                          "budget, train.text_tokens)")
@@ -41,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--bench", default=None, choices=BENCHMARK_NAMES,
                     help="a standard benchmark stored locally (needs --root) instead of synthetic tasks")
     ev.add_argument("--root", default=None, help="directory of the local benchmark copy (parquet or JSON layout)")
-    ev.add_argument("--split", default=None)
+    ev.add_argument("--split", default=None, help="split of --bench (default: the benchmark's usual evaluation split)")
     ev.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N examples only")
     ev.set_defaults(func=run, check=check)
 

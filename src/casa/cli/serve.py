@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the directory's name)")
     p.add_argument("--media-dir", default=None,
                    help="the only directory whose files clients may name (file:// image URLs, videos); default: none")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help='cpu, cuda or cuda:N')
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads per session (default: the free cores shared by --max-sessions)")
     p.add_argument("--decode", choices=("auto", "kernels", "torch"), default="auto",
@@ -55,7 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         assert f.default is not MISSING
         shown = f.default if isinstance(f.default, int) else f"{f.default:g}"
         g.add_argument(flag_name(f.name), type=kind, default=f.default, help=f"{f.metadata['help']} (default: {shown})")
-    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help='server log verbosity')
     p.set_defaults(func=run)
 
 

@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "settings it was trained with; --set overrides apply and are printed")
     tr.add_argument("--skip-bad-samples", action="store_true", help="count and skip bad samples instead of failing")
     tr.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: free cores)")
-    tr.add_argument("--quiet", action="store_true")
+    tr.add_argument("--quiet", action="store_true", help='no progress lines')
     tr.set_defaults(func=run)
 
 

@@ -12,7 +12,11 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["key_values", "non_negative_int", "positive_float", "positive_int", "probability"]
+__all__ = ["TASK_NAMES", "key_values", "non_negative_int", "positive_float", "positive_int", "probability"]
+
+# the synthetic tasks, for help texts (`casa.data.tasks.TASKS` loads torch; a test keeps the two equal)
+TASK_NAMES = ("color", "count", "position", "compare", "docvqa", "chartqa", "video", "motion", "digits", "bars",
+              "table")
 
 
 def key_values(items) -> dict:
