@@ -26,3 +26,16 @@ def test_bench_attention_rejects_unknown_backend(tmp_path, capsys):
     assert rc == 2
     assert "--backends: unknown ['dense']" in capsys.readouterr().err
     assert not (tmp_path / "a.json").exists()
+
+
+def test_every_report_records_its_commit_and_machine(tmp_path):
+    import json
+
+    from casa.bench.report import write_report
+
+    report = {"x": 1}
+    write_report(report, tmp_path / "r.json", quiet=True)
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved == report and saved["x"] == 1
+    p = saved["provenance"]
+    assert p["commit"] and p["machine"]["cores"] >= 1 and p["machine"]["cpu"] and p["torch"] and p["date"]
