@@ -279,6 +279,8 @@ def test_bad_live_options(server):
     assert_refused(httpx.post(url + "/live/sessions", json={"video": "clip.mp4", "fps": 50}), 400, "--max-fps")
     assert_refused(httpx.post(url + "/live/sessions", json={"video": "clip.mp4", "fps": "a"}), 400, "fps='a'")
     assert_refused(httpx.post(url + "/live/sessions", json={"fps": 1}), 400, "video: required")
+    assert_refused(httpx.post(url + "/live/sessions", json={"video": "clip.mp4", "history": "none"}), 400,
+                   "history='none'", "bounded, full")
     too_long = {"video": "clip.mp4", "instruction": "x" * 1001}
     assert_refused(httpx.post(url + "/live/sessions", json=too_long), 400, "instruction", "at most 1000")
     assert_refused(httpx.get(url + "/live/sessions/nope/events"), 404, "'nope'")

@@ -19,9 +19,11 @@ from conftest import tiny_config
 from PIL import Image
 from test_stream import encode_video
 
+from casa.core.layout import History
 from casa.core.model import CasaModel
 from casa.inference.captioner import caption_file
 from casa.inference.generate import Chat, Sampling
+from casa.inference.live import LIVE_HISTORY
 from casa.inference.session import Session
 from casa.inference.writers import parse_srt
 from casa.pretrained.directory import save_pretrained
@@ -316,6 +318,38 @@ def test_a_viewer_leaving_stops_its_session(server):
     assert health(url)["live_sessions"] == 0
     session = state.live.get(sid)
     assert session.frames is None and session.events.empty()  # decoder closed, unread frames dropped
+
+
+def test_live_sessions_keep_a_bounded_history_by_default(server, monkeypatch):
+    """A session's captioner has the library's bounded live history unless the session asks for the full
+    one; the `start` event and the summary say which. With a small window the model state stays flat
+    over 20 frames, where the full history grows by every frame's caption."""
+    url, state = server
+    created = httpx.post(url + "/live/sessions", json={"video": "clip.mp4"}).json()
+    assert created["history"] == {"sink": LIVE_HISTORY.sink, "window": LIVE_HISTORY.window}
+    assert httpx.post(f"{url}/live/sessions/{created['id']}/stop").json()["state"] == "stopped"
+    monkeypatch.setattr(state.engine, "live_history", History(sink=4, window=40))
+    histories, make = [], state.engine.captioner
+
+    def spy(**kwargs):
+        captioner = make(**kwargs)
+        histories.append(captioner.session.history)
+        return captioner
+
+    monkeypatch.setattr(state.engine, "captioner", spy)
+    caches = {}
+    for history, shown in (("bounded", {"sink": 4, "window": 40}), ("full", "full")):
+        r = httpx.post(url + "/live/sessions", json={"video": "clip.mp4", "fps": 10, "realtime": False,
+                                                     "max_tokens": 8, "history": history})
+        assert r.status_code == 201 and r.json()["history"] == shown, r.text
+        events = read_events(url, r.json()["id"])
+        assert events[0] == ("start", {"id": r.json()["id"], "video": "clip.mp4", "fps": 10.0, "history": shown})
+        caches[history] = [d["cache_bytes"] for k, d in events if k == "caption"]
+    assert histories == [History(sink=4, window=40), None]
+    bounded, full = caches["bounded"], caches["full"]
+    assert len(bounded) == len(full) == 20
+    assert len(set(bounded[1:])) == 1 and bounded[-1] <= bounded[0]  # flat once the window is full
+    assert all(b > a for a, b in zip(full[1:], full[2:])) and full[-1] > 4 * bounded[-1]
 
 
 def test_memory_returns_to_its_baseline_after_sessions(server, client):

@@ -23,7 +23,10 @@ Design decisions:
   returning True stops it (stop strings), raising aborts it (a client gone).
 - Live captioning uses the same frame source and captioner as `casa caption`,
   so a page shows exactly the captions the command would write; the source's
-  warnings (undecodable frames skipped) are collected for the viewer.
+  warnings (undecodable frames skipped) are collected for the viewer. Its
+  sessions keep a bounded history by default (`live_history`, the library's
+  `LIVE_HISTORY`: an attention sink and a sliding window), so a session's
+  state stays flat however long it runs; a session may ask for the full one.
 - Everything the server needs from `casa.inference` is imported here and
   nowhere else in `casa.serve`.
 """
@@ -39,16 +42,18 @@ from pathlib import Path
 import torch
 
 from casa.core.decode import resolve_decode
+from casa.core.layout import History
 from casa.inference.batching import DecodeBatcher
 from casa.inference.captioner import Caption, Captioner
 from casa.inference.generate import Chat, Sampling
+from casa.inference.live import LIVE_HISTORY
 from casa.inference.session import Session
 from casa.inference.sources import Frame, video_frames
 from casa.inference.writers import SrtWriter
 from casa.pretrained.directory import load
 from casa.pretrained.runs import resolve_model_dir
 
-__all__ = ["Caption", "ChatResult", "Engine", "Frame", "OpenVideo", "Turn"]
+__all__ = ["Caption", "ChatResult", "Engine", "Frame", "History", "OpenVideo", "Turn"]
 
 
 @dataclass
@@ -97,9 +102,13 @@ class _StopRequested(Exception):
 
 
 class Engine:
-    """A casa model directory (or training run), ready to chat and caption."""
+    """A casa model directory (or training run), ready to chat and caption.
 
-    def __init__(self, checkpoint, *, name: str | None = None, device: str = "cpu", decode: str = "auto"):
+    `live_history`: the bounded history of a live session that does not ask for the full one.
+    """
+
+    def __init__(self, checkpoint, *, name: str | None = None, device: str = "cpu", decode: str = "auto",
+                 live_history: History = LIVE_HISTORY):
         path = resolve_model_dir(checkpoint)  # a training run: its latest checkpoint
         self.path = path
         self.model, self.tokenizer, self.processor = load(path, device=device)
@@ -107,6 +116,7 @@ class Engine:
         self.batcher = DecodeBatcher(self.model) if self.decode == "kernels" else None
         self.name = name or Path(checkpoint).resolve().name
         self.created = int((path / "config.json").stat().st_mtime)
+        self.live_history = live_history
 
     @property
     def tokens_per_image(self) -> int:
@@ -159,12 +169,15 @@ class Engine:
         cannot be read or decoded fails here, with a `ValueError` naming it)."""
         return OpenVideo(path, fps=fps)
 
-    def captioner(self, *, max_tokens: int, instruction: str | None = None, seed: int = 0) -> Captioner:
+    def captioner(self, *, max_tokens: int, instruction: str | None = None, seed: int = 0,
+                  history: History | None = None, allow_size_change: bool = False) -> Captioner:
         """A streaming captioner: `.caption(frame) -> Caption`, one session for the whole stream;
-        `instruction`: the user text with the first frame (None: the captioner's default)."""
+        `instruction`: the user text with the first frame (None: the captioner's default);
+        `history`: its bounded history (None: the full one); `allow_size_change`: frames of
+        another size than the first are captioned (a camera's may change), not refused."""
         extra = {} if instruction is None else {"instruction": instruction}
-        return Captioner(self.model, self.processor, sampling=Sampling(max_new_tokens=max_tokens),
-                         allow_size_change=False, generator=torch.Generator().manual_seed(seed),
+        return Captioner(self.model, self.processor, sampling=Sampling(max_new_tokens=max_tokens), history=history,
+                         allow_size_change=allow_size_change, generator=torch.Generator().manual_seed(seed),
                          decode=self.decode, batcher=self.batcher, **extra)
 
     @staticmethod

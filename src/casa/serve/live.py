@@ -3,8 +3,10 @@
 A viewer creates a session from a video in the media directory
 (`POST /live/sessions`) or from an upload (`POST /live/uploads`, the file's
 bytes as the body), with its options (`fps`, `realtime`, `max_tokens`,
-`instruction`: the user text with the first frame), then opens its event stream
-(`GET /live/sessions/{id}/events`): `start`, then per frame a `frame` event
+`instruction`: the user text with the first frame, `history`: "bounded" or
+"full"), then opens its event stream
+(`GET /live/sessions/{id}/events`): `start` (with the session's history),
+then per frame a `frame` event
 (the frame as a JPEG data URL) and a `caption` event (text, time, TTFT,
 state and process memory), a `warning` when the decoder skips undecodable
 frames, then `end` (with the count of undecodable source frames) or
@@ -35,6 +37,12 @@ Design decisions:
   shutdown all set the same stop flag, checked before every frame; the worker
   then releases the captioner (the model state), the decoder and the
   uploaded file, and the slot is freed.
+- A session keeps a bounded history by default (`Engine.live_history`: an
+  attention sink and a sliding window, the library's `LIVE_HISTORY`), so its
+  model state stops growing once the window is full, however long it runs;
+  `history: "full"` keeps every token (the state then grows with the
+  stream, and is bounded only by the session's length). The `start` event
+  and the session's summary say which.
 - Finished sessions keep only their captions (for the SRT download); the
   `keep` most recent are remembered.
 """
@@ -57,7 +65,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from casa.serve.engine import Caption, OpenVideo
+from casa.serve.engine import Caption, History, OpenVideo
 from casa.serve.http import ApiError, EventStream, read_json, receive_upload, sse
 from casa.serve.limits import shown
 from casa.serve.media import MediaError, probe_video
@@ -68,6 +76,7 @@ __all__ = ["LiveSession", "LiveSessions", "frame_jpeg", "routes"]
 
 STATIC = Path(__file__).parent / "static"
 MAX_INSTRUCTION = 1000  # characters
+HISTORIES = ("bounded", "full")
 log = logging.getLogger("casa.serve")
 
 
@@ -80,6 +89,7 @@ class LiveSession:
     realtime: bool
     max_tokens: int
     instruction: str | None  # the user text with the first frame (None: the captioner's default)
+    history: History | None  # the captioner's bounded history (None: the full one)
     frames: OpenVideo | None  # None once released
     upload: Path | None  # an uploaded file, deleted when the session ends
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -90,9 +100,13 @@ class LiveSession:
     viewer_gone: bool = False  # its event stream has closed: nobody reads `events` any more
     message: str = ""  # why it failed
 
+    def history_shown(self) -> dict | str:
+        """The history as the `start` event and the summary state it: `{"sink", "window"}` (tokens) or "full"."""
+        return "full" if self.history is None else {"sink": self.history.sink, "window": self.history.window}
+
     def summary(self) -> dict:
-        return {"id": self.id, "video": self.video, "fps": self.fps, "state": self.state,
-                "frames": len(self.captions), "message": self.message}
+        return {"id": self.id, "video": self.video, "fps": self.fps, "history": self.history_shown(),
+                "state": self.state, "frames": len(self.captions), "message": self.message}
 
 
 def _drain(queue: asyncio.Queue) -> None:
@@ -149,7 +163,9 @@ class LiveSessions:
             if saved is not None:
                 saved.unlink(missing_ok=True)
             raise
-        session = LiveSession(uuid.uuid4().hex[:16], video, path, frames=frames, upload=saved, **options)
+        history = state.engine.live_history if options.pop("history") == "bounded" else None
+        session = LiveSession(uuid.uuid4().hex[:16], video, path, frames=frames, upload=saved, history=history,
+                              **options)
         self.sessions[session.id] = session
         asyncio.get_running_loop().call_later(state.limits.connect_timeout, self._expire, session)
         self._forget_old()
@@ -215,7 +231,8 @@ class LiveSessions:
 
         limit = self.state.limits.max_video_seconds
         try:
-            captioner = self.state.engine.captioner(max_tokens=session.max_tokens, instruction=session.instruction)
+            captioner = self.state.engine.captioner(max_tokens=session.max_tokens, instruction=session.instruction,
+                                                    history=session.history)
             started, first, warned = time.monotonic(), None, 0
             for frame in session.frames:
                 if session.stop.is_set():
@@ -281,7 +298,7 @@ def _live(request: Request) -> LiveSessions:
 
 
 def _options(values, limits) -> dict:
-    """fps, realtime, max_tokens, instruction from a JSON body or query parameters."""
+    """fps, realtime, max_tokens, instruction, history from a JSON body or query parameters."""
     fps = values.get("fps", 1.0)
     try:
         fps = float(fps)
@@ -305,7 +322,12 @@ def _options(values, limits) -> dict:
     if instruction is not None and (not isinstance(instruction, str) or len(instruction) > MAX_INSTRUCTION):
         raise ApiError(400, f"instruction: expected a string of at most {MAX_INSTRUCTION} characters",
                        param="instruction")
-    return {"fps": fps, "realtime": bool(realtime), "max_tokens": tokens, "instruction": instruction}
+    history = values.get("history", "bounded")
+    if history not in HISTORIES:
+        raise ApiError(400, f"history={shown(history)}: expected one of {', '.join(HISTORIES)} (bounded: an "
+                            "attention sink and a sliding window, the model state stays flat)", param="history")
+    return {"fps": fps, "realtime": bool(realtime), "max_tokens": tokens, "instruction": instruction,
+            "history": history}
 
 
 async def page(request: Request) -> FileResponse:
@@ -356,7 +378,8 @@ async def session_events(request: Request) -> EventStream:
     await live.start(session)
 
     async def events():
-        yield sse({"id": session.id, "video": session.video, "fps": session.fps}, "start")
+        yield sse({"id": session.id, "video": session.video, "fps": session.fps,
+                   "history": session.history_shown()}, "start")
         while True:
             try:
                 kind, data = await asyncio.wait_for(session.events.get(), 15)
