@@ -166,7 +166,7 @@ def test_casa_fusion_initialised_from_loaded_sa(tmp_path):
 
 
 def test_which_build_equals_the_lm_on_text(tmp_path):
-    """The README's table, measured here: on text alone, which build gives its LM's logits."""
+    """docs/models.md's table, measured here: on text alone, which build gives its LM's logits."""
     from casa.config import VisionConfig
     from casa.pretrained.build import build
     from casa.pretrained.build_config import BuildConfig

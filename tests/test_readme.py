@@ -1,10 +1,17 @@
-"""The README's Python examples run as written (the OpenAI-client example
-needs a running server: tests/test_serve.py makes the same calls against one)."""
+"""The README and the docs pages it links: the README's Python examples run as
+written (the OpenAI-client example needs a running server: tests/test_serve.py
+makes the same calls against one), every `casa` command shown in the README or
+a docs page is one the command line accepts, every link resolves, the README
+stays a front door (under 15 KB, set-up in the two `make` commands that CI
+runs), and the serving page documents every flag of `casa serve`."""
 
 import re
+import shlex
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
 
 
 def demo_run(root: Path) -> None:
@@ -30,7 +37,8 @@ def demo_run(root: Path) -> None:
 def test_readme_python_blocks_run(tmp_path, monkeypatch, capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     local = [code for code in blocks if "OpenAI(" not in code]
-    assert len(local) >= 3 and len(blocks) - len(local) == 1
+    assert len(local) >= 3 and local == blocks  # the OpenAI-client example is the serving page's
+    assert "OpenAI(" in (ROOT / "docs" / "serving.md").read_text()
     demo_run(tmp_path)
     monkeypatch.chdir(tmp_path)
     for code in local:
@@ -50,6 +58,54 @@ def test_every_casa_serve_flag_is_documented_in_its_section():
 
     from casa.serve.limits import Limits, flag_name
 
-    section = README.read_text().split("## Serve a model", 1)[1].split("\n## ", 1)[0]
-    flags = [flag_name(f.name) for f in fields(Limits)] + ["--api-key", "--allowed-hosts"]
-    assert not [f for f in flags if f"`{f}" not in section]
+    page = (ROOT / "docs" / "serving.md").read_text()
+    flags = [flag_name(f.name) for f in fields(Limits)] + ["--api-key", "--allowed-hosts", "--media-dir"]
+    assert not [f for f in flags if f"`{f}" not in page]
+
+
+def test_the_readme_is_a_front_door():
+    text = README.read_text()
+    assert len(text.encode()) <= 15_000
+    setup = text.split("## Set-up: two commands", 1)[1].split("\n## ", 1)[0]
+    assert re.findall(r"^make (\w+)", setup, re.M) == ["demo", "test"]
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^demo: ", makefile, re.M) and re.search(r"^test: ", makefile, re.M)
+    assert "\nmake test\n" in (ROOT / ".ci" / "run").read_text()  # CI runs the README's test command
+    for page in ("training", "streaming", "serving", "benchmarks", "study", "study_protocol", "design", "python",
+                 "models"):
+        assert f"(docs/{page}.md" in text, page
+    figures = text.split("## Headline figures", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in figures.splitlines() if line.startswith("| ") and not line.startswith("| what")]
+    assert rows and all(re.search(r"\| `[0-9a-f]{7}` \|", row) for row in rows)  # each figure names its commit
+
+
+def test_every_link_of_the_readme_and_the_docs_resolves():
+    for page in [README, *DOCS]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path = target.split("#", 1)[0]
+            assert not path or (page.parent / path).exists(), f"{page.name}: {target}"
+
+
+def _commands(text: str):
+    """The `casa` command lines of the bash blocks of `text` (continuations joined, comments dropped)."""
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            for i, w in enumerate(words):
+                if w in ("casa", "casa.cli"):
+                    yield line, words[i + 1:words.index("|", i) if "|" in words[i:] else None]
+                    break
+
+
+def test_every_casa_command_shown_is_one_the_command_line_accepts():
+    from casa.cli import build_parser
+
+    shown = [(page.name, line, argv) for page in [README, *DOCS] for line, argv in _commands(page.read_text())]
+    assert len(shown) >= 25
+    for name, line, argv in shown:
+        try:
+            build_parser().parse_args(argv)
+        except (ValueError, SystemExit) as e:
+            raise AssertionError(f"{name}: {line!r}: {e}") from None

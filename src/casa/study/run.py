@@ -11,7 +11,7 @@ The protocol (second edition), per seed:
   Two regimes: LM frozen (the primary one: fusion layers, projector and the
   encoder's last block train) for every variant, and full fine-tuning for
   `FULL_ARMS`, at the same learning rates (a larger one for the frozen
-  regime was measured and dropped: see the README's study section).
+  regime was measured and dropped: see docs/study_protocol.md).
   `insertion@flops` is insertion trained for as many steps as casa's
   training FLOPs buy: the compute-matched view, labelled as such.
 - Every arm is evaluated on every task, with its images and blind; the
