@@ -232,7 +232,7 @@ def plot(result: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 5))
     for context in result["config"]["contexts"]:
         rows = [r for r in result["sessions"] if r["context"] == context]
         n = [r["sessions"] for r in rows]
@@ -243,7 +243,7 @@ def plot(result: dict, path) -> None:
     ax.set_xlabel("sessions")
     ax.set_ylabel("decoded tokens/s (all sessions)")
     ax.set_xticks(result["config"]["sessions"])
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # below: never over the data
     ax.set_title("one step for all sessions vs one session at a time")
     cores = result["cores"]
     t = [r["threads"] for r in cores]
