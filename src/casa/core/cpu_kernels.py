@@ -7,7 +7,10 @@ and SDPA reads a one-query cache at about a fifth of it. The kernels of
 `cpu_kernels.c` (primitives) and `cpu_steps.c` (fused steps) read each
 operand once, front to back, with fp32 sums:
 
-- `gemv(weight [O, I], x [I])`: four weight rows per pass over `x`.
+- `gemm_rows(weight [O, I], x [B, I])` (`gemv` for one row): each weight
+  row read once for the B rows, its chunks loaded once for up to three of
+  them; every row's dot sums in one fixed order, so a row has the same bits
+  alone or beside others.
 - `attend(q [N, D], k/v [S, D])` for one key/value head: one pass over the
   keys for all `N` queries sharing the head (grouped heads x new tokens),
   a vectorized softmax, one pass over the values.
@@ -18,8 +21,10 @@ operand once, front to back, with fp32 sums:
   overhead, not bytes, is what these cost).
 - `block_step`: a decoded token through a whole decoder block (attention
   sublayers by placement, residual adds, feed-forward) in one call, from a
-  `BlockPlan` of pointers that `core.decode.BlockSteps` keeps per model, so
-  that a token costs one call per block.
+  `BlockPlan` of pointers that a stream's `core.decode.BlockSteps` keeps,
+  so that a token costs one call per block; `block_rows` does it for the
+  tokens of several streams at once (batched decoding), each row with the
+  bits it gets alone.
 - `attn_step` and `mlp_step`: a decoded token's whole attention sublayer
   (norm, fused q/k/v product, RoPE, cache write, attention, output product)
   and feed-forward (norm, SwiGLU) in one call each. Measured on the
@@ -36,9 +41,13 @@ Design decisions:
   a compiler, or with `CASA_CPU_KERNELS=0`, `available()` is False and the
   callers keep their PyTorch paths, which stay the reference the kernels are
   tested against (`tests/test_cpu_kernels.py`).
-- Single-threaded: used only when torch runs on one thread (`usable`), the
-  setting streaming is measured in; with more threads the BLAS/SDPA paths
-  parallelize and are kept.
+- Which decode path a stream takes is `core.decode.resolve_decode`'s
+  decision ("auto": the kernels where torch runs one thread). The kernels'
+  own threads (`set_threads`, OpenMP where the compiler has it; default 1)
+  split output rows of the products and (row, head) pairs of the attention,
+  never a sum, so every thread count gives the same bits. They wait for
+  each other at every product: on a machine where another process holds a
+  core, one thread is the faster setting.
 - fp32 and bf16 operands (bf16 widened in registers), fp32 accumulation and
   fp32 results: callers cast back to their dtype, as PyTorch's bf16 kernels
   do after accumulating in fp32.
