@@ -8,6 +8,7 @@ import base64
 import contextlib
 import io
 import json
+import socket
 import time
 
 import httpx2 as httpx
@@ -28,7 +29,7 @@ from casa.inference.session import Session
 from casa.inference.writers import parse_srt
 from casa.pretrained.directory import save_pretrained
 from casa.pretrained.tokenizer import ByteTokenizer
-from casa.serve.app import ServerThread, create_app
+from casa.serve.app import ServerThread, bind, create_app
 from casa.serve.engine import Engine
 from casa.serve.limits import Limits
 from casa.serve.openai_api import StopText
@@ -125,6 +126,23 @@ def slot_held(state):
         yield
     finally:
         state.loop.call_soon_threadsafe(state.release)
+
+
+def test_keep_alive_responses_are_not_held_back(server):
+    """The listening socket says it is TCP, so asyncio sets TCP_NODELAY on each connection: a
+    response's head and body leave at once. With proto 0 every response after a connection's
+    first waited ~40 ms (Nagle's algorithm against the client's delayed ACK)."""
+    url, state = server
+    sock = bind("127.0.0.1", 0)
+    assert sock.proto == socket.IPPROTO_TCP
+    sock.close()
+    times = []
+    with httpx.Client() as client:
+        for _ in range(9):
+            t0 = time.perf_counter()
+            assert client.get(url + "/health").status_code == 200
+            times.append(time.perf_counter() - t0)
+    assert sorted(times)[4] < 0.02, times
 
 
 # ----------------------------------------------------------------- chat

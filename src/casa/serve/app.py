@@ -109,7 +109,9 @@ def create_app(engine: Engine, *, limits: Limits | None = None, media_dir=None,
 def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
     """A listening TCP socket (port 0: a free one)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets whose proto says TCP (an accepted socket
+    # inherits it); with proto 0, a keep-alive response waited ~40 ms for the client's delayed ACK (Nagle)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
