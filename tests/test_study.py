@@ -272,3 +272,35 @@ def test_study_config_and_command_line():
     assert "--device cuda" in command_line(StudyConfig(out="x", device="cuda"))
     assert set(FULL_ARMS) <= set(arms_of(list(VARIANTS), list(FULL_ARMS)))
     assert VARIANTS["casa_replace"]["every"] == 2  # some blocks replaced, not all
+
+
+def test_an_interrupted_stage0_keeps_the_part_it_finished_and_says_so(tmp_path, monkeypatch):
+    """Stage 0 saves the text LM when it is trained and shows progress; Ctrl-C during the vision encoder
+    keeps the LM, the summary names it, and a rerun trains only the encoder."""
+    from casa.config import ModelConfig
+    from casa.study.run import saved_summary
+    from casa.study import stage0
+    from casa.study.stage0 import pretrain
+
+    monkeypatch.setattr(stage0, "PROGRESS_AFTER_S", 0.0)
+    spec = SIZES["quick"]
+    base = ModelConfig.from_dict({**spec["model"], "fusion": {"variant": "casa"}})
+    lines = []
+
+    def say(line):
+        lines.append(line)
+        if "vision encoder: step" in line:
+            raise KeyboardInterrupt
+
+    root = tmp_path / "out" / "stage0"
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(root, base, ["color"], difficulty(spec["difficulty"]), spec["stage0"], 0, say=say)
+    assert any("text LM: step 2/20, loss" in line for line in lines)  # progress every tenth of the steps
+    assert any(line.endswith(f"saved in {root / 's0'}") for line in lines)
+    assert (root / "s0" / "lm_stats.json").is_file() and not (root / "s0" / "stats.json").exists()
+    summary = saved_summary(StudyConfig(out=str(tmp_path / "out"), size="quick"))
+    assert "stage 0: seed 0: text LM; arm runs: 0 of 7" in summary and "run the same command again" in summary
+    lines.clear()
+    res = pretrain(root, base, ["color"], difficulty(spec["difficulty"]), spec["stage0"], 0, say=lines.append)
+    assert any("reuse the text LM" in line for line in lines) and not any("text LM: step" in line for line in lines)
+    assert (root / "s0" / "stats.json").is_file() and res["vision"]["steps"] == 20

@@ -14,11 +14,16 @@ Design decisions:
   which a pool's management thread can be.
 - What a worker has finished is already on disk (atomic files); what it was writing
   when it ended is not, so a rerun in the same directory redoes exactly that part.
+- Ctrl-C is the parent's to handle: workers ignore SIGINT, and a pool left by an
+  exception (KeyboardInterrupt included) terminates its workers and returns at once,
+  instead of waiting, as `ProcessPoolExecutor` does, for the tasks running to end
+  (minutes of training, seen as a Ctrl-C ignored for 50 s).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -37,12 +42,26 @@ def _watch(parent: int, interval: float) -> None:
 
 
 def exit_with_parent(parent: int, interval: float = 1.0) -> None:
-    """In a worker: end this process within `interval` seconds of `parent` (a pid) ending."""
+    """In a worker: end this process within `interval` seconds of `parent` (a pid) ending; leave Ctrl-C
+    (SIGINT, sent to the whole process group) to the parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_watch, args=(parent, interval), daemon=True, name="casa-exit-with-parent").start()
+
+
+class _Pool(ProcessPoolExecutor):
+    """A `ProcessPoolExecutor` whose `with` block, left by an exception, terminates the workers first."""
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            for process in list((self._processes or {}).values()):
+                process.terminate()
+            self.shutdown(wait=True, cancel_futures=True)
+            return False
+        return super().__exit__(exc_type, exc, tb)
 
 
 def process_pool(workers: int) -> ProcessPoolExecutor:
     """A pool of `workers` spawned processes (no fork: torch's threads do not survive one) that end with
-    this process."""
-    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=exit_with_parent,
-                               initargs=(os.getpid(),))
+    this process, ignore Ctrl-C and are terminated when the `with` block ends with an exception."""
+    return _Pool(max_workers=workers, mp_context=get_context("spawn"), initializer=exit_with_parent,
+                 initargs=(os.getpid(),))

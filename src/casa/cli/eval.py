@@ -30,9 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--data", default=None, help="a JSONL file instead of synthetic tasks")
     ev.add_argument("--n", type=positive_int, default=None, help=f"samples per synthetic task (default {DEFAULT_N})")
     ev.add_argument("--seed", type=int, default=None,
-                    help="seed of the synthetic samples (default: the run's training seed, whose eval samples are held out by + 1000)")
+                    help="seed of the synthetic samples (default: the run's training seed; "
+                         "evaluation samples are held out from training by + 1000)")
     ev.add_argument("--difficulty", action="append", default=[], metavar="KEY=VALUE",
-                    help="a difficulty knob of the synthetic tasks, repeatable (e.g. image_size=64; default: the run's)")
+                    help="a difficulty knob of the synthetic tasks, repeatable (e.g. image_size=64; "
+                         "default: the run's)")
     ev.add_argument("--blind", action="store_true", help="withhold the images")
     ev.add_argument("--json", default=None, help="output file (default: CHECKPOINT/eval.json)")
     ev.add_argument("--backend", default="auto", help="attention backend: auto, reference, windowed, flex, flash")

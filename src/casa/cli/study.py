@@ -5,11 +5,15 @@ Design decisions:
   variant names; counts are checked by argparse, the output folders before
   any training.
 - `--threads` defaults to the free cores (`casa.threads.set_threads`).
+- Ctrl-C: the `--jobs` workers ignore it and the pool ends them at once
+  (`casa.workers`); the command says what is saved (stage-0 parts, arm runs)
+  for a rerun to reuse, then exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from casa.cli.values import positive_int
 
@@ -35,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args) -> int:
     from casa.files import check_output_dir
-    from casa.study.run import StudyConfig, run
+    from casa.study.run import StudyConfig, run, saved_summary
 
     cfg = StudyConfig(out=args.out, size="quick" if args.quick else "full", seeds=args.seeds, steps=args.steps,
                       threads=args.threads, docs=args.docs, device=args.device, jobs=args.jobs,
@@ -43,5 +47,9 @@ def run(args) -> int:
     check_output_dir(args.out, "--out")
     if args.docs:
         check_output_dir(args.docs, "--docs")
-    run(cfg)
+    try:
+        run(cfg)
+    except KeyboardInterrupt:  # workers ignore Ctrl-C and are ended by the pool; say what a rerun reuses
+        print(saved_summary(cfg), file=sys.stderr)
+        raise
     return 0

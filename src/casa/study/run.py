@@ -356,6 +356,26 @@ def _reused(out: Path, seeds: int, arms: list[str]) -> dict:
                          if (out / "runs" / f"{a}_s{s}.json").is_file()]}
 
 
+def saved_summary(cfg: StudyConfig) -> str:
+    """What an interrupted study leaves in `cfg.out` for a rerun of the same command to reuse."""
+    out, spec = Path(cfg.out), cfg.spec
+    arms = arms_of(spec["variants"], spec["full_arms"])
+    done = _reused(out, spec["seeds"], arms)
+    parts = []
+    for seed in range(spec["seeds"]):
+        d = out / "stage0" / f"s{seed}"
+        if seed in done["stage0_seeds"]:
+            parts.append(f"seed {seed} complete")
+        else:
+            have = [what for name, what in (("lm", "text LM"), ("vision", "vision encoder"))
+                    if (d / f"{name}_stats.json").is_file()]
+            parts += [f"seed {seed}: {' and '.join(have)}"] if have else []
+    total = spec["seeds"] * len(arms)
+    return (f"casa study: saved in {str(out)!r}: stage 0: {', '.join(parts) or 'nothing yet'}; arm runs: "
+            f"{len(done['arm_runs'])} of {total}{' (' + ', '.join(done['arm_runs']) + ')' if done['arm_runs'] else ''}"
+            "; run the same command again to continue from there")
+
+
 def run(cfg: StudyConfig) -> dict:
     """Stage 0, stage 1 for every arm and seed, baselines, benchmarks; write results.json, report.md and
     plots to `cfg.out` (and docs/ with `cfg.docs`)."""

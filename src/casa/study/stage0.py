@@ -25,7 +25,11 @@ Design decisions:
   evaluation sample (evaluation draws from `seed + EVAL_SEED_OFFSET`).
 - The results are cached per seed (`DIR/stage0/sSEED/`: `lm.safetensors`,
   `vision.safetensors`, `stats.json`, written atomically, stats last); a rerun
-  reuses them, so every variant of a seed starts from the same bytes.
+  reuses them, so every variant of a seed starts from the same bytes. Each
+  part is saved when it is trained (with `lm_stats.json` / `vision_stats.json`
+  after its weights), so an interrupt loses at most the part in progress.
+- Both parts report progress about every tenth of their steps (minutes each
+  at the full size).
 - `init_stage1` builds a variant's model from them: LM weights by name (only
   fusion layers and the vision tower may be missing), fusion layers as copies
   of their block's self-attention (`init_from_sa`, the paper's init), the
@@ -104,9 +108,28 @@ def _optimizer(params: list, lr: float, steps: int):
     return step
 
 
+PROGRESS_AFTER_S = 5.0  # a part done sooner than this (the quick study's) says nothing until it ends
+
+
+def _progress(say, what: str, steps: int):
+    """A function `(step, losses, t0)` that says how `what` goes about every tenth of its `steps`, once it
+    has taken `PROGRESS_AFTER_S` seconds."""
+    every = max(1, steps // 10)
+
+    def report(step: int, losses: list[float], t0: float) -> None:
+        if say is not None and step % every == 0 and step < steps and time.perf_counter() - t0 >= PROGRESS_AFTER_S:
+            recent = losses[-every:]
+            elapsed = time.perf_counter() - t0
+            say(f"  {what}: step {step}/{steps}, loss {sum(recent) / len(recent):.3f}, {elapsed:.0f} s, "
+                f"about {elapsed / step * (steps - step):.0f} s left")
+
+    return report
+
+
 def pretrain_lm(model_cfg: ModelConfig, tasks, difficulty: Difficulty, *, seed: int, steps: int,
-                text_tokens: int, lr: float) -> tuple[dict, dict]:
-    """Train the text LM on described conversations; returns (its state dict without the vision tower, stats)."""
+                text_tokens: int, lr: float, say=None) -> tuple[dict, dict]:
+    """Train the text LM on described conversations; returns (its state dict without the vision tower, stats).
+    `say`: where progress lines go, about every tenth of the steps (None: silent)."""
     torch.manual_seed(seed)
     cfg = ModelConfig.from_dict({**model_cfg.to_dict(), "fusion": {"variant": "insertion"}})
     model = CasaModel(cfg).train()
@@ -114,11 +137,12 @@ def pretrain_lm(model_cfg: ModelConfig, tasks, difficulty: Difficulty, *, seed: 
     source = DescribedSource(tasks, seed=seed + STAGE0_SEED_OFFSET, difficulty=difficulty)
     packs = Packer(source, processor, text_tokens=text_tokens, image_tokens=0).packs()
     step = _optimizer([p for n, p in model.named_parameters() if not n.startswith("vision.")], lr, steps)
-    t0, losses = time.perf_counter(), []
-    for _ in range(steps):
+    t0, losses, progress = time.perf_counter(), [], _progress(say, f"stage 0, seed {seed}: text LM", steps)
+    for i in range(steps):
         pack = next(packs)
         batch = pack_row(pack.docs)
         losses.append(step(lm_loss(model(batch), batch)))
+        progress(i + 1, losses, t0)
     k = max(1, steps // 10)
     state = {n: t.detach().clone() for n, t in model.state_dict().items() if not n.startswith("vision.")}
     return state, {"steps": steps, "seconds": time.perf_counter() - t0, "final_loss": sum(losses[-k:]) / k}
@@ -174,19 +198,21 @@ def _images(tasks, seed: int, difficulty: Difficulty, start: int, n: int):
 
 
 def pretrain_vision(vision: VisionConfig, tasks, difficulty: Difficulty, *, seed: int, steps: int, batch: int,
-                    lr: float, length: int = 24) -> tuple[dict, dict]:
-    """Train the ViT to caption the suite's images; returns (the encoder's state dict, stats)."""
+                    lr: float, length: int = 24, say=None) -> tuple[dict, dict]:
+    """Train the ViT to caption the suite's images; returns (the encoder's state dict, stats). `say`: as
+    `pretrain_lm`'s."""
     torch.manual_seed(seed)
     encoder = ViT(vision).train()
     head = CaptionHead(d_model=encoder.out_width, n_heads=vision.n_heads, length=length)
     step = _optimizer([*encoder.parameters(), *head.parameters()], lr, steps)
     tasks, position, losses = list(tasks), 0, []
-    t0 = time.perf_counter()
-    for _ in range(steps):
+    t0, progress = time.perf_counter(), _progress(say, f"stage 0, seed {seed}: vision encoder", steps)
+    for i in range(steps):
         images, captions, position = _images(tasks, seed + STAGE0_SEED_OFFSET, difficulty, position, batch)
         pixels = preprocess(images, vision)
         logits = head(encoder(pixels))  # [N, length, 256]
         losses.append(step(F.cross_entropy(logits.flatten(0, 1), caption_bytes(captions, length).flatten())))
+        progress(i + 1, losses, t0)
     # held out, on samples stage 1 never trains on: whole captions read exactly (overall and per
     # task: what each task's encoder features can carry) and bytes right
     encoder.eval()
@@ -205,28 +231,61 @@ def pretrain_vision(vision: VisionConfig, tasks, difficulty: Difficulty, *, seed
              "caption_exact_per_task": {t: e for t, (e, _) in exact.items()}})
 
 
-def pretrain(root: Path, model_cfg: ModelConfig, tasks, difficulty: Difficulty, spec: dict, seed: int,
-             say=print) -> dict:
-    """Stage 0 of one seed, cached in `root/sSEED/`; returns its stats (with the two weight files' paths)."""
+def _saved_part(d: Path, name: str):
+    """(state dict, stats) of a stage-0 part an earlier invocation finished, or None."""
+    from safetensors.torch import load_file
+
+    weights, stats = d / f"{name}.safetensors", d / f"{name}_stats.json"
+    if weights.is_file() and stats.is_file():
+        return load_file(str(weights)), json.loads(stats.read_text())
+    return None
+
+
+def _save_part(d: Path, name: str, state: dict, stats: dict) -> None:
+    """One finished stage-0 part: its weights, then its stats (the stats file marks it complete)."""
     from safetensors.torch import save
 
+    with atomic_file(d / f"{name}.safetensors", "wb") as f:
+        f.write(save({k: v.contiguous() for k, v in state.items()}))
+    with atomic_file(d / f"{name}_stats.json") as f:
+        json.dump(stats, f, indent=1)
+
+
+def pretrain(root: Path, model_cfg: ModelConfig, tasks, difficulty: Difficulty, spec: dict, seed: int,
+             say=print) -> dict:
+    """Stage 0 of one seed, cached in `root/sSEED/`; returns its stats (with the two weight files' paths).
+
+    Each part (the text LM, the vision encoder) is saved as soon as it is trained, so an interrupted
+    stage 0 keeps the part it finished and a rerun trains only the other; `stats.json` marks the seed
+    complete."""
     d = Path(root) / f"s{seed}"
     stats_path = d / "stats.json"
     if stats_path.is_file():
         say(f"  stage 0, seed {seed}: reuse {d}")
         return {**json.loads(stats_path.read_text()), "dir": str(d)}
     d.mkdir(parents=True, exist_ok=True)
-    lm, lm_stats = pretrain_lm(model_cfg, tasks, difficulty, seed=seed, steps=spec["lm_steps"],
-                               text_tokens=spec["lm_tokens"], lr=spec["lm_lr"])
-    say(f"  stage 0, seed {seed}: text LM {lm_stats['steps']} steps, loss {lm_stats['final_loss']:.3f}, "
-        f"{lm_stats['seconds']:.0f} s")
-    vision, v_stats = pretrain_vision(model_cfg.vision, tasks, difficulty, seed=seed, steps=spec["vision_steps"],
-                                      batch=spec["vision_batch"], lr=spec["vision_lr"])
-    say(f"  stage 0, seed {seed}: vision encoder {v_stats['steps']} steps, held-out captions exact "
-        f"{v_stats['caption_exact']:.2f}, bytes {v_stats['char_accuracy']:.3f}, {v_stats['seconds']:.0f} s")
-    for name, state in (("lm", lm), ("vision", vision)):
-        with atomic_file(d / f"{name}.safetensors", "wb") as f:
-            f.write(save({k: v.contiguous() for k, v in state.items()}))
+    saved = _saved_part(d, "lm")
+    if saved is not None:
+        lm_stats = saved[1]
+        say(f"  stage 0, seed {seed}: reuse the text LM in {d}")
+    else:
+        lm, lm_stats = pretrain_lm(model_cfg, tasks, difficulty, seed=seed, steps=spec["lm_steps"],
+                                   text_tokens=spec["lm_tokens"], lr=spec["lm_lr"], say=say)
+        _save_part(d, "lm", lm, lm_stats)
+        say(f"  stage 0, seed {seed}: text LM {lm_stats['steps']} steps, loss {lm_stats['final_loss']:.3f}, "
+            f"{lm_stats['seconds']:.0f} s; saved in {d}")
+    saved = _saved_part(d, "vision")
+    if saved is not None:
+        v_stats = saved[1]
+        say(f"  stage 0, seed {seed}: reuse the vision encoder in {d}")
+    else:
+        vision, v_stats = pretrain_vision(model_cfg.vision, tasks, difficulty, seed=seed,
+                                          steps=spec["vision_steps"], batch=spec["vision_batch"],
+                                          lr=spec["vision_lr"], say=say)
+        _save_part(d, "vision", vision, v_stats)
+        say(f"  stage 0, seed {seed}: vision encoder {v_stats['steps']} steps, held-out captions exact "
+            f"{v_stats['caption_exact']:.2f}, bytes {v_stats['char_accuracy']:.3f}, {v_stats['seconds']:.0f} s; "
+            f"saved in {d}")
     stats = {"seed": seed, "lm": lm_stats, "vision": v_stats}
     with atomic_file(stats_path) as f:
         json.dump(stats, f, indent=1)
