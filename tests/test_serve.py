@@ -361,7 +361,8 @@ def test_live_sessions_keep_a_bounded_history_by_default(server, monkeypatch):
                                                      "max_tokens": 8, "history": history})
         assert r.status_code == 201 and r.json()["history"] == shown, r.text
         events = read_events(url, r.json()["id"])
-        assert events[0] == ("start", {"id": r.json()["id"], "video": "clip.mp4", "fps": 10.0, "history": shown})
+        assert events[0] == ("start", {"id": r.json()["id"], "video": "clip.mp4", "source": "video", "fps": 10.0,
+                                       "history": shown})
         caches[history] = [d["cache_bytes"] for k, d in events if k == "caption"]
     assert histories == [History(sink=4, window=40), None]
     bounded, full = caches["bounded"], caches["full"]

@@ -72,6 +72,9 @@ def assert_no_policy_violation(page):
     assert not [m for m in page.console if "Content Security Policy" in m or m.startswith("pageerror")], page.console
 
 
+CHARTS = ("chart-ttft", "chart-lag", "chart-dropped", "chart-rss", "chart-state")
+
+
 def painted_pixels(page, canvas_id: str) -> int:
     """Pixels of a chart canvas that are neither blank nor grey (the plotted line and points)."""
     return page.evaluate("""(id) => {
@@ -103,8 +106,9 @@ def test_captioning_a_video_in_the_browser(server, page, tmp_path):
     times = page.eval_on_selector_all("#captions time", "els => els.map(e => e.textContent)")
     assert times == ["00:00.00", "00:00.50", "00:01.00", "00:01.50", "00:02.00", "00:02.50"]
     series = page.evaluate("window.casaLive.series")
-    assert [len(v) for v in series.values()] == [6, 6, 6] and all(v > 0 for v in series["ttft"])
-    for chart in ("chart-ttft", "chart-rss", "chart-state"):
+    assert [len(v) for v in series.values()] == [6] * 5 and all(v > 0 for v in series["ttft"] + series["lag"])
+    assert series["dropped"] == [0] * 6  # a video's frames are never dropped
+    for chart in CHARTS:
         assert painted_pixels(page, chart) > 50, f"{chart} has no plotted line"
     srt = httpx.get(url + page.get_attribute("#srt", "href")).text
     shown = page.eval_on_selector_all("#captions li span", "els => els.map(e => e.textContent)")

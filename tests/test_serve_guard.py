@@ -61,6 +61,7 @@ def test_every_route_but_health_and_the_page_needs_the_key(server):
     url, _ = server
     for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("GET", "/live/config"),
                          ("POST", "/live/sessions"), ("POST", "/live/uploads"), ("GET", "/live/sessions/x/events"),
+                         ("POST", "/live/sessions/x/frames"),
                          ("GET", "/nothing")):
         r = httpx.request(method, url + path)
         error = refused(r, 401, "Authorization", "missing API key", "Authorization: Bearer")

@@ -27,6 +27,10 @@ Design decisions:
   sessions keep a bounded history by default (`live_history`, the library's
   `LIVE_HISTORY`: an attention sink and a sliding window), so a session's
   state stays flat however long it runs; a session may ask for the full one.
+- A camera's frames go through the library's live scheduler
+  (`casa.inference.live`): a one-frame slot the newest frame replaces (the
+  one it replaces is dropped and counted), captioned whenever the model is
+  free, with its lag and the drops since the previous caption.
 - Everything the server needs from `casa.inference` is imported here and
   nowhere else in `casa.serve`.
 """
@@ -46,14 +50,15 @@ from casa.core.layout import History
 from casa.inference.batching import DecodeBatcher
 from casa.inference.captioner import Caption, Captioner
 from casa.inference.generate import Chat, Sampling
-from casa.inference.live import LIVE_HISTORY
+from casa.inference.live import LIVE_HISTORY, LagStats, LatestFrame, LiveFrame, caption_newest
 from casa.inference.session import Session
 from casa.inference.sources import Frame, video_frames
 from casa.inference.writers import SrtWriter
 from casa.pretrained.directory import load
 from casa.pretrained.runs import resolve_model_dir
 
-__all__ = ["Caption", "ChatResult", "Engine", "Frame", "History", "OpenVideo", "Turn"]
+__all__ = ["Caption", "ChatResult", "Engine", "Frame", "History", "LagStats", "LatestFrame", "LiveFrame", "OpenVideo",
+           "Turn", "caption_newest"]
 
 
 @dataclass

@@ -15,7 +15,8 @@ Design decisions:
 - A JSON body must say so (`Content-Type: application/json`, else 415): a
   page on another origin can POST `text/plain` without asking first (no CORS
   preflight), never `application/json`. An upload is raw bytes
-  (`application/octet-stream`, `video/*` or no type) for the same reason.
+  (`application/octet-stream`, `video/*` or no type) for the same reason,
+  and a camera frame `image/jpeg` only.
 - A parsed JSON body is checked once for what would fail far from here: more
   than `MAX_JSON_DEPTH` levels of nesting (recursion in whatever walks it)
   and strings with a lone UTF-16 surrogate (`"\\ud800"`: valid JSON, but no
@@ -39,7 +40,7 @@ from pathlib import Path
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-__all__ = ["MAX_JSON_DEPTH", "ApiError", "EventStream", "error_body", "error_response", "read_json",
+__all__ = ["MAX_JSON_DEPTH", "ApiError", "EventStream", "error_body", "error_response", "read_jpeg", "read_json",
            "receive_upload", "sse", "until_disconnect"]
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
@@ -186,6 +187,20 @@ async def receive_upload(request: Request, path: Path, *, limit: int, timeout: f
         path.unlink(missing_ok=True)
         raise
     return size
+
+
+async def read_jpeg(request: Request, *, limit: int, timeout: float, flag: str) -> bytes:
+    """The raw request body, a JPEG image: 415 unless declared `image/jpeg`, 413 past `limit`
+    bytes, 408 past `timeout` seconds, 400 if empty."""
+    if _media_type(request) != "image/jpeg":
+        raise ApiError(415, f"Content-Type {request.headers.get('content-type')!r}: send the frame as a JPEG "
+                            "image, with 'Content-Type: image/jpeg'", param="Content-Type")
+    _declared_length(request, limit, "frame", flag)
+    body = bytearray()
+    await _receive(request, body.extend, what="frame", limit=limit, flag=flag, timeout=timeout)
+    if not body:
+        raise ApiError(400, "frame: empty body (send the JPEG's bytes as the request body)", param="body")
+    return bytes(body)
 
 
 def sse(data, event: str | None = None) -> str:

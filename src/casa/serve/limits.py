@@ -67,13 +67,15 @@ class Limits:
     max_queue: int = _bound(8, "chat requests waiting for a slot (beyond: 429)")
     queue_timeout: float = _bound(60.0, "seconds a queued chat request waits at most (beyond: 503)")
     # a chat request
-    max_request_mb: float = _bound(16.0, "a chat request's JSON body, data URLs included (MiB)")
+    max_request_mb: float = _bound(16.0, "a chat request's JSON body, data URLs included, or a posted camera "
+                                         "frame (MiB)")
     max_tokens: int = _bound(512, "tokens generated per chat completion (also the default)")
     max_prompt_tokens: int = _bound(8192, "text + image tokens of a chat request's conversation (its text is "
                                           f"also refused beyond {MAX_CHARS_PER_TOKEN} characters a token, "
                                           "before tokenizing)")
     max_images: int = _bound(8, "images per chat request")
-    max_image_pixels: int = _bound(4096 * 4096, "width x height of one image, read from its header")
+    max_image_pixels: int = _bound(4096 * 4096, "width x height of one image (or camera frame), read from its "
+                                                "header")
     max_request_pixels: int = _bound(2 * 4096 * 4096, "pixels of all the images of one chat request together, "
                                                       "read from their headers before any is decoded")
     # live captioning

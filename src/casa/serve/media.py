@@ -43,8 +43,8 @@ from PIL import Image
 
 from casa.serve.limits import shown
 
-__all__ = ["IMAGE_FORMATS", "IMAGE_TYPES", "VIDEO_SUFFIXES", "MediaDir", "MediaError", "VideoInfo", "load_images",
-           "open_image", "probe_video"]
+__all__ = ["IMAGE_FORMATS", "IMAGE_TYPES", "VIDEO_SUFFIXES", "MediaDir", "MediaError", "VideoInfo", "check_jpeg",
+           "decode_jpeg", "load_images", "open_image", "probe_video"]
 
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mkv", ".webm", ".mov", ".avi", ".mpg", ".mpeg", ".ogv")
 STILL_IMAGE_FORMATS = ("image2", "apng", "gif", "webp_pipe", "png_pipe", "jpeg_pipe", "bmp_pipe", "tiff_pipe")
@@ -199,6 +199,32 @@ def _decode(img: Image.Image, what: str) -> Image.Image:
         return img.convert("RGB")
     except (OSError, ValueError, EOFError, SyntaxError, struct.error, Image.DecompressionBombError) as e:
         raise MediaError(400, f"{what}: cannot decode the image ({e})", what=what) from None
+
+
+def check_jpeg(data: bytes, *, max_pixels: int, what: str) -> tuple[int, int]:
+    """`(width, height)` of a JPEG from its header, not decoded: 400 if it is no JPEG, 413 past `max_pixels`."""
+    try:
+        with Image.open(io.BytesIO(data), formats=("JPEG",)) as img:
+            size = img.size
+    except Image.UnidentifiedImageError:
+        raise MediaError(400, f"{what}: not a JPEG image") from None
+    except Image.DecompressionBombError as e:
+        raise MediaError(413, f"{what}: {e} (--max-image-pixels)") from None
+    except (OSError, ValueError, EOFError, SyntaxError, struct.error) as e:
+        raise MediaError(400, f"{what}: cannot read the JPEG's header ({e})") from None
+    if size[0] * size[1] > max_pixels:
+        raise MediaError(413, f"{what}: image of {size[0]}x{size[1]} pixels is above the limit of {max_pixels} "
+                              "pixels (--max-image-pixels)")
+    return size
+
+
+def decode_jpeg(data: bytes, *, what: str) -> Image.Image:
+    """A JPEG (its header checked by `check_jpeg`) decoded to RGB; 400 if its data cannot be decoded."""
+    try:
+        with Image.open(io.BytesIO(data), formats=("JPEG",)) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, EOFError, SyntaxError, struct.error, Image.DecompressionBombError) as e:
+        raise MediaError(400, f"{what}: cannot decode the image ({e})") from None
 
 
 # ------------------------------------------------------------------ videos

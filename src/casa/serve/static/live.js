@@ -1,4 +1,8 @@
 // The live-captioning page: create a session, follow its event stream, draw the charts.
+// A camera (getUserMedia) or screen (getDisplayMedia) session sends its frames from here: each
+// one drawn into a canvas at the chosen rate and posted as a JPEG (one request per frame, at most
+// one in flight: a frame due while the previous one is still being sent is skipped and counted);
+// the server captions the newest frame whenever its model is free and drops the others.
 // Nothing is fetched from outside this server. Where the server needs an API key, the page
 // asks for it (kept for this tab in sessionStorage) and sends it as `Authorization: Bearer`
 // on every request; the event stream is read with fetch() for that reason (EventSource
@@ -6,9 +10,12 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const live = { config: null, session: null, stream: null, series: { ttft: [], rss: [], state: [] } };
+const SERIES = () => ({ ttft: [], lag: [], dropped: [], rss: [], state: [] });
+// sent: the index the server gave each frame posted from here (camera and screen sessions)
+const live = { config: null, session: null, stream: null, capture: null, series: SERIES(), sent: [] };
 window.casaLive = live; // for the browser test and the curious
 const KEY = "casa-api-key";
+const MAX_SIDE = 640; // pixels: a camera frame is scaled down to this before it is sent
 
 function authorized(options = {}) {
   const key = sessionStorage.getItem(KEY);
@@ -42,8 +49,9 @@ function seconds(t) {
   return `${String(m).padStart(2, "0")}:${(t - 60 * m).toFixed(2).padStart(5, "0")}`;
 }
 
-// A line chart of `values` on a canvas: y from 0 to the largest value, the last value labelled.
-function drawChart(canvas, values, color, digits) {
+// A line chart of `values` on a canvas: y from 0 to a little above the largest value (`counts`:
+// to an even whole number, at least 2, so that the gridlines fall on whole numbers).
+function drawChart(canvas, values, color, digits, counts = false) {
   const ratio = window.devicePixelRatio || 1;
   const width = canvas.clientWidth, height = canvas.clientHeight;
   canvas.width = width * ratio;
@@ -53,7 +61,8 @@ function drawChart(canvas, values, color, digits) {
   ctx.clearRect(0, 0, width, height);
   const left = 44, right = 8, top = 10, bottom = 20;
   const w = width - left - right, h = height - top - bottom;
-  const max = Math.max(...values, 1e-9) * 1.1;
+  const peak = Math.max(...values, 1e-9);
+  const max = counts ? Math.max(2, 2 * Math.ceil(peak / 2)) : peak * 1.1;
   ctx.strokeStyle = "#d8dce3";
   ctx.fillStyle = "#6b7380";
   ctx.font = "11px system-ui, sans-serif";
@@ -63,7 +72,8 @@ function drawChart(canvas, values, color, digits) {
     ctx.beginPath(); ctx.moveTo(left, y); ctx.lineTo(left + w, y); ctx.stroke();
     ctx.fillText(((max * k) / 2).toFixed(digits), 2, y + 4);
   }
-  ctx.fillText(`frame ${values.length}`, left + w - 60, height - 4);
+  const count = `${values.length} captions`;
+  ctx.fillText(count, left + w - ctx.measureText(count).width, height - 4);
   if (!values.length) return;
   const x = (i) => left + (values.length === 1 ? w / 2 : (w * i) / (values.length - 1));
   const y = (v) => top + h - (h * v) / max;
@@ -78,16 +88,92 @@ function drawChart(canvas, values, color, digits) {
 
 function drawCharts() {
   drawChart($("chart-ttft"), live.series.ttft, "#2f6fde", 1);
+  drawChart($("chart-lag"), live.series.lag, "#d35400", 0);
+  drawChart($("chart-dropped"), live.series.dropped, "#c0392b", 0, true);
   drawChart($("chart-rss"), live.series.rss, "#8e44ad", 0);
   drawChart($("chart-state"), live.series.state, "#16a085", 1);
 }
 
 function reset() {
-  live.series = { ttft: [], rss: [], state: [] };
+  live.series = SERIES();
+  live.sent = [];
   $("captions").replaceChildren();
   $("frame").removeAttribute("src");
   $("stats").textContent = "no frame yet";
   drawCharts();
+}
+
+// ------------------------------------------------------------------ camera and screen
+async function openSource(source) {
+  const media = navigator.mediaDevices;
+  if (!media) throw new Error("this browser offers no camera or screen to this page (it needs https or localhost)");
+  if (source === "screen") {
+    if (!media.getDisplayMedia) throw new Error("this browser cannot share a screen");
+    return media.getDisplayMedia({ video: true, audio: false });
+  }
+  return media.getUserMedia({ video: { width: { ideal: 640 }, height: { ideal: 480 } }, audio: false });
+}
+
+// Post a frame of `media` (a MediaStream) every 1/fps seconds to session `id`; `live.capture` holds
+// the frames skipped (one was still in flight) and the capture time of each frame index not yet captioned.
+async function startCapture(id, media, fps) {
+  const video = $("camera");
+  video.srcObject = media;
+  video.hidden = false;
+  $("frame").hidden = true;
+  await video.play();
+  const canvas = document.createElement("canvas");
+  const capture = { media, canvas, timer: null, busy: false, skipped: 0, sentAt: new Map() };
+  live.capture = capture;
+  const post = async (blob, at) => {
+    try {
+      const response = await fetch(`/live/sessions/${id}/frames`, authorized({ method: "POST", body: blob,
+        headers: { "Content-Type": "image/jpeg" } }));
+      if (!response.ok) throw await failure(response);
+      const answer = await response.json();
+      live.sent.push(answer.index);
+      capture.sentAt.set(answer.index, at);
+    } catch (error) {
+      if (live.capture === capture) { stopCapture(); setStatus(`sending frames: ${error.message}`, true); }
+    } finally {
+      capture.busy = false;
+    }
+  };
+  const tick = () => {
+    if (capture.busy || !video.videoWidth) { capture.skipped += 1; return; }
+    const scale = Math.min(1, MAX_SIDE / Math.max(video.videoWidth, video.videoHeight));
+    canvas.width = Math.round(video.videoWidth * scale);
+    canvas.height = Math.round(video.videoHeight * scale);
+    canvas.getContext("2d").drawImage(video, 0, 0, canvas.width, canvas.height);
+    capture.busy = true;
+    const at = performance.now();
+    canvas.toBlob((blob) => (blob ? post(blob, at) : (capture.busy = false)), "image/jpeg", 0.8);
+  };
+  for (const track of media.getVideoTracks()) track.addEventListener("ended", stop); // sharing ended in the browser
+  tick();
+  capture.timer = setInterval(tick, 1000 / fps);
+}
+
+// Stop sending frames and release the camera; the last frame sent stays on show.
+function stopCapture() {
+  const capture = live.capture;
+  if (!capture) return;
+  live.capture = null;
+  clearInterval(capture.timer);
+  for (const track of capture.media.getTracks()) track.stop();
+  if (capture.canvas.width) $("frame").src = capture.canvas.toDataURL("image/jpeg", 0.8);
+  $("camera").srcObject = null;
+  $("camera").hidden = true;
+  $("frame").hidden = false;
+}
+
+function showSource() {
+  $("controls").dataset.source = $("source").value;
+  $("frame-title").textContent = $("source").value === "video" ? "Current frame" : `Your ${$("source").value}`;
+}
+
+function historyText(history) {
+  return history === "full" ? "full history" : `history: ${history.sink} sink + ${history.window} window tokens`;
 }
 
 function running(on) {
@@ -96,6 +182,7 @@ function running(on) {
 }
 
 function finish(text, error = false) {
+  stopCapture();
   if (live.stream) live.stream.abort();
   live.stream = null;
   running(false);
@@ -134,14 +221,34 @@ function showCaption(c) {
   $("captions").append(item);
   item.scrollIntoView({ block: "nearest" });
   live.series.ttft.push(c.ttft_ms);
+  live.series.lag.push(c.lag_ms);
+  live.series.dropped.push(c.dropped);
   live.series.rss.push(c.rss_bytes / 2 ** 20);
   live.series.state.push(c.cache_bytes / 2 ** 10);
-  $("stats").textContent = `frame ${c.index + 1} at ${seconds(c.time)} · TTFT ${c.ttft_ms.toFixed(1)} ms · ` +
+  let frames = `frame ${c.index + 1} at ${seconds(c.time)}`;
+  const capture = live.capture;
+  if (c.received !== undefined) { // a camera or screen: its frames dropped so far, and the round trip from here
+    frames += ` · ${c.dropped_total} of ${c.received} dropped`;
+    const at = capture && capture.sentAt.get(c.index);
+    if (at !== undefined) frames += ` · shown ${(performance.now() - at).toFixed(0)} ms after capture`;
+    if (capture) for (const index of capture.sentAt.keys()) if (index <= c.index) capture.sentAt.delete(index);
+  }
+  $("stats").textContent = `${frames} · lag ${c.lag_ms.toFixed(0)} ms · TTFT ${c.ttft_ms.toFixed(1)} ms · ` +
     `${c.tokens} tokens · state ${(c.cache_bytes / 2 ** 10).toFixed(1)} KiB · RSS ${(c.rss_bytes / 2 ** 20).toFixed(0)} MiB`;
   drawCharts();
 }
 
-async function follow(session) {
+function endText(d) {
+  let text = `${d.reason}: ${d.frames} frames captioned`;
+  if (d.received !== undefined) {
+    text += ` of ${d.received} received, ${d.dropped} dropped`;
+    if (d.lag_ms && d.lag_ms.p95 !== undefined) text += `, lag p95 ${d.lag_ms.p95.toFixed(0)} ms`;
+  }
+  if (d.undecodable) text += ` (${d.undecodable} undecodable frames skipped)`;
+  return text;
+}
+
+async function follow(session, media) {
   live.session = session.id;
   $("srt").href = `/live/sessions/${session.id}/captions.srt`;
   $("srt").setAttribute("aria-disabled", "false");
@@ -149,14 +256,15 @@ async function follow(session) {
   live.stream = stream;
   let ended = false;
   const handle = (kind, d) => {
-    if (kind === "start") setStatus(`captioning ${session.video} at ${session.fps} fps…`);
-    else if (kind === "frame") $("frame").src = d.image;
+    if (kind === "start") {
+      setStatus(`captioning ${session.video} at ${session.fps} fps (${historyText(d.history)})…`);
+      if (media) startCapture(session.id, media, session.fps).catch((error) => finish(error.message, true));
+    } else if (kind === "frame") $("frame").src = d.image;
     else if (kind === "caption") showCaption(d);
     else if (kind === "warning") setStatus(`warning: ${d.message}`, true);
     else if (kind === "end") {
       ended = true;
-      const skipped = d.undecodable ? ` (${d.undecodable} undecodable source frames skipped)` : "";
-      finish(`${d.reason}: ${d.frames} frames captioned${skipped}`, d.undecodable > 0);
+      finish(endText(d), d.undecodable > 0);
     } else if (kind === "failure") {
       ended = true;
       finish(d.message, true);
@@ -196,31 +304,39 @@ async function start() {
   const fps = parseFloat($("fps").value);
   const realtime = $("realtime").checked;
   const instruction = $("instruction").value.trim(); // empty: the captioner's own default
+  const history = $("history").value;
+  const source = $("source").value;
   const file = $("file").files[0];
   reset();
   running(true);
-  let session;
+  let session, media = null;
   try {
-    if (file) { // an upload takes precedence over the list
+    if (source !== "video") { // the camera (or screen) is asked for first: refused, no session is made
+      setStatus(`asking for the ${source}…`);
+      media = await openSource(source);
+      session = await api("/live/sessions", { method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ source, fps, history, instruction: instruction || null }) });
+    } else if (file) { // an upload takes precedence over the list
       if (file.size > live.config.max_upload_bytes) {
         throw new Error(`${file.name} is ${(file.size / 2 ** 20).toFixed(1)} MiB; the server accepts ` +
           `${(live.config.max_upload_bytes / 2 ** 20).toFixed(1)} MiB at most`);
       }
       setStatus(`uploading ${file.name}…`);
-      const query = new URLSearchParams({ fps, realtime, filename: file.name });
+      const query = new URLSearchParams({ fps, realtime, history, filename: file.name });
       if (instruction) query.set("instruction", instruction);
       session = await api(`/live/uploads?${query}`, { method: "POST", body: file,
         headers: { "Content-Type": "application/octet-stream" } });
     } else {
       if (!$("video").value) throw new Error("choose a video or upload one");
       session = await api("/live/sessions", { method: "POST", headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ video: $("video").value, fps, realtime, instruction: instruction || null }) });
+        body: JSON.stringify({ video: $("video").value, fps, realtime, history, instruction: instruction || null }) });
     }
   } catch (error) {
-    finish(error.message, true);
+    if (media) for (const track of media.getTracks()) track.stop();
+    finish(error.name === "NotAllowedError" ? `the ${source} was refused: ${error.message}` : error.message, true);
     return;
   }
-  follow(session);
+  follow(session, media);
 }
 
 async function stop() {
@@ -228,7 +344,7 @@ async function stop() {
   $("stop").disabled = true;
   try {
     const s = await api(`/live/sessions/${live.session}/stop`, { method: "POST" });
-    finish(`stopped: ${s.frames} frames captioned`);
+    finish(endText({ reason: "stopped", frames: s.frames, ...(s.counts || {}) }));
   } catch (error) {
     finish(error.message, true);
   }
@@ -257,6 +373,11 @@ async function init() {
   if (!live.config.videos.length) {
     select.append(new Option(live.config.media_dir ? "(no videos in the media directory)" : "(no media directory)", ""));
   }
+  const media = navigator.mediaDevices;
+  for (const option of $("source").options) { // what this browser cannot give is not offered
+    if (option.value === "camera") option.disabled = !(media && media.getUserMedia);
+    if (option.value === "screen") option.disabled = !(media && media.getDisplayMedia);
+  }
   drawCharts();
   setStatus("ready");
 }
@@ -268,6 +389,7 @@ function useKey() {
 }
 
 $("start").addEventListener("click", start);
+$("source").addEventListener("change", showSource);
 $("stop").addEventListener("click", stop);
 $("srt").addEventListener("click", downloadSrt);
 $("use-key").addEventListener("click", useKey);
