@@ -1,8 +1,11 @@
 """The live-captioning page in a real browser: headless Chromium from the
 system's package (Debian's `chromium`), driven by playwright with
 `executable_path` (no browser is downloaded). It opens the page, captions a
-video from the media directory and an uploaded one, and saves a screenshot
-(to `$CASA_SERVE_SCREENSHOT` if set). Skipped, with the reason, where no
+video from the media directory and an uploaded one, then Chromium's fake
+camera and screen (`--use-fake-device-for-media-stream`,
+`--use-fake-ui-for-media-stream`: a generated test pattern, no permission
+prompt), and saves screenshots (to `$CASA_SERVE_SCREENSHOT` and
+`$CASA_SERVE_CAMERA_SCREENSHOT` if set). Skipped, with the reason, where no
 Chromium or no playwright is installed."""
 
 import os
@@ -51,7 +54,9 @@ def keyed_server(server):
 @pytest.fixture(scope="module")
 def browser():
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+            "--auto-select-desktop-capture-source=Entire screen"])
         yield browser
         browser.close()
 
@@ -134,6 +139,57 @@ def test_uploading_then_stopping_in_the_browser(server, page):
     wait_for(lambda: httpx.get(url + "/health").json()["live_sessions"] == 0, "the session to be freed")
     assert list(state.upload_dir.iterdir()) == []
     assert_no_policy_violation(page)
+
+
+@pytest.mark.parametrize("source", ["camera", "screen"])
+def test_captioning_the_camera_in_the_browser(server, browser, source, tmp_path):
+    """The page sends the fake camera's (or screen's) frames as JPEGs at the chosen rate; the server
+    captions frames the browser sent, newest first, holding a slot while the page is connected; the page
+    shows the captions and charts their lag and drops."""
+    url, state, media = server
+    page = browser.new_page(viewport={"width": 1280, "height": 860})
+    page.console = []
+    page.on("console", lambda m: page.console.append(f"{m.type}: {m.text}"))
+    page.on("pageerror", lambda e: page.console.append(f"pageerror: {e}"))
+    page.goto(url + "/")
+    page.wait_for_function("() => document.getElementById('status').textContent === 'ready'")
+    page.select_option("#source", source)
+    assert not page.is_visible("#video") and not page.is_visible("#realtime")  # a video's options only
+    page.fill("#fps", "5")
+    page.click("#start")
+    page.wait_for_function("() => document.querySelectorAll('#captions li').length >= 3", timeout=15_000)
+    assert page.is_visible("#camera") and page.text_content("#status").startswith(f"captioning {source} at 5 fps")
+    session = state.live.get(page.evaluate("window.casaLive.session"))
+    assert session.source == source and session.state == "running"
+    assert httpx.get(url + "/health").json()["sessions"] == 1  # the page holds a slot while connected
+    page.click("#stop")
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('stopped')")
+    wait_for(lambda: httpx.get(url + "/health").json()["sessions"] == 0, "the slot to be freed")
+    received = session.slot.received
+    page.wait_for_function(f"() => window.casaLive.sent.length === {received}")  # a post in flight at the stop
+    sent = page.evaluate("window.casaLive.sent")
+    captioned = [c.frame for c in session.captions]
+    assert received > 0 and len(captioned) >= 3
+    assert sent == list(range(received)) and set(captioned) <= set(sent), (sent, captioned)
+    assert captioned == sorted(set(captioned))  # newer frames only, each once
+    shown = page.eval_on_selector_all("#captions li span", "els => els.map(e => e.textContent)")
+    assert shown == [c.text or "…" for c in session.captions] and any(c.text for c in session.captions)
+    series = page.evaluate("window.casaLive.series")
+    assert len(series["lag"]) == len(series["dropped"]) == len(captioned) and all(v > 0 for v in series["lag"])
+    dropped = len(sent) - len(captioned)
+    assert sum(series["dropped"]) <= dropped <= sum(series["dropped"]) + 1  # the newest may wait in the slot
+    for chart in CHARTS:
+        assert painted_pixels(page, chart) > 50, f"{chart} has no plotted line"
+    assert page.text_content("#status").startswith(f"stopped: {len(captioned)} frames captioned of {received} "
+                                                   f"received, {session.lag.dropped} dropped, lag p95 ")
+    assert page.evaluate("document.getElementById('camera').srcObject === null")  # the camera is released
+    assert page.get_attribute("#frame", "src").startswith("data:image/jpeg;base64,")  # its last frame stays
+    if source == "camera":
+        shot = os.environ.get("CASA_SERVE_CAMERA_SCREENSHOT") or str(tmp_path / "camera.png")
+        page.screenshot(path=shot, full_page=True)
+        assert os.path.getsize(shot) > 10_000
+    assert_no_policy_violation(page)
+    page.close()
 
 
 def test_the_page_asks_for_the_api_key_and_sends_it(keyed_server, browser, tmp_path):
