@@ -67,10 +67,10 @@ function drawChart(canvas, values, color, digits, counts = false) {
   ctx.fillStyle = "#6b7380";
   ctx.font = "11px system-ui, sans-serif";
   ctx.lineWidth = 1;
-  for (let k = 0; k <= 2; k++) { // gridlines at 0, max/2, max
+  for (let k = 0; k <= 2; k++) { // gridlines at 0, max/2, max (labelled once there is a value)
     const y = top + h - (h * k) / 2;
     ctx.beginPath(); ctx.moveTo(left, y); ctx.lineTo(left + w, y); ctx.stroke();
-    ctx.fillText(((max * k) / 2).toFixed(digits), 2, y + 4);
+    if (values.length) ctx.fillText(((max * k) / 2).toFixed(digits), 2, y + 4);
   }
   const count = `${values.length} captions`;
   ctx.fillText(count, left + w - ctx.measureText(count).width, height - 4);
@@ -147,6 +147,7 @@ async function startCapture(id, media, fps) {
     canvas.getContext("2d").drawImage(video, 0, 0, canvas.width, canvas.height);
     capture.busy = true;
     const at = performance.now();
+    capture.pendingAt = at;
     canvas.toBlob((blob) => (blob ? post(blob, at) : (capture.busy = false)), "image/jpeg", 0.8);
   };
   for (const track of media.getVideoTracks()) track.addEventListener("ended", stop); // sharing ended in the browser
@@ -229,7 +230,8 @@ function showCaption(c) {
   const capture = live.capture;
   if (c.received !== undefined) { // a camera or screen: its frames dropped so far, and the round trip from here
     frames += ` · ${c.dropped_total} of ${c.received} dropped`;
-    const at = capture && capture.sentAt.get(c.index);
+    // its post may still be waiting for its answer (the caption came first): then it is the one in flight
+    const at = capture && (capture.sentAt.get(c.index) ?? (capture.busy ? capture.pendingAt : undefined));
     if (at !== undefined) frames += ` · shown ${(performance.now() - at).toFixed(0)} ms after capture`;
     if (capture) for (const index of capture.sentAt.keys()) if (index <= c.index) capture.sentAt.delete(index);
   }
