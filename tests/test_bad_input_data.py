@@ -93,3 +93,21 @@ def test_eval_data_follows_the_same_rule(tmp_path):
     (tmp_path / "e.jsonl").write_text(CHAT + "\n" + CHAT + "\n")
     cfg.eval_data = str(tmp_path / "e.jsonl")
     assert [s.source for s in eval_samples_for(cfg, 2)] == [f"{tmp_path / 'e.jsonl'}:1", f"{tmp_path / 'e.jsonl'}:2"]
+
+
+def test_data_video_writes_a_sample_video_and_its_reference_captions(tmp_path, capsys):
+    import av
+
+    from casa.cli import main
+
+    out = tmp_path / "sample.mp4"
+    assert main(["data", "video", str(out), "--frames", "3", "--fps", "2", "--size", "64"]) == 0
+    with av.open(str(out)) as c:
+        frames = list(c.decode(video=0))
+    assert len(frames) == 3 and (frames[0].width, frames[0].height) == (64, 64)
+    assert [float(f.time) for f in frames] == [0.0, 0.5, 1.0]
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith(f"wrote {out}: 3 frames") and len(printed) == 4
+    assert main(["data", "video", str(tmp_path / "v.gif")]) == 2
+    assert main(["data", "video", str(tmp_path / "v.mp4"), "--size", "63"]) == 2
+    assert not (tmp_path / "v.mp4").exists() and "expected an even number" in capsys.readouterr().err

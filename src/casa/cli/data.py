@@ -1,9 +1,14 @@
-"""`casa data export`: write a synthetic task as JSONL + PNG files.
+"""`casa data export`: write a synthetic task as JSONL + PNG files; `casa data
+video`: write a sample video to caption.
 
 Design decisions:
 - Every input is checked before a sample is drawn: `--n` by argparse, the
   output directory (`casa.files.check_output_dir`), the task name and the
   difficulty knobs (named, with what they accept).
+- `data video` renders the synthetic `video` task (a shape stepping across a
+  3 x 3 grid, the frames `casa demo`-style models see with "Caption each
+  frame.") as a video file, written atomically, and prints each frame's
+  reference caption, so a first `casa caption` has something to compare with.
 - The export is `casa.data.write_jsonl`: `DIR/TASK.jsonl` and
   `DIR/images/TASK/`, replaced only once complete, so an earlier export is
   never left half-overwritten.
@@ -12,10 +17,13 @@ Design decisions:
 from __future__ import annotations
 
 import argparse
+from fractions import Fraction
 
-from casa.cli.values import TASK_NAMES, key_values, positive_int
+from casa.cli.values import TASK_NAMES, key_values, positive_float, positive_int
 
-__all__ = ["check", "register", "run"]
+__all__ = ["check", "check_video", "register", "run", "run_video"]
+
+VIDEO_FORMATS = {".mp4": "mp4", ".mkv": "matroska", ".avi": "avi"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +36,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                     help='a difficulty knob, repeatable (e.g. image_size=64, colors=4, max_shapes=3, frames=4)')
     ex.add_argument("dir", help="output directory (created if needed)")
     ex.set_defaults(func=run, check=check)
+    vid = data.add_parser("video", help="write a sample video to caption: a shape stepping across a 3 x 3 grid "
+                                        "(the synthetic video task)")
+    vid.add_argument("out", help=f"the video file to write ({', '.join(VIDEO_FORMATS)})")
+    vid.add_argument("--frames", type=positive_int, default=8, help="frames in the video")
+    vid.add_argument("--fps", type=positive_float, default=2.0, help="its frame rate")
+    vid.add_argument("--size", type=positive_int, default=128, help="frame side in pixels (even)")
+    vid.add_argument("--seed", type=int, default=0, help="random seed of the shape, colour and path")
+    vid.set_defaults(func=run_video, check=check_video)
 
 
 def check(args) -> None:
@@ -47,4 +63,51 @@ def run(args) -> int:
     samples = [make_sample(task, args.seed, i, d) for i in range(args.n)]
     path = write_jsonl(samples, args.dir, name=f"{task}.jsonl")
     print(f"wrote {len(samples)} samples to {path}")
+    return 0
+
+
+def check_video(args) -> None:
+    """The output file's type and place, and an even frame side (the encoder's 4:2:0 chroma needs one)."""
+    from pathlib import Path
+
+    from casa.files import check_output_file
+
+    check_output_file(args.out, "output video")
+    if Path(args.out).suffix.lower() not in VIDEO_FORMATS:
+        raise ValueError(f"output video {args.out!r}: expected a file name ending in {', '.join(VIDEO_FORMATS)}")
+    if args.size % 2:
+        raise ValueError(f"--size {args.size}: expected an even number of pixels")
+
+
+def run_video(args) -> int:
+    from pathlib import Path
+
+    import av
+    import numpy as np
+
+    from casa.data import make_sample
+    from casa.data.tasks import difficulty
+    from casa.files import atomic_file
+
+    sample = make_sample("video", args.seed, 0, difficulty({"frames": args.frames, "image_size": args.size}))
+    frames = [part["image"] for m in sample.messages if m["role"] == "user" for part in m["content"]
+              if part["type"] == "image"]
+    captions = [part["text"] for m in sample.messages if m["role"] == "assistant" for part in m["content"]]
+    path = Path(args.out)
+    with atomic_file(path, "wb") as f:
+        container = av.open(f, "w", format=VIDEO_FORMATS[path.suffix.lower()])
+        stream = container.add_stream("mpeg4", rate=Fraction(args.fps).limit_denominator(1000))
+        stream.width = stream.height = args.size
+        stream.pix_fmt, stream.bit_rate = "yuv420p", 2_000_000
+        for image in frames:
+            frame = av.VideoFrame.from_ndarray(np.asarray(image.convert("RGB")), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+        container.close()
+    print(f"wrote {path}: {len(frames)} frames of {args.size} x {args.size} at {args.fps:g} fps; what each frame "
+          "shows (the reference captions):")
+    for i, caption in enumerate(captions):
+        print(f"  {i / args.fps:6.1f} s  {caption}")
     return 0
