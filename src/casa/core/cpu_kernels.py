@@ -117,6 +117,9 @@ def _build() -> Path | None:
         except subprocess.CalledProcessError:
             subprocess.run([cc, *flags, "-o", tmp, str(_SOURCES[0]), "-lm"], check=True, capture_output=True,
                            timeout=120)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o755 & ~umask)  # as the compiler would have made it (mkstemp makes files 0600)
         os.replace(tmp, lib)
     except (OSError, subprocess.SubprocessError) as e:
         Path(tmp).unlink(missing_ok=True)
