@@ -80,3 +80,31 @@ def test_plugin_generates_and_scores(model_dir):
     assert greedy == all(int(logp[n - 1 + i].argmax()) == t for i, t in enumerate(target))
     with pytest.raises(NotImplementedError):
         plugin.generate_until_multi_round([])
+
+
+def test_plugin_batches_its_prompts_and_takes_a_run_folder(model_dir, tmp_path, monkeypatch):
+    """`batch_size` prompts decode together (one greedy_decode call per batch of equal max_new_tokens),
+    each answer equal to its one-at-a-time answer, in the requests' order; `pretrained=` may name a run."""
+    import casa.eval.decode as decode_mod
+    from casa.eval.lmms import Casa
+    from casa.pretrained.directory import load
+    from casa.training.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    model, tok, processor = load(model_dir)
+    save_checkpoint(run, 2, model, {"step": 2}, tokenizer=tok, processor=processor)
+    docs = {i: {"image": Image.new("RGB", (20, 20), (40 * i, 255 - 40 * i, 0))} for i in range(5)}
+    reqs = [request(f"Colour {i}?", {"max_new_tokens": 3 if i != 2 else 2, "until": ["zz"]},
+                    lambda d: [d["image"]], i, "t", "s") for i in range(5)]
+    one = Casa(pretrained=str(model_dir), max_new_tokens=4)
+    one.task_dict = {"t": {"s": docs}}
+    alone = one.generate_until(reqs)
+    sizes, real = [], decode_mod.greedy_decode
+    monkeypatch.setattr(decode_mod, "greedy_decode", lambda m, prompts, *a, **kw: sizes.append(len(prompts))
+                        or real(m, prompts, *a, **kw))
+    batched = Casa(pretrained=str(run), max_new_tokens=4, batch_size=3)
+    batched.task_dict = {"t": {"s": docs}}
+    assert batched.generate_until(reqs) == alone
+    assert sizes == [3, 1, 1]  # requests 0, 1, 3 (3 tokens); then 2 (2 tokens); then 4
+    with pytest.raises(ValueError, match="batch_size=0: must be >= 1"):
+        Casa(pretrained=str(model_dir), batch_size=0)

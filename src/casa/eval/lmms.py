@@ -10,8 +10,11 @@ Design decisions:
   task's prompt text and a `doc_to_visual` callable; the images come first in
   the user turn, then the prompt, through the model's own processor and chat
   template (as `casa.eval.stdbench` does).
-- `generate_until` decodes greedily (`casa.eval.decode.greedy_decode`), honouring
-  `max_new_tokens` and cutting at the first `until` string;
+- `generate_until` decodes greedily (`casa.eval.decode.greedy_decode`), up to
+  `batch_size` prompts together (requests with the same `max_new_tokens`,
+  in their order; a prompt's answer is the one it gets alone, as that
+  module tests), honouring `max_new_tokens` and cutting at the first
+  `until` string;
   `loglikelihood` sums the log-probabilities of the continuation tokens after
   the prompt and reports whether each was the argmax.
 - The module imports without lmms-eval (the base class then is `object`), so
@@ -49,10 +52,14 @@ class Casa(_Base):
         if _Base is not object:
             super().__init__()
         from casa.pretrained.directory import load
+        from casa.pretrained.runs import resolve_model_dir
 
         dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype) if dtype \
             else None
-        self.loaded = load(pretrained, dtype=dt, device=device)
+        if int(batch_size) < 1:
+            raise ValueError(f"casa (lmms-eval): batch_size={batch_size!r}: must be >= 1")
+        # a model directory, or a training run (its latest checkpoint), as every casa command takes
+        self.loaded = load(resolve_model_dir(pretrained), dtype=dt, device=device)
         self.model, self.tokenizer, self.processor = self.loaded
         self.batch_size_per_gpu = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
@@ -83,23 +90,32 @@ class Casa(_Base):
         return enc
 
     def generate_until(self, requests) -> list[str]:
-        """Greedy answers, one per request, each cut at its first `until` string."""
+        """Greedy answers, one per request (in order), each cut at its first `until` string;
+        up to `batch_size` prompts with the same `max_new_tokens` decoded together."""
         from casa.eval.decode import greedy_decode
 
-        out = []
-        for req in requests:
+        pending = []  # (request index, prompt, max_new_tokens, until)
+        for i, req in enumerate(requests):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = req.args
             gen_kwargs = dict(gen_kwargs or {})
             enc = self._encode(context, self._visuals(doc_to_visual, doc_id, task, split), "")
-            prompt = enc.prefix(enc.turns[0][0])
-            n = int(gen_kwargs.get("max_new_tokens", self.max_new_tokens))
-            ids = greedy_decode(self.model, [prompt], self.processor, max_new_tokens=n, backend=self.backend)[0]
-            text = self.tokenizer.decode(ids)
             until = gen_kwargs.get("until") or []
-            for stop in [until] if isinstance(until, str) else until:
-                if stop:
-                    text = text.split(stop)[0]
-            out.append(text.strip())
+            pending.append((i, enc.prefix(enc.turns[0][0]), int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
+                            [until] if isinstance(until, str) else list(until)))
+        out: list[str | None] = [None] * len(pending)
+        while pending:
+            n = pending[0][2]
+            group = [p for p in pending if p[2] == n][: self.batch_size_per_gpu]
+            taken = {p[0] for p in group}
+            pending = [p for p in pending if p[0] not in taken]
+            answers = greedy_decode(self.model, [p[1] for p in group], self.processor, max_new_tokens=n,
+                                    backend=self.backend)
+            for (i, _, _, until), ids in zip(group, answers):
+                text = self.tokenizer.decode(ids)
+                for stop in until:
+                    if stop:
+                        text = text.split(stop)[0]
+                out[i] = text.strip()
         return out
 
     @torch.no_grad()
