@@ -183,8 +183,11 @@ def _plot(report, path):
     rs = report["results"]
     names = [r["backend"] for r in rs]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    axes[0].bar(names, [r["fwd_ms"] for r in rs], label="forward")
-    axes[0].bar(names, [r["fwd_bwd_ms"] or 0 for r in rs], alpha=0.4, label="forward+backward")
+    at = range(len(rs))  # side by side, one colour each: overlaid bars hid the forward ones
+    axes[0].bar([i - 0.2 for i in at], [r["fwd_ms"] for r in rs], width=0.4, color="tab:blue", label="forward")
+    axes[0].bar([i + 0.2 for i in at], [r["fwd_bwd_ms"] or 0 for r in rs], width=0.4, color="tab:orange",
+                label="forward+backward")
+    axes[0].set_xticks(list(at), names)
     axes[0].set_ylabel("ms (log)")
     axes[0].set_yscale("log")
     axes[0].legend()
