@@ -341,12 +341,18 @@ async function start() {
   follow(session, media);
 }
 
+// Stop sending frames, then stop the session. Its event stream still brings the captions made before
+// the stop, then its end (which finishes the page); a stream that brings none is ended here.
 async function stop() {
   if (!live.session) return;
   $("stop").disabled = true;
+  stopCapture();
+  const stream = live.stream;
   try {
     const s = await api(`/live/sessions/${live.session}/stop`, { method: "POST" });
-    finish(endText({ reason: "stopped", frames: s.frames, ...(s.counts || {}) }));
+    const stopped = () => finish(endText({ reason: "stopped", frames: s.frames, ...(s.counts || {}) }));
+    if (!stream) stopped();
+    else setTimeout(() => { if (live.stream === stream) stopped(); }, 3000);
   } catch (error) {
     finish(error.message, true);
   }
