@@ -22,9 +22,8 @@ def test_batched_and_alone_decode_the_same_tokens(tmp_path):
     assert [(r["context"], r["sessions"]) for r in rows] == [(20, 1), (20, 3), (60, 1), (60, 3)]
     for r in rows:
         assert r["equal_tokens"] is True
-        for mode in ("alone", "batched"):  # 4 timed steps of every session
-            assert r[mode]["tokens_per_s"] == pytest.approx(r["sessions"] * 4 / (r[mode]["step_ms"] * 4 / 1e3),
-                                                            rel=0.02)
+        for mode in ("alone", "batched"):  # a step gives every session a token (step_ms rounded to 0.01)
+            assert r[mode]["step_ms"] == pytest.approx(1e3 * r["sessions"] / r[mode]["tokens_per_s"], abs=0.006)
         assert r["speedup"] == pytest.approx(r["batched"]["tokens_per_s"] / r["alone"]["tokens_per_s"], abs=0.01)
     assert [c["threads"] for c in result["cores"]] == [1, 2] and result["cores"][0]["speedup"] == 1.0
     assert all(c["bound_ms"] > 0 and c["bound_ratio"] > 0 for c in result["cores"])
