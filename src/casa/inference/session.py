@@ -42,6 +42,11 @@ Design decisions:
   alone (tests/test_concurrency.py).
 - The decode path (`decode="auto" | "kernels" | "torch"`) and the attention
   backend are resolved once, here, and kept (`decode` says which was taken).
+- Several sessions on the kernel path advance one token each in one step
+  (`Session.forward_tokens`: the weights read once for all of them, each
+  session's logits bit for bit its own); with a `batcher`
+  (`inference.batching.DecodeBatcher`), `forward_text` of one token takes
+  such a step beside whichever sessions are waiting.
 - The invariant, tested for every variant and placement: any split of a
   document into `add_images` and `forward_text` calls gives the logits of one
   uncached `CasaModel.forward`.
