@@ -270,6 +270,8 @@ def test_forward_tokens_refuses_what_it_cannot_batch(one_thread):
         Session.forward_tokens([a, a], [1, 2])
     with pytest.raises(ValueError, match=r"one id in \[0, 61\) per session"):
         Session.forward_tokens([a], [61])
+    with pytest.raises(ValueError, match="65 sessions, at most 64 per step"):
+        Session.forward_tokens([Session(model, decode="kernels") for _ in range(65)], [1] * 65)
     from casa.inference.batching import DecodeBatcher
 
     with pytest.raises(ValueError, match="a batcher decodes sessions over its own model on the kernel path"):

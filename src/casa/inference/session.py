@@ -57,7 +57,7 @@ from __future__ import annotations
 import torch
 
 from casa.core.attention import resolve_backend
-from casa.core.decode import BlockSteps, block_steps, decoding, logits, resolve_decode
+from casa.core.decode import PACKED_MAX_ROWS, BlockSteps, block_steps, decoding, logits, resolve_decode
 from casa.core.layout import History, StreamWindows
 from casa.core.model import CasaModel
 from casa.core.positions import grid_positions
@@ -285,8 +285,8 @@ class Session:
         state advances as `forward_text([id])` advances it, with the same logits, bit for bit.
 
         Args:
-            sessions: distinct sessions on the kernel path over one model (any cache lengths,
-                windows, history bounds and cache dtypes).
+            sessions: at most `PACKED_MAX_ROWS` distinct sessions on the kernel path over one model
+                (any cache lengths, windows, history bounds and cache dtypes).
             ids: the next token id of each.
         Returns:
             `[vocab]` logits per session, the model's dtype.
@@ -295,6 +295,8 @@ class Session:
         if len({id(s) for s in sessions}) != len(sessions) or any(
                 s.model is not model or s.decode != "kernels" for s in sessions):
             raise ValueError("Session.forward_tokens: distinct sessions over one model, on the kernel path")
+        if len(sessions) > PACKED_MAX_ROWS:  # beyond it the logits take another path: other bits than alone
+            raise ValueError(f"Session.forward_tokens: {len(sessions)} sessions, at most {PACKED_MAX_ROWS} per step")
         vocab = model.config.lm.vocab_size
         if len(ids) != len(sessions) or any(not 0 <= i < vocab for i in ids):
             raise ValueError(f"Session.forward_tokens: one id in [0, {vocab}) per session, got {ids}")
