@@ -401,3 +401,32 @@ def test_bench_stream_isolated_and_cli(tmp_path):
     assert data["config"]["isolate"] and len(data["runs"][0]["turns"]) == 3
     assert main(["bench", "stream", "--variants", "nope", "--json", str(tmp_path / "c.json")]) == 2
     assert main(["bench", "stream", "--dtype", "float16", "--json", str(tmp_path / "c.json")]) == 2
+
+
+def test_several_sources_at_once_give_each_its_solo_captions(checkpoint, tmp_path, capsys):
+    """`casa caption A B C --out-dir DIR`: one loaded model, a thread per source, their decoded tokens
+    batched; every source's SRT and JSONL captions are those `casa caption` writes for it alone."""
+    from casa.core import cpu_kernels
+
+    sources = [encode_video(tmp_path / f"clip{i}.mp4", 10 + 5 * i) for i in range(3)]
+    flags = ["--checkpoint", str(checkpoint), "--fps", "4", "--max-new-tokens", "6", "--min-new-tokens", "3",
+             "--threads", "1", "--quiet"]
+    alone = []
+    for i, src in enumerate(sources):
+        srt = tmp_path / f"alone{i}.srt"
+        assert main(["caption", str(src), "--srt", str(srt), *flags]) == 0
+        alone.append(parse_srt(srt.read_text()))
+    capsys.readouterr()
+    out = tmp_path / "many"
+    assert main(["caption", *map(str, sources), "--out-dir", str(out), *flags]) == 0
+    for i, src in enumerate(sources):
+        cues, lines, summary = read_outputs(out / f"{i}_clip{i}.srt", out / f"{i}_clip{i}.jsonl", summary=True)
+        assert cues == alone[i] and summary["source"] == str(src) and summary["frames"] == len(lines) >= 3
+    err = capsys.readouterr().err
+    assert all(f"[{i}] captioned" in err for i in range(3))
+    if cpu_kernels.available():  # one thread per source: the kernel path, so the tokens went through the batcher
+        assert "3 sources" in err and "batched steps" in err
+    assert main(["caption", *map(str, sources[:2]), "--srt", str(tmp_path / "x.srt"), *flags]) == 2
+    assert "several sources: give --out-dir DIR" in capsys.readouterr().err
+    assert main(["caption", str(sources[0]), "--out-dir", str(out), *flags]) == 2
+    assert "--out-dir is for several sources" in capsys.readouterr().err

@@ -34,14 +34,18 @@ INTERRUPTED = 130  # the shell's code for a command stopped by Ctrl-C (128 + SIG
 
 def register(sub: argparse._SubParsersAction) -> None:
     cap = sub.add_parser("caption", help="caption a video file, an image folder or a live stream, frame by frame")
-    cap.add_argument("video", help="a video file (decoded with PyAV), a folder of images, or a live stream: a URL "
-                                   "FFmpeg opens (rtsp://, rtmp://, http(s)://, udp://, tcp://, srt://), a camera "
-                                   "(/dev/video0), a named pipe, or - for stdin")
+    cap.add_argument("video", nargs="+",
+                     help="a video file (decoded with PyAV), a folder of images, or a live stream: a URL FFmpeg opens "
+                          "(rtsp://, rtmp://, http(s)://, udp://, tcp://, srt://), a camera (/dev/video0), a named "
+                          "pipe, or - for stdin; several sources are captioned at once over one loaded model, their "
+                          "decoded tokens batched (give --out-dir)")
     cap.add_argument("--checkpoint", required=True, help="a casa model directory, or a training run (its latest checkpoint)")
     cap.add_argument("--fps", type=positive_float, default=None,
                      help="frames per second to caption (video: default every frame; folder: default 1)")
     cap.add_argument("--srt", default=None, help="SRT file (written to FILE.partial while running)")
     cap.add_argument("--jsonl", default=None, help="JSONL file, one line per frame and a summary line")
+    cap.add_argument("--out-dir", default=None,
+                     help="several sources: the folder of their SRT and JSONL files (N_NAME.srt, N_NAME.jsonl)")
     cap.add_argument("--max-new-tokens", type=positive_int, default=16, help='most tokens per caption')
     cap.add_argument("--min-new-tokens", type=non_negative_int, default=0, help="no end token before this many tokens")
     cap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -95,6 +99,12 @@ def _input_options(items) -> dict:
 
 
 def run(args) -> int:
+    if isinstance(args.video, list):
+        if len(args.video) > 1:
+            return _run_many(args)
+        if args.out_dir is not None:
+            raise ValueError("--out-dir is for several sources; one source takes --srt / --jsonl")
+        args.video = args.video[0]
     from casa.inference.sources import is_live, open_frames
     from casa.inference.writers import check_caption_outputs
 
@@ -119,7 +129,8 @@ def run(args) -> int:
     from casa.inference.live import LIVE_HISTORY
     from casa.threads import set_threads
 
-    set_threads(args.threads)
+    if not getattr(args, "shared", False):  # several sources: set once, for all of them
+        set_threads(args.threads)
     sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p)
 
@@ -149,9 +160,11 @@ def run(args) -> int:
     if live:
         return _run_live(args, opened, common, options)
 
+    label = getattr(args, "label", "")
+
     def show(cap):
         if not args.quiet:
-            print(f"[{cap.time:8.3f}s] {cap.text or '(silent)'}  (ttft {cap.ttft_ms:.1f} ms, "
+            print(f"{label}[{cap.time:8.3f}s] {cap.text or '(silent)'}  (ttft {cap.ttft_ms:.1f} ms, "
                   f"cache {cap.cache_bytes / 2**20:.2f} MiB)", flush=True)
 
     from casa.inference.captioner import caption_file
@@ -163,7 +176,64 @@ def run(args) -> int:
         print(f"casa caption: interrupted after {result.frames} frames{skipped}{wrote or '; nothing written'}",
               file=sys.stderr)
         return INTERRUPTED
-    print(f"captioned {result.frames} frames{skipped}{wrote}", file=sys.stderr)
+    print(f"{label}captioned {result.frames} frames{skipped}{wrote}", file=sys.stderr)
+    return 0
+
+
+def _run_many(args) -> int:
+    """Several sources at once, one thread each, over one loaded model (`captioner.SharedModel`):
+    their decoded tokens batched on the kernel path; each source's captions those it gets alone."""
+    import copy
+    import re
+    import threading
+    from pathlib import Path
+
+    from casa.files import check_output_dir
+    from casa.threads import set_threads
+
+    if args.srt or args.jsonl:
+        raise ValueError("several sources: give --out-dir DIR (each source's SRT and JSONL go there), "
+                         "not --srt / --jsonl")
+    if args.out_dir is None:
+        raise ValueError("several sources: --out-dir DIR is needed (each source's SRT and JSONL go there)")
+    if "-" in args.video and args.video.count("-") > 1:
+        raise ValueError("stdin (-) can be one source only")
+    check_output_dir(args.out_dir, "--out-dir")
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # one thread per source by default: the sources share the cores, and the kernels batch their tokens
+    set_threads(args.threads or 1)
+    from casa.inference.captioner import SharedModel
+
+    shared = SharedModel.load(args.checkpoint)
+    runs, errors = [], []
+    for i, source in enumerate(args.video):
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source.rstrip("/")).stem or "stdin")
+        one = copy.copy(args)
+        one.video, one.out_dir, one.checkpoint, one.shared = source, None, shared, True
+        one.srt, one.jsonl, one.label = str(out / f"{i}_{stem}.srt"), str(out / f"{i}_{stem}.jsonl"), f"[{i}] "
+        runs.append(one)
+
+    def caption(one) -> None:
+        try:
+            if run(one) != 0:
+                errors.append(f"{one.video}: interrupted")
+        except Exception as e:  # noqa: BLE001 - reported with its source; the others go on
+            errors.append(f"{one.video}: {e}")
+
+    # daemons: Ctrl-C ends the command (a source not finished keeps its captions in its .partial files)
+    threads = [threading.Thread(target=caption, args=(one,), name=f"casa-caption-{i}", daemon=True)
+               for i, one in enumerate(runs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if shared.batcher is not None:
+        shared.batcher.close()
+        print(f"casa caption: {len(runs)} sources, {shared.batcher.rows} tokens decoded in {shared.batcher.steps} "
+              "batched steps", file=sys.stderr)
+    if errors:
+        raise ValueError("; ".join(errors))
     return 0
 
 

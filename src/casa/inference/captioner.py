@@ -44,7 +44,7 @@ from casa.inference.writers import JsonlWriter, SrtWriter, check_caption_outputs
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Caption", "CaptionRun", "Captioner", "caption_file", "load_captioner"]
+__all__ = ["Caption", "CaptionRun", "Captioner", "SharedModel", "caption_file", "load_captioner"]
 
 
 @dataclass
@@ -122,11 +122,35 @@ class CaptionRun:
     outputs: list[Path] = field(default_factory=list)  # files written
 
 
+@dataclass
+class SharedModel:
+    """A model loaded once for several captioning streams (`casa caption SRC SRC ...`): each
+    stream's `Captioner` has its own session over it, and on the kernel path their decoded tokens
+    are batched (`batching.DecodeBatcher`: the weights read once per step for all of them, each
+    stream's captions those it gets alone). Pass it where a checkpoint is asked for."""
+
+    model: object
+    processor: object
+    batcher: object | None
+
+    @classmethod
+    def load(cls, checkpoint) -> "SharedModel":
+        from casa.core.decode import resolve_decode
+        from casa.inference.batching import DecodeBatcher
+        from casa.pretrained.directory import load
+        from casa.pretrained.runs import resolve_model_dir
+
+        model, _, processor = load(resolve_model_dir(checkpoint))
+        batched = resolve_decode("auto", model.embed.weight) == "kernels"
+        return cls(model, processor, DecodeBatcher(model) if batched else None)
+
+
 def load_captioner(checkpoint, *, sampling: Sampling | None = None, processors_fn=None,
                    history: History | None = None, instruction: str = "Caption each frame.",
                    allow_size_change: bool = False, interval: float = 1.0, seed: int = 0,
                    cache_dtype: str = "model") -> Captioner:
-    """A `Captioner` over a casa model directory or training run (its latest checkpoint).
+    """A `Captioner` over a casa model directory or training run (its latest checkpoint), or over
+    a `SharedModel` (loaded once for several streams).
 
     Args:
         processors_fn: `processor -> [logits processors]`, given the model's processor.
@@ -138,10 +162,14 @@ def load_captioner(checkpoint, *, sampling: Sampling | None = None, processors_f
     from casa.pretrained.runs import resolve_model_dir
 
     dtype = cache_dtype_named(cache_dtype)  # a bad name is refused before the model loads
-    model, _, processor = load(resolve_model_dir(checkpoint))
+    if isinstance(checkpoint, SharedModel):
+        model, processor, batcher = checkpoint.model, checkpoint.processor, checkpoint.batcher
+    else:
+        (model, _, processor), batcher = load(resolve_model_dir(checkpoint)), None
     return Captioner(model, processor, sampling=sampling, processors=processors_fn(processor) if processors_fn else (),
                      history=history, instruction=instruction, allow_size_change=allow_size_change,
-                     interval=interval, generator=torch.Generator().manual_seed(seed), cache_dtype=dtype)
+                     interval=interval, generator=torch.Generator().manual_seed(seed), cache_dtype=dtype,
+                     decode="kernels" if batcher is not None else "auto", batcher=batcher)
 
 
 def caption_file(source, *, checkpoint, fps: float | None, srt=None, jsonl=None, frames=None,
