@@ -83,7 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     cap.add_argument("--instruction", default="Caption each frame.", help="user text with the first frame")
     cap.add_argument("--allow-size-change", action="store_true", help="accept frames of varying sizes")
     cap.add_argument("--seed", type=int, default=0, help='random seed for sampling')
-    cap.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: the free cores)")
+    cap.add_argument("--threads", type=positive_int, default=None,
+                     help="CPU threads (default: the free cores; with several sources, 1 for each)")
     cap.add_argument("--quiet", action="store_true", help='no captions or progress on the terminal')
     cap.set_defaults(func=run)
 
