@@ -380,8 +380,10 @@ def test_bench_live_smoke(tmp_path):
         assert (tmp_path / f"live{load}.png").stat().st_size > 10_000
     calm, over = runs["0.3"]["summary"], runs["3"]["summary"]
     assert calm["frames"] == over["frames"] == 100 and calm["captioned"] + calm["dropped"] <= 100
-    # within its rate the model keeps up (a busy CI machine slows it: room up to half), over it drops more
-    assert calm["drop_rate"] < min(0.5, over["drop_rate"]) and 0.4 < over["drop_rate"] < 0.9
+    # within its rate the model keeps up (a busy CI machine slows it: room up to half); at three times it
+    # about 1 - 1/3 of the frames drop, less when the model runs faster than its calibration (CI measured
+    # 0.40 once), never all of them
+    assert calm["drop_rate"] < 0.5 and calm["drop_rate"] + 0.2 < over["drop_rate"] < 0.9 and over["drop_rate"] > 0.25
     caption_ms = runs["3"]["measured"]["caption_ms"]
     assert over["lag_ms"]["p50"] < 4 * caption_ms + 20  # bounded by about a caption, not by the backlog
     assert calm["cache_last_first"] == 1.0 and len(runs["0.3"]["blocks"]) >= 3  # the window was full at block 1
