@@ -58,9 +58,11 @@ def _accuracy(plt, results):
         ax.set_ylim(0, 100)
         ax.set_title(cat)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7)
+    # one legend for the figure, above the panels: inside one, it sat over the bars
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", fontsize=7, ncol=2)
     fig.suptitle(NAMES["study_accuracy.png"], fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     return fig
 
 
