@@ -135,9 +135,8 @@ class Guard:
     def __init__(self, app, *, access: Access):
         self.app, self.access = app, access
 
-    def _refusal(self, scope) -> tuple[int, str, str, dict] | None:
+    def _refusal(self, scope, headers: dict[str, str]) -> tuple[int, str, str, dict] | None:
         """(status, message, param, extra headers) of a refused request, or None."""
-        headers = _headers(scope)
         host = headers.get("host")
         if host is None:
             return 400, "the Host header is required", "Host", {}
@@ -183,7 +182,7 @@ class Guard:
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
-        refused = self._refusal(scope)
+        refused = self._refusal(scope, headers)
         if refused is not None:
             status, message, param, extra = refused
             code = "invalid_api_key" if status == 401 else None
