@@ -261,9 +261,10 @@ def test_a_dropped_client_frees_its_session(server):
 
 
 # ----------------------------------------------------------- live captions
-def read_events(url, session_id, *, until=None):
-    """(kind, data) of a live session's event stream, until its end (or until `until(events)`)."""
-    events = []
+def read_events(url, session_id, *, until=None, events=None):
+    """(kind, data) of a live session's event stream, until its end (or until `until(events)`),
+    appended to `events` as they come (a new list if none)."""
+    events = [] if events is None else events
     with httpx.stream("GET", f"{url}/live/sessions/{session_id}/events", timeout=60) as r:
         assert r.status_code == 200
         kind = None

@@ -4,7 +4,6 @@ the model is free (the library's live scheduler), drops the others and counts th
 page's own camera is driven in `test_serve_browser.py`."""
 
 import io
-import json
 import threading
 import time
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from test_bad_input_serve import assert_refused
-from test_serve import MODEL, health, make_checkpoint, wait_for
+from test_serve import MODEL, health, make_checkpoint, read_events, wait_for
 from test_stream import encode_video
 
 from casa.serve.app import ServerThread, create_app
@@ -63,17 +62,8 @@ class Viewer:
         assert self.opened.wait(10), "the event stream did not open"
 
     def _read(self, url, sid):
-        with httpx.stream("GET", f"{url}/live/sessions/{sid}/events", timeout=60) as r:
-            assert r.status_code == 200
-            kind = None
-            for line in r.iter_lines():
-                if line.startswith("event: "):
-                    kind = line[7:]
-                elif line.startswith("data: "):
-                    self.events.append((kind, json.loads(line[6:])))
-                    self.opened.set()  # the start event has come
-                    if kind in ("end", "failure"):
-                        return
+        # the first event (start) sets `opened`; set() is None, so reading goes on to the end
+        read_events(url, sid, until=lambda events: self.opened.set(), events=self.events)
 
     def of(self, kind: str) -> list[dict]:
         return [d for k, d in self.events if k == kind]
