@@ -231,13 +231,11 @@ def pretrain_vision(vision: VisionConfig, tasks, difficulty: Difficulty, *, seed
              "caption_exact_per_task": {t: e for t, (e, _) in exact.items()}})
 
 
-def _saved_part(d: Path, name: str):
-    """(state dict, stats) of a stage-0 part an earlier invocation finished, or None."""
-    from safetensors.torch import load_file
-
+def _saved_part(d: Path, name: str) -> dict | None:
+    """The stats of a stage-0 part an earlier invocation finished (its weights stay on disk), or None."""
     weights, stats = d / f"{name}.safetensors", d / f"{name}_stats.json"
     if weights.is_file() and stats.is_file():
-        return load_file(str(weights)), json.loads(stats.read_text())
+        return json.loads(stats.read_text())
     return None
 
 
@@ -264,9 +262,8 @@ def pretrain(root: Path, model_cfg: ModelConfig, tasks, difficulty: Difficulty, 
         say(f"  stage 0, seed {seed}: reuse {d}")
         return {**json.loads(stats_path.read_text()), "dir": str(d)}
     d.mkdir(parents=True, exist_ok=True)
-    saved = _saved_part(d, "lm")
-    if saved is not None:
-        lm_stats = saved[1]
+    lm_stats = _saved_part(d, "lm")
+    if lm_stats is not None:
         say(f"  stage 0, seed {seed}: reuse the text LM in {d}")
     else:
         lm, lm_stats = pretrain_lm(model_cfg, tasks, difficulty, seed=seed, steps=spec["lm_steps"],
@@ -274,9 +271,8 @@ def pretrain(root: Path, model_cfg: ModelConfig, tasks, difficulty: Difficulty, 
         _save_part(d, "lm", lm, lm_stats)
         say(f"  stage 0, seed {seed}: text LM {lm_stats['steps']} steps, loss {lm_stats['final_loss']:.3f}, "
             f"{lm_stats['seconds']:.0f} s; saved in {d}")
-    saved = _saved_part(d, "vision")
-    if saved is not None:
-        v_stats = saved[1]
+    v_stats = _saved_part(d, "vision")
+    if v_stats is not None:
         say(f"  stage 0, seed {seed}: reuse the vision encoder in {d}")
     else:
         vision, v_stats = pretrain_vision(model_cfg.vision, tasks, difficulty, seed=seed,
