@@ -52,14 +52,13 @@ class Casa(_Base):
         if _Base is not object:
             super().__init__()
         from casa.pretrained.directory import load
-        from casa.pretrained.runs import resolve_model_dir
 
         dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype) if dtype \
             else None
         if int(batch_size) < 1:
             raise ValueError(f"casa (lmms-eval): batch_size={batch_size!r}: must be >= 1")
-        # a model directory, or a training run (its latest checkpoint), as every casa command takes
-        self.loaded = load(resolve_model_dir(pretrained), dtype=dt, device=device)
+        # a model directory, or a training run (its latest checkpoint): `load` resolves either
+        self.loaded = load(pretrained, dtype=dt, device=device)
         self.model, self.tokenizer, self.processor = self.loaded
         self.batch_size_per_gpu = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
