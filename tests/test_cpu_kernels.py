@@ -330,11 +330,11 @@ def test_fused_attention_step_rejects_disagreeing_shapes():
 
 def _decode_on_both_paths(m, dtype, history, monkeypatch, cache_dtype=None):
     """Logits and sessions of one token stream through `Session`, on the kernel path (a kernel call
-    per block) and on the torch path (`Block.step`); the number of `block_step` calls."""
+    per block) and on the torch path (`Block.step`); the number of kernel calls (one row each)."""
     from casa.inference.session import Session
 
-    calls, real = [], cpu_kernels.block_step
-    monkeypatch.setattr(cpu_kernels, "block_step", lambda *a: calls.append(1) or real(*a))
+    calls, real = [], cpu_kernels.block_rows
+    monkeypatch.setattr(cpu_kernels, "block_rows", lambda *a: calls.append(len(a[0])) or real(*a))
     g = torch.Generator().manual_seed(3)
     ids, embeds = torch.randint(0, 61, (14,), generator=g), torch.randn(2, 4, 32, generator=g).to(dtype)
     sessions = {}

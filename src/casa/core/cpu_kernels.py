@@ -19,12 +19,11 @@ operand once, front to back, with fp32 sums:
   of eight and four small ops, with the same roundings (a decode step of an
   8-layer casa model normalizes 25 times and rotates 32 times; per-op
   overhead, not bytes, is what these cost).
-- `block_step`: a decoded token through a whole decoder block (attention
+- `block_rows`: decoded tokens through a whole decoder block (attention
   sublayers by placement, residual adds, feed-forward) in one call, from a
-  `BlockPlan` of pointers that a stream's `core.decode.BlockSteps` keeps,
-  so that a token costs one call per block; `block_rows` does it for the
-  tokens of several streams at once (batched decoding), each row with the
-  bits it gets alone.
+  `BlockPlan` of pointers per stream that its `core.decode.BlockSteps`
+  keeps, so that a token costs one call per block; several streams' tokens
+  go in one call (batched decoding), each row with the bits it gets alone.
 - `attn_step` and `mlp_step`: a decoded token's whole attention sublayer
   (norm, fused q/k/v product, RoPE, cache write, attention, output product)
   and feed-forward (norm, SwiGLU) in one call each. Measured on the
@@ -77,7 +76,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["CACHE_INT8", "MAX_HEAD_DIM", "MAX_NORM_WIDTH", "PLACEMENTS", "AttnPlan", "BlockPlan", "attend", "attn_step",
-           "available", "block_rows", "block_step", "gemm_rows", "gemv", "mlp_step", "openmp", "quantize", "rmsnorm",
+           "available", "block_rows", "gemm_rows", "gemv", "mlp_step", "openmp", "quantize", "rmsnorm",
            "rope", "set_threads", "swiglu", "threads", "usable"]
 
 MAX_HEAD_DIM = 256  # DMAX in cpu_kernels.c
@@ -164,9 +163,6 @@ def _lib():
     for name in ("casa_mlp_step_f32", "casa_mlp_step_bf16"):
         getattr(lib, name).argtypes = [p, p, f, p, p, p, i, i, i]
         getattr(lib, name).restype = ctypes.c_int
-    for name in ("casa_block_step_f32", "casa_block_step_bf16"):
-        getattr(lib, name).argtypes = [ctypes.POINTER(BlockPlan), p, p, p]
-        getattr(lib, name).restype = ctypes.c_int
     for name in ("casa_block_rows_f32", "casa_block_rows_bf16"):
         getattr(lib, name).argtypes = [ctypes.POINTER(ctypes.POINTER(BlockPlan)), i, p, p, p]
         getattr(lib, name).restype = ctypes.c_int
@@ -210,8 +206,7 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 def _fns() -> dict:
     """The kernels by (name, operand dtype)."""
     lib = _lib()
-    names = ("gemv", "gemm_rows", "attend", "rmsnorm", "rope", "swiglu", "attn_step", "mlp_step", "block_step",
-             "block_rows")
+    names = ("gemv", "gemm_rows", "attend", "rmsnorm", "rope", "swiglu", "attn_step", "mlp_step", "block_rows")
     return {(name, dtype): getattr(lib, f"casa_{name}_{suffix}") for name in names for dtype, suffix in _DTYPES.items()}
 
 
@@ -475,31 +470,16 @@ PLACEMENTS = {None: 0, "parallel": 1, "before": 2, "replace": 3}  # a block with
 
 
 class BlockPlan(ctypes.Structure):
-    """`struct casa_block_plan`: a decoder block for `block_step` (`placement`: `PLACEMENTS`)."""
+    """`struct casa_block_plan`: a decoder block for `block_rows` (`placement`: `PLACEMENTS`)."""
     _fields_ = [("sa", AttnPlan), ("fusion", AttnPlan), ("mlp_norm_w", ctypes.c_void_p), ("Wgu", ctypes.c_void_p),
                 ("Wd", ctypes.c_void_p), ("I", ctypes.c_long), ("F", ctypes.c_long), ("mlp_eps", ctypes.c_float),
                 ("placement", ctypes.c_int)]
 
 
-def block_step(plan: BlockPlan, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """One decoded token through a decoder block, in place: what `core.model.Block.step` computes
-    (same bits). The plan's pointers must be valid, its shapes consistent (`core.decode.BlockSteps`
-    builds and checks them); this call checks only `h`.
-
-    Args:
-        plan: the block's weights and caches, each cache's `row`/`held` set for this token.
-        h: `[I]` states of `plan`'s dtype, contiguous; overwritten with the block's output.
-        rope: `(cos, signed_sin)`, `D` elements each, `h`'s dtype (used by the sublayers with `rope` set).
-    """
-    if h.numel() != plan.I or not h.is_contiguous():
-        raise ValueError(f"block_step: h {tuple(h.shape)} for a block of width {plan.I}")
-    if _fns()["block_step", h.dtype](ctypes.byref(plan), h.data_ptr(), rope[0].data_ptr(), rope[1].data_ptr()):
-        raise MemoryError("block_step: no memory for its scratch")
-
-
 def block_rows(plans: list[BlockPlan], hs: list[torch.Tensor], ropes: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Several streams' decoded tokens through one decoder block, in place, in one call: each row
-    as `block_step` gives it alone (same bits), the block's weights read once for all of them.
+    """Several streams' decoded tokens through one decoder block, in place, in one call: what
+    `core.model.Block.step` computes for each (to summation order), each row with the bits it gets
+    alone, the block's weights read once for all of them.
 
     Args:
         plans: one per row, over the same weights, each pointing into its stream's caches.

@@ -262,19 +262,6 @@ static int block_rows(const struct casa_block_plan *const *P, long B, void *cons
     return rc;
 }
 
-int casa_block_step_f32(const struct casa_block_plan *p, float *h, const float *cos, const float *ssin) {
-    const struct casa_block_plan *P[1] = {p};
-    void *H[1] = {h};
-    const void *C[1] = {cos}, *S[1] = {ssin};
-    return block_rows(P, 1, H, C, S, 0);
-}
-int casa_block_step_bf16(const struct casa_block_plan *p, uint16_t *h, const uint16_t *cos, const uint16_t *ssin) {
-    const struct casa_block_plan *P[1] = {p};
-    void *H[1] = {h};
-    const void *C[1] = {cos}, *S[1] = {ssin};
-    return block_rows(P, 1, H, C, S, 1);
-}
-
 /* B streams' tokens, one row each: plans P[b], states h[b], RoPE tables cos[b]/ssin[b] */
 int casa_block_rows_f32(const struct casa_block_plan *const *P, long B, void *const *h, const void *const *cos,
                         const void *const *ssin) {

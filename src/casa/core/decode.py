@@ -10,10 +10,9 @@ several times slower), so bf16 keeps `[out, in]`. Either way, fusing the
 projections that read the same input (q/k/v, gate/up) cuts the calls and
 their per-op overhead. At one thread, where casa's own kernel is built
 (`core.cpu_kernels`), one-row products go through it instead, in every dtype,
-on the `[out, in]` layout it streams at the core's bandwidth, and a whole
-attention sublayer or feed-forward of one token is one kernel call
-(`attention_row`, `mlp_row`), and a session's whole block is one call
-(`BlockSteps`, a plan of pointers, rebuilt when a weight changes).
+on the `[out, in]` layout it streams at the core's bandwidth, and a decoded
+token's whole block is one kernel call (`BlockSteps`, a plan of pointers,
+rebuilt when a weight changes), for one stream or several at once.
 
 This module is the one home of the CPU decode path: which path a stream
 decodes on (`resolve_decode`, decided once per stream and reported), the
@@ -25,16 +24,17 @@ Design decisions:
 - The decode path is a named option, `decode="auto" | "kernels" | "torch"`,
   resolved once when a stream starts (`resolve_decode`): "auto" takes the
   kernels where they are built, the weights are fp32/bf16 on CPU and torch
-  runs one thread (the kernels are single-threaded: with more threads,
-  PyTorch's products use them). A step reads the resolved choice from a
+  runs one thread (the kernels' own threads are a separate, explicit
+  setting, `cpu_kernels.set_threads`; with more torch threads, PyTorch's
+  products use them). A step reads the resolved choice from a
   context variable (`decoding(path)`), so streams decoding on other threads
   never see each other's choice.
 - Decoding state belongs to the stream. What a step writes (a `BlockSteps`
   plan's cache pointers and row numbers, rotary tables, caches) is owned by
   the stream that decodes (`inference.Session` keeps its `BlockSteps`);
   what is shared between streams over one model is read-only once built:
-  the packed weights, built once under a lock (`_packed_entry`) and kept
-  per layout. The kernels release the GIL, so a plan shared between two
+  the packed weights (kept per layout) and the weight half of the block
+  plans (`_BlockWeights`), built once under a lock. The kernels release the GIL, so a plan shared between two
   threads would be rewritten by one while the other's kernel reads it (one
   stream's keys written into another's cache): tests/test_concurrency.py
   decodes streams on several threads at once against their solo runs.
@@ -349,7 +349,6 @@ class _BlockWeights:
         return plan
 
 
-
 def _block_weights(model: nn.Module, dtype: torch.dtype) -> _BlockWeights:
     """`model`'s shared `_BlockWeights` for `dtype`, built once (under the packing lock) and
     rebuilt when a weight it points into changed."""
@@ -365,7 +364,7 @@ def _block_weights(model: nn.Module, dtype: torch.dtype) -> _BlockWeights:
 
 
 class BlockSteps:
-    """A model's decoder blocks, each one kernel call per decoded token (`cpu_kernels.block_step`):
+    """A model's decoder blocks, each one kernel call per decoded token (`cpu_kernels.block_rows`):
     the attention sublayers by placement, the residual adds and the feed-forward of `Block.step`
     (equal within float summation order: tests/test_cpu_kernels.py), without its ~20
     Python-level calls per block.
@@ -423,7 +422,8 @@ class BlockSteps:
              windows: list[list[StepCache | None]]) -> list[torch.Tensor]:
         """One decoded token of each of several streams through every block: per block one kernel
         call for all of them (`cpu_kernels.block_rows`: the weights read once), each row with the
-        bits it gets alone (`__call__`). A row whose block the kernel does not take runs `Block.step`.
+        bits it gets alone (`__call__` is this for one stream). A row whose block the kernel does not
+        take runs `Block.step`.
 
         Args:
             steps: each stream's own `BlockSteps`, over the same model and dtype.
@@ -462,18 +462,7 @@ class BlockSteps:
         Returns:
             `[1, 1, d]`.
         """
-        rope = rotary.tables(self.dtype)
-        x = h.reshape(-1).clone()  # overwritten block by block
-        for block, plan, sa, window in zip(self.model.blocks, self.plans, sa_caches, windows):
-            joins = self._bound(plan, sa, window, x)
-            if joins is None:
-                x = block.step(x.view(h.shape), rotary=rotary, sa_cache=sa, window=window).reshape(-1)
-                continue
-            cpu_kernels.block_step(plan, x, rope)
-            for _, cache in joins:
-                cache.commit_row()
-        return x.view(h.shape)
-
+        return self.rows([self], [h], [rotary], [sa_caches], [windows])[0]
 
 def block_steps(model: nn.Module, h: torch.Tensor, previous: BlockSteps | None,
                 checked: dict | None = None) -> BlockSteps | None:
