@@ -39,7 +39,7 @@ import torch
 
 from casa.bench.bandwidth import decode_weight_bytes, read_bandwidth
 from casa.bench.report import write_report
-from casa.config import FusionConfig, LMConfig, ModelConfig, VisionConfig
+from casa.bench.stream import StreamBench
 from casa.core import cpu_kernels
 from casa.core.model import CasaModel
 from casa.files import check_output_file
@@ -77,14 +77,12 @@ class BatchBench:
             raise ValueError(f"--threads {self.threads}: counts >= 1")
 
     def model(self) -> CasaModel:
+        """The bench model, built as `bench stream` builds it (its `model_config`) at this shape."""
         torch.manual_seed(self.seed)
-        side = int(round(self.image_tokens ** 0.5))
-        config = ModelConfig(
-            lm=LMConfig(vocab_size=self.vocab, d_model=self.d_model, n_layers=self.layers, n_heads=self.heads,
-                        n_kv_heads=self.kv_heads, d_ff=self.d_ff),
-            vision=VisionConfig(image_size=side * 4, patch_size=4, d_model=32, n_layers=1, n_heads=2, d_ff=32),
-            fusion=FusionConfig(variant="casa"))
-        return CasaModel(config).eval()
+        shape = StreamBench(variants=["casa"], image_tokens=self.image_tokens, d_model=self.d_model,
+                            layers=self.layers, heads=self.heads, kv_heads=self.kv_heads, d_ff=self.d_ff,
+                            vocab=self.vocab)
+        return CasaModel(shape.model_config("casa")).eval()
 
 
 def _prefilled(model: CasaModel, cfg: BatchBench, n: int, context: int) -> list[Session]:
