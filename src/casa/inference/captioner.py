@@ -138,9 +138,8 @@ class SharedModel:
         from casa.core.decode import resolve_decode
         from casa.inference.batching import DecodeBatcher
         from casa.pretrained.directory import load
-        from casa.pretrained.runs import resolve_model_dir
 
-        model, _, processor = load(resolve_model_dir(checkpoint))
+        model, _, processor = load(checkpoint)  # a model directory or a run's latest checkpoint
         batched = resolve_decode("auto", model.embed.weight) == "kernels"
         return cls(model, processor, DecodeBatcher(model) if batched else None)
 
@@ -159,13 +158,12 @@ def load_captioner(checkpoint, *, sampling: Sampling | None = None, processors_f
     import torch
 
     from casa.pretrained.directory import load
-    from casa.pretrained.runs import resolve_model_dir
 
     dtype = cache_dtype_named(cache_dtype)  # a bad name is refused before the model loads
     if isinstance(checkpoint, SharedModel):
         model, processor, batcher = checkpoint.model, checkpoint.processor, checkpoint.batcher
     else:
-        (model, _, processor), batcher = load(resolve_model_dir(checkpoint)), None
+        (model, _, processor), batcher = load(checkpoint), None  # load takes a run's latest checkpoint too
     return Captioner(model, processor, sampling=sampling, processors=processors_fn(processor) if processors_fn else (),
                      history=history, instruction=instruction, allow_size_change=allow_size_change,
                      interval=interval, generator=torch.Generator().manual_seed(seed), cache_dtype=dtype,

@@ -37,7 +37,8 @@ Design decisions:
 - A session owns everything a decode step writes: its caches, its rotary
   tables and its one-call block plan (`core.decode.BlockSteps`, whose
   pointers change every token). Sessions over one model share only what is
-  read-only once built (the weights and their packed copies), so sessions on
+  read-only once built (the weights, their packed copies and the plans'
+  weight half), so sessions on
   different threads decode side by side, each giving the tokens it gives
   alone (tests/test_concurrency.py).
 - The decode path (`decode="auto" | "kernels" | "torch"`) and the attention
