@@ -21,18 +21,13 @@ import time
 import av
 import numpy as np
 import pytest
-import torch
-from conftest import tiny_config
+from test_stream import checkpoint  # noqa: F401 - a fixture, shared
 
 from casa.cli import main
-from casa.core.model import CasaModel
 from casa.inference.live import LagStats, LatestFrame, LiveFrame, LiveReader, caption_live, caption_newest
 from casa.inference.sources import LiveVideo, StreamError, video_frames
 from casa.inference.writers import parse_srt
-from casa.pretrained.directory import save_pretrained
-from casa.pretrained.tokenizer import ByteTokenizer
 
-TOK = ByteTokenizer()
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -132,17 +127,6 @@ def udp_sender(port, first, count, fps, log=None):
     thread = threading.Thread(target=lambda: (send_ts(put, first, count, fps, log), out.close()), daemon=True)
     thread.start()
     return thread
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = tiny_config("casa")
-    cfg.lm.vocab_size = TOK.vocab_size
-    model = CasaModel(cfg)
-    with torch.no_grad():  # an untrained model that speaks in lowercase letters, so that captions show
-        model.embed.weight[ord("a") : ord("z") + 1] *= 20
-    return save_pretrained(model, tmp_path_factory.mktemp("ckpt") / "model", tokenizer=TOK)
 
 
 def read_jsonl(path):
