@@ -34,7 +34,7 @@ import json
 import sys
 from pathlib import Path
 
-from casa.cli.values import positive_float, positive_int, probability
+from casa.cli.values import non_negative_int, positive_float, positive_int, probability
 
 __all__ = ["check", "read_messages", "register", "run"]
 
@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--json", action="store_true", help="with --messages: print {reply, tokens, stop_reason}")
     c.add_argument("--max-new-tokens", type=positive_int, default=128, help='most tokens per reply')
     c.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    c.add_argument("--top-k", type=int, default=0, help='sample from the k most likely tokens (0: all)')
+    c.add_argument("--top-k", type=non_negative_int, default=0, help='sample from the k most likely tokens (0: all)')
     c.add_argument("--top-p", type=probability, default=1.0,
                    help='nucleus sampling: the smallest set of tokens with this much probability (1: all)')
     c.add_argument("--seed", type=int, default=0, help="random seed for sampling")
@@ -66,8 +66,8 @@ def check(args) -> None:
 
     if args.json and args.messages is None:
         raise ValueError("--json: only with --messages (the interactive chat prints replies as they come)")
-    if args.temperature < 0 or args.top_k < 0:
-        raise ValueError(f"--temperature {args.temperature} / --top-k {args.top_k}: must be >= 0")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature {args.temperature}: must be >= 0")
     read_config(resolve_model_dir(args.checkpoint))
     if args.messages is not None:
         args.conversation, args.base = read_messages(args.messages)
