@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -114,14 +113,6 @@ def _pool(cfg: LiveBench, n: int = 16) -> list[np.ndarray]:
         img[s // 4 : s // 2, x : x + s // 4] = (230, 30, 30)
         out.append(img)
     return out
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def run(cfg: LiveBench, *, json_path=None, plot_path=None, log=print) -> dict:
@@ -208,7 +199,7 @@ def run(cfg: LiveBench, *, json_path=None, plot_path=None, log=print) -> dict:
                            "load": round(real_fps / sustained, 3)},
               "summary": summary, "blocks": blocks,
               "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "decode": captioner.session.decode,
-                          "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "commit": _commit()}}
+                          "loadavg_start": load_start, "loadavg_end": os.getloadavg()}}  # the commit: in `provenance`
     if log:
         lag = summary["lag_ms"]
         log(f"live: {summary['captioned']} of {summary['frames']} frames captioned, drop rate "
