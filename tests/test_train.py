@@ -224,9 +224,10 @@ def test_bad_jsonl_line_fails_training_with_file_and_line(tmp_path, capsys):
 
 # ---------------------------------------------------------- distributed
 RANK_SCRIPT = """
-import sys, torch, torch.distributed as dist
+import sys, torch
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
 from casa.training.config import load_config
+from casa.training.distributed import shutdown
 from casa.training.trainer import Trainer
 torch.set_num_threads(1)
 model_cfg, cfg = load_config(sys.argv[1], sys.argv[2:])
@@ -234,7 +235,7 @@ tr = Trainer(model_cfg, cfg, quiet=True)
 tr.fit()
 state = get_model_state_dict(tr.raw, options=StateDictOptions(full_state_dict=True))
 torch.save({"state": state, "history": tr.history}, f"{cfg.out_dir}/rank{tr.dist.rank}.pt")
-dist.destroy_process_group()
+shutdown(tr.dist)
 """
 
 

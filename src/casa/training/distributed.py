@@ -66,7 +66,12 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def shutdown(d: Dist) -> None:
-    """Leave the process group, if this process joined one."""
+def shutdown(d: Dist, *, wait: bool = True) -> None:
+    """Leave the process group, if this process joined one. `wait=False` (after an error) skips the
+    barrier: a peer that died would hold it for gloo's whole timeout."""
     if d.world > 1 and dist.is_initialized():
+        if wait:
+            # Wait for every rank first: a rank that tears down its gloo pairs while a peer is still
+            # in a collective (or still reading from it) can make that peer abort with SIGABRT.
+            dist.barrier()
         dist.destroy_process_group()

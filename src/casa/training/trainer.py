@@ -526,6 +526,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, *, resume=None, quiet: bool 
     """Build a Trainer and fit it; leaves the process group (if any) at the end. Returns `fit`'s summary."""
     trainer = Trainer(model_cfg, cfg, resume=resume, quiet=quiet)
     try:
-        return trainer.fit()
-    finally:
-        shutdown(trainer.dist)
+        summary = trainer.fit()
+    except BaseException:
+        shutdown(trainer.dist, wait=False)
+        raise
+    shutdown(trainer.dist)
+    return summary
