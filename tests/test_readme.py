@@ -1,10 +1,13 @@
 """The README and the docs pages it links: the README's Python examples run as
 written (the OpenAI-client example needs a running server: tests/test_serve.py
-makes the same calls against one), every `casa` command shown in the README or
-a docs page is one the command line accepts, every link resolves, the README
+makes the same calls against one), the README's commands that take seconds run
+as written (the others are run by the tests of their command, `RUN_ELSEWHERE`),
+every `casa` command shown in the README or a docs page is one the command
+line accepts, every link resolves, the README
 stays a front door (under 15 KB, set-up in the two `make` commands that CI
 runs), and the serving page documents every flag of `casa serve`."""
 
+import io
 import re
 import shlex
 from pathlib import Path
@@ -109,3 +112,29 @@ def test_every_casa_command_shown_is_one_the_command_line_accepts():
             build_parser().parse_args(argv)
         except (ValueError, SystemExit) as e:
             raise AssertionError(f"{name}: {line!r}: {e}") from None
+
+
+# README commands that train, serve or benchmark for minutes: the test that runs each.
+RUN_ELSEWHERE = {"demo": "test_demo.py", "train": "test_train.py", "serve": "test_serve.py", "build": "test_build.py",
+                 "study": "test_study.py", "bench": "test_bench_attention.py"}
+
+
+def test_the_readme_commands_run_as_shown(tmp_path, monkeypatch, capsys):
+    from casa.cli import main
+
+    text = README.read_text()
+    shown = [argv for _, argv in _commands(text)]
+    shown += [shlex.split(cell)[1:] for cell in re.findall(r"^\| `(casa [^`]*)`", text, re.M)]  # the command table
+    assert {argv[0] for argv in shown} >= set(RUN_ELSEWHERE) | {"data", "caption", "chat", "eval", "export"}
+    demo_run(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # `casa chat` in a terminal: the user types nothing
+    ran = []
+    for argv in shown:
+        if argv[0] not in RUN_ELSEWHERE:
+            assert main(argv) == 0, f"casa {shlex.join(argv)}: {capsys.readouterr()}"
+            ran.append(argv)
+    # the sample video is captioned frame by frame (an untrained model's empty captions leave no subtitle)
+    assert "captioned 8 frames; wrote sample.srt" in capsys.readouterr().err and (tmp_path / "sample.srt").exists()
+    assert (tmp_path / "hf_demo" / "config.json").exists() and (tmp_path / "data" / "color.jsonl").exists()
+    assert len(ran) >= 7

@@ -36,7 +36,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = ["DamagedFileError", "atomic_directory", "atomic_file", "check_distinct", "check_output_dir",
-           "check_output_file", "check_replaceable_dir", "fsync_tree", "read_json"]
+           "check_output_file", "check_replaceable_dir", "fsync_tree", "read_json", "VIDEO_CONTAINERS"]
+
+# The video files casa writes (`casa data video`, `casa demo`'s sample): suffix -> PyAV container format.
+VIDEO_CONTAINERS = {".mp4": "mp4", ".mkv": "matroska", ".avi": "avi"}
 
 
 class DamagedFileError(ValueError):

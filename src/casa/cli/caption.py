@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     cap.add_argument("--jsonl", default=None, help="JSONL file, one line per frame and a summary line")
     cap.add_argument("--out-dir", default=None,
                      help="several sources: the folder of their SRT and JSONL files (N_NAME.srt, N_NAME.jsonl)")
-    cap.add_argument("--max-new-tokens", type=positive_int, default=16, help='most tokens per caption')
+    cap.add_argument("--max-new-tokens", type=positive_int, default=32, help='most tokens per caption (a caption usually ends before, at its end token)')
     cap.add_argument("--min-new-tokens", type=non_negative_int, default=0, help="no end token before this many tokens")
     cap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     cap.add_argument("--top-k", type=non_negative_int, default=0, help='sample from the k most likely tokens (0: all)')

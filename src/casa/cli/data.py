@@ -17,13 +17,12 @@ Design decisions:
 from __future__ import annotations
 
 import argparse
-from fractions import Fraction
 
 from casa.cli.values import TASK_NAMES, key_values, positive_float, positive_int
+from casa.files import VIDEO_CONTAINERS
 
 __all__ = ["check", "check_video", "register", "run", "run_video"]
 
-VIDEO_FORMATS = {".mp4": "mp4", ".mkv": "matroska", ".avi": "avi"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ex.set_defaults(func=run, check=check)
     vid = data.add_parser("video", help="write a sample video to caption: a shape stepping across a 3 x 3 grid "
                                         "(the synthetic video task)")
-    vid.add_argument("out", help=f"the video file to write ({', '.join(VIDEO_FORMATS)})")
+    vid.add_argument("out", help=f"the video file to write ({', '.join(VIDEO_CONTAINERS)})")
     vid.add_argument("--frames", type=positive_int, default=8, help="frames in the video")
     vid.add_argument("--fps", type=positive_float, default=2.0, help="its frame rate")
     vid.add_argument("--size", type=positive_int, default=128, help="frame side in pixels (even)")
@@ -73,41 +72,18 @@ def check_video(args) -> None:
     from casa.files import check_output_file
 
     check_output_file(args.out, "output video")
-    if Path(args.out).suffix.lower() not in VIDEO_FORMATS:
-        raise ValueError(f"output video {args.out!r}: expected a file name ending in {', '.join(VIDEO_FORMATS)}")
+    if Path(args.out).suffix.lower() not in VIDEO_CONTAINERS:
+        raise ValueError(f"output video {args.out!r}: expected a file name ending in {', '.join(VIDEO_CONTAINERS)}")
     if args.size % 2:
         raise ValueError(f"--size {args.size}: expected an even number of pixels")
 
 
 def run_video(args) -> int:
-    from pathlib import Path
+    from casa.data.video import write_sample_video
 
-    import av
-    import numpy as np
-
-    from casa.data import make_sample
-    from casa.data.tasks import difficulty
-    from casa.files import atomic_file
-
-    sample = make_sample("video", args.seed, 0, difficulty({"frames": args.frames, "image_size": args.size}))
-    frames = [part["image"] for m in sample.messages if m["role"] == "user" for part in m["content"]
-              if part["type"] == "image"]
-    captions = [part["text"] for m in sample.messages if m["role"] == "assistant" for part in m["content"]]
-    path = Path(args.out)
-    with atomic_file(path, "wb") as f:
-        container = av.open(f, "w", format=VIDEO_FORMATS[path.suffix.lower()])
-        stream = container.add_stream("mpeg4", rate=Fraction(args.fps).limit_denominator(1000))
-        stream.width = stream.height = args.size
-        stream.pix_fmt, stream.bit_rate = "yuv420p", 2_000_000
-        for image in frames:
-            frame = av.VideoFrame.from_ndarray(np.asarray(image.convert("RGB")), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-        container.close()
-    print(f"wrote {path}: {len(frames)} frames of {args.size} x {args.size} at {args.fps:g} fps; what each frame "
-          "shows (the reference captions):")
+    captions = write_sample_video(args.out, frames=args.frames, fps=args.fps, size=args.size, seed=args.seed)
+    print(f"wrote {args.out}: {len(captions)} frames of {args.size} x {args.size} at {args.fps:g} fps; what each "
+          "frame shows (the reference captions):")
     for i, caption in enumerate(captions):
         print(f"  {i / args.fps:6.1f} s  {caption}")
     return 0

@@ -79,7 +79,7 @@ class Captioner:
                  cache_dtype: torch.dtype | None = None, decode: str = "auto", batcher=None):
         self.session = Session(model, history=history, backend=backend, cache_dtype=cache_dtype, decode=decode,
                                batcher=batcher)
-        self.chat = Chat(self.session, processor, sampling=sampling or Sampling(max_new_tokens=16),
+        self.chat = Chat(self.session, processor, sampling=sampling or Sampling(max_new_tokens=32),
                          processors=tuple(processors), generator=generator)
         self.instruction = instruction
         self.allow_size_change = allow_size_change
