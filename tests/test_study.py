@@ -40,8 +40,7 @@ def quick(tmp_path_factory):
 def test_quick_study_runs_both_stages_both_regimes_and_the_flops_matched_row(quick):
     out, _ = quick
     res = json.loads((out / "results.json").read_text())
-    assert QUICK_ARMS == ["insertion", "ca", "casa", "casa_no_text_keys", "casa@full", "insertion@full",
-                          "insertion@flops"]
+    assert QUICK_ARMS == ["insertion", "ca", "casa", "casa@full", "insertion@full", "insertion@flops"]
     assert list(res["config"]["arms"]) == QUICK_ARMS and set(res["accuracy"]) == set(QUICK_ARMS)
     assert res["config"]["arms"]["casa@full"] == {"variant": "casa", "regime": "full", "matching": "samples"}
     runs = {r["arm"]: r for r in res["runs"]}
@@ -113,6 +112,24 @@ def test_quick_study_report_and_plots(quick):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
         assert (docs / png).is_file()
     assert (docs / "study.md").read_text() == report
+    # the third edition's experiments: compression of the frozen casa and insertion arms, the gate per token
+    res = json.loads((out / "results.json").read_text())
+    runs = {r["arm"]: r for r in res["runs"]}
+    spec = SIZES["quick"]["compression"]
+    for arm in ("casa", "insertion"):
+        rows = runs[arm]["compression"]["rows"]
+        assert [(r["method"], r["factor"]) for r in rows] == [("none", 1)] + [
+            (m, f) for m in ("pool", "topk") for f in spec["factors"] if f != 1]
+        assert [r["tokens_per_window"] for r in rows[:3]] == [16, 8, 4]  # a 4 x 4 grid: none, pool 2x, pool 4x
+    assert runs["insertion"]["compression"]["rows"][1]["kv_bytes_per_frame"] * 2 == \
+        runs["insertion"]["compression"]["rows"][0]["kv_bytes_per_frame"]  # half the tokens, half the cache
+    assert {r["kv_bytes_per_frame"] for r in runs["casa"]["compression"]["rows"]} == {0}  # never in the cache
+    assert "compression" not in runs["ca"] and set(runs["casa"]["gate_tokens"]["tasks"]) == {
+        "color", "count", "position", "digits", "bars", "table"}
+    for section, png in (("## Image-token compression", "study_compression.png"),
+                         ("## What the implicit gate does per token", "study_gate_heatmaps.png")):
+        assert section in report and f"]({png})" in report
+        assert (docs / png).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_quick_study_reuses_finished_runs(quick, capsys):
@@ -299,7 +316,7 @@ def test_an_interrupted_stage0_keeps_the_part_it_finished_and_says_so(tmp_path, 
     assert any(line.endswith(f"saved in {root / 's0'}") for line in lines)
     assert (root / "s0" / "lm_stats.json").is_file() and not (root / "s0" / "stats.json").exists()
     summary = saved_summary(StudyConfig(out=str(tmp_path / "out"), size="quick"))
-    assert "stage 0: seed 0: text LM; arm runs: 0 of 7" in summary and "run the same command again" in summary
+    assert "stage 0: seed 0: text LM; arm runs: 0 of 6" in summary and "run the same command again" in summary
     lines.clear()
     res = pretrain(root, base, ["color"], difficulty(spec["difficulty"]), spec["stage0"], 0, say=lines.append)
     assert any("reuse the text LM" in line for line in lines) and not any("text LM: step" in line for line in lines)

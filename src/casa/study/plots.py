@@ -34,6 +34,10 @@ NAMES = {
     "study_paired.png": "paired differences between arms (mean, 95% interval)",
     "study_bench.png": "training memory and speed, streaming time to first token, per variant",
     "study_gating.png": "CASA's implicit gate: answer tokens' attention mass on image keys",
+    "study_compression.png": "accuracy and time to first token against image tokens per window, compressed "
+                             "without retraining",
+    "study_gate_heatmaps.png": "where an answer token looks: its attention over the image patches, and its "
+                               "image vs text share per fusion layer",
 }
 
 

@@ -16,11 +16,17 @@ Design decisions:
   its PNGs when asked) is written with `casa.files.atomic_file`; the PNGs
   sit beside the markdown, so the same relative links work in both places.
 - Without matplotlib the plots are skipped and the report says so.
+- The third edition's experiments have their own modules, each with its
+  rule, table and finding (`compression.section`, `gating.section`); the
+  report gathers them: compression averaged over seeds, the gate per token
+  of the first seed's casa arm (the records behind it hold images, so
+  run.py draws its heatmaps, `study_gate_heatmaps.png`, while it has them).
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 from casa.files import atomic_file
@@ -59,6 +65,7 @@ def derive(results: dict) -> dict:
     results["accuracy"] = aggregate(results["runs"], cats)
     results["paired"] = paired_differences(results)
     results["gating"] = gating_summary(results["runs"], [t for ts in cats.values() for t in ts])
+    results["compression"] = _compression(results["runs"])
     results["claims"] = claims(results)
     results["summary"] = summary(results)
     return results
@@ -353,9 +360,56 @@ def markdown(results: dict, images: dict | None) -> str:
     L += _cost_section(results)
     L += _bench_section(results, images)
     L += _gating_section(results, images)
+    L += _experiment_sections(results, images)
     L += ["## Per-seed results", "", "Every (arm, seed) run is in `results.json` under `runs` (scores, blind "
           "scores, levels, curves, training cost, gating); the derived sections sit beside it."]
     return "\n".join(L) + "\n"
+
+
+def _compression(runs: list[dict]) -> dict | None:
+    """compression.py's results for the report: per variant (casa, insertion), averaged over seeds."""
+    from casa.study.compression import mean_over_seeds, verdict
+
+    per = {}
+    for r in runs:
+        if r.get("compression"):
+            per.setdefault(r["arm"], []).append(r["compression"])
+    if not per:
+        return None
+    res = {"variants": {arm: mean_over_seeds(rs) for arm, rs in per.items()}}
+    res["verdict"] = verdict(res) if {"casa", "insertion"} <= set(per) else None
+    return res
+
+
+def _experiment_sections(results: dict, images) -> list[str]:
+    from casa.study.compression import section as compression_section
+    from casa.study.gating import section as gate_section
+
+    L = []
+    if results.get("compression"):
+        L += [compression_section(results["compression"])] + _image(images, "study_compression.png")
+    gates = sorted((r for r in results["runs"] if r.get("gate_tokens")), key=lambda r: r["seed"])
+    if gates:
+        figure = "study_gate_heatmaps.png" if images and "study_gate_heatmaps.png" in images else None
+        L += [f"Per token, the {gates[0]['arm']} arm of seed {gates[0]['seed']} (the other seeds' summaries are "
+              "in results.json).", "", gate_section(gates[0]["gate_tokens"], figure=figure), ""]
+    return L
+
+
+def _experiment_images(results: dict, out: Path) -> dict[str, bytes]:
+    """The experiments' PNGs: compression's plot, and the gate heatmaps run.py drew into `out`."""
+    from casa.study.compression import plot_compression
+
+    images = {}
+    if results.get("compression"):
+        with tempfile.TemporaryDirectory() as d:
+            path = plot_compression(results["compression"], Path(d) / "study_compression.png")
+            if path is not None:
+                images["study_compression.png"] = Path(path).read_bytes()
+    heat = out / "study_gate_heatmaps.png"
+    if heat.is_file():
+        images["study_gate_heatmaps.png"] = heat.read_bytes()
+    return images
 
 
 # ------------------------------------------------------------------- write
@@ -365,6 +419,8 @@ def write_report(results: dict, out: Path, docs: Path | None = None) -> dict:
     out = Path(out)
     derive(results)
     images = render(results, TOL_INSERTION)
+    if images is not None:
+        images.update(_experiment_images(results, out))
     _write(out / "results.json", json.dumps(results, indent=1))
     for name, data in (images or {}).items():
         _write(out / name, data)

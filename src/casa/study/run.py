@@ -80,8 +80,10 @@ VARIANTS = {
     "casa_shared": {"variant": "casa_shared"},
     "ca_ffn": {"variant": "ca_ffn"},
     "gated_ca": {"variant": "gated_ca"},
-    "casa_no_text_keys": {"variant": "casa", "text_keys": False},
 }
+# CASA without its text keys (`text_keys=False`, the paper's ablation) computes exactly what `ca` computes
+# (tests/test_model.py::test_casa_without_text_keys_is_ca), so it is no arm of its own: the text-keys
+# claim is casa against ca.
 FULL_ARMS = ("insertion@full", "ca@full", "casa@full")  # the full fine-tuning regime
 # training draws each fine-grained task twice as often as the others: the coarse ones are
 # learnt in a fraction of stage 1, the fine-grained ones are still improving at its end
@@ -103,9 +105,10 @@ SIZES = {
                   "warmup_steps": 2, "min_lr_ratio": 0.1, "weight_decay": 0.01, "grad_clip": 1.0},
         "difficulty": {**DIFFICULTY, "image_size": 32},
         "seeds": 1, "eval_n": 6, "curve_n": 3, "curve": [0.5], "gating_n": 4,
-        "variants": ["insertion", "ca", "casa", "casa_no_text_keys"], "full_arms": ["casa@full", "insertion@full"],
+        "variants": ["insertion", "ca", "casa"], "full_arms": ["casa@full", "insertion@full"],
         "bench_train": {"text_tokens": 128, "image_ratio": 4, "tokens_per_image": 16, "repeats": 1},
         "stream": {"turns": 10, "image_tokens": 16, "new_tokens": 4, "prompt_tokens": 2},
+        "compression": {"n": 4, "factors": [1, 2, 4], "latency_prompts": 2, "repeats": 1},
         "isolate": False, "device": "cpu",
     },
     "full": {
@@ -120,6 +123,8 @@ SIZES = {
         "variants": list(VARIANTS), "full_arms": list(FULL_ARMS),
         "bench_train": {"text_tokens": 384, "image_ratio": 10, "tokens_per_image": 64, "repeats": 3},
         "stream": {"turns": 64, "image_tokens": 64, "new_tokens": 8, "prompt_tokens": 4},
+        # 36 image tokens (a 6 x 6 grid): 9x pools 3 x 3 blocks (8x has no block shape on it)
+        "compression": {"n": 20, "factors": [1, 2, 4, 9], "latency_prompts": 8, "repeats": 3},
         "isolate": True, "device": "cpu",
     },
 }
@@ -130,7 +135,8 @@ SIZES["gpu"] = {**SIZES["full"], "device": "cuda",
                                      "d_ff": 384}},
                 "stage0": {**SIZES["full"]["stage0"], "lm_steps": 4000, "vision_steps": 1500},
                 "train": {**SIZES["full"]["train"], "steps": 1500, "text_tokens": 1024, "image_tokens": 16384},
-                "difficulty": {**DIFFICULTY, "image_size": 64}, "eval_n": 90}
+                "difficulty": {**DIFFICULTY, "image_size": 64}, "eval_n": 90,
+                "compression": {"n": 60, "factors": [1, 2, 4, 8], "latency_prompts": 8, "repeats": 3}}
 
 
 def arms_of(variants: list[str], full_arms: list[str]) -> list[str]:
@@ -202,6 +208,36 @@ def _gating(model, processor, spec: dict, tasks: list[str], seed: int) -> tuple[
             shares = attention_shares(model, pack_row(docs))
             gating[t] = {str(k): v for k, v in sorted(shares.items())}
     return gating, {str(k): v for k, v in gate_values(model).items()}
+
+
+def _single_image(tasks: list[str]) -> list[str]:
+    return [t for t in tasks if t in CATEGORIES["coarse"] + CATEGORIES["fine-grained"]]
+
+
+def _compression(model, processor, spec: dict, tasks: list[str], seed: int) -> dict:
+    """Accuracy, cache bytes and latency of a trained arm with its image tokens compressed (compression.py)."""
+    from casa.eval.synthetic import eval_samples
+    from casa.study.compression import evaluate_compression
+
+    c = spec["compression"]
+    samples = eval_samples(_single_image(tasks), c["n"], seed=seed, difficulty=spec["difficulty"])
+    return evaluate_compression(model, processor, samples, factors=c["factors"], latency_prompts=c["latency_prompts"],
+                                repeats=c["repeats"])
+
+
+def _gate_tokens(model, processor, spec: dict, tasks: list[str], seed: int, heatmaps: Path | None) -> dict:
+    """The gate per token (gating.py's `summarise`); with `heatmaps`, the first sample of each task drawn there
+    (the records hold the images, which results.json cannot)."""
+    from casa.data import SyntheticSource
+    from casa.data.tasks import difficulty as make_difficulty
+    from casa.study.gating import plot_gate_heatmaps, sample_gates, summarise
+
+    single = _single_image(tasks)
+    src = SyntheticSource(single, seed=seed + 2000, difficulty=make_difficulty(spec["difficulty"]))
+    records = sample_gates(model, processor, [src[i] for i in range(spec["gating_n"] * len(single))])
+    if heatmaps is not None:
+        plot_gate_heatmaps([next(r for r in records if r["task"] == t) for t in single], heatmaps)
+    return summarise(records)
 
 
 def prior_scores(tasks: list[str], spec: dict, seed: int = 0) -> tuple[dict, dict]:
@@ -330,6 +366,11 @@ def _one_seed(seed: int, spec: dict, tasks: list[str], arms: list[str], out: Pat
         r = train_arm(arm, seed, spec, tasks, VARIANTS[arm.variant], stage0["dir"], out / "work", steps=steps)
         model, processor = r.pop("model"), r.pop("processor")
         r["gating"], r["gates"] = ({}, {}) if arm.regime == "full" else _gating(model, processor, spec, tasks, seed)
+        if arm.regime == "frozen" and arm.matching == "samples" and arm.variant in ("casa", "insertion"):
+            r["compression"] = _compression(model, processor, spec, tasks, seed)
+            if arm.variant == "casa":
+                r["gate_tokens"] = _gate_tokens(model, processor, spec, tasks, seed,
+                                                out / "study_gate_heatmaps.png" if seed == 0 else None)
         del model
         with atomic_file(path) as f:
             f.write(json.dumps(r, indent=1))

@@ -44,10 +44,8 @@ LEARNED = 0.05  # an arm has learned a category when it beats max(its blind scor
 PAIR_SPECS = (
     ("casa", "samples", "insertion", "samples"),
     ("casa", "samples", "ca", "samples"),
-    ("casa", "samples", "casa_no_text_keys", "samples"),
     ("casa", "samples", "insertion", "flops"),
     ("ca_ffn", "samples", "ca", "samples"),
-    ("casa_no_text_keys", "samples", "ca", "samples"),
 )
 REGIME_VARIANTS = ("casa", "insertion")  # their other-regime arm minus their primary-regime arm
 
