@@ -368,3 +368,15 @@ def test_claims_is_the_report_entry_point_too():
     res = derive(make_results())
     assert claims(res) == res["claims"]
     assert {c["verdict"] for c in res["claims"]} == {"holds"}  # the default numbers satisfy every rule
+
+
+def test_per_seed_scores_and_the_evaluation_noise_are_reported():
+    res = derive(make_results())
+    acc = res["accuracy"]["casa"]
+    assert acc["per_seed"]["coarse"] == pytest.approx([0.80, 0.83, 0.78])  # SCORES + OFFSETS, per seed
+    # 2 coarse tasks of 40 questions: sqrt(2 p(1-p) / 40) / 2, largest at the seed nearest 50%
+    assert acc["sampling_se"]["coarse"] == pytest.approx(math.sqrt(2 * 0.78 * 0.22 / 40) / 2)
+    from casa.study.report import markdown
+
+    text = markdown(res, None).split("## Per-seed results", 1)[1]
+    assert "| casa | 0, 1, 2 | 80.0, 83.0, 78.0 · se 4.6 |" in text

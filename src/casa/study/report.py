@@ -361,8 +361,7 @@ def markdown(results: dict, images: dict | None) -> str:
     L += _bench_section(results, images)
     L += _gating_section(results, images)
     L += _experiment_sections(results, images)
-    L += ["## Per-seed results", "", "Every (arm, seed) run is in `results.json` under `runs` (scores, blind "
-          "scores, levels, curves, training cost, gating); the derived sections sit beside it."]
+    L += _per_seed_section(results)
     return "\n".join(L) + "\n"
 
 
@@ -379,6 +378,25 @@ def _compression(runs: list[dict]) -> dict | None:
     res = {"variants": {arm: mean_over_seeds(rs) for arm, rs in per.items()}}
     res["verdict"] = verdict(res) if {"casa", "insertion"} <= set(per) else None
     return res
+
+
+def _per_seed_section(results: dict) -> list[str]:
+    """Each arm's category score per seed, and the largest sampling error of one seed's category mean: a seed
+    far from the others is visible here, not only as a wide interval."""
+    acc, cats = results["accuracy"], list(category_tasks(results))
+    L = ["## Per-seed results", "",
+         "Category score of each seed (points, seeds in order) · the largest binomial standard error of one "
+         "seed's category mean from its questions alone (the evaluation's own noise, before any seed variance). "
+         "Every (arm, seed) run is in `results.json` under `runs`.", "",
+         "| arm | seeds | " + " | ".join(cats) + " |", "|---|---|" + "---|" * len(cats)]
+    for n, r in acc.items():
+        cells = []
+        for c in cats:
+            values = ", ".join(points(v, False) for v in r["per_seed"][c])
+            se = r["sampling_se"][c]
+            cells.append(f"{values} · se {points(se, False)}" if se is not None else values)
+        L.append(f"| {n} | {', '.join(map(str, r['seeds']))} | " + " | ".join(cells) + " |")
+    return L + [""]
 
 
 def _experiment_sections(results: dict, images) -> list[str]:

@@ -138,6 +138,17 @@ def _category_score(run: dict, tasks: list[str], key: str = "score") -> float | 
     return _mean([run["tasks"][t][key] for t in tasks if t in run["tasks"]])
 
 
+def _sampling_se(run: dict, tasks: list[str]) -> float:
+    """Binomial standard error of the run's mean over `tasks` from its questions alone: sqrt(sum over the
+    tasks of p(1-p)/n) / tasks (a score that is no fraction of right answers, e.g. ANLS, is treated as one)."""
+    parts = [run["tasks"][t] for t in tasks if t in run["tasks"]]
+    var = 0.0
+    for part in parts:
+        p = min(max(part["score"], 0.0), 1.0)
+        var += p * (1 - p) / max(1, part.get("n") or 1)
+    return math.sqrt(var) / max(1, len(parts))
+
+
 # ----------------------------------------------------------------- accuracy
 def aggregate(runs: list[dict], categories: dict[str, list[str]]) -> dict:
     """Per arm: mean and 95% interval over seeds of every task, category, level and the overall score,
@@ -146,7 +157,9 @@ def aggregate(runs: list[dict], categories: dict[str, list[str]]) -> dict:
     Args:
         runs: `results["runs"]`; categories: {category: tasks} (see `category_tasks`).
     Returns: {arm: {"variant", "seeds", "tasks", "blind_tasks", "categories", "blind_categories",
-        "overall", "blind_overall", "levels", "blind_levels", "cost", "curves"}}, every number an `interval`.
+        "overall", "blind_overall", "levels", "blind_levels", "cost", "curves"}}, every number an `interval`,
+        and "per_seed": {category: [score of each seed, in "seeds" order]} and "sampling_se": {category: the
+        largest over seeds of the binomial standard error of the seed's category mean (questions per task)}.
     """
     tasks = list(dict.fromkeys(t for ts in categories.values() for t in ts))
     out = {}
@@ -165,6 +178,8 @@ def aggregate(runs: list[dict], categories: dict[str, list[str]]) -> dict:
                 if names:
                     levels[t] = {lv: interval(p[lv][key] for p in per_run if lv in p) for lv in names}
             row[f"{prefix}levels"] = levels
+        row["per_seed"] = {c: [_category_score(r, ts) for r in mine] for c, ts in categories.items()}
+        row["sampling_se"] = {c: max((_sampling_se(r, ts) for r in mine), default=None) for c, ts in categories.items()}
         row["cost"] = {k: interval(r.get(k) for r in mine) for k in
                        ("steps", "samples", "sequence_tokens", "flops_per_step", "train_seconds", "final_loss",
                         "params", "trainable")}
