@@ -232,6 +232,7 @@ def run(out="runs/demo", *, retrain: bool = False, steps: int | None = None, eva
     _say("\nCASA: the trained model; blind: same model, images withheld; prior: most frequent training "
          "answer to the question.")
     _say(f"run directory: {out}  (checkpoint {ckpt.name}, metrics.json"
-         f"{', loss.png' if loss_png else ''}, examples/)  wall time {wall:.0f} s")
+         f"{', loss.png' if loss_png else ''}, examples/{', sample.mp4, sample.srt' if captioned else ''})  "
+         f"wall time {wall:.0f} s")
     sys.stdout.flush()
     return metrics
