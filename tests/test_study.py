@@ -40,7 +40,7 @@ def quick(tmp_path_factory):
 def test_quick_study_runs_both_stages_both_regimes_and_the_flops_matched_row(quick):
     out, _ = quick
     res = json.loads((out / "results.json").read_text())
-    assert QUICK_ARMS == ["insertion", "ca", "casa", "casa@full", "insertion@full", "insertion@flops"]
+    assert QUICK_ARMS == ["insertion", "ca", "casa", "casa_every2", "casa@full", "insertion@full", "insertion@flops"]
     assert list(res["config"]["arms"]) == QUICK_ARMS and set(res["accuracy"]) == set(QUICK_ARMS)
     assert res["config"]["arms"]["casa@full"] == {"variant": "casa", "regime": "full", "matching": "samples"}
     runs = {r["arm"]: r for r in res["runs"]}
@@ -127,6 +127,7 @@ def test_quick_study_report_and_plots(quick):
     assert "compression" not in runs["ca"] and set(runs["casa"]["gate_tokens"]["tasks"]) == {
         "color", "count", "position", "digits", "bars", "table"}
     for section, png in (("## Image-token compression", "study_compression.png"),
+                         ("## How often fusion layers occur", "study_frequency.png"),
                          ("## What the implicit gate does per token", "study_gate_heatmaps.png")):
         assert section in report and f"]({png})" in report
         assert (docs / png).read_bytes()[:4] == b"\x89PNG"
@@ -316,7 +317,7 @@ def test_an_interrupted_stage0_keeps_the_part_it_finished_and_says_so(tmp_path, 
     assert any(line.endswith(f"saved in {root / 's0'}") for line in lines)
     assert (root / "s0" / "lm_stats.json").is_file() and not (root / "s0" / "stats.json").exists()
     summary = saved_summary(StudyConfig(out=str(tmp_path / "out"), size="quick"))
-    assert "stage 0: seed 0: text LM; arm runs: 0 of 6" in summary and "run the same command again" in summary
+    assert "stage 0: seed 0: text LM; arm runs: 0 of 7" in summary and "run the same command again" in summary
     lines.clear()
     res = pretrain(root, base, ["color"], difficulty(spec["difficulty"]), spec["stage0"], 0, say=lines.append)
     assert any("reuse the text LM" in line for line in lines) and not any("text LM: step" in line for line in lines)

@@ -380,3 +380,35 @@ def test_per_seed_scores_and_the_evaluation_noise_are_reported():
 
     text = markdown(res, None).split("## Per-seed results", 1)[1]
     assert "| casa | 0, 1, 2 | 80.0, 83.0, 78.0 · se 4.6 |" in text
+
+
+def with_frequency_arms(res: dict, offsets: dict) -> dict:
+    """`res` plus the frequency arms: copies of casa's runs, each category's score moved by offsets[arm]."""
+    for arm, delta in offsets.items():
+        for r in [r for r in res["runs"] if r["arm"] == "casa"]:
+            r = copy.deepcopy(r)
+            r["arm"] = r["variant"] = arm
+            for t in r["tasks"].values():
+                t["score"] += delta
+            res["runs"].append(r)
+        res["bench"]["train"][arm] = {"text_tok_s": 2000.0, "peak_mem_bytes": 80e6}
+    res["config"]["spec"] = {"model": {"lm": {"n_layers": 4}}}
+    return res
+
+
+def test_frequency_rules_follow_the_numbers():
+    from casa.study.frequency import rows, section, verdicts
+
+    res = derive(with_frequency_arms(make_results(), {"casa_every2": -0.01, "casa_every4": -0.05,
+                                                      "casa_replace": 0.0, "casa_replace_every4": 0.02}))
+    by_arm = {r["arm"]: r for r in rows(res)}
+    assert by_arm["casa_every4"]["blocks"] == [0] and by_arm["casa_every2"]["blocks"] == [0, 2]
+    assert by_arm["casa_every2"]["ratio_to_casa"]["peak_mem_bytes"] == pytest.approx(0.8)  # 80e6 / 100e6
+    v = {x["rule"].split(" ")[0]: x["verdict"] for x in verdicts(res)}
+    assert v == {"casa_every2": "holds", "casa_every4": "does not hold (worst: coarse)",
+                 "casa_replace_every4": "holds"}
+    text = section(res, figure="study_frequency.png")
+    assert text.index("**Rules**") < text.index("| casa_every2 |") and "![how often" in text
+    res = derive(with_frequency_arms(make_results(), {"casa_every2": 0.0, "casa_replace": 0.0,
+                                                      "casa_replace_every4": -0.02}))
+    assert {x["rule"].split(" ")[0]: x["verdict"] for x in verdicts(res)}["casa_replace_every4"] == "does not hold"

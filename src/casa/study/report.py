@@ -17,7 +17,7 @@ Design decisions:
   sit beside the markdown, so the same relative links work in both places.
 - Without matplotlib the plots are skipped and the report says so.
 - The third edition's experiments have their own modules, each with its
-  rule, table and finding (`compression.section`, `gating.section`); the
+  rule, table and finding (`compression`, `frequency`, `gating`); the
   report gathers them: compression averaged over seeds, the gate per token
   of the first seed's casa arm (the records behind it hold images, so
   run.py draws its heatmaps, `study_gate_heatmaps.png`, while it has them).
@@ -401,9 +401,13 @@ def _per_seed_section(results: dict) -> list[str]:
 
 def _experiment_sections(results: dict, images) -> list[str]:
     from casa.study.compression import section as compression_section
+    from casa.study.frequency import section as frequency_section
     from casa.study.gating import section as gate_section
 
     L = []
+    frequency = frequency_section(results, figure="study_frequency.png" if images and "study_frequency.png" in
+                                  images else None)
+    L += [frequency] if frequency else []
     if results.get("compression"):
         L += [compression_section(results["compression"])] + _image(images, "study_compression.png")
     gates = sorted((r for r in results["runs"] if r.get("gate_tokens")), key=lambda r: r["seed"])
@@ -417,8 +421,12 @@ def _experiment_sections(results: dict, images) -> list[str]:
 def _experiment_images(results: dict, out: Path) -> dict[str, bytes]:
     """The experiments' PNGs: compression's plot, and the gate heatmaps run.py drew into `out`."""
     from casa.study.compression import plot_compression
+    from casa.study.frequency import plot_frequency
 
     images = {}
+    frequency = plot_frequency(results)
+    if frequency is not None:
+        images["study_frequency.png"] = frequency
     if results.get("compression"):
         with tempfile.TemporaryDirectory() as d:
             path = plot_compression(results["compression"], Path(d) / "study_compression.png")
