@@ -465,7 +465,7 @@ def section(results: dict) -> str:
         "## Image-token compression (training-free)", "",
         "Does CASA combine with image-token compression? The trained models are evaluated with each window's "
         "image tokens compressed, without retraining: **pool** averages neighbouring tokens of the image grid "
-        "(2x: 1x2 blocks, 4x: 2x2, 8x: 2x4), **topk** keeps the n/f tokens the window's text attends to most in "
+        "(blocks as square as the factor allows: 2x: 1x2, 4x: 2x2, 8x: 2x4, 9x: 3x3), **topk** keeps the n/f tokens the window's text attends to most in "
         "the first fusion layer (insertion: its first self-attention layer), the training-free pruning reported "
         "for Llama 3.2 Vision's cross-attention.", "",
         f"**Rule** (fixed before the numbers): CASA combines with compression if at {rule['factor']}x "

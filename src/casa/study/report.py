@@ -413,8 +413,9 @@ def _experiment_sections(results: dict, images) -> list[str]:
     gates = sorted((r for r in results["runs"] if r.get("gate_tokens")), key=lambda r: r["seed"])
     if gates:
         figure = "study_gate_heatmaps.png" if images and "study_gate_heatmaps.png" in images else None
-        L += [f"Per token, the {gates[0]['arm']} arm of seed {gates[0]['seed']} (the other seeds' summaries are "
-              "in results.json).", "", gate_section(gates[0]["gate_tokens"], figure=figure), ""]
+        heading, _, body = gate_section(gates[0]["gate_tokens"], figure=figure).partition("\n\n")
+        L += [heading, "", f"Measured on the {gates[0]['arm']} arm of seed {gates[0]['seed']} (the other seeds' "
+              "summaries are in results.json).", "", body, ""]
     return L
 
 
