@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     st = sub.add_parser("study", help="train and compare every fusion variant (the paper's comparison, small)")
     st.add_argument("--out", default="runs/study", help="directory for results.json, report.md and plots")
     st.add_argument("--quick", action="store_true",
-                    help="tiny model, 1 seed, both stages and regimes: about 20 s on 2 CPU cores (CI)")
+                    help="tiny model, 1 seed, both stages and regimes: about 25 s on 2 CPU cores (CI)")
     st.add_argument("--seeds", type=positive_int, default=None, help="seeds per variant (full: 3)")
     st.add_argument("--steps", type=positive_int, default=None, help="training steps per run")
     st.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: free cores)")

@@ -23,11 +23,15 @@ numbers into `report.md`, plots and a verdict per claim of the paper, with
 intervals over seeds and paired differences (`stats.py`).
 
 Design decisions:
-- Sizes: `quick` (tiny model, one seed, a handful of steps: CI, under 3
-  minutes on 2 cores, exercising both stages and both regimes) and `full`
-  (3 seeds, 900 steps per arm, docs/study.md: about 63 minutes on 2 CPU cores
-  with `--jobs 3`: 15 for stage 0, 48 for stage 1 and the benchmarks); `--device cuda` scales the model,
-  the data and the steps (`SIZES["gpu"]`). `--seeds` / `--steps` override.
+- Sizes: `quick` (tiny model, one seed, a handful of steps: CI, about 25 s
+  on 2 cores, exercising both stages, both regimes and every experiment) and
+  `full` (3 seeds, 900 steps per arm; the second edition's 14 arms took about
+  63 minutes on 2 CPU cores with `--jobs 3`, 15 for stage 0 and 48 for stage 1
+  and the benchmarks; the third edition adds 3 arms and the compression and
+  gate experiments: one seed of casa, insertion and their full and flops arms
+  took 19.5 min at one thread on a busy machine, 8 of them stage 0);
+  `--device cuda` scales the model, the data and the steps (`SIZES["gpu"]`).
+  `--seeds` / `--steps` override.
 - `--jobs N`: seeds are independent, so N worker processes each train whole
   seeds on their share of `--threads` (at least one each). A model this
   small gains little from a second thread: the three stage-0 text LMs took
