@@ -322,3 +322,18 @@ def test_an_interrupted_stage0_keeps_the_part_it_finished_and_says_so(tmp_path, 
     res = pretrain(root, base, ["color"], difficulty(spec["difficulty"]), spec["stage0"], 0, say=lines.append)
     assert any("reuse the text LM" in line for line in lines) and not any("text LM: step" in line for line in lines)
     assert (root / "s0" / "stats.json").is_file() and res["vision"]["steps"] == 20
+
+
+def test_headline_arms_get_more_seeds_and_an_explicit_seed_count_overrides_it():
+    from casa.study.run import HEADLINE_ARMS, saved_summary, seed_arms
+
+    spec = StudyConfig(size="full").spec
+    arms = arms_of(spec["variants"], spec["full_arms"])
+    plan = seed_arms(spec, arms)
+    assert [s for s, _ in plan] == [0, 1, 2, 3, 4] and all(a == arms for _, a in plan[:3])
+    assert all(a == [x for x in arms if x in HEADLINE_ARMS] for _, a in plan[3:])
+    assert set(HEADLINE_ARMS) <= set(arms) and "insertion@flops" in plan[3][1]  # flops needs casa and insertion
+    assert [(s, a) for s, a in seed_arms(StudyConfig(size="full", seeds=2).spec, arms)] == [(0, arms), (1, arms)]
+    # an interrupted run counts the arm runs of the whole plan
+    assert "arm runs: 0 of " + str(3 * len(arms) + 2 * len(HEADLINE_ARMS)) in saved_summary(
+        StudyConfig(out="/nonexistent/casa-study", size="full"))

@@ -412,3 +412,11 @@ def test_frequency_rules_follow_the_numbers():
     res = derive(with_frequency_arms(make_results(), {"casa_every2": 0.0, "casa_replace": 0.0,
                                                       "casa_replace_every4": -0.02}))
     assert {x["rule"].split(" ")[0]: x["verdict"] for x in verdicts(res)}["casa_replace_every4"] == "does not hold"
+
+
+def test_the_protocol_says_when_some_arms_ran_fewer_seeds():
+    res = make_results()
+    assert "**Seeds** 3 (0, 1, 2);" in derive(copy.deepcopy(res))["summary"]["protocol"][2]
+    res["runs"] = [r for r in res["runs"] if not (r["arm"] == "ca_ffn" and r["seed"] == 2)]
+    line = derive(res)["summary"]["protocol"][2]
+    assert line.startswith("**Seeds** 3 (0, 1, 2) (the arms the headline claims compare; the others 2);")

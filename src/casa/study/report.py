@@ -117,7 +117,13 @@ def protocol(results: dict) -> list[str]:
     seeds = sorted({r["seed"] for r in runs})
     cats = category_tasks(results)
     levels = cfg.get("levels")
-    line2 = (f"**Seeds** {len(seeds)} ({', '.join(map(str, seeds))}); tasks: "
+    per_arm = {}
+    for r in runs:
+        per_arm.setdefault(r.get("arm", r["variant"]), set()).add(r["seed"])
+    counts = sorted({len(s) for s in per_arm.values()})
+    fewer = "" if len(counts) < 2 else (
+        f" (the arms the headline claims compare; the others {counts[0]})")
+    line2 = (f"**Seeds** {len(seeds)} ({', '.join(map(str, seeds))}){fewer}; tasks: "
              + "; ".join(f"{c}: {', '.join(ts)}" for c, ts in cats.items())
              + (f"; {FINE} tasks at difficulty levels {', '.join(map(str, levels))}" if levels else "")
              + ". ± is the half-width of the 95% Student-t interval over seeds; differences are paired by seed.")

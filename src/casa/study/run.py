@@ -25,7 +25,8 @@ intervals over seeds and paired differences (`stats.py`).
 Design decisions:
 - Sizes: `quick` (tiny model, one seed, a handful of steps: CI, about 25 s
   on 2 cores, exercising both stages, both regimes and every experiment) and
-  `full` (3 seeds, 900 steps per arm; the second edition's 14 arms took about
+  `full` (3 seeds, 5 for the `HEADLINE_ARMS`, 100 questions a task, 900
+  steps per arm; the second edition's 14 arms took about
   63 minutes on 2 CPU cores with `--jobs 3`, 15 for stage 0 and 48 for stage 1
   and the benchmarks; the third edition adds 3 arms and the compression and
   gate experiments: one seed of casa, insertion and their full and flops arms
@@ -67,8 +68,8 @@ from casa.files import atomic_file
 from casa.threads import set_threads
 from casa.workers import process_pool
 
-__all__ = ["CATEGORIES", "DIFFICULTY", "FULL_ARMS", "MIX", "SIZES", "TASKS", "VARIANTS", "StudyConfig", "StudyStream",
-           "arms_of", "benchmarks", "command_line", "prior_scores", "run"]
+__all__ = ["CATEGORIES", "DIFFICULTY", "FULL_ARMS", "HEADLINE_ARMS", "MIX", "SIZES", "TASKS", "VARIANTS", "StudyConfig",
+           "StudyStream", "arms_of", "benchmarks", "command_line", "prior_scores", "run", "seed_arms"]
 
 TASKS = ("color", "count", "position", "digits", "bars", "table", "compare", "motion")
 CATEGORIES = {"coarse": ("color", "count", "position"), "fine-grained": ("digits", "bars", "table"),
@@ -93,6 +94,8 @@ VARIANTS = {
 # (tests/test_model.py::test_casa_without_text_keys_is_ca), so it is no arm of its own: the text-keys
 # claim is casa against ca.
 FULL_ARMS = ("insertion@full", "ca@full", "casa@full")  # the full fine-tuning regime
+# the arms the headline claims compare: they may run more seeds than the others (`seed_arms`)
+HEADLINE_ARMS = ("insertion", "ca", "casa", *FULL_ARMS, "insertion@flops")
 # training draws each fine-grained task twice as often as the others: the coarse ones are
 # learnt in a fraction of stage 1, the fine-grained ones are still improving at its end
 MIX = {"digits": 2, "bars": 2, "table": 2}
@@ -127,7 +130,8 @@ SIZES = {
         "train": {"steps": 900, "text_tokens": 384, "image_tokens": 4096, "lr_new": 2e-3, "lr_pretrained": 5e-4,
                   "warmup_steps": 20, "min_lr_ratio": 0.05, "weight_decay": 0.01, "grad_clip": 1.0},
         "difficulty": {**DIFFICULTY, "image_size": 48},
-        "seeds": 3, "eval_n": 30, "curve_n": 9, "curve": [0.25, 0.5, 0.75], "gating_n": 12,
+        # 100 questions a task: a seed's category mean (3 tasks) has a binomial standard error <= 2.9 points
+        "seeds": 3, "headline_seeds": 5, "eval_n": 100, "curve_n": 9, "curve": [0.25, 0.5, 0.75], "gating_n": 12,
         "variants": list(VARIANTS), "full_arms": list(FULL_ARMS),
         "bench_train": {"text_tokens": 384, "image_ratio": 10, "tokens_per_image": 64, "repeats": 3},
         "stream": {"turns": 64, "image_tokens": 64, "new_tokens": 8, "prompt_tokens": 4},
@@ -189,8 +193,9 @@ class StudyConfig:
         key = "gpu" if self.device == "cuda" and self.size == "full" else self.size
         s = json.loads(json.dumps(SIZES[key]))
         s["device"] = self.device
-        if self.seeds is not None:
+        if self.seeds is not None:  # every arm that many seeds
             s["seeds"] = self.seeds
+            s.pop("headline_seeds", None)
         if self.steps is not None:
             s["train"]["steps"] = self.steps
         if self.variants is not None:
@@ -398,20 +403,28 @@ def _seed_job(seed: int, spec: dict, tasks: list[str], arms: list[str], out: Pat
     return _one_seed(seed, spec, tasks, arms, out)
 
 
-def _reused(out: Path, seeds: int, arms: list[str]) -> dict:
+def seed_arms(spec: dict, arms: list[str]) -> list[tuple[int, list[str]]]:
+    """`(seed, its arms)` of a run: every arm for the first `seeds` seeds, then the `HEADLINE_ARMS` alone up to
+    `headline_seeds` (the claims' comparisons get the power; the other arms' seeds cost as much each)."""
+    extra = spec.get("headline_seeds") or 0
+    return [(s, list(arms) if s < spec["seeds"] else [a for a in arms if a in HEADLINE_ARMS])
+            for s in range(max(spec["seeds"], extra))]
+
+
+def _reused(out: Path, plan: list[tuple[int, list[str]]]) -> dict:
     """What a rerun in `out` will take from disk instead of computing (reported beside the wall time)."""
-    return {"stage0_seeds": [s for s in range(seeds) if (out / "stage0" / f"s{s}" / "stats.json").is_file()],
-            "arm_runs": [f"{a}_s{s}" for s in range(seeds) for a in arms
+    return {"stage0_seeds": [s for s, _ in plan if (out / "stage0" / f"s{s}" / "stats.json").is_file()],
+            "arm_runs": [f"{a}_s{s}" for s, arms in plan for a in arms
                          if (out / "runs" / f"{a}_s{s}.json").is_file()]}
 
 
 def saved_summary(cfg: StudyConfig) -> str:
     """What an interrupted study leaves in `cfg.out` for a rerun of the same command to reuse."""
     out, spec = Path(cfg.out), cfg.spec
-    arms = arms_of(spec["variants"], spec["full_arms"])
-    done = _reused(out, spec["seeds"], arms)
+    plan = seed_arms(spec, arms_of(spec["variants"], spec["full_arms"]))
+    done = _reused(out, plan)
     parts = []
-    for seed in range(spec["seeds"]):
+    for seed, _ in plan:
         d = out / "stage0" / f"s{seed}"
         if seed in done["stage0_seeds"]:
             parts.append(f"seed {seed} complete")
@@ -419,7 +432,7 @@ def saved_summary(cfg: StudyConfig) -> str:
             have = [what for name, what in (("lm", "text LM"), ("vision", "vision encoder"))
                     if (d / f"{name}_stats.json").is_file()]
             parts += [f"seed {seed}: {' and '.join(have)}"] if have else []
-    total = spec["seeds"] * len(arms)
+    total = sum(len(arms) for _, arms in plan)
     return (f"casa study: saved in {str(out)!r}: stage 0: {', '.join(parts) or 'nothing yet'}; arm runs: "
             f"{len(done['arm_runs'])} of {total}{' (' + ', '.join(done['arm_runs']) + ')' if done['arm_runs'] else ''}"
             "; run the same command again to continue from there")
@@ -438,24 +451,26 @@ def run(cfg: StudyConfig) -> dict:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     threads = set_threads(cfg.threads)
     arms = arms_of(spec["variants"], spec["full_arms"])
-    _say(f"casa study ({cfg.size}, {cfg.device}): {len(arms)} arms x {spec['seeds']} seed(s), "
+    plan = seed_arms(spec, arms)
+    more = "" if len(plan) == spec["seeds"] else f" (the headline arms x {len(plan)})"
+    _say(f"casa study ({cfg.size}, {cfg.device}): {len(arms)} arms x {spec['seeds']} seed(s){more}, "
          f"{spec['train']['steps']} steps each, tasks {', '.join(cfg.tasks)}, {threads} thread(s)")
-    reused = _reused(out, spec["seeds"], arms)
+    reused = _reused(out, plan)
     runs = []
     if cfg.jobs == 1:
-        for seed in range(spec["seeds"]):
-            runs += _one_seed(seed, spec, cfg.tasks, arms, out)
+        for seed, seed_arm_list in plan:
+            runs += _one_seed(seed, spec, cfg.tasks, seed_arm_list, out)
     else:  # seeds are independent: each worker trains whole seeds, on its share of the threads
-        jobs = min(cfg.jobs, spec["seeds"])
+        jobs = min(cfg.jobs, len(plan))
         with process_pool(jobs) as pool:
-            futures = [pool.submit(_seed_job, seed, spec, cfg.tasks, arms, out, max(1, threads // jobs))
-                       for seed in range(spec["seeds"])]
+            futures = [pool.submit(_seed_job, seed, spec, cfg.tasks, seed_arm_list, out, max(1, threads // jobs))
+                       for seed, seed_arm_list in plan]
             for f in futures:
                 runs += f.result()
     prior, prior_levels = prior_scores(cfg.tasks, spec)
     _say("benchmarks (training step, streaming session):")
     bench = benchmarks(spec, spec["variants"], threads)
-    stage0 = {str(s): json.loads((out / "stage0" / f"s{s}" / "stats.json").read_text()) for s in range(spec["seeds"])}
+    stage0 = {str(s): json.loads((out / "stage0" / f"s{s}" / "stats.json").read_text()) for s, _ in plan}
     results = {
         "command": command_line(cfg),
         "config": {**asdict(cfg), "spec": spec, "threads": threads, "torch": torch.__version__,
