@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--out", default="runs/study", help="directory for results.json, report.md and plots")
     st.add_argument("--quick", action="store_true",
                     help="tiny model, 1 seed, both stages and regimes: about 25 s on 2 CPU cores (CI)")
-    st.add_argument("--seeds", type=positive_int, default=None, help="seeds per variant (full: 3)")
+    st.add_argument("--seeds", type=positive_int, default=None, help="seeds of every arm (full: 3, and 5 for the arms the headline claims compare)")
     st.add_argument("--steps", type=positive_int, default=None, help="training steps per run")
     st.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: free cores)")
     st.add_argument("--jobs", type=positive_int, default=1,
