@@ -295,7 +295,11 @@ class FusionConfig:
 
     `layers` (explicit block indices) wins over `every` (blocks 0, n, 2n, ...).
     `text_keys=False` is the paper's ablation: CASA without its text keys,
-    which is exactly `ca`.
+    which is exactly `ca`. `frame_memory=k` (a square, at most the tokens of
+    an image; not with `insertion`) also splices k average-pooled tokens of
+    each image into the text stream, where insertion would splice them all,
+    so that a bounded summary of every frame stays in the KV cache after its
+    window closes (docs/design.md §3).
     """
 
     variant: str = setting("casa", choices=FUSION_VARIANTS, help="fusion variant (docs/design.md §3)")
@@ -304,11 +308,24 @@ class FusionConfig:
     layers: list[int] | None = setting(None, ge=0, help="explicit fusion blocks, comma-separated (wins over every)")
     init_from_sa: bool = setting(True, help="fusion layers start as copies of their block's self-attention")
     text_keys: bool = setting(True, help="casa: text queries also attend to their window's text (the ablation: no)")
+    # k average-pooled tokens of each image spliced into the text stream before its insertion point (a small
+    # insertion beside the fusion layers: they take positions and enter the KV cache); 0: none
+    frame_memory: int = setting(0, ge=0, le=1024, help="k pooled tokens of each image kept in the text stream "
+                                                        "(1, 4, 9, 16, ...; 0: none)")
 
     def __post_init__(self):
         check_fields(self)
         if self.layers is not None:
             self.layers = sorted(set(self.layers))
+        if self.frame_memory:
+            side = math.isqrt(self.frame_memory)
+            if side * side != self.frame_memory:
+                raise ConfigError(f"FusionConfig.frame_memory={self.frame_memory}: expected a square (1, 4, 9, "
+                                  "16, ...): an image's token grid is pooled to side x side tokens")
+            if self.variant == "insertion":
+                raise ConfigError("FusionConfig.frame_memory: variant 'insertion' already keeps every image "
+                                  "token in the text stream; frame memory is for the variants that keep them "
+                                  f"out of it ({', '.join(v for v in FUSION_VARIANTS if v != 'insertion')})")
 
     def fusion_layers(self, n_layers: int) -> list[int]:
         """Indices of the blocks that carry a fusion layer."""
@@ -336,6 +353,24 @@ class ModelConfig:
     lm: LMConfig = field(default_factory=LMConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+
+    def __post_init__(self):
+        self.check_frame_memory()
+
+    def check_frame_memory(self) -> None:
+        """ConfigError where `fusion.frame_memory` does not fit the image side: its pooling needs a
+        square grid of at least that many tokens, of the same size for every image, and 1-D positions."""
+        k = self.fusion.frame_memory
+        if not k:
+            return
+        if self.vision.dynamic:
+            raise ConfigError("fusion.frame_memory: images of their own sizes (vision.min_pixels / max_pixels) "
+                              "are not supported; give every image one size")
+        if self.lm.mrope_section is not None:
+            raise ConfigError("fusion.frame_memory: multimodal RoPE (lm.mrope_section) is not supported")
+        n = self.vision.tokens_per_image
+        if k > n:
+            raise ConfigError(f"fusion.frame_memory={k}: more than the {n} tokens of an image")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

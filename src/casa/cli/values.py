@@ -16,7 +16,7 @@ __all__ = ["TASK_NAMES", "key_values", "non_negative_int", "positive_float", "po
 
 # the synthetic tasks, for help texts (`casa.data.tasks.TASKS` loads torch; a test keeps the two equal)
 TASK_NAMES = ("color", "count", "position", "compare", "docvqa", "chartqa", "video", "motion", "digits", "bars",
-              "table")
+              "table", "match", "recall")
 
 
 def key_values(items) -> dict:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from casa.core.layout import Layout, Splice, build_layout, build_splice
+from casa.core.layout import Layout, Splice, build_layout, build_memory, build_splice
 
 __all__ = ["Batch", "BatchError"]
 
@@ -149,6 +149,12 @@ class Batch:
         """Where tokens land when images are spliced into the text (`insertion`)."""
         return build_splice(self.input_ids.shape[1], self.doc_lens, self.image_rows, self.insertion_points,
                             tokens_per_image, device=self.input_ids.device)
+
+    def memory(self, tokens_per_image: int | torch.Tensor, memory: int) -> tuple[Splice, Layout]:
+        """Where `memory` tokens per image land in the text stream, and the windows of the longer rows
+        (`FusionConfig.frame_memory`; `core.layout.build_memory`)."""
+        return build_memory(self.input_ids.shape[1], self.doc_lens, self.image_rows, self.insertion_points,
+                            tokens_per_image, memory, device=self.input_ids.device)
 
     def to(self, device) -> "Batch":
         move = {k: getattr(self, k).to(device) for k in

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 import torch
 from einops import rearrange
 
-__all__ = ["FoldedWindows", "History", "Layout", "Splice", "StreamWindows", "build_layout", "build_splice",
-           "cached_mask", "image_token_counts", "window_starts"]
+__all__ = ["FoldedWindows", "History", "Layout", "Splice", "StreamWindows", "build_layout", "build_memory",
+           "build_splice", "cached_mask", "image_token_counts", "window_starts"]
 
 
 @dataclass
@@ -338,6 +338,7 @@ class Splice:
     image_row: torch.Tensor  # [N_tok] spliced row of each image token
     image_index: torch.Tensor  # [N_tok] position of each image token in that row
     layout: Layout  # text-only layout of the spliced rows (documents, positions)
+    doc_lens: list[list[int]] | None = None  # per spliced row, its documents' lengths (padding one included)
 
 
 def build_splice(
@@ -381,11 +382,47 @@ def build_splice(
         spliced_docs.append(docs)
     empty = torch.zeros(0, dtype=torch.long)
     layout = build_layout(S, spliced_docs, empty, empty, 1)
-    splice = Splice(text_index, image_rows.repeat_interleave(counts), image_index, layout)
+    splice = Splice(text_index, image_rows.repeat_interleave(counts), image_index, layout, spliced_docs)
     if device is not None:
         splice = Splice(splice.text_index.to(device), splice.image_row.to(device),
-                        splice.image_index.to(device), layout.to(device))
+                        splice.image_index.to(device), layout.to(device), spliced_docs)
     return splice
+
+
+def build_memory(
+    seq_len: int,
+    doc_lens: list[list[int]],
+    image_rows: torch.Tensor,
+    insertion_points: torch.Tensor,
+    tokens_per_image: int | torch.Tensor,
+    memory: int,
+    device=None,
+) -> tuple[Splice, Layout]:
+    """Frame memory (`FusionConfig.frame_memory`): `memory` tokens per image spliced before its
+    insertion point by insertion's rule (`build_splice`), and the windows of the longer rows.
+
+    The memory tokens are text of the image's window: every image keeps its window, which now starts
+    at the first memory token of its group (images sharing an insertion point put theirs one after
+    the other, image-major), so they read their images in fusion layers and stay in the stream for
+    every later token. Positions count them (`Layout.text_pos` of the longer rows).
+
+    Returns:
+        `(splice, layout)`: where text and memory tokens land (`Splice`, `memory` tokens per image),
+        and the `Layout` of the spliced rows with each image (`tokens_per_image` tokens) at its new
+        insertion point.
+    """
+    rows, points = image_rows.long().cpu(), insertion_points.long().cpu()
+    splice = build_splice(seq_len, doc_lens, rows, points, memory)
+    at = torch.zeros(len(doc_lens), seq_len + 1, dtype=torch.long)  # memory tokens spliced at each point
+    at.index_put_((rows, points), torch.full_like(points, memory), accumulate=True)
+    before = torch.cumsum(at, dim=1) - at  # ... strictly before it
+    layout = build_layout(splice.layout.seq_len, splice.doc_lens, rows, points + before[rows, points],
+                          tokens_per_image)
+    if device is not None:
+        splice = Splice(splice.text_index.to(device), splice.image_row.to(device), splice.image_index.to(device),
+                        splice.layout.to(device), splice.doc_lens)
+        layout = layout.to(device)
+    return splice, layout
 
 
 # ----------------------------------------------------------- one stream, incrementally

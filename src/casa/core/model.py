@@ -24,15 +24,26 @@ Design decisions:
   `core/positions.py` instead (M-RoPE, as transformers for `insertion`).
 - Images may differ in size (dynamic resolution): they travel as flat tokens
   `[N_tok, d]` with a count per image, never padded.
+- Frame memory (`FusionConfig.frame_memory = k`, fused variants): each image's
+  token grid is average-pooled to k tokens (`memory_tokens`), which are
+  spliced into the stream before its insertion point by insertion's own rule
+  (`Batch.memory`, the splice of `insertion` with k tokens per image). They
+  are the first text of the image's window: they read its images in fusion
+  layers, take positions, go through the FFNs and stay in every later
+  token's context (the KV cache, in a session), while the full image tokens
+  stay keys/values of the fusion layers only. Logits are those of the text
+  tokens, as for `insertion`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from einops import rearrange
 
 from casa.config import FusionConfig, LMConfig, ModelConfig
@@ -45,7 +56,7 @@ from casa.core.positions import fused_image_positions, spliced_positions, text_p
 from casa.vision.dynamic import grid_of
 from casa.vision.tower import VisionTower
 
-__all__ = ["Block", "CasaModel", "Context", "init_weights"]
+__all__ = ["Block", "CasaModel", "Context", "init_weights", "memory_tokens"]
 
 Sublayer = Callable[[torch.Tensor], torch.Tensor]  # normalised input -> residual update, same shape
 
@@ -170,6 +181,7 @@ class CasaModel(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        config.check_frame_memory()  # again: a config's fusion may have been replaced after it was built
         self.config = config
         lm, fusion = config.lm, config.fusion
         self.vision = VisionTower(config.vision, lm_d_model=lm.d_model)
@@ -296,7 +308,12 @@ class CasaModel(nn.Module):
         return h if return_hidden else self.lm_head(h)
 
     def _forward_fused(self, batch, h, image_tokens, counts, grids, backend):
-        layout = batch.layout(counts)
+        memory = self.config.fusion.frame_memory
+        if memory:  # k pooled tokens per image join the stream (module docstring)
+            splice, layout = batch.memory(counts, memory)
+            h = _spliced_rows(splice, h, memory_tokens(image_tokens, counts, memory))
+        else:
+            layout = batch.layout(counts)
         image_rotary = None
         if any(b.fusion is not None for b in self.blocks):
             image_pos = fused_image_positions(layout, grids) if self.mrope else layout.image_token_attr(layout.image_pos)
@@ -305,17 +322,11 @@ class CasaModel(nn.Module):
         update = self.config.fusion.variant == "ca_ffn"
         for block in self.blocks:
             h, image_tokens = block(h, image_tokens, ctx, update_images=update)
-        return h
+        return _text_rows(splice, h) if memory else h
 
     def _forward_spliced(self, batch, text, image_tokens, counts, grids, backend):
-        B, T, d = text.shape
         splice = batch.splice(counts)
-        S = splice.layout.seq_len
-        h = text.new_zeros(B, S, d)
-        rows = torch.arange(B, device=text.device)[:, None].expand(B, T)
-        h = h.index_put((rows, splice.text_index), text)
-        if image_tokens.shape[0]:
-            h = h.index_put((splice.image_row, splice.image_index), image_tokens)
+        h = _spliced_rows(splice, text, image_tokens)
         if self.mrope:
             steps = batch.time_steps if batch.time_steps is not None else torch.ones(len(counts))
             rotary = self.rotary(spliced_positions(splice, grids, steps.cpu()))
@@ -324,7 +335,52 @@ class CasaModel(nn.Module):
         ctx = Context(splice.layout, rotary, None, backend)
         for block in self.blocks:
             h, _ = block(h, None, ctx)
-        return h[rows, splice.text_index]
+        return _text_rows(splice, h)
+
+
+def _spliced_rows(splice, text: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Text states `[B, T, d]` and flat spliced tokens `[N_tok, d]` placed in the spliced rows
+    `[B, S, d]` (the padding at the end of shorter rows zero)."""
+    B, T, d = text.shape
+    h = text.new_zeros(B, splice.layout.seq_len, d)
+    rows = torch.arange(B, device=text.device)[:, None].expand(B, T)
+    h = h.index_put((rows, splice.text_index), text)
+    if tokens.shape[0]:
+        h = h.index_put((splice.image_row, splice.image_index), tokens)
+    return h
+
+
+def _text_rows(splice, h: torch.Tensor) -> torch.Tensor:
+    """The text tokens' states `[B, T, d]` out of spliced rows `[B, S, d]`."""
+    B, T = splice.text_index.shape
+    rows = torch.arange(B, device=h.device)[:, None].expand(B, T)
+    return h[rows, splice.text_index]
+
+
+def memory_tokens(image_tokens: torch.Tensor, counts: torch.Tensor, k: int) -> torch.Tensor:
+    """Each image's tokens average-pooled to `k` (a square) tokens: its row-major g x g token grid
+    to a sqrt(k) x sqrt(k) one (`adaptive_avg_pool2d`: equal blocks where sqrt(k) divides g).
+
+    Args:
+        image_tokens: `[N_tok, d]` flat, image-major LM-width tokens.
+        counts: `[N]` long, tokens of each image (each a square number, at least `k`).
+        k: memory tokens per image.
+    Returns:
+        `[N * k, d]`, image-major, row-major within an image, `image_tokens`' dtype.
+    """
+    side = math.isqrt(k)
+    counts = counts.tolist() if torch.is_tensor(counts) else list(counts)
+    if not counts:
+        return image_tokens[:0]
+    grids = {math.isqrt(n) for n in counts}
+    if any(math.isqrt(n) ** 2 != n or n < k for n in counts):
+        raise ValueError(f"frame memory of {k} tokens: every image needs a square grid of at least {k} tokens, "
+                         f"got {sorted(set(counts))}")
+    if len(grids) == 1:  # every image the same size: one call
+        g = grids.pop()
+        x = rearrange(image_tokens, "(img h w) d -> img d h w", h=g, w=g)
+        return rearrange(F.adaptive_avg_pool2d(x, side), "img d h w -> (img h w) d")
+    return torch.cat([memory_tokens(x, [len(x)], k) for x in image_tokens.split(counts)])
 
 
 def init_weights(module: nn.Module) -> None:

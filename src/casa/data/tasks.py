@@ -13,7 +13,12 @@ match) and `chartqa` (read a bar off a chart; relaxed accuracy). `video` is a
 clip of a moving shape with one caption per frame, as alternating
 user(frame) / assistant(caption) turns: the streaming-captioning format;
 `motion` is a clip given as one `video` part (one window per frame) and a
-question on the direction the shape moves.
+question on the direction the shape moves. Two clips ask about earlier frames,
+so that no answer can be read off the last frame (the one whose window the
+question shares, docs/design.md §2): `match` (is the shape in frame 1 the same
+colour as the shape in the last frame, two frames never next to each other?
+yes/no, balanced: blind prior 0.5) and `recall` (which frame showed the red
+shape? one of the frames before the last, uniform: blind prior 1 / (frames - 1)).
 
 The fine-grained ladder (`digits`, `bars`, `table`) has one difficulty knob,
 `level` (1..3; 0 draws a level per sample): a number of `level` digits to
@@ -54,8 +59,8 @@ from casa.config import build, check_fields, setting
 from casa.data.sample import Sample
 
 __all__ = ["COARSE", "COLORS", "FIELDS", "FINE_GRAINED", "KINDS", "LEVELS", "TASKS", "Difficulty", "bars", "chartqa",
-           "check_tasks", "color", "compare", "count", "difficulty", "digits", "docvqa", "make_sample", "motion",
-           "position", "table", "video"]
+           "check_tasks", "color", "compare", "count", "difficulty", "digits", "docvqa", "make_sample", "match",
+           "motion", "position", "recall", "table", "video"]
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30),
           "purple": (140, 60, 180), "orange": (240, 130, 20)}
@@ -79,7 +84,7 @@ class Difficulty:
     font_size: int = setting(12, ge=1, le=256)
     bars: int = setting(4, ge=1, le=26)  # chartqa: one letter per bar
     max_value: int = setting(9, ge=1, le=10**6)  # chartqa
-    frames: int = setting(4, ge=1, le=1000)  # video, motion
+    frames: int = setting(4, ge=1, le=1000)  # video, motion, match, recall (these two: at least 3)
     level: int = setting(0, ge=0, le=3)  # digits / bars / table: 1..3, or 0 for a level drawn per sample
     relative: bool = True  # position: two shapes, one relative to the other (else one shape, absolute)
 
@@ -362,6 +367,57 @@ def motion(rng: random.Random, d: Difficulty) -> Sample:
     return Sample(messages, meta={"task": "motion", "metric": "exact", "captions": captions})
 
 
+def _clip(rng: random.Random, colors: list[str], d: Difficulty) -> tuple[list, list[str]]:
+    """One frame per colour in `colors`: a single shape of a random kind in a random cell.
+    Returns `(frames, captions)`."""
+    frames, captions = [], []
+    for c in colors:
+        shapes = [(rng.choice(KINDS), c, (rng.randrange(3), rng.randrange(3)))]
+        frames.append(_render_shapes(shapes, d, rng))
+        captions.append(_shapes_caption(shapes))
+    return frames, captions
+
+
+def _clip_sample(frames, question: str, answer: str, task: str, captions: list[str], **meta) -> Sample:
+    messages = [{"role": "user", "content": [{"type": "video", "frames": frames}, {"type": "text", "text": question}]},
+                {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    return Sample(messages, meta={"task": task, "metric": TASKS[task][1], "captions": captions, **meta})
+
+
+def match(rng: random.Random, d: Difficulty) -> Sample:
+    """A clip (one `video` part, at least 3 frames) of one shape per frame; is the shape in frame 1 the
+    same colour as the shape in the last frame? "yes" or "no", each half of the time (blind prior 0.5).
+
+    The frames in between never take the last frame's colour, so "does any earlier frame match the last
+    one?" has the same answer: the question needs frame 1 and the last frame, which are never adjacent,
+    and the last frame alone (whose window the question shares) says nothing about it."""
+    palette = _palette(d)
+    n = max(3, d.frames)
+    last = rng.choice(palette)
+    same = rng.random() < 0.5
+    first = last if same else rng.choice([c for c in palette if c != last])
+    middle = [rng.choice([c for c in palette if c != last]) for _ in range(n - 2)]
+    colors = [first, *middle, last]
+    frames, captions = _clip(rng, colors, d)
+    question = f"Is the shape in frame 1 the same colour as the shape in frame {n}?"
+    return _clip_sample(frames, question, "yes" if same else "no", "match", captions, colors=colors)
+
+
+def recall(rng: random.Random, d: Difficulty) -> Sample:
+    """A clip (one `video` part, at least 3 frames) of one shape per frame; which frame showed the shape of
+    the asked colour? The answer (its number, "1".."n-1") is uniform over the frames before the last
+    (blind prior 1 / (n - 1)); no other frame has that colour. The last frame never holds it, so it only
+    tells which colour is not asked: the answer must be remembered from an earlier window."""
+    palette = _palette(d)
+    n = max(3, d.frames)
+    target = rng.randrange(n - 1)
+    asked = rng.choice(palette)
+    colors = [asked if f == target else rng.choice([c for c in palette if c != asked]) for f in range(n)]
+    frames, captions = _clip(rng, colors, d)
+    return _clip_sample(frames, f"Which frame showed the {asked} shape?", str(target + 1), "recall", captions,
+                        colors=colors)
+
+
 # name -> (generator, metric)
 TASKS = {
     "color": (color, "exact"),
@@ -375,6 +431,8 @@ TASKS = {
     "digits": (digits, "exact"),
     "bars": (bars, "exact"),
     "table": (table, "exact"),
+    "match": (match, "exact"),
+    "recall": (recall, "exact"),
 }
 COARSE = ("color", "count", "position", "compare")
 FINE_GRAINED = ("digits", "bars", "table")

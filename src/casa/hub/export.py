@@ -63,6 +63,8 @@ def check_exportable(config: ModelConfig, where: str) -> None:
         problems.append("dynamic resolution (vision.min_pixels / max_pixels)")
     if config.lm.mrope_section is not None:
         problems.append("multimodal RoPE (lm.mrope_section, a Qwen2.5-VL LM)")
+    if config.fusion.frame_memory:
+        problems.append(f"frame memory (fusion.frame_memory={config.fusion.frame_memory})")
     if problems:
         raise ValueError(f"{where}: cannot export to transformers: {'; '.join(problems)}")
 

@@ -48,6 +48,14 @@ Design decisions:
   session's logits bit for bit its own); with a `batcher`
   (`inference.batching.DecodeBatcher`), `forward_text` of one token takes
   such a step beside whichever sessions are waiting.
+- Frame memory (`FusionConfig.frame_memory = k`): `add_images` pools each
+  image to k tokens (`core.model.memory_tokens`) and keeps them pending; the
+  next `forward_text` (or `forward_tokens`) runs them through the blocks
+  first, as text of the window they open, so they take positions and enter
+  the SA cache as the uncached forward has them. Pending, not run at once,
+  because images added by several calls before the next text token share one
+  window and put their memory tokens after all of them, as in the batch.
+  `text_tokens` does not count them (`memory_tokens` does).
 - The invariant, tested for every variant and placement: any split of a
   document into `add_images` and `forward_text` calls gives the logits of one
   uncached `CasaModel.forward`.
@@ -60,7 +68,7 @@ import torch
 from casa.core.attention import resolve_backend
 from casa.core.decode import PACKED_MAX_ROWS, BlockSteps, block_steps, decoding, logits, resolve_decode
 from casa.core.layout import History, StreamWindows
-from casa.core.model import CasaModel
+from casa.core.model import CasaModel, memory_tokens
 from casa.core.positions import grid_positions
 from casa.inference.cache import KVCache
 from casa.vision.dynamic import preprocess_dynamic
@@ -117,12 +125,15 @@ class Session:
         self.stream = StreamWindows()  # where windows start, as the batch layout would say
         self.position = 0  # RoPE position of the next token
         self.images = 0  # images fed so far
+        self.memory = model.config.fusion.frame_memory  # pooled tokens per image kept in the stream
+        self.memory_tokens = 0  # memory tokens run so far
+        self._pending: list[torch.Tensor] = []  # `[k * n, d]` memory tokens of images added since the last text
         self.last_logits: torch.Tensor | None = None  # [vocab], logits of the last text token fed
 
     @property
     def text_tokens(self) -> int:
-        """Text tokens fed so far."""
-        return self.stream.text_tokens
+        """Text tokens fed so far (frame-memory tokens not counted)."""
+        return self.stream.text_tokens - self.memory_tokens
 
     # ------------------------------------------------------------- helpers
     @property
@@ -242,6 +253,8 @@ class Session:
         if positions is None:
             positions = torch.full((tokens.shape[0],), self.position, device=tokens.device)
         image_rotary = self.model.rotary(positions)
+        if self.memory:  # pooled from the tokens as the tower gave them, as in the forward
+            self._pending.append(memory_tokens(tokens, counts, self.memory))
         update = self.config.fusion.variant == "ca_ffn"
         for block, window in zip(self.model.blocks, self.windows):
             if window is not None:
@@ -266,9 +279,21 @@ class Session:
         vocab = self.config.lm.vocab_size
         if int(ids.min()) < 0 or int(ids.max()) >= vocab:
             raise ValueError(f"Session.forward_text: token ids out of range [0, {vocab}): {ids.tolist()[:10]}")
+        self._run_memory()
         if ids.numel() == 1 and self.batcher is not None:  # a decoded token: beside the other sessions'
             return self.batcher.feed(self, int(ids[0]))[None]
         return self._forward_alone(ids)
+
+    def _run_memory(self) -> None:
+        """Run the pending frame-memory tokens through the blocks: text of the window the last
+        images opened, before the text token they precede (module docstring)."""
+        if not self._pending:
+            return
+        h = torch.cat(self._pending)[None]  # [1, m, d]
+        self._pending = []
+        self._run_blocks(h)
+        self.stream.add_text(h.shape[1])
+        self.memory_tokens += h.shape[1]
 
     def _forward_alone(self, ids: torch.Tensor) -> torch.Tensor:
         h = self._run_blocks(self.model.embed(ids)[None])
@@ -301,6 +326,8 @@ class Session:
         vocab = model.config.lm.vocab_size
         if len(ids) != len(sessions) or any(not 0 <= i < vocab for i in ids):
             raise ValueError(f"Session.forward_tokens: one id in [0, {vocab}) per session, got {ids}")
+        for s in sessions:
+            s._run_memory()  # images added since their last token: their memory first, alone
         device = model.embed.weight.device
         hs = [model.embed(torch.tensor([[i]], device=device)) for i in ids]  # [1, 1, d] each
         with decoding("kernels"):

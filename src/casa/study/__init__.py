@@ -4,6 +4,7 @@
 - `stage0`: the pretrained text LM and vision encoder every arm of a seed starts from.
 - `stage1`: one arm (variant x regime x matching) trained from stage 0 and evaluated.
 - `gating`: the implicit-gating analysis of fusion layers.
+- `crossimage`: questions on non-adjacent frames; gist token vs frame memory, and its cache cost.
 - `stats`: means, 95% intervals, paired differences, learning curves.
 - `claims`: each claim of the paper, its rule, its verdict and the likely reason.
 - `plots`, `report`: the figures and report.md / docs/study.md.
