@@ -281,6 +281,24 @@ def test_insertion_counts_image_tokens_in_sequence():
     assert n_spliced < n_plain
 
 
+def test_frame_memory_tokens_count_in_the_sequence_budget():
+    src = SyntheticSource(["compare"], seed=0)  # two images a sample
+    proc = Processor(ByteTokenizer(), VisionConfig(image_size=32, patch_size=8))
+    enc = proc.encode(src[0])
+    plain, memory = (Packer(src, proc, text_tokens=400, image_tokens=10_000, memory_tokens=k) for k in (0, 4))
+    assert memory.cost(enc)[0] == plain.cost(enc)[0] + 2 * 4 == len(enc.ids) + 8
+    for p in memory.packs(0, limit=3):
+        assert sum(len(d.ids) + 4 * d.n_images for d in p.docs) <= 400
+    tight = Packer(src, proc, text_tokens=len(enc.ids) + 7, image_tokens=10_000, memory_tokens=4)
+    with pytest.raises(DataError, match="4 memory tokens per image in the sequence"):
+        tight._encode(0)
+    from casa.eval.decode import PromptTooLong, check_lengths  # evaluation counts them against the limit too
+
+    check_lengths([enc], proc, max_new_tokens=2, limit=len(enc.ids) + 10, splice_images=False, memory_tokens=4)
+    with pytest.raises(PromptTooLong, match="8 memory tokens"):
+        check_lengths([enc], proc, max_new_tokens=2, limit=len(enc.ids) + 9, splice_images=False, memory_tokens=4)
+
+
 @pytest.mark.parametrize("variant", ["casa", "insertion"])
 def test_no_leak_between_packed_samples(variant):
     """Changing one packed sample (text and image) changes no other sample's logits or loss."""

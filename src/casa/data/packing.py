@@ -43,13 +43,14 @@ class Pack:
     end: int  # position after its last sample (where the next pack starts)
 
 
-def sequence_tokens(enc: Encoded, tokens_per_image: int, *, splice_images: bool) -> int:
+def sequence_tokens(enc: Encoded, tokens_per_image: int, *, splice_images: bool, memory_tokens: int = 0) -> int:
     """Positions a sample occupies in the LM's sequence: its text tokens, plus
-    its image tokens when they are spliced into the stream (`insertion`); an
+    its image tokens when they are spliced into the stream (`insertion`; an
     image's own count where its grid is known (dynamic resolution), else
-    `tokens_per_image`."""
+    `tokens_per_image`), plus `memory_tokens` per image (`FusionConfig.frame_memory`:
+    pooled image tokens kept in the stream)."""
     images = enc.image_tokens if enc.image_tokens is not None else enc.n_images * tokens_per_image
-    return len(enc.ids) + (images if splice_images else 0)
+    return len(enc.ids) + (images if splice_images else 0) + enc.n_images * memory_tokens
 
 
 def _images(docs: list[Encoded]) -> dict:
@@ -118,16 +119,17 @@ class Packer:
     """Samples of a source, encoded and packed into rows within the text and image token budgets."""
 
     def __init__(self, source, processor: Processor, *, text_tokens: int = 2048, image_tokens: int = 20480,
-                 splice_images: bool = False, skip_bad: bool = False):
+                 splice_images: bool = False, memory_tokens: int = 0, skip_bad: bool = False):
         self.source, self.processor = source, processor
         self.text_tokens, self.image_tokens = text_tokens, image_tokens
-        self.splice_images, self.skip_bad = splice_images, skip_bad
+        self.splice_images, self.memory_tokens, self.skip_bad = splice_images, memory_tokens, skip_bad
         self.skipped = 0
 
     def cost(self, enc: Encoded) -> tuple[int, int]:
         """(sequence tokens, image tokens) of one sample."""
         img = self.processor.image_tokens(enc)
-        return sequence_tokens(enc, self.processor.tokens_per_image, splice_images=self.splice_images), img
+        return sequence_tokens(enc, self.processor.tokens_per_image, splice_images=self.splice_images,
+                               memory_tokens=self.memory_tokens), img
 
     def _encode(self, i: int) -> Encoded | None:
         sample = self.source[i]
@@ -138,7 +140,9 @@ class Packer:
                 raise DataError(
                     f"{sample.source}: sample needs {seq} sequence tokens and {img} image tokens, over the "
                     f"budget of {self.text_tokens} text + {self.image_tokens} image tokens per pack"
-                    + (" (insertion counts image tokens in the sequence)" if self.splice_images else ""))
+                    + (" (insertion counts image tokens in the sequence)" if self.splice_images else "")
+                    + (f" ({self.memory_tokens} memory tokens per image in the sequence)" if self.memory_tokens
+                       else ""))
             return enc
         except DataError:
             if not self.skip_bad:

@@ -41,7 +41,7 @@ class PromptTooLong(DataError):
 
 
 def check_lengths(prompts: list[Encoded], processor: Processor, *, max_new_tokens: int, limit: int,
-                  splice_images: bool, limit_source: str = "the token limit") -> None:
+                  splice_images: bool, memory_tokens: int = 0, limit_source: str = "the token limit") -> None:
     """Refuse any prompt whose decoding would exceed `limit` sequence positions.
 
     Args:
@@ -49,16 +49,19 @@ def check_lengths(prompts: list[Encoded], processor: Processor, *, max_new_token
         max_new_tokens: the answer budget each prompt decodes into.
         limit: the most sequence positions a row may reach.
         splice_images: the `insertion` variant: image tokens sit in the sequence too.
+        memory_tokens: pooled image tokens per image kept in the sequence (`FusionConfig.frame_memory`).
         limit_source: where `limit` comes from, for the message.
     Raises:
         PromptTooLong: naming the first offending prompt's source and both lengths.
     """
     for p in prompts:
-        need = sequence_tokens(p, processor.tokens_per_image, splice_images=splice_images) + max_new_tokens
+        need = sequence_tokens(p, processor.tokens_per_image, splice_images=splice_images,
+                               memory_tokens=memory_tokens) + max_new_tokens
         if need > limit:
             raise PromptTooLong(
                 f"{p.source}: the prompt needs {need:,} tokens ({len(p.ids):,} prompt tokens"
                 + (f", {p.n_images * processor.tokens_per_image:,} image tokens" if splice_images else "")
+                + (f", {p.n_images * memory_tokens:,} memory tokens" if memory_tokens else "")
                 + f", {max_new_tokens} answer tokens), over the model's limit of {limit:,} ({limit_source}); "
                 "shorten the sample or raise the limit with --max-tokens")
 

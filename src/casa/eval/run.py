@@ -114,7 +114,8 @@ def run(checkpoint, *, tasks=None, data=None, n: int = 64, seed: int | None = No
     limit, source = token_limit(config, max_tokens)
     splice = config["model"].get("fusion", {}).get("variant") == "insertion"
     check_lengths([q.prompt for q in items], processor, max_new_tokens=max_new_tokens, limit=limit,
-                  splice_images=splice, limit_source=source)
+                  splice_images=splice, memory_tokens=config["model"].get("fusion", {}).get("frame_memory", 0),
+                  limit_source=source)
     check_backend(backend)
 
     model = from_pretrained(model_dir)

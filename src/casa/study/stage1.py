@@ -123,7 +123,8 @@ def train_arm(arm: Arm, seed: int, spec: dict, tasks: list[str], fusion: dict, s
     for step in range(1, steps + 1):
         pack = next(packs)
         samples += len(pack.docs)
-        seq_tokens += sum(sequence_tokens(d, processor.tokens_per_image, splice_images=splice) for d in pack.docs)
+        seq_tokens += sum(sequence_tokens(d, processor.tokens_per_image, splice_images=splice,
+                                          memory_tokens=model_cfg.fusion.frame_memory) for d in pack.docs)
         if step == 1:
             with FlopCounterMode(display=False) as counter:
                 losses.append(trainer.train_step([pack]))

@@ -216,7 +216,7 @@ class Trainer:
         self.packer = Packer(self.source, self.processor, text_tokens=cfg.text_tokens,
                              image_tokens=cfg.image_tokens,
                              splice_images=self.model_cfg.fusion.variant == "insertion" and cfg.insertion_counts_images,
-                             skip_bad=cfg.skip_bad_samples)
+                             memory_tokens=self.model_cfg.fusion.frame_memory, skip_bad=cfg.skip_bad_samples)
 
         apply_freeze(self.model, resolve_policy(cfg.freeze_lm, cfg.vision_trainable_blocks, init=cfg.init))
         self.model.to(self.device).train()

@@ -127,7 +127,8 @@ def run_standard_benchmark(model, tokenizer, name: str, root, *, processor=None,
                 prompts.append(enc.prefix(enc.turns[0][0]))
             if max_tokens is not None:
                 decode.check_lengths(prompts, processor, max_new_tokens=max_new_tokens, limit=max_tokens,
-                                     splice_images=splice, limit_source=max_tokens_source)
+                                     splice_images=splice, memory_tokens=model.config.fusion.frame_memory,
+                                     limit_source=max_tokens_source)
             outs = decode.greedy_decode(model, prompts, processor, max_new_tokens=max_new_tokens, backend=backend)
             for item, ids in zip(chunk, outs):
                 pred = processor.tok.decode(ids).strip()
