@@ -100,7 +100,8 @@ def test_tasks_are_deterministic_and_encode(task):
 
 @pytest.mark.parametrize("task", ["digits", "bars", "table"])
 def test_fine_grained_ladder_levels(task):
-    """`level` fixes the difficulty (digits to read, bars, table side = level + 1); 0 draws one per sample."""
+    """`level` fixes the difficulty (digits to read, bars, table columns 2, 3, 3 with headers out of order at
+    level 3); 0 draws one per sample."""
     for level in (1, 2, 3):
         s = make_sample(task, 0, 7, difficulty({"level": level, "image_size": 48}))
         caption, answer = s.meta["captions"][0], s.messages[1]["content"][0]["text"]
@@ -110,10 +111,11 @@ def test_fine_grained_ladder_levels(task):
         elif task == "bars":
             assert len(caption.split()) == level + 1 and answer in {c[1:] for c in caption.split()}
         else:
-            rows = caption.split()
-            assert len(rows) == level + 1 and all(len(r) == level + 1 for r in rows)
-            r, c = (int(x) for x in s.messages[0]["content"][1]["text"].rstrip("?").split("row ")[1].split(", column "))
-            assert answer == rows[r - 1][c - 1]
+            pairs = dict(p for p in caption.split())  # "A3 B5" -> {"A": "3", "B": "5"}
+            heads = [p[0] for p in caption.split()]
+            asked = s.messages[0]["content"][1]["text"].removeprefix("What is in column ").rstrip("?")
+            assert len(pairs) == len(heads) == min(level + 1, 3) and answer == pairs[asked] and answer.isdigit()
+            assert heads == list("ABC"[: len(heads)]) if level < 3 else set(heads) <= set("ABCDEF")
     drawn = {make_sample(task, 0, i, difficulty({"level": 0})).meta["level"] for i in range(30)}
     assert drawn == {1, 2, 3}
 
@@ -410,3 +412,34 @@ def test_digits_are_written_in_fixed_slots():
             columns = np.flatnonzero(ink.any(axis=0))
             slots = set(((columns - 6) // 12).tolist())  # slot i spans [6 + 12 i, 18 + 12 i)
             assert len(s.meta["captions"][0]) == level and slots == set(range(level)), (level, index, slots)
+
+
+def test_table_cells_are_digits_glyphs_under_their_headers():
+    """Table cell i is drawn pixel for pixel as `digits` draws its digit i (the same slot, so the same cut
+    by the 8-pixel patches), its header letter alone above it, nothing right of the last column; the
+    answer is the digit under the asked header."""
+    import numpy as np
+
+    from casa.data.tasks import Difficulty, make_sample
+
+    def pixels(s):
+        return np.asarray(s.messages[0]["content"][0]["image"].convert("L"))
+
+    d = Difficulty(image_size=48, font_size=16)
+    glyph = {}  # (slot, digit) -> that slot's columns below the header band, as digits draws them
+    for index in range(300):
+        s = make_sample("digits", 0, index, Difficulty(image_size=48, font_size=16, level=3))
+        for k, v in enumerate(s.meta["captions"][0]):
+            glyph.setdefault((k, v), pixels(s)[16:, 6 + 12 * k: 18 + 12 * k])
+    for level in (1, 2, 3):
+        for index in range(10):
+            s = make_sample("table", 0, index, Difficulty(**{**vars(d), "level": level}))
+            pairs = s.meta["captions"][0].split()
+            img = pixels(s)
+            for k, (head, value) in enumerate(pairs):
+                assert np.array_equal(img[16:, 6 + 12 * k: 18 + 12 * k], glyph[(k, value)]), (level, index, k)
+                header = img[:16, 6 + 12 * k: 18 + 12 * k] < 128
+                assert header.any() and not header[14:].any()  # the letter sits in the band above the digit
+            assert (img[:, 6 + 12 * len(pairs):] == 255).all()
+            asked = s.messages[0]["content"][1]["text"].removeprefix("What is in column ").rstrip("?")
+            assert s.messages[1]["content"][0]["text"] == dict(pairs)[asked]
