@@ -3,7 +3,9 @@
 - `run`: `casa study` (the protocol: seeds, arms, baselines, benchmarks).
 - `stage0`: the pretrained text LM and vision encoder every arm of a seed starts from.
 - `stage1`: one arm (variant x regime x matching) trained from stage 0 and evaluated.
-- `gating`: the implicit-gating analysis of fusion layers.
+- `gating`: the implicit-gating analysis of fusion layers, per layer and per token.
+- `compression`: trained arms with their image tokens pooled or pruned, training-free.
+- `frequency`: how often fusion layers occur, accuracy against memory and decode time.
 - `crossimage`: questions on non-adjacent frames; gist token vs frame memory, and its cache cost.
 - `stats`: means, 95% intervals, paired differences, learning curves.
 - `claims`: each claim of the paper, its rule, its verdict and the likely reason.
