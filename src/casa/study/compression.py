@@ -66,6 +66,7 @@ from casa.core.model import CasaModel
 from casa.data import stack_rows
 from casa.eval.synthetic import answers, eval_samples, evaluate, questions
 from casa.inference.session import Session
+from casa.study.gating import attention_probs
 
 __all__ = ["FACTORS", "METHODS", "compress", "compressed_images", "evaluate_compression", "frame_kv_bytes",
            "image_scores", "mean_over_seeds", "plot_compression", "pool_shape", "run_compression", "section",
@@ -151,17 +152,10 @@ def _fusion_scores(q, k_txt, k_img, layout, text_keys: bool) -> torch.Tensor:
         q: `[B, T, H, D]` queries; k_txt: `[B, T, Hkv, D]` (None without text keys); k_img: `[N_tok, Hkv, D]`.
     """
     image_index, image_valid, _, _ = layout.dense_keys()  # [B, K] slots of each row's image tokens
-    K = image_index.shape[1]
     scores = torch.zeros(k_img.shape[0], dtype=torch.float32, device=k_img.device)
-    if K == 0:
+    if image_index.shape[1] == 0:
         return scores
-    k = k_img[image_index]
-    if text_keys:
-        k = torch.cat([k, k_txt], dim=1)
-    mask = layout.dense_mask(text_keys)[:, 0]  # [B, T, K(+T)]: a query sees its own window only
-    k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)  # query head h reads kv head h // group
-    s = torch.einsum("bthd,bshd->bhts", q.float(), k.float()) / math.sqrt(q.shape[-1])
-    p = torch.softmax(s.masked_fill(~mask[:, None], float("-inf")), dim=-1).nan_to_num(0.0)
+    p, K = attention_probs(q, k_txt, k_img, layout, text_keys)  # [B, H, T, K (+T)], gating's one definition
     per_slot = p[..., :K].mean(1).sum(1)  # [B, K]
     return scores.index_put_((image_index[image_valid],), per_slot[image_valid])
 

@@ -66,7 +66,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["RULE", "SHAPE_TASKS", "TokenAttention", "attention_shares", "gate_values", "localisation",
+__all__ = ["RULE", "SHAPE_TASKS", "TokenAttention", "attention_probs", "attention_shares", "gate_values", "localisation",
            "plot_gate_heatmaps", "sample_gates", "section", "shape_patches", "summarise", "token_attention",
            "verdict"]
 
@@ -79,7 +79,7 @@ RULE = {
 }
 
 
-def _probs(q, k_txt, k_img, layout, text_keys: bool, where=None):
+def attention_probs(q, k_txt, k_img, layout, text_keys: bool, where=None):
     """Attention probabilities over the layout's dense keys `[images of the row ; text of the row]`.
 
     Args:
@@ -113,7 +113,7 @@ def _shares(q, k_txt, k_img, layout, text_keys: bool):
         q: `[B, T, H, D]` queries; k_txt: `[B, T, Hkv, D]` text keys (None without text keys);
         k_img: `[N_img * n, Hkv, D]` flat image keys.
     """
-    p, K = _probs(q, k_txt, k_img, layout, text_keys)
+    p, K = attention_probs(q, k_txt, k_img, layout, text_keys)
     img = p[..., :K].sum(-1).mean(1)
     txt = p[..., K:].sum(-1).mean(1)
     self_mass = torch.diagonal(p[..., K:], dim1=-2, dim2=-1).mean(1) if text_keys else torch.zeros_like(img)
@@ -202,7 +202,7 @@ class TokenAttention:
 def _per_query(q, k_txt, k_img, layout, text_keys: bool, rows, cols):
     """(image, text, own `[Q, H]`, patches `[Q, H, I, n]`, images `[Q, I]`, uniform `[Q]`) of the queries at
     (rows, cols)."""
-    p, K = _probs(q, k_txt, k_img, layout, text_keys, where=(rows, cols))
+    p, K = attention_probs(q, k_txt, k_img, layout, text_keys, where=(rows, cols))
     p = p[:, :, 0]  # [Q, H, K (+T)]
     Q, H, dev = p.shape[0], p.shape[1], p.device
     image, text = p[..., :K].sum(-1), p[..., K:].sum(-1)
