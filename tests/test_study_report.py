@@ -393,6 +393,9 @@ def with_frequency_arms(res: dict, offsets: dict) -> dict:
             res["runs"].append(r)
         res["bench"]["train"][arm] = {"text_tok_s": 2000.0, "peak_mem_bytes": 80e6}
     res["config"]["spec"] = {"model": {"lm": {"n_layers": 4}}}
+    from casa.study.run import VARIANTS
+
+    res["config"]["variants_fusion"].update({a: VARIANTS[a] for a in ("casa", *offsets)})  # as run.py records it
     return res
 
 

@@ -32,9 +32,8 @@ from casa.study.stats import category_tasks, learned, paired
 
 __all__ = ["ARMS", "RULE", "plot_frequency", "rows", "section", "verdicts"]
 
-# study arm -> (placement, every)
-ARMS = {"casa": ("parallel", 1), "casa_every2": ("parallel", 2), "casa_every4": ("parallel", 4),
-        "casa_replace": ("replace", 2), "casa_replace_every4": ("replace", 4)}
+# the study arms compared; their placement and `every` are read from the run's config (run.VARIANTS)
+ARMS = ("casa", "casa_every2", "casa_every4", "casa_replace", "casa_replace_every4")
 RULE = {"tolerance": 2.0}  # points: a sparser parallel placement "costs nothing" within this
 
 
@@ -57,9 +56,11 @@ def rows(results: dict) -> list[dict]:
 
     ref = cost("casa")
     out = []
-    for name, (placement, every) in ARMS.items():
+    fusions = results.get("config", {}).get("variants_fusion", {})
+    for name in ARMS:
         if name not in acc:
             continue
+        placement, every = fusions[name].get("placement", "parallel"), fusions[name].get("every", 1)
         c = cost(name)
         ratio = {k: (c[k] / ref[k] if c[k] is not None and ref[k] else None) for k in c}
         out.append({"arm": name, "placement": placement, "every": every, "blocks": _blocks(results, every),

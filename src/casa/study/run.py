@@ -147,7 +147,7 @@ SIZES["gpu"] = {**SIZES["full"], "device": "cuda",
                                      "d_ff": 384}},
                 "stage0": {**SIZES["full"]["stage0"], "lm_steps": 4000, "vision_steps": 1500},
                 "train": {**SIZES["full"]["train"], "steps": 1500, "text_tokens": 1024, "image_tokens": 16384},
-                "difficulty": {**DIFFICULTY, "image_size": 64}, "eval_n": 90,
+                "difficulty": {**DIFFICULTY, "image_size": 64},
                 "compression": {"n": 60, "factors": [1, 2, 4, 8], "latency_prompts": 8, "repeats": 3}}
 
 
