@@ -145,9 +145,10 @@ def test_quick_study_reuses_finished_runs(quick, capsys):
     text = capsys.readouterr().out
     assert text.count("reuse ") == 1 + 5  # stage 0, and insertion, casa, both @full, insertion@flops
     assert set(res["accuracy"]) == {"casa", "insertion", "insertion@full", "casa@full", "insertion@flops"}
-    assert res["reused"] == {"stage0_seeds": [0], "arm_runs": [f"{a}_s0" for a in res["config"]["arms"]]}
+    assert res["reused"] == {"stage0_seeds": [0], "arm_runs": [f"{a}_s0" for a in res["config"]["arms"]],
+                             "crossimage_runs": [f"{a}_s0" for a in SIZES["quick"]["crossimage"]["arms"]]}
     assert "not counting what it reused from an earlier run" in (out / "report.md").read_text()
-    # --jobs: the seeds go to worker processes (here one seed, every arm reused there): same records
+    # --jobs: the units go to worker processes (here every one reused): same records
     try:
         again = run(StudyConfig(out=str(out), size="quick", threads=1, jobs=2, variants=["casa", "insertion"]))
     finally:

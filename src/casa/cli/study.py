@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--steps", type=positive_int, default=None, help="training steps per run")
     st.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: free cores)")
     st.add_argument("--jobs", type=positive_int, default=1,
-                    help="seeds trained side by side in that many processes, sharing --threads (e.g. 3 on 2 cores)")
+                    help="worker processes sharing --threads: stage 0 and the arms of every seed run side by side, "
+                         "the longest ready first (e.g. 2 on 2 cores)")
     st.add_argument("--variants", default=None, help="comma-separated subset of the study's variants")
     st.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                     help="cuda: a larger model, more data and steps (the full size only)")

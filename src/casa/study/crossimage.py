@@ -64,9 +64,9 @@ import torch
 from casa.config import ModelConfig
 from casa.inference.session import Session
 
-__all__ = ["ARMS", "CROSS_TASKS", "FRAMES", "MEMORIES", "RULE", "TASKS", "arms", "caption_oracle", "finding",
-           "frame_cache_bytes", "plot_crossimage", "run_crossimage", "section", "summarise", "train_scratch",
-           "verdict"]
+__all__ = ["ARMS", "CROSS_TASKS", "FRAMES", "MEMORIES", "RULE", "TASKS", "arms", "caption_oracle", "collect",
+           "finding", "frame_cache_bytes", "plot_crossimage", "prepare", "run_crossimage", "section", "summarise",
+           "train_one", "train_scratch", "verdict"]
 
 CROSS_TASKS = ("match", "recall")  # answers in frames that are not the question's own
 TASKS = (*CROSS_TASKS, "motion")
@@ -406,10 +406,82 @@ def plot_crossimage(results: dict, path) -> Path | None:
 
 
 # ------------------------------------------------------------ entry point
+def prepare(spec: dict, eval_n: int | None = None) -> dict:
+    """The spec the arms train and are evaluated with: `spec` (a study size's, or its `crossimage` part)
+    with clips of `FRAMES` frames and `eval_n` questions a task."""
+    spec = json.loads(json.dumps(spec))
+    spec["difficulty"] = {**spec["difficulty"], "frames": FRAMES}
+    spec["eval_n"] = eval_n or spec["eval_n"]  # the prior's questions too
+    return spec
+
+
+def train_one(name: str, seed: int, spec: dict, tasks, out, *, stage0=None, steps: int | None = None,
+              say=print) -> dict:
+    """Train arm `name` of `ARMS` for one seed, evaluate it, measure its cache bytes per frame; its record
+    is written to `out/runs/NAME_sSEED.json` (atomically; a later call reuses it). `spec` is `prepare`'s.
+
+    Args:
+        stage0: the stage-0 directory the arm starts from (`pretrain`'s `sSEED/`); None: from scratch.
+    Returns:
+        the record: `{arm, fusion, seed, steps, train_seconds, final_loss, tasks, cache_bytes_per_frame,
+        window_bytes, tokens_per_frame}`.
+    """
+    from casa.files import atomic_file
+
+    path = Path(out) / "runs" / f"{name}_s{seed}.json"
+    if path.is_file():
+        say(f"  crossimage: reuse {path}")
+        return json.loads(path.read_text())
+    with tempfile.TemporaryDirectory(prefix="casa_crossimage_") as work:  # the training run's files
+        r = _train(name, ARMS[name], spec, seed, tasks, stage0, work, steps, spec["eval_n"])
+    model = r.pop("model")
+    r.pop("processor")
+    r.update(frame_cache_bytes(model.eval()))
+    del model
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as f:
+        f.write(json.dumps(r, indent=1))
+    scores = ", ".join(f"{t} {v['score']:.3f} (blind {v['blind']:.3f})" for t, v in r["tasks"].items())
+    say(f"  crossimage seed {seed} {name:<10} {scores}; {_bytes(r['cache_bytes_per_frame'])} per frame; "
+        f"loss {r['final_loss']:.3f}, {r['steps']} steps, {r['train_seconds']:.0f} s")
+    return r
+
+
+def collect(runs: list[dict], spec: dict, tasks, *, names, seeds, stage0_dirs=None, out=None) -> dict:
+    """The experiment's results from its arms' records: the caption oracle of each stage 0, the prior, the
+    per-arm summary and the verdict; with `out`, `crossimage.json`, `crossimage.png` and `crossimage.md`.
+
+    Returns:
+        `{config, runs, arms: summarise(runs), prior, oracle, verdict}`.
+    """
+    from casa.study.run import prior_scores
+
+    oracle = [caption_oracle(d, spec, tasks, spec["eval_n"], seed=s) for s, d in zip(seeds, stage0_dirs or ())]
+    prior, _ = prior_scores(list(tasks), spec)
+    results = {"config": {"spec": spec, "seeds": list(seeds), "tasks": list(tasks),
+                          "arms": {n: ARMS[n] for n in names}, "frames": FRAMES,
+                          "stage0": [str(d) for d in stage0_dirs] if stage0_dirs else None, "rule": RULE,
+                          "threads": torch.get_num_threads()},
+               "runs": runs, "arms": summarise(runs), "prior": prior,
+               "oracle": {t: sum(o[t] for o in oracle) / len(oracle) for t in tasks} if oracle else None}
+    results["verdict"] = verdict(results)
+    if out is not None:
+        from casa.bench.report import write_report
+        from casa.files import atomic_file
+
+        out = Path(out)
+        write_report(results, out / "crossimage.json", plot=plot_crossimage, plot_path=out / "crossimage.png",
+                     quiet=True)
+        with atomic_file(out / "crossimage.md") as f:
+            f.write(section(results))
+    return results
+
+
 def run_crossimage(out=None, *, spec: dict | None = None, size: str = "quick", seeds=(0,), stage0=None,
                    arm_names=None, tasks=TASKS, steps: int | None = None, eval_n: int | None = None,
                    say=print) -> dict:
-    """Train and evaluate the arms on the cross-frame tasks; measure their cache bytes per frame.
+    """Train and evaluate the arms on the cross-frame tasks; measure their cache bytes per frame
+    (`casa study` runs the same `train_one` per arm as units of its own schedule, then `collect`).
 
     Args:
         out: a directory for `runs/ARM_sSEED.json` (each arm's record, reused by a rerun),
@@ -417,69 +489,29 @@ def run_crossimage(out=None, *, spec: dict | None = None, size: str = "quick", s
         spec: a study size's spec (`casa.study.run.SIZES[...]`, or `StudyConfig.spec`); default `SIZES[size]`.
             Its difficulty gets `frames = FRAMES`.
         seeds: the seeds to train.
-        stage0: the study's stage-0 root (`OUT/stage0`, holding `sSEED/`): arms start from it as the study's
-            do; None: from scratch, everything trainable (`train_scratch`).
+        stage0: the stage-0 root (holding `sSEED/`): arms start from it as the study's do; None: from
+            scratch, everything trainable (`train_scratch`).
         arm_names: names from `ARMS` (default: all); tasks: trained on and evaluated.
         steps, eval_n: override the spec's training steps and questions per task.
     Returns:
-        `{config, runs, arms: summarise(runs), prior, verdict}`.
+        `collect`'s results.
     """
-    from casa.files import atomic_file
-    from casa.study.run import SIZES, prior_scores
+    from casa.study.run import SIZES
 
-    spec = json.loads(json.dumps(spec or SIZES[size]))
-    spec["difficulty"] = {**spec["difficulty"], "frames": FRAMES}
-    spec["eval_n"] = eval_n or spec["eval_n"]  # the prior's questions too
+    spec = prepare(spec or SIZES[size], eval_n)
     names = list(arm_names or ARMS)
     bad = [n for n in names if n not in ARMS]
     if bad:
         raise ValueError(f"run_crossimage: unknown arms {bad}; expected names from {list(ARMS)}")
     for n in names:  # refuse a memory the model's images cannot give before any training
         ModelConfig.from_dict({**spec["model"], "fusion": ARMS[n]})
-    out = Path(out) if out is not None else None
-    scratch = tempfile.TemporaryDirectory(prefix="casa_crossimage_")  # training runs' work directories
-    runs = []
-    oracle = []
-    for seed in seeds:
-        stage0_dir = None if stage0 is None else Path(stage0) / f"s{seed}"
-        if stage0_dir is not None:
-            oracle.append(caption_oracle(stage0_dir, spec, tasks, spec["eval_n"], seed=seed))
-            say(f"  crossimage seed {seed} caption oracle (stage-0 LM reading captions): "
-                + ", ".join(f"{t} {v:.3f}" for t, v in oracle[-1].items()))
-        for name in names:
-            path = out / "runs" / f"{name}_s{seed}.json" if out is not None else None
-            if path is not None and path.is_file():
-                runs.append(json.loads(path.read_text()))
-                say(f"  crossimage: reuse {path}")
-                continue
-            r = _train(name, ARMS[name], spec, seed, tasks, stage0_dir, scratch.name, steps, eval_n)
-            model = r.pop("model")
-            r.pop("processor")
-            r.update(frame_cache_bytes(model.eval()))
-            del model
-            if path is not None:
-                with atomic_file(path) as f:
-                    f.write(json.dumps(r, indent=1))
-            runs.append(r)
-            scores = ", ".join(f"{t} {v['score']:.3f} (blind {v['blind']:.3f})" for t, v in r["tasks"].items())
-            say(f"  crossimage seed {seed} {name:<10} {scores}; {_bytes(r['cache_bytes_per_frame'])} per frame; "
-                f"loss {r['final_loss']:.3f}, {r['steps']} steps, {r['train_seconds']:.0f} s")
-    scratch.cleanup()
-    prior, _ = prior_scores(list(tasks), spec)
-    results = {"config": {"spec": spec, "seeds": list(seeds), "tasks": list(tasks), "arms": {n: ARMS[n] for n in names},
-                          "frames": FRAMES, "stage0": None if stage0 is None else str(stage0), "rule": RULE,
-                          "threads": torch.get_num_threads()},
-               "runs": runs, "arms": summarise(runs), "prior": prior,
-               "oracle": {t: sum(o[t] for o in oracle) / len(oracle) for t in tasks} if oracle else None}
-    results["verdict"] = verdict(results)
-    if out is not None:
-        from casa.bench.report import write_report
-
-        write_report(results, out / "crossimage.json", plot=plot_crossimage, plot_path=out / "crossimage.png",
-                     quiet=True)
-        with atomic_file(out / "crossimage.md") as f:
-            f.write(section(results))
-    return results
+    with tempfile.TemporaryDirectory(prefix="casa_crossimage_") as scratch:
+        base = Path(out) if out is not None else Path(scratch)
+        stage0_dirs = None if stage0 is None else [Path(stage0) / f"s{seed}" for seed in seeds]
+        runs = [train_one(name, seed, spec, tasks, base, stage0=None if stage0 is None else Path(stage0) / f"s{seed}",
+                          steps=steps, say=say)
+                for seed in seeds for name in names]
+    return collect(runs, spec, tasks, names=names, seeds=seeds, stage0_dirs=stage0_dirs, out=out)
 
 
 def _noise(p: float, n: int) -> float:

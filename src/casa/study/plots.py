@@ -36,6 +36,7 @@ NAMES = {
     "study_gating.png": "CASA's implicit gate: answer tokens' attention mass on image keys",
     "study_compression.png": "accuracy and time to first token against image tokens per window, compressed "
                              "without retraining",
+    "study_crossimage.png": "cross-image questions: score against the KV cache a frame adds, per arm",
     "study_frequency.png": "how often fusion layers occur: accuracy against training memory and decode time",
     "study_gate_heatmaps.png": "where an answer token looks: its attention over the image patches, and its "
                                "image vs text share per fusion layer",

@@ -94,11 +94,15 @@ def protocol(results: dict) -> list[str]:
         lm = [s.get("lm", {}) for s in stage0.values()]
         vis = [s.get("vision", {}) for s in stage0.values()]
         chars = [v.get("char_accuracy") for v in vis]
-        line0 = (f"**Stage 0**: per seed, a text LM ({_spread([x.get('steps') for x in lm], str)} steps, final loss "
+        seeds = len({r["seed"] for r in results["runs"]})
+        who = ("per seed" if len(stage0) == seeds else "once, for every seed" if len(stage0) == 1
+               else f"{len(stage0)} times, seed s starting from stage-0 seed s mod {len(stage0)}")
+        line0 = (f"**Stage 0**: {who}, a text LM ({_spread([x.get('steps') for x in lm], str)} steps, final loss "
                  f"{_spread([x.get('final_loss') for x in lm], lambda v: f'{v:.2f}')}) and a vision encoder "
                  f"({_spread([x.get('steps') for x in vis], str)} steps, "
-                 f"{_spread(chars, lambda v: f'{100 * v:.0f}%')} of characters read) are pretrained once and shared "
-                 "by every arm.")
+                 f"{_spread(chars, lambda v: f'{100 * v:.0f}%')} of characters read) are pretrained and shared "
+                 "by every arm" + (": the intervals over seeds are stage 1's variation, given that stage 0."
+                                   if len(stage0) == 1 < seeds else "."))
     else:
         line0 = "**Stage 0**: not recorded in these results."
     sample_runs = [r for r in runs if arms[r.get("arm", r["variant"])]["matching"] == "samples"]
@@ -264,7 +268,7 @@ def _stage0_section(results: dict) -> list[str]:
     stage0 = results.get("stage0", {})
     if not stage0:
         return []
-    L = ["## Stage 0 (pretrained once per seed, shared by every arm)", "",
+    L = ["## Stage 0 (pretrained, shared by every arm of a seed)", "",
          "| seed | LM steps | LM s | LM final loss | vision steps | vision s | vision final loss | characters read |",
          "|---|---|---|---|---|---|---|---|"]
     for seed, s in stage0.items():
@@ -407,6 +411,7 @@ def _per_seed_section(results: dict) -> list[str]:
 
 def _experiment_sections(results: dict, images) -> list[str]:
     from casa.study.compression import section as compression_section
+    from casa.study.crossimage import section as crossimage_section
     from casa.study.frequency import section as frequency_section
     from casa.study.gating import section as gate_section
 
@@ -416,6 +421,8 @@ def _experiment_sections(results: dict, images) -> list[str]:
     L += [frequency] if frequency else []
     if results.get("compression"):
         L += [compression_section(results["compression"])] + _image(images, "study_compression.png")
+    if results.get("crossimage"):
+        L += [crossimage_section(results["crossimage"])] + _image(images, "study_crossimage.png")
     gates = sorted((r for r in results["runs"] if r.get("gate_tokens")), key=lambda r: r["seed"])
     if gates:
         figure = "study_gate_heatmaps.png" if images and "study_gate_heatmaps.png" in images else None
@@ -426,8 +433,9 @@ def _experiment_sections(results: dict, images) -> list[str]:
 
 
 def _experiment_images(results: dict, out: Path) -> dict[str, bytes]:
-    """The experiments' PNGs: compression's plot, and the gate heatmaps run.py drew into `out`."""
+    """The experiments' PNGs: compression's and cross-image's plots, and the gate heatmaps run.py drew into `out`."""
     from casa.study.compression import plot_compression
+    from casa.study.crossimage import plot_crossimage
     from casa.study.frequency import plot_frequency
 
     images = {}
@@ -439,6 +447,11 @@ def _experiment_images(results: dict, out: Path) -> dict[str, bytes]:
             path = plot_compression(results["compression"], Path(d) / "study_compression.png")
             if path is not None:
                 images["study_compression.png"] = Path(path).read_bytes()
+    if results.get("crossimage"):
+        with tempfile.TemporaryDirectory() as d:
+            path = plot_crossimage(results["crossimage"], Path(d) / "study_crossimage.png")
+            if path is not None:
+                images["study_crossimage.png"] = Path(path).read_bytes()
     heat = out / "study_gate_heatmaps.png"
     if heat.is_file():
         images["study_gate_heatmaps.png"] = heat.read_bytes()

@@ -1,10 +1,13 @@
 """`casa study`: the paper's comparison of fusion variants, at small scale, with its protocol.
 
-The protocol (second edition), per seed:
+The protocol (third edition):
 - **Stage 0** (`stage0.py`, cached on disk): a text LM pretrained on the
   suite's conversations with images replaced by their captions, and a vision
   encoder pretrained to caption the suite's images: the pretrained parts the
-  paper starts from.
+  paper starts from. The full size trains them once and every seed starts
+  from them (`stage0_seeds`), as the paper's variants all start from one
+  pretrained LM: the seeds vary stage 1 (initialisation of the new layers,
+  data order, evaluation questions).
 - **Stage 1** (`stage1.py`): every variant is built from them (fusion layers
   copied from the block's self-attention, `init_from_sa`) and trained on the
   same packs of *samples* (insertion's rows are longer; its cost is logged).
@@ -17,6 +20,10 @@ The protocol (second edition), per seed:
 - Every arm is evaluated on every task, with its images and blind; the
   fine-grained ladder (`digits`, `bars`, `table`) per difficulty level.
   Learning curves come from small evaluations during training.
+- The experiments: image-token compression on the frozen casa and insertion
+  arms (`compression.py`), fusion frequency as arms of their own
+  (`frequency.py`), the gate per token on casa (`gating.py`), and cross-image
+  reasoning with its own stage 0 and arms (`crossimage.py`).
 Then training speed/memory (`bench/train.py`) and streaming (`bench/stream.py`)
 per variant, and CASA's implicit gate (`gating.py`). `report.py` turns the
 numbers into `report.md`, plots and a verdict per claim of the paper, with
@@ -26,20 +33,17 @@ Design decisions:
 - Sizes: `quick` (tiny model, one seed, a handful of steps: CI, about 25 s
   on 2 cores, exercising both stages, both regimes and every experiment) and
   `full` (3 seeds, 5 for the `HEADLINE_ARMS`, 100 questions a task, 900
-  steps per arm; the second edition's 14 arms took about
-  63 minutes on 2 CPU cores with `--jobs 3`, 15 for stage 0 and 48 for stage 1
-  and the benchmarks; the third edition adds 3 arms and the compression and
-  gate experiments: one seed of casa, insertion and their full and flops arms
-  took 19.5 min at one thread on a busy machine, 8 of them stage 0);
+  steps per arm: about 150 core-minutes, of which 8 are stage 0, 130 the
+  arms at one thread and 20 the cross-image experiment);
   `--device cuda` scales the model, the data and the steps (`SIZES["gpu"]`).
   `--seeds` / `--steps` override.
-- `--jobs N`: seeds are independent, so N worker processes each train whole
-  seeds on their share of `--threads` (at least one each). A model this
-  small gains little from a second thread: the three stage-0 text LMs took
-  305-355 s side by side (`--jobs 3`, 2 cores) against 165 s each one after
-  another at 2 threads; three jobs on two cores also keep both busy to the
-  end, where two would leave the third seed alone on one core. Workers end
-  with the parent (`casa.workers`): a `kill` of `casa study` stops the seeds.
+- `--jobs N`: the run is a set of units (a stage 0, an arm of a seed, a
+  cross-image arm) with dependencies, run on N worker processes, each on its
+  share of `--threads` (`schedule.py`: the longest ready unit first). A model
+  this small gains little from a second thread: three stage-0 text LMs took
+  305-355 s side by side on 2 cores against 165 s each one after another at
+  2 threads. Workers end with the parent (`casa.workers`): a `kill` of
+  `casa study` stops them.
 - `casa_replace` puts its fusion layer in every other block: replacing
   self-attention in every block would leave no text-only attention at all,
   which is not the paper's CASA-replace (some blocks replaced).
@@ -65,6 +69,7 @@ import torch
 
 from casa.bench.stream import StreamBench
 from casa.files import atomic_file
+from casa.study.schedule import Unit, run_units
 from casa.threads import set_threads
 from casa.workers import process_pool
 
@@ -101,25 +106,41 @@ HEADLINE_ARMS = ("insertion", "ca", "casa", *FULL_ARMS, "insertion@flops")
 MIX = {"digits": 2, "bars": 2, "table": 2}
 DIFFICULTY = {"colors": 4, "max_shapes": 3, "relative": False, "frames": 3, "font_size": 16}
 
+_QUICK_MODEL = {"lm": {"vocab_size": 264, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 176},
+                "vision": {"image_size": 32, "patch_size": 8, "d_model": 48, "n_layers": 1, "n_heads": 4, "d_ff": 96}}
+_QUICK_TRAIN = {"steps": 16, "text_tokens": 192, "image_tokens": 2048, "lr_new": 1e-3, "lr_pretrained": 3e-4,
+                "warmup_steps": 2, "min_lr_ratio": 0.1, "weight_decay": 0.01, "grad_clip": 1.0}
+# The cross-image experiment (crossimage.py) trains its own arms from its own stage 0, on clips of 4 frames:
+# the quick model (16 image tokens a frame, so frame memory k=16 keeps every token), a text LM pretrained
+# longer (the cross-frame questions are reasoning over captions, which 2,000 steps did not teach it) and
+# 2,000 steps of stage 1, as its first look measured (about 15 core-minutes a seed for the six arms).
+_CROSSIMAGE = {"model": _QUICK_MODEL, "difficulty": {**DIFFICULTY, "image_size": 32},
+               "stage0": {"lm_steps": 6000, "lm_tokens": 512, "lm_lr": 2e-3, "vision_steps": 600, "vision_batch": 32,
+                          "vision_lr": 3e-3},
+               "train": {**_QUICK_TRAIN, "steps": 2000, "text_tokens": 768, "image_tokens": 8192, "lr_new": 2e-3,
+                         "lr_pretrained": 5e-4, "warmup_steps": 20},
+               "tasks": ["color", "match", "recall", "motion"], "seeds": 1, "eval_n": 150, "prior_n": 100,
+               "curve": [], "curve_n": 3,
+               "arms": ["insertion", "ca", "casa", "casa+m1", "casa+m4", "casa+m16"]}
 _FULL_MODEL = {"lm": {"vocab_size": 264, "d_model": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "d_ff": 352},
                "vision": {"image_size": 48, "patch_size": 8, "d_model": 96, "n_layers": 2, "n_heads": 4,
                           "d_ff": 192}}
 SIZES = {
     "quick": {
-        "model": {"lm": {"vocab_size": 264, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-                         "d_ff": 176},
-                  "vision": {"image_size": 32, "patch_size": 8, "d_model": 48, "n_layers": 1, "n_heads": 4,
-                             "d_ff": 96}},
+        "model": _QUICK_MODEL,
         "stage0": {"lm_steps": 20, "lm_tokens": 256, "lm_lr": 2e-3, "vision_steps": 20, "vision_batch": 16,
                    "vision_lr": 2e-3},
-        "train": {"steps": 16, "text_tokens": 192, "image_tokens": 2048, "lr_new": 1e-3, "lr_pretrained": 3e-4,
-                  "warmup_steps": 2, "min_lr_ratio": 0.1, "weight_decay": 0.01, "grad_clip": 1.0},
+        "train": _QUICK_TRAIN,
         "difficulty": {**DIFFICULTY, "image_size": 32},
         "seeds": 1, "eval_n": 6, "curve_n": 3, "curve": [0.5], "gating_n": 4,
         "variants": ["insertion", "ca", "casa", "casa_every2"], "full_arms": ["casa@full", "insertion@full"],
         "bench_train": {"text_tokens": 128, "image_ratio": 4, "tokens_per_image": 16, "repeats": 1},
         "stream": {"turns": 10, "image_tokens": 16, "new_tokens": 4, "prompt_tokens": 2},
         "compression": {"n": 4, "factors": [1, 2, 4], "latency_prompts": 2, "repeats": 1},
+        "crossimage": {**_CROSSIMAGE, "stage0": {**_CROSSIMAGE["stage0"], "lm_steps": 20, "vision_steps": 20,
+                                                 "vision_batch": 16},
+                       "train": {**_CROSSIMAGE["train"], "steps": 8, "text_tokens": 192, "image_tokens": 2048},
+                       "tasks": ["match", "recall"], "eval_n": 4, "prior_n": 20, "arms": ["insertion", "casa", "casa+m4"]},
         "isolate": False, "device": "cpu",
     },
     "full": {
@@ -131,12 +152,14 @@ SIZES = {
                   "warmup_steps": 20, "min_lr_ratio": 0.05, "weight_decay": 0.01, "grad_clip": 1.0},
         "difficulty": {**DIFFICULTY, "image_size": 48},
         # 100 questions a task: a seed's category mean (3 tasks) has a binomial standard error <= 2.9 points
-        "seeds": 3, "headline_seeds": 5, "eval_n": 100, "curve_n": 9, "curve": [0.25, 0.5, 0.75], "gating_n": 12,
+        # one stage 0 shared by every seed: the seeds vary stage 1 (initialisation, data order, evaluation set)
+        "stage0_seeds": 1, "seeds": 3, "headline_seeds": 5, "eval_n": 100, "curve_n": 9, "curve": [0.25, 0.5, 0.75], "gating_n": 12,
         "variants": list(VARIANTS), "full_arms": list(FULL_ARMS),
         "bench_train": {"text_tokens": 384, "image_ratio": 10, "tokens_per_image": 64, "repeats": 3},
         "stream": {"turns": 64, "image_tokens": 64, "new_tokens": 8, "prompt_tokens": 4},
         # 36 image tokens (a 6 x 6 grid): 9x pools 3 x 3 blocks (8x has no block shape on it)
         "compression": {"n": 20, "factors": [1, 2, 4, 9], "latency_prompts": 8, "repeats": 3},
+        "crossimage": _CROSSIMAGE,
         "isolate": True, "device": "cpu",
     },
 }
@@ -354,53 +377,133 @@ def command_line(cfg: StudyConfig) -> str:
     return " ".join(parts)
 
 
-def _one_seed(seed: int, spec: dict, tasks: list[str], arms: list[str], out: Path) -> list[dict]:
-    """Stage 0 and every arm of one seed; each arm's record written as it is done (reused on a rerun)."""
+def stage0_seed(spec: dict, seed: int) -> int:
+    """The stage-0 seed that arm seed `seed` starts from: `spec["stage0_seeds"]` of them are trained
+    (the full size: one, shared by every seed), one per seed without it."""
+    n = spec.get("stage0_seeds")
+    return seed % n if n else seed
+
+
+def _stage0_unit(out: Path, spec: dict, tasks: list[str], seed: int) -> dict:
+    """Stage 0 of one stage-0 seed (cached in `out/stage0/sSEED/`)."""
     from casa.config import ModelConfig
     from casa.data.tasks import difficulty as make_difficulty
     from casa.study.stage0 import pretrain, training_mix
-    from casa.study.stage1 import Arm, train_arm
 
     base = ModelConfig.from_dict({**spec["model"], "fusion": {"variant": "casa"}})
-    stage0 = pretrain(out / "stage0", base, training_mix(tasks, spec.get("mix")), make_difficulty(spec["difficulty"]), spec["stage0"], seed,
-                      say=_say)
-    runs: dict[str, dict] = {}
-    for name in arms:
-        path = out / "runs" / f"{name}_s{seed}.json"
-        if path.is_file():
-            runs[name] = json.loads(path.read_text())
-            _say(f"  reuse {path}")
-            continue
-        arm = Arm.of(name)
-        steps = None
-        if arm.matching == "flops":  # as many steps as casa's FLOPs buy insertion
-            ratio = runs["casa"]["flops_per_step"] / runs["insertion"]["flops_per_step"]
-            steps = max(1, round(spec["train"]["steps"] * ratio))
-        r = train_arm(arm, seed, spec, tasks, VARIANTS[arm.variant], stage0["dir"], out / "work", steps=steps)
-        model, processor = r.pop("model"), r.pop("processor")
-        r["gating"], r["gates"] = ({}, {}) if arm.regime == "full" else _gating(model, processor, spec, tasks, seed)
-        if arm.regime == "frozen" and arm.matching == "samples" and arm.variant in ("casa", "insertion"):
-            r["compression"] = _compression(model, processor, spec, tasks, seed)
-            if arm.variant == "casa":
-                r["gate_tokens"] = _gate_tokens(model, processor, spec, tasks, seed,
-                                                out / "study_gate_heatmaps.png" if seed == 0 else None)
-        del model
-        with atomic_file(path) as f:
-            f.write(json.dumps(r, indent=1))
-        runs[name] = r
-        mean = sum(v["score"] for v in r["tasks"].values()) / len(r["tasks"])
-        blind = sum(v["blind"] for v in r["tasks"].values()) / len(r["tasks"])
-        fine = [r["tasks"][t]["score"] for t in CATEGORIES["fine-grained"] if t in r["tasks"]]
-        _say(f"  seed {seed} {name:<18} mean {mean:.3f} (blind {blind:.3f}), fine-grained "
-             f"{sum(fine) / max(1, len(fine)):.3f}, loss {r['final_loss']:.3f}, {r['steps']} steps, "
-             f"{r['train_seconds']:.0f} s")
-    return [runs[a] for a in arms]
+    return pretrain(out / "stage0", base, training_mix(tasks, spec.get("mix")), make_difficulty(spec["difficulty"]),
+                    spec["stage0"], seed, say=_say)
 
 
-def _seed_job(seed: int, spec: dict, tasks: list[str], arms: list[str], out: Path, threads: int) -> list[dict]:
-    """`_one_seed` in a worker process of `--jobs`, on its share of the threads."""
-    set_threads(threads)
-    return _one_seed(seed, spec, tasks, arms, out)
+def _arm_unit(name: str, seed: int, spec: dict, tasks: list[str], out: Path) -> dict:
+    """One arm of one seed from its stage 0, with the measurements its kind of arm gets; the record is written
+    to `out/runs/NAME_sSEED.json` as it is done. `insertion@flops` reads casa's and insertion's records."""
+    from casa.study.stage1 import Arm, train_arm
+
+    arm = Arm.of(name)
+    steps = None
+    if arm.matching == "flops":  # as many steps as casa's FLOPs buy insertion
+        casa, insertion = (json.loads((out / "runs" / f"{v}_s{seed}.json").read_text()) for v in ("casa", "insertion"))
+        steps = max(1, round(spec["train"]["steps"] * casa["flops_per_step"] / insertion["flops_per_step"]))
+    r = train_arm(arm, seed, spec, tasks, VARIANTS[arm.variant], out / "stage0" / f"s{stage0_seed(spec, seed)}",
+                  out / "work", steps=steps)
+    model, processor = r.pop("model"), r.pop("processor")
+    r["gating"], r["gates"] = ({}, {}) if arm.regime == "full" else _gating(model, processor, spec, tasks, seed)
+    if arm.regime == "frozen" and arm.matching == "samples" and arm.variant in ("casa", "insertion"):
+        r["compression"] = _compression(model, processor, spec, tasks, seed)
+        if arm.variant == "casa":
+            r["gate_tokens"] = _gate_tokens(model, processor, spec, tasks, seed,
+                                            out / "study_gate_heatmaps.png" if seed == 0 else None)
+    del model
+    with atomic_file(out / "runs" / f"{name}_s{seed}.json") as f:
+        f.write(json.dumps(r, indent=1))
+    mean = sum(v["score"] for v in r["tasks"].values()) / len(r["tasks"])
+    blind = sum(v["blind"] for v in r["tasks"].values()) / len(r["tasks"])
+    fine = [r["tasks"][t]["score"] for t in CATEGORIES["fine-grained"] if t in r["tasks"]]
+    _say(f"  seed {seed} {name:<18} mean {mean:.3f} (blind {blind:.3f}), fine-grained "
+         f"{sum(fine) / max(1, len(fine)):.3f}, loss {r['final_loss']:.3f}, {r['steps']} steps, "
+         f"{r['train_seconds']:.0f} s")
+    return r
+
+
+def _arm_cost(name: str) -> float:
+    """Expected core-minutes of an arm at the full size (1 thread): the schedule starts the longest first."""
+    arm = name.partition("@")
+    return 2.9 if arm[2] == "full" else 2.2 if arm[0] == "insertion" else 1.6
+
+
+def crossimage_arms(spec: dict, variants: list[str]) -> list[str]:
+    """The cross-image arms a run trains: the size's, less those whose base variant the run leaves out."""
+    from casa.study.crossimage import ARMS
+
+    if "crossimage" not in spec or not {"casa", "insertion"} <= set(variants):
+        return []
+    return [n for n in spec["crossimage"]["arms"] if ARMS[n]["variant"] in variants]
+
+
+def plan_units(spec: dict, tasks: list[str], arms: list[str], out: Path) -> list[Unit]:
+    """The run's units (`schedule.Unit`): the stage-0 seeds, every (arm, seed) of `seed_arms`, and the
+    cross-image experiment's stage 0 and arms; what is on disk already is left out (reused)."""
+    from casa.study import crossimage
+
+    plan = seed_arms(spec, arms)
+    units = []
+    for s in sorted({stage0_seed(spec, seed) for seed, _ in plan}):
+        if not (out / "stage0" / f"s{s}" / "stats.json").is_file():
+            units.append(Unit(f"stage0/s{s}", _stage0_unit, (out, spec, tasks, s), cost=8.0))
+    planned = {u.key for u in units}
+    for seed, names in plan:
+        s0 = f"stage0/s{stage0_seed(spec, seed)}"
+        for name in names:
+            if (out / "runs" / f"{name}_s{seed}.json").is_file():
+                continue
+            after = (s0,) if s0 in planned else ()
+            if name == "insertion@flops":
+                after += tuple(f"{v}_s{seed}" for v in ("casa", "insertion")
+                               if not (out / "runs" / f"{v}_s{seed}.json").is_file())
+            units.append(Unit(f"{name}_s{seed}", _arm_unit, (name, seed, spec, tasks, out), after, _arm_cost(name)))
+    xnames = crossimage_arms(spec, [a for a in arms if "@" not in a])
+    if xnames:
+        x, xout = crossimage.prepare(spec["crossimage"]), out / "crossimage"
+        for seed in range(x["seeds"]):
+            d = xout / "stage0" / f"s{seed}"
+            after = ()
+            if not (d / "stats.json").is_file():
+                units.append(Unit(f"crossimage/stage0/s{seed}", _crossimage_stage0_unit, (xout, x, seed), cost=2.0))
+                after = (f"crossimage/stage0/s{seed}",)
+            units += [Unit(f"crossimage/{n}_s{seed}", _crossimage_arm_unit, (n, seed, x, xout), after, cost=3.0)
+                      for n in xnames if not (xout / "runs" / f"{n}_s{seed}.json").is_file()]
+    return units
+
+
+def _crossimage_stage0_unit(out: Path, spec: dict, seed: int) -> dict:
+    """The cross-image experiment's stage 0: the study's recipe on its own model and tasks (`crossimage.py`)."""
+    from casa.config import ModelConfig
+    from casa.data.tasks import difficulty as make_difficulty
+    from casa.study.stage0 import pretrain
+
+    base = ModelConfig.from_dict({**spec["model"], "fusion": {"variant": "casa"}})
+    return pretrain(out / "stage0", base, list(spec["tasks"]), make_difficulty(spec["difficulty"]), spec["stage0"],
+                    seed, say=_say)
+
+
+def _crossimage_arm_unit(name: str, seed: int, spec: dict, out: Path) -> dict:
+    """One cross-image arm of one seed, from that seed's cross-image stage 0."""
+    from casa.study.crossimage import train_one
+
+    return train_one(name, seed, spec, tuple(spec["tasks"]), out, stage0=out / "stage0" / f"s{seed}",
+                     steps=spec["train"]["steps"], say=_say)
+
+
+def _crossimage_results(spec: dict, names: list[str], out: Path) -> dict:
+    """The cross-image experiment's results (`crossimage.collect`) from its arms' records in `out/crossimage`."""
+    from casa.study.crossimage import collect, prepare
+
+    x, xout = prepare(spec["crossimage"]), out / "crossimage"
+    seeds = list(range(x["seeds"]))
+    runs = [json.loads((xout / "runs" / f"{n}_s{seed}.json").read_text()) for seed in seeds for n in names]
+    return collect(runs, x, tuple(x["tasks"]), names=names, seeds=seeds,
+                   stage0_dirs=[xout / "stage0" / f"s{seed}" for seed in seeds], out=xout)
 
 
 def seed_arms(spec: dict, arms: list[str]) -> list[tuple[int, list[str]]]:
@@ -411,20 +514,28 @@ def seed_arms(spec: dict, arms: list[str]) -> list[tuple[int, list[str]]]:
             for s in range(max(spec["seeds"], extra))]
 
 
-def _reused(out: Path, plan: list[tuple[int, list[str]]]) -> dict:
+def _stage0_seeds(spec: dict, plan: list[tuple[int, list[str]]]) -> list[int]:
+    return sorted({stage0_seed(spec, seed) for seed, _ in plan})
+
+
+def _reused(out: Path, spec: dict, plan: list[tuple[int, list[str]]], crossimage: list[str]) -> dict:
     """What a rerun in `out` will take from disk instead of computing (reported beside the wall time)."""
-    return {"stage0_seeds": [s for s, _ in plan if (out / "stage0" / f"s{s}" / "stats.json").is_file()],
+    xseeds = range(spec["crossimage"]["seeds"]) if crossimage else ()
+    return {"stage0_seeds": [s for s in _stage0_seeds(spec, plan) if (out / "stage0" / f"s{s}" / "stats.json").is_file()],
             "arm_runs": [f"{a}_s{s}" for s, arms in plan for a in arms
-                         if (out / "runs" / f"{a}_s{s}.json").is_file()]}
+                         if (out / "runs" / f"{a}_s{s}.json").is_file()],
+            "crossimage_runs": [f"{a}_s{s}" for s in xseeds for a in crossimage
+                                if (out / "crossimage" / "runs" / f"{a}_s{s}.json").is_file()]}
 
 
 def saved_summary(cfg: StudyConfig) -> str:
     """What an interrupted study leaves in `cfg.out` for a rerun of the same command to reuse."""
     out, spec = Path(cfg.out), cfg.spec
     plan = seed_arms(spec, arms_of(spec["variants"], spec["full_arms"]))
-    done = _reused(out, plan)
+    xarms = crossimage_arms(spec, spec["variants"])
+    done = _reused(out, spec, plan, xarms)
     parts = []
-    for seed, _ in plan:
+    for seed in _stage0_seeds(spec, plan):
         d = out / "stage0" / f"s{seed}"
         if seed in done["stage0_seeds"]:
             parts.append(f"seed {seed} complete")
@@ -433,9 +544,11 @@ def saved_summary(cfg: StudyConfig) -> str:
                     if (d / f"{name}_stats.json").is_file()]
             parts += [f"seed {seed}: {' and '.join(have)}"] if have else []
     total = sum(len(arms) for _, arms in plan)
+    cross = (f"; cross-image arm runs: {len(done['crossimage_runs'])} of {len(xarms) * spec['crossimage']['seeds']}"
+             if xarms else "")
     return (f"casa study: saved in {str(out)!r}: stage 0: {', '.join(parts) or 'nothing yet'}; arm runs: "
             f"{len(done['arm_runs'])} of {total}{' (' + ', '.join(done['arm_runs']) + ')' if done['arm_runs'] else ''}"
-            "; run the same command again to continue from there")
+            f"{cross}; run the same command again to continue from there")
 
 
 def run(cfg: StudyConfig) -> dict:
@@ -455,22 +568,21 @@ def run(cfg: StudyConfig) -> dict:
     more = "" if len(plan) == spec["seeds"] else f" (the headline arms x {len(plan)})"
     _say(f"casa study ({cfg.size}, {cfg.device}): {len(arms)} arms x {spec['seeds']} seed(s){more}, "
          f"{spec['train']['steps']} steps each, tasks {', '.join(cfg.tasks)}, {threads} thread(s)")
-    reused = _reused(out, plan)
-    runs = []
-    if cfg.jobs == 1:
-        for seed, seed_arm_list in plan:
-            runs += _one_seed(seed, spec, cfg.tasks, seed_arm_list, out)
-    else:  # seeds are independent: each worker trains whole seeds, on its share of the threads
-        jobs = min(cfg.jobs, len(plan))
-        with process_pool(jobs) as pool:
-            futures = [pool.submit(_seed_job, seed, spec, cfg.tasks, seed_arm_list, out, max(1, threads // jobs))
-                       for seed, seed_arm_list in plan]
-            for f in futures:
-                runs += f.result()
+    xarms = crossimage_arms(spec, spec["variants"])
+    reused = _reused(out, spec, plan, xarms)
+    for what in reused["stage0_seeds"]:
+        _say(f"  stage 0, seed {what}: reuse {out / 'stage0' / f's{what}'}")
+    for what in reused["arm_runs"]:
+        _say(f"  reuse {out / 'runs' / (what + '.json')}")
+    units = plan_units(spec, cfg.tasks, arms, out)
+    run_units(units, jobs=max(1, min(cfg.jobs, len(units))), threads=threads)
+    runs = [json.loads((out / "runs" / f"{a}_s{seed}.json").read_text()) for seed, names in plan for a in names]
+    crossimage = _crossimage_results(spec, xarms, out) if xarms else None
     prior, prior_levels = prior_scores(cfg.tasks, spec)
     _say("benchmarks (training step, streaming session):")
     bench = benchmarks(spec, spec["variants"], threads)
-    stage0 = {str(s): json.loads((out / "stage0" / f"s{s}" / "stats.json").read_text()) for s, _ in plan}
+    stage0 = {str(s): json.loads((out / "stage0" / f"s{s}" / "stats.json").read_text())
+              for s in _stage0_seeds(spec, plan)}
     results = {
         "command": command_line(cfg),
         "config": {**asdict(cfg), "spec": spec, "threads": threads, "torch": torch.__version__,
@@ -485,6 +597,7 @@ def run(cfg: StudyConfig) -> dict:
         "prior": prior,
         "prior_levels": prior_levels,
         "bench": bench,
+        "crossimage": crossimage,
     }
     results["wall_seconds"] = time.perf_counter() - t0
     write_report(results, out, docs=Path(cfg.docs) if cfg.docs else None)
