@@ -1,4 +1,4 @@
-"""The per-token gating analysis (`casa.study.gating`: token_attention, sample_gates, summarise, section,
+"""The per-token gating analysis (`casa.study.gate_tokens`: token_attention, sample_gates, summarise, section,
 plot_gate_heatmaps): shares are probabilities, hand-forced attention gives the expected shares and maps,
 localisation equals the area for uniform attention, and section's verdicts follow the rule."""
 
@@ -9,8 +9,7 @@ import torch
 
 from casa.data import make_sample
 from casa.data.tasks import difficulty
-from casa.study.gating import (
-    attention_shares,
+from casa.study.gate_tokens import (
     localisation,
     plot_gate_heatmaps,
     sample_gates,
@@ -20,6 +19,7 @@ from casa.study.gating import (
     token_attention,
     verdict,
 )
+from casa.study.gating import attention_shares
 from casa.study.run import SIZES
 
 TASKS = ("color", "count", "position", "compare")

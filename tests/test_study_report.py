@@ -423,3 +423,38 @@ def test_the_protocol_says_when_some_arms_ran_fewer_seeds():
     res["runs"] = [r for r in res["runs"] if not (r["arm"] == "ca_ffn" and r["seed"] == 2)]
     line = derive(res)["summary"]["protocol"][2]
     assert line.startswith("**Seeds** 3 (0, 1, 2) (the arms the headline claims compare; the others 2);")
+
+
+def test_a_collapsed_seed_is_found_with_its_story(tmp_path):
+    from casa.study.stats import collapses
+
+    res = make_results()
+    casa = [r for r in res["runs"] if r["arm"] == "casa"]
+    lost = casa[2]  # colour learnt at the curve's first point, then lost; the gate shut the image out
+    lost["tasks"]["color"]["score"] = 0.30
+    lost["curve"][0]["tasks"]["color"] = 0.90
+    for layer in lost["gating"]["color"].values():
+        layer["answer_image"] = 0.05
+    never = [r for r in res["runs"] if r["arm"] == "insertion"][0]  # count never learnt
+    never["tasks"]["count"]["score"] = 0.20
+    never["curve"][0]["tasks"]["count"] = 0.25
+    found = {(c["arm"], c["seed"], c["task"]): c for c in collapses(res["runs"], ["color", "count", "digits"])}
+    assert set(found) == {("casa", 2, "color"), ("insertion", 0, "count")}
+    c = found[("casa", 2, "color")]
+    assert c["kind"] == "learnt, then lost" and c["peak"] == 0.90 and c["score"] == 0.30
+    assert c["others"] == pytest.approx(0.815) and c["image_share"] == pytest.approx(0.05)
+    assert c["others_image_share"] == pytest.approx(0.3)
+    n = found[("insertion", 0, "count")]
+    assert n["kind"] == "never learnt" and n["image_share"] is None  # insertion has no text keys in a window
+    # 29 points under the others is no collapse
+    assert collapses(res["runs"], ["color"], drop=0.52) == []
+    write_report(res, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    section = report[report.index("## Collapsed seeds"):]
+    assert "| casa | 2 | color | 30.0 | 81.5 |" in section and "learnt, then lost | 0.05 / 0.30 |" in section
+    assert "2 collapse(s) over 21 (arm, seed) runs: 1 learnt, then lost, 1 never learnt" in section
+
+
+def test_no_collapse_is_said_so(tmp_path):
+    write_report(make_results(), tmp_path)
+    assert "No seed collapsed on any task." in (tmp_path / "report.md").read_text()

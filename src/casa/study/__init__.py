@@ -1,9 +1,11 @@
 """The variant comparison and the demo, built on training, evaluation and the benchmarks.
 
 - `run`: `casa study` (the protocol: seeds, arms, baselines, benchmarks).
+- `schedule`: the run's units (stage 0, each arm of each seed) on `--jobs` worker processes.
 - `stage0`: the pretrained text LM and vision encoder every arm of a seed starts from.
 - `stage1`: one arm (variant x regime x matching) trained from stage 0 and evaluated.
-- `gating`: the implicit-gating analysis of fusion layers, per layer and per token.
+- `gating`: the implicit gate of fusion layers: attention shares per layer and task.
+- `gate_tokens`: the gate per token: answer and question tokens' shares, heatmaps, localisation.
 - `compression`: trained arms with their image tokens pooled or pruned, training-free.
 - `frequency`: how often fusion layers occur, accuracy against memory and decode time.
 - `crossimage`: questions on non-adjacent frames; gist token vs frame memory, and its cache cost.

@@ -76,12 +76,11 @@ RULE = {"tasks": CROSS_TASKS, "margin": 0.05}  # the verdict's rule (`verdict`, 
 
 
 def arms(memories=MEMORIES) -> dict[str, dict]:
-    """Arm name -> FusionConfig fields: insertion, ca, casa (as the study's `VARIANTS`), and
-    `casa+m{k}`, casa with `frame_memory = k` for each k of `memories`."""
-    from casa.study.run import VARIANTS
-
-    out = {name: dict(VARIANTS[name]) for name in ("insertion", "ca", "casa")}
-    out.update({f"casa+m{k}": {**VARIANTS["casa"], "frame_memory": k} for k in memories})
+    """Arm name -> FusionConfig fields: insertion, ca, casa (the study's variants of those names: casa's
+    placement is the default, parallel), and `casa+m{k}`, casa with `frame_memory = k` for each k of
+    `memories`."""
+    out = {name: {"variant": name} for name in ("insertion", "ca", "casa")}
+    out.update({f"casa+m{k}": {"variant": "casa", "frame_memory": k} for k in memories})
     return out
 
 
@@ -454,7 +453,7 @@ def collect(runs: list[dict], spec: dict, tasks, *, names, seeds, stage0_dirs=No
     Returns:
         `{config, runs, arms: summarise(runs), prior, oracle, verdict}`.
     """
-    from casa.study.run import prior_scores
+    from casa.study.stage1 import prior_scores
 
     oracle = [caption_oracle(d, spec, tasks, spec["eval_n"], seed=s) for s, d in zip(seeds, stage0_dirs or ())]
     prior, _ = prior_scores(list(tasks), spec)
@@ -477,7 +476,7 @@ def collect(runs: list[dict], spec: dict, tasks, *, names, seeds, stage0_dirs=No
     return results
 
 
-def run_crossimage(out=None, *, spec: dict | None = None, size: str = "quick", seeds=(0,), stage0=None,
+def run_crossimage(out=None, *, spec: dict, seeds=(0,), stage0=None,
                    arm_names=None, tasks=TASKS, steps: int | None = None, eval_n: int | None = None,
                    say=print) -> dict:
     """Train and evaluate the arms on the cross-frame tasks; measure their cache bytes per frame
@@ -486,7 +485,7 @@ def run_crossimage(out=None, *, spec: dict | None = None, size: str = "quick", s
     Args:
         out: a directory for `runs/ARM_sSEED.json` (each arm's record, reused by a rerun),
             `crossimage.json` (with provenance), `crossimage.png` and `crossimage.md`; None: nothing written.
-        spec: a study size's spec (`casa.study.run.SIZES[...]`, or `StudyConfig.spec`); default `SIZES[size]`.
+        spec: a study size's spec (`casa.study.run.SIZES[...]`, its `crossimage` part, or `StudyConfig.spec`).
             Its difficulty gets `frames = FRAMES`.
         seeds: the seeds to train.
         stage0: the stage-0 root (holding `sSEED/`): arms start from it as the study's do; None: from
@@ -496,9 +495,7 @@ def run_crossimage(out=None, *, spec: dict | None = None, size: str = "quick", s
     Returns:
         `collect`'s results.
     """
-    from casa.study.run import SIZES
-
-    spec = prepare(spec or SIZES[size], eval_n)
+    spec = prepare(spec, eval_n)
     names = list(arm_names or ARMS)
     bad = [n for n in names if n not in ARMS]
     if bad:

@@ -17,8 +17,9 @@ Design decisions:
   sit beside the markdown, so the same relative links work in both places.
 - Without matplotlib the plots are skipped and the report says so.
 - The third edition's experiments have their own modules, each with its
-  rule, table and finding (`compression`, `frequency`, `gating`); the
-  report gathers them: compression averaged over seeds, the gate per token
+  rule, table and finding (`compression`, `crossimage`, `frequency`,
+  `gate_tokens`); the report gathers them: compression averaged over seeds,
+  the cross-image experiment from its own arms, the gate per token
   of the first seed's casa arm (the records behind it hold images, so
   run.py draws its heatmaps, `study_gate_heatmaps.png`, while it has them).
 """
@@ -41,10 +42,12 @@ from casa.study.claims import (
 )
 from casa.study.plots import NAMES, render
 from casa.study.stats import (
+    COLLAPSE,
     LEARNED,
     aggregate,
     arm_table,
     category_tasks,
+    collapses,
     gating_summary,
     learned,
     paired_differences,
@@ -66,6 +69,7 @@ def derive(results: dict) -> dict:
     results["paired"] = paired_differences(results)
     results["gating"] = gating_summary(results["runs"], [t for ts in cats.values() for t in ts])
     results["compression"] = _compression(results["runs"])
+    results["collapses"] = collapses(results["runs"], [t for ts in cats.values() for t in ts])
     results["claims"] = claims(results)
     results["summary"] = summary(results)
     return results
@@ -372,6 +376,7 @@ def markdown(results: dict, images: dict | None) -> str:
     L += _gating_section(results, images)
     L += _experiment_sections(results, images)
     L += _per_seed_section(results)
+    L += _collapse_section(results)
     return "\n".join(L) + "\n"
 
 
@@ -409,11 +414,44 @@ def _per_seed_section(results: dict) -> list[str]:
     return L + [""]
 
 
+def _collapse_section(results: dict) -> list[str]:
+    """The seeds that collapsed on a task (`stats.collapses`), each with the evidence for what happened."""
+    found = results.get("collapses") or []
+    L = ["## Collapsed seeds", "",
+         f"**Rule** (fixed before the numbers): a seed has collapsed on a task when it scores {100 * COLLAPSE:.0f} "
+         "points or more under the median of the same arm's other seeds (arms with 3 seeds or more). For each, "
+         "its learning curve (small evaluations during training) says whether it learnt the task and lost it "
+         f"(a curve peak {100 * COLLAPSE:.0f} points or more over the final score) or never learnt it; its "
+         "blind score says whether it answers without the image; its answer tokens' attention share on image "
+         "keys (mean over fusion layers, arms with text keys) against the other seeds' says whether the "
+         "implicit gate shut the image out.", ""]
+    if not found:
+        return L + ["No seed collapsed on any task.", ""]
+    L += ["| arm | seed | task | score | other seeds (median) | blind | curve (step: score) | what happened | "
+          "image share (this seed / others) | final loss (this / others) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in found:
+        curve = ", ".join(f"{step}: {points(v, False)}" for step, v in c["curve"])
+        share = ("-" if c["image_share"] is None else
+                 f"{c['image_share']:.2f} / {'-' if c['others_image_share'] is None else format(c['others_image_share'], '.2f')}")
+        loss = "-" if c["loss"] is None else f"{c['loss']:.3f} / {'-' if c['others_loss'] is None else format(c['others_loss'], '.3f')}"
+        L.append(f"| {c['arm']} | {c['seed']} | {c['task']} | {points(c['score'], False)} | "
+                 f"{points(c['others'], False)} | {points(c['blind'], False)} | {curve} | {c['kind']} | {share} | {loss} |")
+    runs = len(results["runs"])
+    by_kind = {k: sum(c["kind"] == k for c in found) for k in ("learnt, then lost", "never learnt")}
+    by_arm = {}
+    for c in found:
+        by_arm[c["arm"]] = by_arm.get(c["arm"], 0) + 1
+    L += ["", f"{len(found)} collapse(s) over {runs} (arm, seed) runs: "
+          + ", ".join(f"{n} {k}" for k, n in by_kind.items() if n)
+          + "; by arm: " + ", ".join(f"{a} {n}" for a, n in sorted(by_arm.items(), key=lambda kv: -kv[1])) + ".", ""]
+    return L
+
+
 def _experiment_sections(results: dict, images) -> list[str]:
     from casa.study.compression import section as compression_section
     from casa.study.crossimage import section as crossimage_section
     from casa.study.frequency import section as frequency_section
-    from casa.study.gating import section as gate_section
+    from casa.study.gate_tokens import section as gate_section
 
     L = []
     frequency = frequency_section(results, figure="study_frequency.png" if images and "study_frequency.png" in

@@ -22,7 +22,7 @@ The protocol (third edition):
   Learning curves come from small evaluations during training.
 - The experiments: image-token compression on the frozen casa and insertion
   arms (`compression.py`), fusion frequency as arms of their own
-  (`frequency.py`), the gate per token on casa (`gating.py`), and cross-image
+  (`frequency.py`), the gate per token on casa (`gate_tokens.py`), and cross-image
   reasoning with its own stage 0 and arms (`crossimage.py`).
 Then training speed/memory (`bench/train.py`) and streaming (`bench/stream.py`)
 per variant, and CASA's implicit gate (`gating.py`). `report.py` turns the
@@ -74,7 +74,7 @@ from casa.threads import set_threads
 from casa.workers import process_pool
 
 __all__ = ["CATEGORIES", "DIFFICULTY", "FULL_ARMS", "HEADLINE_ARMS", "MIX", "SIZES", "TASKS", "VARIANTS", "StudyConfig",
-           "StudyStream", "arms_of", "benchmarks", "command_line", "prior_scores", "run", "seed_arms"]
+           "StudyStream", "arms_of", "benchmarks", "command_line", "run", "seed_arms"]
 
 TASKS = ("color", "count", "position", "digits", "bars", "table", "compare", "motion")
 CATEGORIES = {"coarse": ("color", "count", "position"), "fine-grained": ("digits", "bars", "table"),
@@ -266,7 +266,7 @@ def _gate_tokens(model, processor, spec: dict, tasks: list[str], seed: int, heat
     (the records hold the images, which results.json cannot)."""
     from casa.data import SyntheticSource
     from casa.data.tasks import difficulty as make_difficulty
-    from casa.study.gating import plot_gate_heatmaps, sample_gates, summarise
+    from casa.study.gate_tokens import plot_gate_heatmaps, sample_gates, summarise
 
     single = _single_image(tasks)
     src = SyntheticSource(single, seed=seed + 2000, difficulty=make_difficulty(spec["difficulty"]))
@@ -274,31 +274,6 @@ def _gate_tokens(model, processor, spec: dict, tasks: list[str], seed: int, heat
     if heatmaps is not None:
         plot_gate_heatmaps([next(r for r in records if r["task"] == t) for t in single], heatmaps)
     return summarise(records)
-
-
-def prior_scores(tasks: list[str], spec: dict, seed: int = 0) -> tuple[dict, dict]:
-    """Scores of the most-frequent-answer baseline: per task, and per level of the fine-grained tasks."""
-    from casa.config import VisionConfig
-    from casa.data import Processor, SyntheticSource
-    from casa.data.tasks import FINE_GRAINED, LEVELS
-    from casa.data.tasks import difficulty as make_difficulty
-    from casa.eval.synthetic import eval_samples, evaluate, prior_answers
-    from casa.pretrained.tokenizer import ByteTokenizer
-
-    processor = Processor(ByteTokenizer(), VisionConfig(**spec["model"]["vision"]))
-    src = SyntheticSource(tasks, seed=seed, difficulty=make_difficulty(spec["difficulty"]))
-    prior = prior_answers(src[i] for i in range(spec.get("prior_n", 150) * len(tasks)))
-
-    def score(task, difficulty, n):
-        samples = eval_samples([task], n, seed=seed, difficulty=difficulty)
-        return evaluate(None, processor, samples, prior=prior)["tasks"][task]["score"]
-
-    levels = {t: {str(L): score(t, {**spec["difficulty"], "level": L}, max(4, spec["eval_n"] // len(LEVELS)))
-                  for L in LEVELS} for t in tasks if t in FINE_GRAINED}
-    per_task = {t: (sum(levels[t].values()) / len(LEVELS) if t in levels else score(t, spec["difficulty"],
-                                                                                        spec["eval_n"]))
-                for t in tasks}
-    return per_task, levels
 
 
 # -------------------------------------------------------------- benchmarks
@@ -556,7 +531,7 @@ def run(cfg: StudyConfig) -> dict:
     plots to `cfg.out` (and docs/ with `cfg.docs`)."""
     from casa.study.report import write_report
     from casa.study.stage0 import STAGE0_SEED_OFFSET
-    from casa.study.stage1 import Arm
+    from casa.study.stage1 import Arm, prior_scores
 
     t0 = time.perf_counter()
     spec = cfg.spec

@@ -41,7 +41,7 @@ from casa.pretrained.directory import save_pretrained
 from casa.pretrained.tokenizer import ByteTokenizer
 from casa.study.stage0 import init_stage1, training_mix
 
-__all__ = ["Arm", "REGIMES", "evaluate_tasks", "train_arm"]
+__all__ = ["Arm", "REGIMES", "evaluate_tasks", "prior_scores", "train_arm"]
 
 REGIMES = {"frozen": {"freeze_lm": True, "vision_trainable_blocks": 1},
            "full": {"freeze_lm": False, "vision_trainable_blocks": -1}}
@@ -89,6 +89,30 @@ def evaluate_tasks(model, processor, tasks, n: int, *, seed: int, difficulty: di
             out[t] = {"metric": per[1]["metric"], **mean, "n": sum(r["n"] for r in per.values()),
                       "levels": {str(level): {k: v for k, v in r.items() if k != "metric"} for level, r in per.items()}}
     return out
+
+
+def prior_scores(tasks: list[str], spec: dict, seed: int = 0) -> tuple[dict, dict]:
+    """Scores of the most-frequent-answer baseline ("prior": the commonest training answer to each question),
+    on the questions `evaluate_tasks` asks: per task, and per level of the fine-grained tasks."""
+    from casa.config import VisionConfig
+    from casa.data import Processor, SyntheticSource
+    from casa.data.tasks import difficulty as make_difficulty
+    from casa.eval.synthetic import prior_answers
+
+    processor = Processor(ByteTokenizer(), VisionConfig(**spec["model"]["vision"]))
+    src = SyntheticSource(tasks, seed=seed, difficulty=make_difficulty(spec["difficulty"]))
+    prior = prior_answers(src[i] for i in range(spec.get("prior_n", 150) * len(tasks)))
+
+    def score(task, difficulty, n):
+        samples = eval_samples([task], n, seed=seed, difficulty=difficulty)
+        return evaluate(None, processor, samples, prior=prior)["tasks"][task]["score"]
+
+    levels = {t: {str(L): score(t, {**spec["difficulty"], "level": L}, max(4, spec["eval_n"] // len(LEVELS)))
+                  for L in LEVELS} for t in tasks if t in FINE_GRAINED}
+    per_task = {t: (sum(levels[t].values()) / len(LEVELS) if t in levels else score(t, spec["difficulty"],
+                                                                                        spec["eval_n"]))
+                for t in tasks}
+    return per_task, levels
 
 
 def train_arm(arm: Arm, seed: int, spec: dict, tasks: list[str], fusion: dict, stage0_dir, work_dir: Path, *,

@@ -27,8 +27,9 @@ Design decisions:
 from __future__ import annotations
 
 import math
+import statistics
 
-__all__ = ["LEARNED", "PAIR_SPECS", "T_975", "aggregate", "arm_table", "category_tasks", "curves",
+__all__ = ["COLLAPSE", "LEARNED", "PAIR_SPECS", "T_975", "aggregate", "arm_table", "category_tasks", "collapses", "curves",
            "find_arm", "gating_summary", "interval", "learned", "pair_label", "paired", "paired_differences",
            "prior_categories", "prior_levels", "regimes", "t_quantile"]
 
@@ -297,6 +298,57 @@ def paired_differences(results: dict) -> dict[str, dict]:
         if d is not None:
             out[pair_label(a, b)] = d
     return out
+
+
+# ---------------------------------------------------------- collapsed seeds
+COLLAPSE = 0.3  # a seed collapsed on a task when it scores this far under the median of the arm's other seeds
+
+
+def collapses(runs: list[dict], tasks: list[str], *, drop: float = COLLAPSE) -> list[dict]:
+    """Every (arm, seed, task) whose score lies `drop` or more under the median of the arm's other seeds
+    (arms with 3 seeds or more), with what tells its story apart.
+
+    Returns: [{arm, seed, task, score, others (their median), blind, curve: [(step, score)], peak (the best
+    curve score before the last step), kind, image_share, others_image_share, loss, others_loss}]; `kind`
+    "learnt, then lost" when the curve's peak lies `drop` over the final score, else "never learnt";
+    `image_share` is the answer tokens' attention share on image keys for that task, averaged over the
+    fusion layers (None where the arm has no text keys: `attention_shares`).
+    """
+    out = []
+    for arm in dict.fromkeys(r.get("arm", r["variant"]) for r in runs):
+        mine = _runs_of(runs, arm)
+        if len(mine) < 3:
+            continue
+        for t in tasks:
+            for r in mine:
+                others = [o for o in mine if o is not r and t in o["tasks"]]
+                if t not in r["tasks"] or not others:
+                    continue
+                median = statistics.median(o["tasks"][t]["score"] for o in others)
+                score = r["tasks"][t]["score"]
+                if median - score < drop - 1e-9:
+                    continue
+                curve = [(c["step"], c["tasks"][t]) for c in r.get("curve", []) if t in c["tasks"]]
+                peak = max((v for _, v in curve[:-1]), default=None)
+                share = _image_share(r, t)
+                other_shares = [x for x in (_image_share(o, t) for o in others) if x is not None]
+                out.append({"arm": arm, "seed": r["seed"], "task": t, "score": score, "others": median,
+                            "blind": r["tasks"][t].get("blind"), "curve": curve, "peak": peak,
+                            "kind": "learnt, then lost" if peak is not None and peak - score >= drop - 1e-9
+                            else "never learnt",
+                            "image_share": share,
+                            "others_image_share": statistics.median(other_shares) if other_shares else None,
+                            "loss": r.get("final_loss"),
+                            "others_loss": statistics.median(o["final_loss"] for o in others
+                                                             if o.get("final_loss") is not None)
+                            if any(o.get("final_loss") is not None for o in others) else None})
+    return out
+
+
+def _image_share(run: dict, task: str) -> float | None:
+    layers = [v.get("answer_image") for v in run.get("gating", {}).get(task, {}).values()]
+    layers = [x for x in layers if x is not None]
+    return sum(layers) / len(layers) if layers else None
 
 
 # ------------------------------------------------------------------ gating
