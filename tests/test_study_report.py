@@ -458,3 +458,20 @@ def test_a_collapsed_seed_is_found_with_its_story(tmp_path):
 def test_no_collapse_is_said_so(tmp_path):
     write_report(make_results(), tmp_path)
     assert "No seed collapsed on any task." in (tmp_path / "report.md").read_text()
+
+
+def test_power_says_whether_every_accuracy_claim_is_decided_to_10_points(tmp_path):
+    from casa.study.report import power
+
+    narrow = {"casa": (0.0, 0.01, -0.01), "insertion": (0.0, 0.01, -0.005), "ca": (0.0, 0.005, -0.01)}
+    res = derive(make_results(offsets=narrow))  # seeds within a point or two: intervals of a few points
+    pw = res["summary"]["power"]
+    paired_claims = [c for c in res["claims"] if c.get("paired")]
+    assert set(pw["half"]) == {c["claim"] for c in paired_claims} and len(paired_claims) >= 4
+    assert pw["met"] is True and all(h <= 0.10 for h in pw["half"].values())
+    wide = derive(make_results(offsets={"casa": (0.0, 0.30, -0.25)}))["summary"]["power"]
+    assert wide["met"] is False and max(wide["half"].values()) > 0.10
+    assert power([c for c in res["claims"] if not c.get("paired")])["met"] is None
+    write_report(make_results(offsets=narrow), tmp_path)
+    assert "**Power** (every accuracy claim's 95% interval half-width <= 10 points): **met**" in \
+        (tmp_path / "report.md").read_text()

@@ -199,7 +199,8 @@ def _why_comparison_fails(results: dict, a_var: str, b_var: str, b_matching: str
 
 # ------------------------------------------------------------------- claims
 def claims(results: dict) -> list[dict]:
-    """Each claim: {"claim", "paper", "rule", "measured", "verdict", "reason", "value", "interval"}.
+    """Each claim: {"claim", "paper", "rule", "measured", "verdict", "reason", "value", "interval"}; the
+    accuracy claims (a paired difference of two arms over seeds) also {"paired": True}.
 
     `results` needs "accuracy" and "paired" (from `casa.study.stats`), "prior", "bench", "gating".
     "value" is the deciding number (points or a ratio), "interval" its 95% interval in points or None.
@@ -229,7 +230,7 @@ def claims(results: dict) -> list[dict]:
         nt = nt or (_not_calibrated(results, regime) if category == FINE else None)
         why = None if ok or nt else _why_comparison_fails(results, a_var, b_var, b_matching, category, regime,
                                                           threshold, ci)
-        add(claim, paper, rule, measured, ok, nt, why, value=100 * ci["mean"], ci=ci)
+        add(claim, paper, rule, measured, ok, nt, why, value=100 * ci["mean"], ci=ci, extra={"paired": True})
         return out[-1]
 
     cats = category_tasks(results)

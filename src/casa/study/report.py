@@ -80,7 +80,21 @@ def summary(results: dict) -> dict:
     counts = {v: sum(c["verdict"] == v for c in results["claims"]) for v in
               ("holds", "does not hold", "not testable here")}
     return {"protocol": protocol(results), "verdicts": counts, "calibration": calibration(results),
+            "power": power(results["claims"]),
             "learned": {r: {c: learned(results, c, r) for c in category_tasks(results)} for r in regimes(results)}}
+
+
+POWER = 0.10  # the third edition's target: every accuracy claim's 95% interval within +-10 points
+
+
+def power(claims_: list[dict], target: float = POWER) -> dict:
+    """Whether the accuracy claims (paired differences of two arms over seeds) are decided to within
+    `target` (a fraction: 0.10 = 10 points): `{target, half: {claim: half-width or None (one seed)}, met}`;
+    `met` is None without such claims."""
+    half = {c["claim"]: None if c["interval"] is None else (c["interval"][1] - c["interval"][0]) / 200
+            for c in claims_ if c.get("paired")}
+    met = None if not half else all(h is not None and h <= target + 1e-12 for h in half.values())
+    return {"target": target, "half": half, "met": met}
 
 
 def _spread(values, fmt):
@@ -179,6 +193,11 @@ def _summary_table(results: dict, images) -> list[str]:
     s = results["summary"]
     cal = s["calibration"]
     L += ["", "Verdicts: " + ", ".join(f"{n} {v}" for v, n in s["verdicts"].items()) + ".", ""]
+    pw = s["power"]
+    if pw["met"] is not None:
+        widths = ", ".join(f"{name} +-{'n/a' if h is None else points(h, False)}" for name, h in pw["half"].items())
+        L += [f"**Power** (every accuracy claim's 95% interval half-width <= {100 * pw['target']:.0f} points): "
+              f"**{'met' if pw['met'] else 'not met'}** ({widths}).", ""]
     if cal["regimes"]:
         per = "; ".join(
             f"{r}: {v['arm']} " + (", ".join(f"{t} {points_interval(ci)}" for t, ci in v["tasks"].items()) or "-")
