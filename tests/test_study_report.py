@@ -435,24 +435,31 @@ def test_a_collapsed_seed_is_found_with_its_story(tmp_path):
     lost["curve"][0]["tasks"]["color"] = 0.90
     for layer in lost["gating"]["color"].values():
         layer["answer_image"] = 0.05
-    never = [r for r in res["runs"] if r["arm"] == "insertion"][0]  # count never learnt
+    never = [r for r in res["runs"] if r["arm"] == "insertion"][0]  # count never learnt: flat at a guess
     never["tasks"]["count"]["score"] = 0.20
     never["curve"][0]["tasks"]["count"] = 0.25
+    late = [r for r in res["runs"] if r["arm"] == "ca"][1]  # digits learnt late: 0 at mid-training, 35 at the end
+    late["tasks"]["digits"]["score"] = 0.35
+    late["curve"][0]["tasks"]["digits"] = 0.0
+    for run, task in ((lost, "color"), (never, "count"), (late, "digits")):  # a curve ends at the final score
+        run["curve"][-1]["tasks"][task] = run["tasks"][task]["score"]
     found = {(c["arm"], c["seed"], c["task"]): c for c in collapses(res["runs"], ["color", "count", "digits"])}
-    assert set(found) == {("casa", 2, "color"), ("insertion", 0, "count")}
+    assert set(found) == {("casa", 2, "color"), ("insertion", 0, "count"), ("ca", 1, "digits")}
     c = found[("casa", 2, "color")]
     assert c["kind"] == "learnt, then lost" and c["peak"] == 0.90 and c["score"] == 0.30
     assert c["others"] == pytest.approx(0.815) and c["image_share"] == pytest.approx(0.05)
     assert c["others_image_share"] == pytest.approx(0.3)
     n = found[("insertion", 0, "count")]
-    assert n["kind"] == "never learnt" and n["image_share"] is None  # insertion has no text keys in a window
+    assert n["kind"] == "never learnt (flat curve)" and n["image_share"] is None  # insertion: no text keys
+    assert found[("ca", 1, "digits")]["kind"] == "learnt late"
     # 29 points under the others is no collapse
     assert collapses(res["runs"], ["color"], drop=0.52) == []
     write_report(res, tmp_path)
     report = (tmp_path / "report.md").read_text()
     section = report[report.index("## Collapsed seeds"):]
     assert "| casa | 2 | color | 30.0 | 81.5 |" in section and "learnt, then lost | 0.05 / 0.30 |" in section
-    assert "2 collapse(s) over 21 (arm, seed) runs: 1 learnt, then lost, 1 never learnt" in section
+    assert ("3 collapse(s) over 21 (arm, seed) runs: 1 learnt, then lost, 1 never learnt (flat curve), "
+            "1 learnt late") in section
 
 
 def test_no_collapse_is_said_so(tmp_path):

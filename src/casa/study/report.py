@@ -440,7 +440,8 @@ def _collapse_section(results: dict) -> list[str]:
          f"**Rule** (fixed before the numbers): a seed has collapsed on a task when it scores {100 * COLLAPSE:.0f} "
          "points or more under the median of the same arm's other seeds (arms with 3 seeds or more). For each, "
          "its learning curve (small evaluations during training) says whether it learnt the task and lost it "
-         f"(a curve peak {100 * COLLAPSE:.0f} points or more over the final score) or never learnt it; its "
+         f"(a curve peak {100 * COLLAPSE:.0f} points or more over the final score), never learnt it (no curve "
+         f"point {100 * COLLAPSE / 2:.0f} points over the first) or learnt it late (the rest); its "
          "blind score says whether it answers without the image; its answer tokens' attention share on image "
          "keys (mean over fusion layers, arms with text keys) against the other seeds' says whether the "
          "implicit gate shut the image out.", ""]
@@ -456,7 +457,8 @@ def _collapse_section(results: dict) -> list[str]:
         L.append(f"| {c['arm']} | {c['seed']} | {c['task']} | {points(c['score'], False)} | "
                  f"{points(c['others'], False)} | {points(c['blind'], False)} | {curve} | {c['kind']} | {share} | {loss} |")
     runs = len(results["runs"])
-    by_kind = {k: sum(c["kind"] == k for c in found) for k in ("learnt, then lost", "never learnt")}
+    by_kind = {k: sum(c["kind"] == k for c in found)
+               for k in ("learnt, then lost", "never learnt (flat curve)", "learnt late")}
     by_arm = {}
     for c in found:
         by_arm[c["arm"]] = by_arm.get(c["arm"], 0) + 1

@@ -310,7 +310,8 @@ def collapses(runs: list[dict], tasks: list[str], *, drop: float = COLLAPSE) -> 
 
     Returns: [{arm, seed, task, score, others (their median), blind, curve: [(step, score)], peak (the best
     curve score before the last step), kind, image_share, others_image_share, loss, others_loss}]; `kind`
-    "learnt, then lost" when the curve's peak lies `drop` over the final score, else "never learnt";
+    "learnt, then lost" when the curve's peak lies `drop` over the final score, "never learnt (flat curve)"
+    when no point of the curve (final score included) rose `drop / 2` over its first, else "learnt late";
     `image_share` is the answer tokens' attention share on image keys for that task, averaged over the
     fusion layers (None where the arm has no text keys: `attention_shares`).
     """
@@ -334,8 +335,7 @@ def collapses(runs: list[dict], tasks: list[str], *, drop: float = COLLAPSE) -> 
                 other_shares = [x for x in (_image_share(o, t) for o in others) if x is not None]
                 out.append({"arm": arm, "seed": r["seed"], "task": t, "score": score, "others": median,
                             "blind": r["tasks"][t].get("blind"), "curve": curve, "peak": peak,
-                            "kind": "learnt, then lost" if peak is not None and peak - score >= drop - 1e-9
-                            else "never learnt",
+                            "kind": _story(curve, peak, score, drop),
                             "image_share": share,
                             "others_image_share": statistics.median(other_shares) if other_shares else None,
                             "loss": r.get("final_loss"),
@@ -343,6 +343,14 @@ def collapses(runs: list[dict], tasks: list[str], *, drop: float = COLLAPSE) -> 
                                                              if o.get("final_loss") is not None)
                             if any(o.get("final_loss") is not None for o in others) else None})
     return out
+
+
+def _story(curve: list, peak: float | None, score: float, drop: float) -> str:
+    if peak is not None and peak - score >= drop - 1e-9:
+        return "learnt, then lost"
+    if not curve or max(v for _, v in curve) - curve[0][1] < drop / 2 - 1e-9:
+        return "never learnt (flat curve)"
+    return "learnt late"
 
 
 def _image_share(run: dict, task: str) -> float | None:
