@@ -412,6 +412,10 @@ def test_frequency_rules_follow_the_numbers():
                  "casa_replace_every4": "holds"}
     text = section(res, figure="study_frequency.png")
     assert text.index("**Rules**") < text.index("| casa_every2 |") and "![how often" in text
+    finding = text[text.index("**Finding**"):]
+    assert "casa_every2 at 0.80x casa's training memory stays within 2 points of casa" in finding
+    assert "casa_every4 at" in finding and "costs -5.0 points on coarse, more than the 2 the rule allows" in finding
+    assert "against replace every 2, as the paper finds" in finding
     res = derive(with_frequency_arms(make_results(), {"casa_every2": 0.0, "casa_replace": 0.0,
                                                       "casa_replace_every4": -0.02}))
     assert {x["rule"].split(" ")[0]: x["verdict"] for x in verdicts(res)}["casa_replace_every4"] == "does not hold"

@@ -201,9 +201,10 @@ def _train(name: str, fusion: dict, spec: dict, seed: int, tasks, stage0_dir, wo
 
 # ---------------------------------------------------------------- summary
 def summarise(runs: list[dict]) -> dict:
-    """Per arm, the mean over its seeds: `{fusion, seeds, tasks: {task: {score, blind, n}}, cross, cross_blind,
-    cache_bytes_per_frame, window_bytes, tokens_per_frame}`; `cross` is the mean score over `CROSS_TASKS`
-    (those evaluated), `n` the questions over all seeds."""
+    """Per arm, the mean over its seeds: `{fusion, seeds, tasks: {task: {score, blind, n}}, cross,
+    cross_per_seed, cross_blind, cache_bytes_per_frame, window_bytes, tokens_per_frame}`; `cross` is the mean
+    score over `CROSS_TASKS` (those evaluated), `cross_per_seed` the same per seed, `n` the questions over all
+    seeds."""
     out: dict[str, dict] = {}
     for name in dict.fromkeys(r["arm"] for r in runs):
         mine = [r for r in runs if r["arm"] == name]
@@ -213,6 +214,8 @@ def summarise(runs: list[dict]) -> dict:
         cross = [t for t in CROSS_TASKS if t in tasks]
         out[name] = {"fusion": mine[0]["fusion"], "seeds": [r["seed"] for r in mine], "tasks": tasks,
                      "cross": sum(tasks[t]["score"] for t in cross) / len(cross) if cross else None,
+                     "cross_per_seed": [sum(r["tasks"][t]["score"] for t in cross) / len(cross) for r in mine]
+                     if cross else [],
                      "cross_blind": sum(tasks[t]["blind"] for t in cross) / len(cross) if cross else None,
                      **{k: mine[0][k] for k in ("cache_bytes_per_frame", "window_bytes", "tokens_per_frame")}}
     return out
@@ -316,6 +319,8 @@ def section(results: dict) -> str:
     for name, a in arms_.items():
         cells = " | ".join(f"{a['tasks'][t]['score']:.3f}" for t in tasks)
         cross = "n/a" if a["cross"] is None else f"{a['cross']:.3f}"
+        if len(a.get("cross_per_seed", [])) > 1:
+            cross += " (" + ", ".join(f"{v:.2f}" for v in a["cross_per_seed"]) + ")"
         blind = "n/a" if a["cross_blind"] is None else f"{a['cross_blind']:.3f}"
         lines.append(f"| {name} | {a['fusion'].get('frame_memory', 0)} | {cells} | {cross} | {blind} | "
                      f"{_bytes(a['cache_bytes_per_frame'])} | {a['tokens_per_frame']} | {_bytes(a['window_bytes'])} |")
@@ -335,7 +340,8 @@ def section(results: dict) -> str:
                  "error at casa's score).")
     seeds = {len(a.get("seeds", [0])) for a in arms_.values()} or {1}
     lines += ["", f"Questions per task and arm: {', '.join(map(str, sorted(n)))}"
-              f"{'' if seeds == {1} else f', over {max(seeds)} seeds'}.{noise} Blind: the same model with its "
+              f"{'' if seeds == {1} else f', over {max(seeds)} seeds (the cross-frame mean of each seed in brackets)'}"
+              f".{noise} Blind: the same model with its "
               "frames withheld. Prior (most frequent training answer to the question): "
               + (", ".join(f"{t} {p:.3f}" for t, p in prior.items()) or "n/a")
               + ". KV cache / frame: what one more frame and its gist token add to a session's cache for the "

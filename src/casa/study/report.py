@@ -70,6 +70,12 @@ def derive(results: dict) -> dict:
     results["gating"] = gating_summary(results["runs"], [t for ts in cats.values() for t in ts])
     results["compression"] = _compression(results["runs"])
     results["collapses"] = collapses(results["runs"], [t for ts in cats.values() for t in ts])
+    if results.get("crossimage"):  # its summary and verdict from its own runs, like everything else here
+        from casa.study.crossimage import summarise, verdict
+
+        x = results["crossimage"]
+        x["arms"] = summarise(x["runs"])
+        x["verdict"] = verdict(x)
     results["claims"] = claims(results)
     results["summary"] = summary(results)
     return results
