@@ -262,6 +262,9 @@ def test_reasons_point_at_the_ablation_that_explains_the_gap():
     c = claim(noisy, start)
     assert c["verdict"] == "does not hold" and c["reason"].startswith("seed noise")
     assert c["interval"][0] < -5 < c["interval"][1]
+    # how many seeds would settle it: the half-width shrinks as 1/sqrt(seeds) until it clears the gap
+    half, gap = (c["interval"][1] - c["interval"][0]) / 2, abs(c["value"] + 5)
+    assert f"about {math.ceil(3 * (half / gap) ** 2)} seeds would settle it" in c["reason"] and 3 * (half / gap) ** 2 > 100
 
 
 def test_one_seed_gives_no_interval_and_says_so():

@@ -23,6 +23,8 @@ Design decisions:
 
 from __future__ import annotations
 
+import math
+
 from casa.study.stats import (
     LEARNED,
     arm_table,
@@ -151,12 +153,21 @@ def _why_not_learned(results: dict, category: str, regime: str) -> str:
     return f"{base}; no regime in this run learns it"
 
 
+def _seeds_to_settle(ci: dict, threshold: float) -> str:
+    """How many seeds would put the threshold outside the interval, if the mean and the spread stayed as
+    measured (the half-width falls as 1/sqrt(seeds))."""
+    gap = abs(100 * ci["mean"] - threshold)
+    if gap < 0.5:
+        return "the mean sits on the threshold: no number of seeds would settle it"
+    return f"about {math.ceil(ci['n'] * (100 * ci['half'] / gap) ** 2)} seeds would settle it at this mean and spread"
+
+
 def _why_comparison_fails(results: dict, a_var: str, b_var: str, b_matching: str, category: str, regime: str,
                           threshold: float, ci: dict) -> str:
     """The first `REASON_RULES` entry that explains why mean(a - b) < threshold on `category` in `regime`."""
     if _straddles(ci, threshold):
         return (f"seed noise: the 95% interval [{points(ci['lo'])}, {points(ci['hi'])}] contains the "
-                f"threshold {threshold:+g}; more seeds would settle it")
+                f"threshold {threshold:+g}; {_seeds_to_settle(ci, threshold)}")
     tried = []
     for other in regimes(results):
         if other == regime:
