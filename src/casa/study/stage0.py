@@ -1,9 +1,10 @@
-"""Stage 0 of `casa study`: the pretrained parts every variant of a seed starts from.
+"""Stage 0 of `casa study`: the pretrained parts every variant starts from.
 
 The paper adapts a pretrained text LM (Helium, Qwen) and a pretrained vision
 encoder (SigLIP, Qwen-ViT); starting from random weights instead makes CASA's
 text keys noise to be learned around. At this scale both are pretrained here,
-on the synthetic suite, once per seed:
+on the synthetic suite, once per stage-0 seed (the full study trains one and
+every seed of stage 1 starts from it: `casa.study.run.stage0_seed`):
 
 - **text LM**: a model without fusion layers trained on the suite's
   conversations with every image replaced by its caption in plain text
@@ -25,7 +26,7 @@ on the synthetic suite, once per seed:
 Design decisions:
 - Stage 0 sees different samples from stage 1 (its own seed offset), and no
   evaluation sample (evaluation draws from `seed + EVAL_SEED_OFFSET`).
-- The results are cached per seed (`DIR/stage0/sSEED/`: `lm.safetensors`,
+- The results are cached per stage-0 seed (`DIR/stage0/sSEED/`: `lm.safetensors`,
   `vision.safetensors`, `stats.json`, written atomically, stats last); a rerun
   reuses them, so every variant of a seed starts from the same bytes. Each
   part is saved when it is trained (with `lm_stats.json` / `vision_stats.json`
