@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
+from test_cache import N_TOK, POINTS, T, inputs, model_for, uncached  # the cached-decode tests' tiny model
 
 from casa.config import ConfigError, FusionConfig, LMConfig, ModelConfig, VisionConfig
-from casa.core.batch import Batch
 from casa.core.model import CasaModel, memory_tokens
 from casa.data import Processor
 from casa.data.tasks import COLORS, difficulty, make_sample
@@ -29,7 +29,6 @@ from casa.study.crossimage import (
     verdict,
 )
 
-T, POINTS, N_TOK = 16, [3, 3, 7, 12], 4  # text before the first image; two images sharing a window; more
 D4 = difficulty({"frames": 4, "image_size": 24})
 
 
@@ -122,26 +121,6 @@ def test_memory_tokens_pool_the_grid():
 
 
 # --------------------------------------------------------------- the model
-def _model(variant="casa", placement="parallel", **fusion):
-    torch.manual_seed(0)
-    m = CasaModel(tiny_config(variant, placement, **fusion)).eval()
-    with torch.no_grad():  # larger weights than the init, so that every path matters in the logits
-        for name, p in m.named_parameters():
-            if p.dim() == 2 and "vision" not in name:
-                p.normal_(0, 0.2)
-    return m
-
-
-def _inputs():
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 61, (T,), generator=g), torch.randn(len(POINTS), N_TOK, 32, generator=g)
-
-
-def _uncached(m, ids, embeds):
-    with torch.no_grad():
-        return m(Batch(ids[None], image_embeds=embeds, insertion_points=torch.tensor(POINTS)), backend="reference")[0]
-
-
 def _session(m, ids, embeds, schedule, *, split_images=False):
     """Feed `ids` in chunks of the sizes in `schedule`, each image right before its insertion point
     (images sharing a point in one call, or with `split_images` one call each)."""
@@ -163,18 +142,18 @@ def test_frame_memory_zero_is_todays_model():
     """`frame_memory=0` (the default) is the model without the knob: a config saved before it existed
     loads to the same model, same parameters, bit-identical logits; k > 0 adds no parameter and changes
     the logits after the first image only."""
-    ids, embeds = _inputs()
-    today = _model("casa")
+    ids, embeds = inputs()
+    today = model_for("casa")
     old_dict = tiny_config("casa").to_dict()
     old_dict["fusion"].pop("frame_memory")  # as a config.json written before the knob
     again = CasaModel(ModelConfig.from_dict(old_dict)).eval()
     again.load_state_dict(today.state_dict())
-    assert torch.equal(_uncached(today, ids, embeds), _uncached(again, ids, embeds))
+    assert torch.equal(uncached(today, ids, embeds), uncached(again, ids, embeds))
     assert torch.equal(_session(today, ids, embeds, [1] * T)[0], _session(again, ids, embeds, [1] * T)[0])
     memory = CasaModel(tiny_config("casa", frame_memory=1)).eval()
     assert memory.state_dict().keys() == today.state_dict().keys()
     memory.load_state_dict(today.state_dict())
-    a, b = _uncached(today, ids, embeds), _uncached(memory, ids, embeds)
+    a, b = uncached(today, ids, embeds), uncached(memory, ids, embeds)
     assert torch.equal(a[:POINTS[0]], b[:POINTS[0]]) and not torch.allclose(a[POINTS[0]:], b[POINTS[0]:])
 
 
@@ -182,13 +161,9 @@ def test_frame_memory_zero_is_todays_model():
                                                ("ca", "parallel"), ("gated_ca", "parallel"), ("ca_ffn", "parallel")])
 @pytest.mark.parametrize("k", [1, 4])
 def test_cached_decode_equals_uncached_forward_with_frame_memory(variant, placement, k):
-    m = _model(variant, placement, frame_memory=k)
-    if variant == "gated_ca":
-        for b in m.blocks:
-            b.fusion.attn_gate.data.fill_(0.7)
-            b.fusion.ffn_gate.data.fill_(-0.4)
-    ids, embeds = _inputs()
-    ref = _uncached(m, ids, embeds)
+    m = model_for(variant, placement, frame_memory=k)  # gated_ca's gates open part-way (model_for)
+    ids, embeds = inputs()
+    ref = uncached(m, ids, embeds)
     for schedule, split in (([T], False), ([1] * T, False), ([2, 5, 1, 3, 1, 1, 4], True)):
         got, s = _session(m, ids, embeds, schedule, split_images=split)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
@@ -216,13 +191,13 @@ def test_cache_bytes_per_frame_grow_by_k_tokens():
     every image token: measured on a real `Session`."""
     lm = tiny_config().lm
     token = lm.n_layers * 2 * lm.n_kv_heads * lm.head_dim * 4  # fp32 keys and values, every layer
-    base = frame_cache_bytes(_model("casa"))
+    base = frame_cache_bytes(model_for("casa"))
     assert base["cache_bytes_per_frame"] == token and base["tokens_per_frame"] == 1 and base["window_bytes"] > 0
     for k in (1, 4):
-        got = frame_cache_bytes(_model("casa", frame_memory=k))
+        got = frame_cache_bytes(model_for("casa", frame_memory=k))
         assert got["cache_bytes_per_frame"] - base["cache_bytes_per_frame"] == k * token
         assert got["tokens_per_frame"] == 1 + k
-    ins = frame_cache_bytes(_model("insertion"))
+    ins = frame_cache_bytes(model_for("insertion"))
     assert ins["cache_bytes_per_frame"] == (N_TOK + 1) * token and ins["window_bytes"] == 0
 
 

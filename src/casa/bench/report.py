@@ -19,7 +19,7 @@ from pathlib import Path
 
 from casa.files import atomic_file
 
-__all__ = ["provenance", "write_report"]
+__all__ = ["provenance", "write_experiment", "write_report"]
 
 
 def _git(*args: str) -> str | None:
@@ -74,3 +74,13 @@ def write_report(report: dict, json_path: str | Path | None, *, plot: Callable |
             print(f"wrote {json_path}")
     if plot is not None and plot_path:
         plot(report, plot_path)
+
+
+def write_experiment(results: dict, out: str | Path, name: str, *, plot: Callable,
+                     section: Callable[[dict], str]) -> None:
+    """A study experiment's files in `out`: `NAME.json` (with provenance, `write_report`), `NAME.png`
+    (`plot(results, path)`) and `NAME.md` (`section(results)`), each written atomically."""
+    out = Path(out)
+    write_report(results, out / f"{name}.json", plot=plot, plot_path=out / f"{name}.png", quiet=True)
+    with atomic_file(out / f"{name}.md") as f:
+        f.write(section(results))

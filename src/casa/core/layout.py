@@ -412,17 +412,13 @@ def build_memory(
         insertion point.
     """
     rows, points = image_rows.long().cpu(), insertion_points.long().cpu()
-    splice = build_splice(seq_len, doc_lens, rows, points, memory)
+    splice = build_splice(seq_len, doc_lens, rows, points, memory, device=device)
     at = torch.zeros(len(doc_lens), seq_len + 1, dtype=torch.long)  # memory tokens spliced at each point
     at.index_put_((rows, points), torch.full_like(points, memory), accumulate=True)
     before = torch.cumsum(at, dim=1) - at  # ... strictly before it
     layout = build_layout(splice.layout.seq_len, splice.doc_lens, rows, points + before[rows, points],
                           tokens_per_image)
-    if device is not None:
-        splice = Splice(splice.text_index.to(device), splice.image_row.to(device), splice.image_index.to(device),
-                        splice.layout.to(device), splice.doc_lens)
-        layout = layout.to(device)
-    return splice, layout
+    return splice, layout if device is None else layout.to(device)
 
 
 # ----------------------------------------------------------- one stream, incrementally

@@ -367,10 +367,7 @@ def motion(rng: random.Random, d: Difficulty) -> Sample:
         if not (0 <= col + dc <= 2 and 0 <= row + dr <= 2):
             dc, dr = -dc, -dr
         col, row = col + dc, row + dr
-    messages = [{"role": "user", "content": [{"type": "video", "frames": frames},
-                                             {"type": "text", "text": f"Which way does the {c} {kind} move?"}]},
-                {"role": "assistant", "content": [{"type": "text", "text": direction}]}]
-    return Sample(messages, meta={"task": "motion", "metric": "exact", "captions": captions})
+    return _clip_sample(frames, f"Which way does the {c} {kind} move?", direction, "motion", captions)
 
 
 def _clip(rng: random.Random, colors: list[str], d: Difficulty) -> tuple[list, list[str]]:
@@ -385,6 +382,7 @@ def _clip(rng: random.Random, colors: list[str], d: Difficulty) -> tuple[list, l
 
 
 def _clip_sample(frames, question: str, answer: str, task: str, captions: list[str], **meta) -> Sample:
+    """A question on a clip given as one `video` part (one window per frame), and its answer."""
     messages = [{"role": "user", "content": [{"type": "video", "frames": frames}, {"type": "text", "text": question}]},
                 {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
     return Sample(messages, meta={"task": task, "metric": TASKS[task][1], "captions": captions, **meta})

@@ -67,6 +67,7 @@ from casa.data import stack_rows
 from casa.eval.synthetic import answers, eval_samples, evaluate, questions
 from casa.inference.session import Session
 from casa.study.gating import attention_probs
+from casa.study.stats import binomial_se
 
 __all__ = ["FACTORS", "METHODS", "compress", "compressed_images", "evaluate_compression", "frame_kv_bytes",
            "image_scores", "mean_over_seeds", "plot_compression", "pool_shape", "run_compression", "section",
@@ -481,7 +482,7 @@ def section(results: dict) -> str:
     noise = ""
     if "casa" in v and v["casa"].get("questions"):
         p, q = v["casa"]["rows"][0]["accuracy"], v["casa"]["questions"]
-        noise = (f" With {q} questions a score moves by about {100 * math.sqrt(max(p * (1 - p), 0) / q):.1f} pts "
+        noise = (f" With {q} questions a score moves by about {100 * binomial_se(p, q):.1f} pts "
                  "from sampling alone (binomial standard error at CASA's uncompressed accuracy).")
     lines += ["", f"Questions per configuration: {', '.join(f'{k} {q}' for k, q in n.items())}"
               f"{'' if seeds == {1} else f', over {max(seeds)} seeds'}.{noise} Accuracy: mean over tasks of the "
@@ -588,12 +589,7 @@ def run_compression(runs, *, tasks=("color", "count", "position"), n: int = 30, 
                                                          repeats=repeats, backend=backend)
     results["verdict"] = verdict(results)
     if out is not None:
-        from casa.bench.report import write_report
-        from casa.files import atomic_file
+        from casa.bench.report import write_experiment
 
-        out = Path(out)
-        write_report(results, out / "compression.json", plot=plot_compression, plot_path=out / "compression.png",
-                     quiet=True)
-        with atomic_file(out / "compression.md") as f:
-            f.write(section(results))
+        write_experiment(results, out, "compression", plot=plot_compression, section=section)
     return results

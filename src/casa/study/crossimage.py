@@ -53,7 +53,6 @@ Design decisions:
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 import time
@@ -63,6 +62,7 @@ import torch
 
 from casa.config import ModelConfig
 from casa.inference.session import Session
+from casa.study.stats import binomial_se
 
 __all__ = ["ARMS", "CROSS_TASKS", "FRAMES", "MEMORIES", "RULE", "TASKS", "arms", "caption_oracle", "collect",
            "finding", "frame_cache_bytes", "plot_crossimage", "prepare", "run_crossimage", "section", "summarise",
@@ -248,7 +248,7 @@ def verdict(results: dict, *, margin: float = RULE["margin"]) -> dict:
     if all(t in prior for t in cross):  # a blind model may answer off the task (0): the prior is the floor then
         chance = sum(prior[t] for t in cross) / len(cross)
         floor, what = (chance, "the prior") if chance > floor else (floor, what)
-    noise = 2 * _noise(floor, sum(ins["tasks"][t]["n"] for t in cross))
+    noise = 2 * binomial_se(floor, sum(ins["tasks"][t]["n"] for t in cross))
     if ins["cross"] - floor <= max(margin, noise):
         return {"judged": False, "gist_enough": None, "recovers": None, "gap": gap, "scores": scores,
                 "reason": f"insertion did not learn the cross-frame tasks ({ins['cross']:.3f} against "
@@ -336,7 +336,7 @@ def section(results: dict) -> str:
     if arms_.get("casa", {}).get("cross") is not None:
         q = sum(arms_["casa"]["tasks"][t]["n"] for t in RULE["tasks"] if t in tasks)
         noise = (f" Over its {q} cross-frame questions a mean score moves by about "
-                 f"{100 * _noise(arms_['casa']['cross'], q):.1f} pts from sampling alone (binomial standard "
+                 f"{100 * binomial_se(arms_['casa']['cross'], q):.1f} pts from sampling alone (binomial standard "
                  "error at casa's score).")
     seeds = {len(a.get("seeds", [0])) for a in arms_.values()} or {1}
     lines += ["", f"Questions per task and arm: {', '.join(map(str, sorted(n)))}"
@@ -471,14 +471,9 @@ def collect(runs: list[dict], spec: dict, tasks, *, names, seeds, stage0_dirs=No
                "oracle": {t: sum(o[t] for o in oracle) / len(oracle) for t in tasks} if oracle else None}
     results["verdict"] = verdict(results)
     if out is not None:
-        from casa.bench.report import write_report
-        from casa.files import atomic_file
+        from casa.bench.report import write_experiment
 
-        out = Path(out)
-        write_report(results, out / "crossimage.json", plot=plot_crossimage, plot_path=out / "crossimage.png",
-                     quiet=True)
-        with atomic_file(out / "crossimage.md") as f:
-            f.write(section(results))
+        write_experiment(results, out, "crossimage", plot=plot_crossimage, section=section)
     return results
 
 
@@ -515,8 +510,3 @@ def run_crossimage(out=None, *, spec: dict, seeds=(0,), stage0=None,
                           steps=steps, say=say)
                 for seed in seeds for name in names]
     return collect(runs, spec, tasks, names=names, seeds=seeds, stage0_dirs=stage0_dirs, out=out)
-
-
-def _noise(p: float, n: int) -> float:
-    """Binomial standard error of a score `p` over `n` questions."""
-    return math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))

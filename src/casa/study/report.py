@@ -507,16 +507,12 @@ def _experiment_images(results: dict, out: Path) -> dict[str, bytes]:
     frequency = plot_frequency(results)
     if frequency is not None:
         images["study_frequency.png"] = frequency
-    if results.get("compression"):
-        with tempfile.TemporaryDirectory() as d:
-            path = plot_compression(results["compression"], Path(d) / "study_compression.png")
-            if path is not None:
-                images["study_compression.png"] = Path(path).read_bytes()
-    if results.get("crossimage"):
-        with tempfile.TemporaryDirectory() as d:
-            path = plot_crossimage(results["crossimage"], Path(d) / "study_crossimage.png")
-            if path is not None:
-                images["study_crossimage.png"] = Path(path).read_bytes()
+    for key, plot in (("compression", plot_compression), ("crossimage", plot_crossimage)):
+        if results.get(key):  # these plots write a file: render into a scratch one, keep the bytes
+            with tempfile.TemporaryDirectory() as d:
+                path = plot(results[key], Path(d) / f"study_{key}.png")
+                if path is not None:
+                    images[f"study_{key}.png"] = Path(path).read_bytes()
     heat = out / "study_gate_heatmaps.png"
     if heat.is_file():
         images["study_gate_heatmaps.png"] = heat.read_bytes()

@@ -362,15 +362,23 @@ def stage0_seed(spec: dict, seed: int) -> int:
     return seed % n if n else seed
 
 
-def _stage0_unit(out: Path, spec: dict, tasks: list[str], seed: int) -> dict:
-    """Stage 0 of one stage-0 seed (cached in `out/stage0/sSEED/`)."""
+def _stage0_unit(root: Path, spec: dict, tasks: list[str], seed: int) -> dict:
+    """Stage 0 of one stage-0 seed on `tasks` (cached in `root/stage0/sSEED/`): the study's, or the cross-image
+    experiment's on its own model and tasks."""
     from casa.config import ModelConfig
     from casa.data.tasks import difficulty as make_difficulty
     from casa.study.stage0 import pretrain, training_mix
 
     base = ModelConfig.from_dict({**spec["model"], "fusion": {"variant": "casa"}})
-    return pretrain(out / "stage0", base, training_mix(tasks, spec.get("mix")), make_difficulty(spec["difficulty"]),
+    return pretrain(root / "stage0", base, training_mix(tasks, spec.get("mix")), make_difficulty(spec["difficulty"]),
                     spec["stage0"], seed, say=_say)
+
+
+def _stage0_units(key: str, root: Path, spec: dict, tasks: list[str], seeds, cost: float) -> list[Unit]:
+    """The stage-0 units `seeds` need (`stage0_seed`), less those on disk; keyed `KEYsSEED`."""
+    return [Unit(f"{key}s{s}", _stage0_unit, (root, spec, tasks, s), cost=cost)
+            for s in sorted({stage0_seed(spec, seed) for seed in seeds})
+            if not (root / "stage0" / f"s{s}" / "stats.json").is_file()]
 
 
 def _arm_unit(name: str, seed: int, spec: dict, tasks: list[str], out: Path) -> dict:
@@ -425,10 +433,7 @@ def plan_units(spec: dict, tasks: list[str], arms: list[str], out: Path) -> list
     from casa.study import crossimage
 
     plan = seed_arms(spec, arms)
-    units = []
-    for s in sorted({stage0_seed(spec, seed) for seed, _ in plan}):
-        if not (out / "stage0" / f"s{s}" / "stats.json").is_file():
-            units.append(Unit(f"stage0/s{s}", _stage0_unit, (out, spec, tasks, s), cost=8.0))
+    units = _stage0_units("stage0/", out, spec, tasks, [seed for seed, _ in plan], cost=8.0)
     planned = {u.key for u in units}
     for seed, names in plan:
         s0 = f"stage0/s{stage0_seed(spec, seed)}"
@@ -443,9 +448,7 @@ def plan_units(spec: dict, tasks: list[str], arms: list[str], out: Path) -> list
     xnames = crossimage_arms(spec, [a for a in arms if "@" not in a])
     if xnames:
         x, xout = crossimage.prepare(spec["crossimage"]), out / "crossimage"
-        for s in sorted({stage0_seed(x, seed) for seed in range(x["seeds"])}):
-            if not (xout / "stage0" / f"s{s}" / "stats.json").is_file():
-                units.append(Unit(f"crossimage/stage0/s{s}", _crossimage_stage0_unit, (xout, x, s), cost=2.0))
+        units += _stage0_units("crossimage/stage0/", xout, x, x["tasks"], range(x["seeds"]), cost=2.0)
         planned = {u.key for u in units}
         for seed in range(x["seeds"]):
             s0 = f"crossimage/stage0/s{stage0_seed(x, seed)}"
@@ -453,17 +456,6 @@ def plan_units(spec: dict, tasks: list[str], arms: list[str], out: Path) -> list
                            (s0,) if s0 in planned else (), cost=3.0)
                       for n in xnames if not (xout / "runs" / f"{n}_s{seed}.json").is_file()]
     return units
-
-
-def _crossimage_stage0_unit(out: Path, spec: dict, seed: int) -> dict:
-    """The cross-image experiment's stage 0: the study's recipe on its own model and tasks (`crossimage.py`)."""
-    from casa.config import ModelConfig
-    from casa.data.tasks import difficulty as make_difficulty
-    from casa.study.stage0 import pretrain
-
-    base = ModelConfig.from_dict({**spec["model"], "fusion": {"variant": "casa"}})
-    return pretrain(out / "stage0", base, list(spec["tasks"]), make_difficulty(spec["difficulty"]), spec["stage0"],
-                    seed, say=_say)
 
 
 def _crossimage_arm_unit(name: str, seed: int, spec: dict, out: Path) -> dict:
@@ -481,8 +473,9 @@ def _crossimage_results(spec: dict, names: list[str], out: Path) -> dict:
     x, xout = prepare(spec["crossimage"]), out / "crossimage"
     seeds = list(range(x["seeds"]))
     runs = [json.loads((xout / "runs" / f"{n}_s{seed}.json").read_text()) for seed in seeds for n in names]
+    # no files of its own: the study's report holds its section and plot
     return collect(runs, x, tuple(x["tasks"]), names=names, seeds=seeds,
-                   stage0_dirs=[xout / "stage0" / f"s{stage0_seed(x, seed)}" for seed in seeds], out=xout)
+                   stage0_dirs=[xout / "stage0" / f"s{stage0_seed(x, seed)}" for seed in seeds])
 
 
 def seed_arms(spec: dict, arms: list[str]) -> list[tuple[int, list[str]]]:
@@ -494,7 +487,7 @@ def seed_arms(spec: dict, arms: list[str]) -> list[tuple[int, list[str]]]:
 
 
 def _stage0_seeds(spec: dict, plan: list[tuple[int, list[str]]]) -> list[int]:
-    return sorted({stage0_seed(spec, seed) for seed, _ in plan})
+    return sorted({stage0_seed(spec, seed) for seed, _ in plan})  # the seeds whose stage 0 a plan reads
 
 
 def _reused(out: Path, spec: dict, plan: list[tuple[int, list[str]]], crossimage: list[str]) -> dict:

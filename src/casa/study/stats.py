@@ -29,9 +29,9 @@ from __future__ import annotations
 import math
 import statistics
 
-__all__ = ["COLLAPSE", "LEARNED", "PAIR_SPECS", "T_975", "aggregate", "arm_table", "category_tasks", "collapses", "curves",
-           "find_arm", "gating_summary", "interval", "learned", "pair_label", "paired", "paired_differences",
-           "prior_categories", "prior_levels", "regimes", "t_quantile"]
+__all__ = ["COLLAPSE", "LEARNED", "PAIR_SPECS", "T_975", "aggregate", "arm_table", "binomial_se", "category_tasks",
+           "collapses", "curves", "find_arm", "gating_summary", "interval", "learned", "pair_label", "paired",
+           "paired_differences", "prior_categories", "prior_levels", "regimes", "t_quantile"]
 
 # two-sided 95% quantiles of Student's t by degrees of freedom; None = infinity (normal)
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
@@ -139,15 +139,17 @@ def _category_score(run: dict, tasks: list[str], key: str = "score") -> float | 
     return _mean([run["tasks"][t][key] for t in tasks if t in run["tasks"]])
 
 
+def binomial_se(p: float, n: int) -> float:
+    """Standard error of a score `p` (a fraction right, clipped to 0..1) over `n` questions: sqrt(p(1-p)/n)."""
+    p = min(max(p, 0.0), 1.0)
+    return math.sqrt(p * (1 - p) / max(1, n))
+
+
 def _sampling_se(run: dict, tasks: list[str]) -> float:
     """Binomial standard error of the run's mean over `tasks` from its questions alone: sqrt(sum over the
     tasks of p(1-p)/n) / tasks (a score that is no fraction of right answers, e.g. ANLS, is treated as one)."""
     parts = [run["tasks"][t] for t in tasks if t in run["tasks"]]
-    var = 0.0
-    for part in parts:
-        p = min(max(part["score"], 0.0), 1.0)
-        var += p * (1 - p) / max(1, part.get("n") or 1)
-    return math.sqrt(var) / max(1, len(parts))
+    return math.sqrt(sum(binomial_se(part["score"], part.get("n") or 1) ** 2 for part in parts)) / max(1, len(parts))
 
 
 # ----------------------------------------------------------------- accuracy
@@ -331,17 +333,13 @@ def collapses(runs: list[dict], tasks: list[str], *, drop: float = COLLAPSE) -> 
                     continue
                 curve = [(c["step"], c["tasks"][t]) for c in r.get("curve", []) if t in c["tasks"]]
                 peak = max((v for _, v in curve[:-1]), default=None)
-                share = _image_share(r, t)
-                other_shares = [x for x in (_image_share(o, t) for o in others) if x is not None]
                 out.append({"arm": arm, "seed": r["seed"], "task": t, "score": score, "others": median,
                             "blind": r["tasks"][t].get("blind"), "curve": curve, "peak": peak,
                             "kind": _story(curve, peak, score, drop),
-                            "image_share": share,
-                            "others_image_share": statistics.median(other_shares) if other_shares else None,
+                            "image_share": _image_share(r, t),
+                            "others_image_share": _median_of(_image_share(o, t) for o in others),
                             "loss": r.get("final_loss"),
-                            "others_loss": statistics.median(o["final_loss"] for o in others
-                                                             if o.get("final_loss") is not None)
-                            if any(o.get("final_loss") is not None for o in others) else None})
+                            "others_loss": _median_of(o.get("final_loss") for o in others)})
     return out
 
 
@@ -351,6 +349,11 @@ def _story(curve: list, peak: float | None, score: float, drop: float) -> str:
     if not curve or max(v for _, v in curve) - curve[0][1] < drop / 2 - 1e-9:
         return "never learnt (flat curve)"
     return "learnt late"
+
+
+def _median_of(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
 
 
 def _image_share(run: dict, task: str) -> float | None:
